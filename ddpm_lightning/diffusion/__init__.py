@@ -1,0 +1,26 @@
+"""Gaussian diffusion math in pure torch (no Lightning, Hydra, OmegaConf or wandb)."""
+
+from .gaussian_diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, GaussianDiffusion
+from .likelihood import (
+    approx_standard_normal_cdf,
+    discretized_gaussian_log_likelihood,
+    mean_flat,
+    normal_kl,
+)
+from .schedules import SCHEDULES, make_beta_schedule, respace_betas, space_timesteps
+from .timestep_samplers import (
+    SAMPLERS,
+    LossSecondMomentResampler,
+    ScheduleSampler,
+    UniformSampler,
+    create_named_schedule_sampler,
+)
+
+LossAwareSampler = LossSecondMomentResampler
+
+__all__ = [
+    "GaussianDiffusion", "make_beta_schedule", "space_timesteps", "respace_betas", "normal_kl",
+    "discretized_gaussian_log_likelihood", "approx_standard_normal_cdf", "mean_flat",
+    "ScheduleSampler", "UniformSampler", "LossSecondMomentResampler", "LossAwareSampler",
+    "create_named_schedule_sampler", "MEAN_TYPES", "VAR_TYPES", "LOSS_TYPES", "SCHEDULES", "SAMPLERS",
+]
