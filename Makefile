@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements-nodeps.txt
 install: $(STAMP)
 
 train: $(STAMP)
-	$(VENV)/bin/ddpm-train $(ARGS)
+	$(VENV)/bin/ddpm-train experiment=default $(ARGS)
 
 test: $(STAMP)
 	WANDB_MODE=offline $(PY) -m pytest -q -m "not slow" $(ARGS)

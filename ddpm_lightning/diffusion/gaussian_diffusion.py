@@ -76,6 +76,8 @@ class GaussianDiffusion:
         self.hybrid_lambda = float(hybrid_lambda)
         self.rescale_vlb = bool(rescale_vlb)
         self.original_num_timesteps = int(betas.numel())
+        self.original_betas = betas
+        self.use_timesteps = None if use_timesteps is None else sorted({int(k) for k in use_timesteps})
 
         if use_timesteps is None:
             self.timestep_map = torch.arange(betas.numel(), dtype=torch.int64)
@@ -89,6 +91,16 @@ class GaussianDiffusion:
         self.num_timesteps = int(betas.numel())
         self._build_tables()
         self._cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def respace(self, section_counts: str | int | Iterable[int] | None) -> GaussianDiffusion:
+        """The same model's process restricted to ``space_timesteps(T, section_counts)`` (None: all steps)."""
+        from .schedules import space_timesteps
+
+        keep = None if section_counts in (None, "", 0) else space_timesteps(self.original_num_timesteps,
+                                                                            section_counts)
+        return GaussianDiffusion(self.original_betas, mean_type=self.mean_type, var_type=self.var_type,
+                                 loss_type=self.loss_type, hybrid_lambda=self.hybrid_lambda,
+                                 rescale_vlb=self.rescale_vlb, use_timesteps=keep)
 
     # ------------------------------------------------------------------ tables
     def _build_tables(self) -> None:

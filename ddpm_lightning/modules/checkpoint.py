@@ -1,0 +1,59 @@
+"""Load checkpoints safely (``weights_only=True``) with one clear error for every way a file can be wrong."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def load_checkpoint_dict(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)``; missing, truncated or pickle-requiring files raise ValueError."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {path} is a folder; give the .ckpt file inside it")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        if "weights_only" in str(error) or "Unsupported global" in str(error):
+            raise ValueError(f"checkpoint {path} needs arbitrary pickled objects, which are refused for safety "
+                             f"(weights_only=True): {first[:200]}") from None
+        raise ValueError(f"checkpoint {path} is corrupt or not a torch checkpoint ({first[:200]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"checkpoint {path} is corrupt or truncated ({first[:200]}); "
+                         f"use another checkpoint (e.g. the previous one in the same folder)") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return checkpoint
+
+
+def load_diffusion_module(path: str | Path, map_location: str | torch.device = "cpu"):
+    """A DiffusionModule (EMA weights included) rebuilt from a Lightning checkpoint alone."""
+    from .diffusion_module import DiffusionModule
+
+    checkpoint = load_checkpoint_dict(path, map_location)
+    hparams = checkpoint.get("hyper_parameters")
+    if not hparams or "state_dict" not in checkpoint:
+        raise ValueError(f"checkpoint {path} is not a ddpm_lightning diffusion checkpoint "
+                         f"(no hyper_parameters/state_dict); for official ADM weights use ddpm-convert-adm")
+    if "diffusion" not in hparams or "model" not in hparams:
+        raise ValueError(f"checkpoint {path} is not a diffusion model checkpoint (is it a classifier?)")
+    module = DiffusionModule(**hparams)
+    try:
+        missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
+    except RuntimeError as error:  # shape mismatches: keep the first offending tensor
+        detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error)[:200])
+        raise ValueError(f"checkpoint {path} does not fit the architecture in its config: {detail}") from None
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise ValueError(f"checkpoint {path} does not match its own architecture config: "
+                         f"{len(missing)} missing and {len(unexpected)} unexpected tensors (first: {first})")
+    module.on_load_checkpoint(checkpoint)
+    return module.to(map_location).eval()

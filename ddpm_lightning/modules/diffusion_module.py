@@ -1,0 +1,186 @@
+"""DiffusionModule: wires the ADM UNet, GaussianDiffusion, a timestep sampler, AdamW and an EMA.
+
+No formula and no timestep loop lives here: the math is ``ddpm_lightning.diffusion``, the sampler loop
+is ``ddpm_lightning.sampling``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from ..diffusion import UniformSampler, create_named_schedule_sampler
+from ..sampling import sample_images
+from .builders import build_diffusion, build_unet, learns_sigma
+from .ema import make_ema
+
+NUM_QUARTILES = 4
+
+
+class DiffusionModule(pl.LightningModule):
+    """Trains a denoising network with the configured diffusion loss.
+
+    Args (plain primitives, saved as hyperparameters so a checkpoint alone rebuilds the module):
+        model: UNet constructor args (without image/channel/class sizes) + ``class_cond``, ``compile``.
+        diffusion: ``schedule``, ``num_timesteps``, ``mean_type``, ``var_type``, ``loss_type``, ...
+        optim: ``lr``, ``weight_decay``, ``betas``, ``eps``, ``warmup_steps``, ``fused``.
+        ema: ``decay``, ``warmup``.
+        image_size, channels, num_classes: from the data set.
+        p_uncond: label-dropout probability (classifier-free guidance); the null label is ``num_classes``.
+        timestep_sampler: ``uniform`` or ``loss-second-moment`` (Improved DDPM importance sampling).
+        sample: defaults for ``sample()`` (method, steps, eta, clip_denoised).
+        run_config: the whole resolved run config (plain dict), stored in checkpoints.
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        diffusion: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        ema: Mapping[str, Any],
+        image_size: int,
+        channels: int,
+        num_classes: int | None = None,
+        p_uncond: float = 0.0,
+        timestep_sampler: str = "uniform",
+        sample: Mapping[str, Any] | None = None,
+        run_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= p_uncond < 1.0:
+            raise ValueError(f"train.p_uncond must lie in [0, 1), got {p_uncond}")
+        if float(optim.get("lr", 1e-4)) <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {optim.get('lr')}")
+        self.save_hyperparameters(ignore=["run_config"])
+        self.run_config = dict(run_config or {})
+        self.diffusion = build_diffusion(diffusion)
+        self.class_cond = bool(model.get("class_cond", False))
+        self.num_classes = num_classes if self.class_cond else None
+        self.null_label = num_classes if (self.class_cond and p_uncond > 0) else None
+        self.net = build_unet(model, image_size=image_size, channels=channels, num_classes=num_classes,
+                              learn_sigma=learns_sigma(diffusion), p_uncond=p_uncond)
+        self.ema = make_ema(self.net, float(ema.get("decay", 0.9999)), bool(ema.get("warmup", True)))
+        self.schedule_sampler = create_named_schedule_sampler(timestep_sampler, self.diffusion.num_timesteps)
+        self.sample_defaults = dict(sample or {})
+        # Kept out of the module tree so the compiled wrapper adds no duplicate keys to the state dict.
+        object.__setattr__(self, "_train_step_fn",
+                           torch.compile(self.net) if model.get("compile", False) else self.net)
+        self.quartile_loss = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
+        self.quartile_mse = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
+
+    @property
+    def ema_net(self) -> torch.nn.Module:
+        return self.ema.module
+
+    def _model_kwargs(self, y: torch.Tensor, drop_labels: bool) -> dict[str, torch.Tensor]:
+        if not self.class_cond:
+            return {}
+        if drop_labels and self.null_label is not None:
+            drop = torch.rand(y.shape, device=y.device) < self.hparams.p_uncond
+            y = torch.where(drop, torch.full_like(y, self.null_label), y)
+        return {"y": y}
+
+    # ------------------------------------------------------------------ training
+    @override
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        t, weights = self.schedule_sampler.sample(x.shape[0], device=x.device)
+        losses = self.diffusion.training_losses(self._train_step_fn, x, t,
+                                                model_kwargs=self._model_kwargs(y, drop_labels=True))
+        if not isinstance(self.schedule_sampler, UniformSampler):
+            all_t = self.all_gather(t).reshape(-1)
+            all_losses = self.all_gather(losses["loss"].detach()).reshape(-1)
+            self.schedule_sampler.update_with_all_losses(all_t, all_losses)
+        loss = (losses["loss"] * weights).mean()
+
+        batch_size = x.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/mse", losses["mse"].mean(), batch_size=batch_size)
+        self.log("train/vb", losses["vb"].mean(), batch_size=batch_size)
+        quartile = (t * NUM_QUARTILES) // self.diffusion.num_timesteps
+        counts = torch.bincount(quartile, minlength=NUM_QUARTILES).to(loss.dtype)
+        for name, values, metrics in (("loss", losses["loss"], self.quartile_loss),
+                                      ("mse", losses["mse"], self.quartile_mse)):
+            sums = torch.zeros(NUM_QUARTILES, device=x.device, dtype=loss.dtype).index_add_(
+                0, quartile, values.detach().to(loss.dtype))
+            for q in range(NUM_QUARTILES):
+                metrics[q].update(sums[q] / counts[q].clamp(min=1), weight=counts[q])
+                self.log(f"train/{name}_q{q}", metrics[q], on_step=False, on_epoch=True)
+        return loss
+
+    @override
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.ema.update_parameters(self.net)
+
+    @override
+    def configure_optimizers(self):
+        optim = self.hparams.optim
+        fused = optim.get("fused")
+        optimizer = torch.optim.AdamW(
+            self.net.parameters(), lr=float(optim.get("lr", 1e-4)),
+            betas=tuple(optim.get("betas", (0.9, 0.999))), eps=float(optim.get("eps", 1e-8)),
+            weight_decay=float(optim.get("weight_decay", 0.0)),
+            **({"fused": bool(fused)} if fused is not None else {}))
+        warmup = int(optim.get("warmup_steps", 0))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ validation
+    @override
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """Unbiased single-step estimate of the EMA model's VLB in bits/dim: prior + K * L_t."""
+        x, y = batch
+        generator = torch.Generator(device=x.device).manual_seed(10_007 + batch_idx)
+        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), generator=generator, device=x.device)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        losses = self.diffusion.training_losses(self.ema_net, x, t, noise=noise,
+                                                model_kwargs=self._model_kwargs(y, drop_labels=False))
+        vlb = self.diffusion.prior_bpd(x) + self.diffusion.num_timesteps * losses["vb"]
+        self.log("val/vlb_bpd", vlb.mean(), prog_bar=True, batch_size=x.shape[0], sync_dist=True)
+        self.log("val/mse", losses["mse"].mean(), batch_size=x.shape[0], sync_dist=True)
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, num_samples: int, *, use_ema: bool = True, **overrides) -> tuple[torch.Tensor, Any]:
+        """Images in [-1, 1] (CPU) and their labels, with the module's sampling defaults + ``overrides``."""
+        options = {"method": "ddim", "steps": 25, "eta": 0.0, "clip_denoised": True, "batch_size": 64}
+        options.update({k: v for k, v in self.sample_defaults.items() if k in options})
+        options.update(overrides)
+        net = self.ema_net if use_ema else self.net
+        was_training = net.training
+        net.eval()
+        try:
+            return sample_images(net, self.diffusion, num_samples, self.image_shape,
+                                 num_classes=self.num_classes, null_label=self.null_label,
+                                 device=self.device, **options)
+        finally:
+            net.train(was_training)
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["run_config"] = self.run_config
+        checkpoint["timestep_sampler"] = self.schedule_sampler.state_dict()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.run_config = checkpoint.get("run_config", self.run_config)
+        if "timestep_sampler" in checkpoint:
+            self.schedule_sampler.load_state_dict(checkpoint["timestep_sampler"])
+
+    @override
+    def on_fit_start(self) -> None:
+        params = sum(p.numel() for p in self.net.parameters())
+        rank_zero_info(f"network: {params / 1e6:.2f}M parameters; diffusion: {self.diffusion.num_timesteps} steps, "
+                       f"{self.diffusion.mean_type}/{self.diffusion.var_type}/{self.diffusion.loss_type}")

@@ -1,0 +1,59 @@
+"""EMA through AveragedModel (plain and warm-up decay) and the W&B mode fallback."""
+
+import pytest
+import torch
+from torch import nn
+
+from ddpm_lightning.loggers import resolve_wandb_mode, wandb_key_configured
+from ddpm_lightning.modules.ema import make_ema
+
+
+def test_ema_matches_closed_form_without_warmup():
+    net = nn.Linear(2, 1, bias=False)
+    ema = make_ema(net, decay=0.9, warmup=False)
+    w0 = net.weight.detach().clone()
+    ema.update_parameters(net)  # first update copies
+    torch.testing.assert_close(ema.module.weight, w0)
+    expected = w0.clone()
+    for k in range(1, 4):
+        with torch.no_grad():
+            net.weight.add_(1.0)
+        ema.update_parameters(net)
+        expected = 0.9 * expected + 0.1 * net.weight.detach()
+        torch.testing.assert_close(ema.module.weight, expected)
+    assert not any(p.requires_grad for p in ema.parameters())
+
+
+def test_ema_warmup_uses_short_horizon_first():
+    net = nn.Linear(1, 1, bias=False)
+    ema = make_ema(net, decay=0.9999, warmup=True)
+    ema.update_parameters(net)
+    expected = net.weight.detach().clone()
+    for n in range(1, 4):
+        with torch.no_grad():
+            net.weight.fill_(float(n))
+        ema.update_parameters(net)
+        decay = min(0.9999, (1 + n) / (10 + n))
+        expected = decay * expected + (1 - decay) * net.weight.detach()
+        torch.testing.assert_close(ema.module.weight, expected)
+
+
+def test_ema_rejects_bad_decay():
+    with pytest.raises(ValueError, match=r"ema.decay must lie in \[0, 1\]"):
+        make_ema(nn.Linear(1, 1), decay=1.5)
+
+
+def test_wandb_mode_falls_back_offline_without_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert not wandb_key_configured()
+    assert resolve_wandb_mode(None) == "offline"
+    with pytest.raises(ValueError, match="no W&B API key"):
+        resolve_wandb_mode("online")
+    with pytest.raises(ValueError, match="allowed: online, offline, disabled"):
+        resolve_wandb_mode("sometimes")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_wandb_mode(None) == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_wandb_mode(None) == "disabled"
