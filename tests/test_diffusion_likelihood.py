@@ -58,7 +58,8 @@ def test_approx_cdf_close_to_exact():
     z = torch.linspace(-6, 6, 241, dtype=torch.float64)
     exact = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
     assert (approx_standard_normal_cdf(z) - exact).abs().max() < 5e-4
-    np.testing.assert_allclose(approx_standard_normal_cdf(z).numpy(), tanh_cdf(z.numpy()), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(approx_standard_normal_cdf(z).numpy(), tanh_cdf(z.numpy()),
+                               rtol=1e-12, atol=1e-15)
 
 
 @given(mean=st.floats(-1.5, 1.5), log_scale=st.floats(-7.0, 1.0))

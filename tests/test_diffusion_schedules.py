@@ -88,7 +88,8 @@ def test_cosine_alpha_bar_formula_and_clip(T):
     assert betas.dtype == torch.float64 and betas.shape == (T,)
     b = betas.numpy()
     f0 = cosine_alpha_bar(0, T)
-    expected = np.array([min(1 - cosine_alpha_bar(i + 1, T) / cosine_alpha_bar(i, T), 0.999) for i in range(T)])
+    expected = np.array([min(1 - cosine_alpha_bar(i + 1, T) / cosine_alpha_bar(i, T), 0.999)
+                         for i in range(T)])
     np.testing.assert_allclose(b, expected, rtol=1e-10, atol=1e-15)
     ab = np.cumprod(1 - b)
     # alpha_bar_t = f(t)/f(0) wherever the clip did not act (everything but the final step).
@@ -201,7 +202,8 @@ def test_respacing_keeps_alpha_bar(name, T, data):
     np.testing.assert_allclose(diffusion.alphas_cumprod.numpy(), full_ab[kept], rtol=1e-10)
     # The respaced betas are those of the process whose marginals are the kept ones.
     ab = full_ab[kept]
-    np.testing.assert_allclose(diffusion.betas.numpy(), 1 - ab / np.append(1.0, ab[:-1]), rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(diffusion.betas.numpy(), 1 - ab / np.append(1.0, ab[:-1]),
+                               rtol=1e-10, atol=1e-15)
 
 
 def test_respace_betas_errors():

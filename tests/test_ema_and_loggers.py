@@ -15,7 +15,7 @@ def test_ema_matches_closed_form_without_warmup():
     ema.update_parameters(net)  # first update copies
     torch.testing.assert_close(ema.module.weight, w0)
     expected = w0.clone()
-    for k in range(1, 4):
+    for _ in range(1, 4):
         with torch.no_grad():
             net.weight.add_(1.0)
         ema.update_parameters(net)

@@ -1,12 +1,13 @@
-"""``ddpm-convert-adm IN.pt OUT.pt``: convert an OpenAI guided-diffusion (ADM) checkpoint to this project's format.
+"""``ddpm-convert-adm IN.pt OUT.pt``: convert an OpenAI guided-diffusion (ADM) checkpoint to our format.
 
-Give the checkpoint's flags as ADM's scripts take them (paste ``MODEL_FLAGS`` / ``CLASSIFIER_FLAGS``) or name a
-published model with ``--preset``; flags given after a preset override it, ``--config key=value`` overrides the
-resulting constructor arguments. Examples::
+Give the checkpoint's flags as ADM's scripts take them (paste ``MODEL_FLAGS`` / ``CLASSIFIER_FLAGS``) or
+name a published model with ``--preset``; flags given after a preset override it, ``--config key=value``
+overrides the resulting constructor arguments. Examples::
 
     ddpm-convert-adm 64x64_diffusion.pt adm64.pt --preset imagenet64
     ddpm-convert-adm 128x128_classifier.pt clf128.pt --preset classifier128
-    ddpm-convert-adm model.pt out.pt --image_size 64 --num_channels 192 --num_res_blocks 3 --learn_sigma True \\
+    ddpm-convert-adm model.pt out.pt --image_size 64 --num_channels 192 --num_res_blocks 3 \\
+        --learn_sigma True \\
         --class_cond True --attention_resolutions 32,16,8 --num_head_channels 64 --resblock_updown True \\
         --use_new_attention_order True --use_scale_shift_norm True
 
@@ -56,15 +57,24 @@ def _literal(value: str) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", type=Path, help="official ADM checkpoint (a state dict saved by guided-diffusion)")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "input", type=Path, help="official ADM checkpoint (a state dict saved by guided-diffusion)"
+    )
     parser.add_argument("output", type=Path, help="where to write the converted checkpoint")
     parser.add_argument("--preset", choices=sorted(ADM_PRESETS), help="flags of a published ADM checkpoint")
-    parser.add_argument("--kind", choices=KINDS, help="unet (diffusion model) or classifier; default: the "
-                        "preset's, else unet")
-    parser.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override constructor arguments after translation, e.g. num_heads=4")
+    parser.add_argument(
+        "--kind", choices=KINDS, help="unet (diffusion model) or classifier; default: the preset's, else unet"
+    )
+    parser.add_argument(
+        "--config",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override constructor arguments after translation, e.g. num_heads=4",
+    )
     flags = parser.add_argument_group("ADM flags (names and defaults as in guided_diffusion.script_util)")
     for name, default in {**ADM_MODEL_DEFAULTS, **ADM_CLASSIFIER_DEFAULTS, **ADM_DIFFUSION_DEFAULTS}.items():
         kind = _bool if isinstance(default, bool) else type(default)
@@ -81,8 +91,11 @@ def _resolve(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, A
     """-> (kind, ADM flags, constructor kwargs)."""
     kind, flags = ADM_PRESETS[args.preset] if args.preset else ("unet", {})
     kind = args.kind or kind
-    given = {k: v for k, v in vars(args).items()
-             if v is not None and k not in ("input", "output", "preset", "kind", "config")}
+    given = {
+        k: v
+        for k, v in vars(args).items()
+        if v is not None and k not in ("input", "output", "preset", "kind", "config")
+    }
     model_keys = set(ADM_CLASSIFIER_DEFAULTS if kind == "classifier" else ADM_MODEL_DEFAULTS)
     foreign = sorted(set(given) - model_keys - set(ADM_DIFFUSION_DEFAULTS))
     if foreign:
@@ -120,8 +133,15 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         _fail(f"{args.input}: {err}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "model_class": type(model).__name__,
-                "model_config": config, "adm_flags": flags}, args.output)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "model_class": type(model).__name__,
+            "model_config": config,
+            "adm_flags": flags,
+        },
+        args.output,
+    )
     print(f"{PROG}: wrote {args.output} ({type(model).__name__}, {model.num_parameters():,} parameters)")
 
 

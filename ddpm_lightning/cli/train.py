@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import register_configs
 from ..modules import DiffusionModule
+from ..modules.classifier_module import build_classifier_module
 from .errors import run_cli
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -30,6 +31,10 @@ def _container(node) -> Any:
 
 def build_module(cfg: DictConfig, datamodule) -> DiffusionModule:
     """The DiffusionModule for this config and data set (sizes and classes come from the data)."""
+    if cfg.get("objective", "diffusion") not in ("diffusion", "classifier"):
+        raise ValueError(f"objective={cfg.objective!r}; allowed: diffusion, classifier")
+    if cfg.get("objective") == "classifier":
+        return build_classifier_module(cfg, datamodule)
     return DiffusionModule(
         model=_container(cfg.model), diffusion=_container(cfg.diffusion), optim=_container(cfg.optim),
         ema=_container(cfg.ema), image_size=int(datamodule.image_size), channels=int(datamodule.channels),

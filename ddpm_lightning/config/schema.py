@@ -96,6 +96,8 @@ class RunConfig:
     ckpt_path: Any = None  # a checkpoint to resume from
     resume: Any = None  # "auto": the last good checkpoint of this run folder, if any
     evaluate_after_fit: bool = True
+    objective: str = "diffusion"  # diffusion | classifier (the noisy classifier for guidance)
+    classifier: Any = None  # EncoderUNet args + max_t (conf/classifier/), used when objective=classifier
 
 
 def register_configs() -> None:

@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from ddpm_lightning.data.dataset import ImageSubset
 from ddpm_lightning.data.image_folder import ImageFolderSource, ImageMode, OnBadImage
+from ddpm_lightning.data.sampler import ResumableShuffleSampler
 from ddpm_lightning.data.sources import (
     TORCHVISION_DATASETS,
     ImageSource,
@@ -26,7 +27,7 @@ from ddpm_lightning.data.sources import (
     npz_source,
     torchvision_source,
 )
-from ddpm_lightning.data.transforms import FIT_METHODS, FitMethod, ToModelBatch
+from ddpm_lightning.data.transforms import FIT_METHODS, FitMethod, ToModelBatch, random_hflip
 
 log = logging.getLogger(__name__)
 
@@ -173,22 +174,41 @@ class DiffusionDataModule(LightningDataModule):
         )  # fmt: skip
 
     # ---------------------------------------------------------------------------------------- loaders
-    def _loader(self, dataset: ImageSubset, train: bool) -> DataLoader:
+    def _loader(self, dataset: ImageSubset, train: bool, sampler=None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.val_batch_size,
-            shuffle=train,
+            sampler=sampler,
+            # its own generator: creating the iterator must not draw from the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(self.seed),
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
-            collate_fn=ToModelBatch(random_flip=self.random_flip and train),
+            collate_fn=ToModelBatch(),
         )
 
     @override
     def train_dataloader(self) -> DataLoader:
+        """Shuffled by (training seed, epoch); after a restore it starts where the checkpoint stopped."""
         self.setup("fit")
-        return self._loader(self.data_train, train=True)
+        sampler = ResumableShuffleSampler(len(self.data_train), seed=torch.initial_seed())
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.global_step > 0:
+            batches_done = trainer.global_step * trainer.accumulate_grad_batches
+            per_epoch = len(self.data_train) // self.batch_size
+            sampler.resume_at(batches_done // per_epoch, (batches_done % per_epoch) * self.batch_size)
+        return self._loader(self.data_train, train=True, sampler=sampler)
+
+    @override
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        """Random flips of training batches, drawn when the batch is consumed (not when prefetched), so
+        the RNG stream of a resumed run matches an uninterrupted one."""
+        trainer = getattr(self, "trainer", None)
+        if self.random_flip and trainer is not None and trainer.training:
+            x, y = batch
+            return random_hflip(x), y
+        return batch
 
     @override
     def val_dataloader(self) -> DataLoader | list:

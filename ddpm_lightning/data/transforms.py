@@ -103,7 +103,8 @@ class ToModelBatch:
 
     Accepts either a pre-batched ``(uint8 images, labels)`` pair (what ``ImageSubset.__getitems__``
     returns) or a list of ``(uint8 image, label)`` samples. Flips left-right per image when
-    ``random_flip`` (using the global torch RNG, which Lightning seeds per worker).
+    ``random_flip`` (global torch RNG). The data modules flip after transfer instead, so that
+    prefetching does not shift the RNG stream (exact resume).
     """
 
     def __init__(self, random_flip: bool = False) -> None:

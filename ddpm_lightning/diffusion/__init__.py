@@ -24,3 +24,15 @@ __all__ = [
     "ScheduleSampler", "UniformSampler", "LossSecondMomentResampler", "LossAwareSampler",
     "create_named_schedule_sampler", "MEAN_TYPES", "VAR_TYPES", "LOSS_TYPES", "SCHEDULES", "SAMPLERS",
 ]
+
+from .guidance import (  # noqa: E402
+    GUIDANCE_INFO_KEYS,
+    IgnoreLabels,
+    build_guidance,
+    check_classifier_compatible,
+    classifier_cond_fn,
+    guidance_info,
+)
+
+__all__ += ["classifier_cond_fn", "check_classifier_compatible", "build_guidance", "guidance_info",
+            "GUIDANCE_INFO_KEYS", "IgnoreLabels"]

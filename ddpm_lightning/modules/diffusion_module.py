@@ -19,6 +19,7 @@ from ..diffusion import UniformSampler, create_named_schedule_sampler
 from ..sampling import sample_images
 from .builders import build_diffusion, build_unet, learns_sigma
 from .ema import make_ema
+from .rng import collect_rng_states, restore_rng_states
 
 NUM_QUARTILES = 4
 
@@ -120,7 +121,9 @@ class DiffusionModule(pl.LightningModule):
         return loss
 
     @override
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # EMA right after the step: checkpoints written at this batch's end already include it.
+        super().optimizer_step(*args, **kwargs)
         self.ema.update_parameters(self.net)
 
     @override
@@ -172,12 +175,20 @@ class DiffusionModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["run_config"] = self.run_config
         checkpoint["timestep_sampler"] = self.schedule_sampler.state_dict()
+        checkpoint["rng_states"] = collect_rng_states()
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.run_config = checkpoint.get("run_config", self.run_config)
         if "timestep_sampler" in checkpoint:
             self.schedule_sampler.load_state_dict(checkpoint["timestep_sampler"])
+        if "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"])
+
+    @override
+    def setup(self, stage: str) -> None:
+        # ddp_spawn pickles the module through shared memory: give each process its own sampler history.
+        self.schedule_sampler.load_state_dict(self.schedule_sampler.state_dict())
 
     @override
     def on_fit_start(self) -> None:

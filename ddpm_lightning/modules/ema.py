@@ -13,17 +13,23 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 
-def ema_multi_avg_fn(decay: float, warmup: bool):
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"ema.decay must lie in [0, 1], got {decay}")
+class EMAUpdate:
+    """``multi_avg_fn`` for AveragedModel: a picklable callable (DDP spawn pickles the module)."""
+
+    def __init__(self, decay: float, warmup: bool) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"ema.decay must lie in [0, 1], got {decay}")
+        self.decay = float(decay)
+        self.warmup = bool(warmup)
 
     @torch.no_grad()
-    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged) -> None:
-        if warmup:  # stays a tensor: no host-device sync per step
-            n = torch.as_tensor(num_averaged, dtype=torch.float32, device=ema_params[0].device)
-            weight = 1.0 - torch.clamp((1.0 + n) / (10.0 + n), max=decay)
+    def __call__(self, ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged) -> None:
+        device = ema_params[0].device
+        if self.warmup:  # stays a tensor: no host-device sync per step
+            n = torch.as_tensor(num_averaged, dtype=torch.float32, device=device)
+            weight = 1.0 - torch.clamp((1.0 + n) / (10.0 + n), max=self.decay)
         else:
-            weight = torch.tensor(1.0 - decay, device=ema_params[0].device)
+            weight = torch.tensor(1.0 - self.decay, device=device)
         floats = [(e, p) for e, p in zip(ema_params, params, strict=True) if e.is_floating_point()]
         if floats:
             ema_f, cur_f = zip(*floats, strict=True)
@@ -32,12 +38,10 @@ def ema_multi_avg_fn(decay: float, warmup: bool):
             if not e.is_floating_point():
                 e.copy_(p)
 
-    return update
-
 
 def make_ema(net: nn.Module, decay: float = 0.9999, warmup: bool = True) -> AveragedModel:
     """An AveragedModel holding the EMA copy of ``net`` (buffers averaged too, no gradients)."""
-    ema = AveragedModel(net, multi_avg_fn=ema_multi_avg_fn(decay, warmup), use_buffers=True)
+    ema = AveragedModel(net, multi_avg_fn=EMAUpdate(decay, warmup), use_buffers=True)
     ema.requires_grad_(False)
     ema.eval()
     return ema

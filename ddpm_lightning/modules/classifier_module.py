@@ -1,0 +1,264 @@
+"""ClassifierModule: ADM's noisy classifier p_phi(y | x_t, t) for classifier guidance.
+
+An ``EncoderUNet`` trained with cross-entropy on ``x_t = q_sample(x_0, t)`` at uniformly drawn ``t``. The
+forward process comes from the same ``diffusion`` dict a DiffusionModule gets, so the classifier sees the
+T and beta schedule of the diffusion model it will guide; the checkpoint records them
+(``hyper_parameters`` and ``guidance_info``) for ``check_classifier_compatible``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from ..diffusion import guidance_info
+from ..models import EncoderUNet
+from .builders import build_diffusion
+from .checkpoint import load_checkpoint_dict
+from .ema import make_ema
+from .rng import collect_rng_states, restore_rng_states
+
+NUM_QUARTILES = 4
+DATA_KEYS = ("image_size", "in_channels", "out_channels")  # come from the data set, not the config
+CLASSIFIER_EXTRA_KEYS = ("max_t",)  # config keys of the classifier group that are not EncoderUNet arguments
+CLASSIFIER_KEYS = tuple(name for name in inspect.signature(EncoderUNet).parameters if name not in DATA_KEYS)
+
+
+def build_encoder_unet(classifier_cfg: Mapping[str, Any], *, image_size: int, channels: int,
+                       num_classes: int) -> EncoderUNet:
+    """The EncoderUNet for these config values (EncoderUNet arguments minus the data sizes)."""
+    unknown = set(classifier_cfg) - set(CLASSIFIER_KEYS)
+    if unknown:
+        raise ValueError(f"unknown classifier keys {sorted(unknown)}; allowed: {', '.join(CLASSIFIER_KEYS)}")
+    kwargs = {k: (tuple(v) if isinstance(v, list | tuple) else v) for k, v in classifier_cfg.items()}
+    return EncoderUNet(image_size=image_size, in_channels=channels, out_channels=num_classes, **kwargs)
+
+
+def _quartile_means(values: torch.Tensor, quartile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-quartile means of ``values`` (0 where a quartile is empty) and the per-quartile counts."""
+    counts = torch.bincount(quartile, minlength=NUM_QUARTILES).to(values.dtype)
+    sums = torch.zeros(NUM_QUARTILES, device=values.device, dtype=values.dtype)
+    sums.index_add_(0, quartile, values)
+    return sums / counts.clamp(min=1), counts
+
+
+class ClassifierModule(pl.LightningModule):
+    """Trains a noisy classifier on x_t ~ q(x_t | x_0) with t ~ U{0, ..., max_t - 1}.
+
+    Args (plain primitives, saved as hyperparameters so a checkpoint alone rebuilds the module):
+        classifier: EncoderUNet constructor args without ``image_size``/``in_channels``/``out_channels``.
+        diffusion: the diffusion model's dict (``schedule``, ``num_timesteps``, ...); only q is used, on
+            the original T steps (``timestep_respacing`` is ignored: the classifier must know every step).
+        optim: ``lr``, ``weight_decay``, ``betas``, ``eps``, ``warmup_steps`` (AdamW, linear warm-up).
+        ema: ``decay``, ``warmup``; None or decay 0 turns the EMA off.
+        image_size, channels, num_classes: from the (labelled) data set.
+        max_t: train only on t < max_t (None: all T steps). Quartile metrics split [0, max_t).
+        run_config: the whole resolved run config (plain dict), stored in checkpoints.
+
+    Logs ``train/loss``, ``train/acc``, ``train/{loss,acc}_q0..q3``, ``val/loss``, ``val/acc`` and
+    ``val/acc_q0..q3``. Validation draws t (stratified by quartile) and noise from a seed per batch index,
+    so numbers are comparable across validations.
+    """
+
+    def __init__(
+        self,
+        classifier: Mapping[str, Any],
+        diffusion: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        ema: Mapping[str, Any] | None,
+        image_size: int,
+        channels: int,
+        num_classes: int | None,
+        max_t: int | None = None,
+        run_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes is None or int(num_classes) < 2:
+            raise ValueError(f"a noisy classifier needs a labelled data set with >= 2 classes, got "
+                             f"num_classes={num_classes}; choose labelled data (e.g. data=animal_mnist)")
+        if float(optim.get("lr", 1e-4)) <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {optim.get('lr')}")
+        self.save_hyperparameters(ignore=["run_config"])
+        self.run_config = dict(run_config or {})
+        self.diffusion = build_diffusion({**diffusion, "timestep_respacing": None})
+        total = self.diffusion.num_timesteps
+        if max_t is not None and not 1 <= int(max_t) <= total:
+            raise ValueError(f"max_t must lie in [1, {total}] (T of the diffusion process) or be null, "
+                             f"got {max_t}")
+        self.max_t = total if max_t is None else int(max_t)
+        self.num_classes = int(num_classes)
+        self.net = build_encoder_unet(classifier, image_size=image_size, channels=channels,
+                                      num_classes=self.num_classes)
+        decay = 0.0 if ema is None else float(ema.get("decay", 0.9999))
+        self.ema = make_ema(self.net, decay, bool(ema.get("warmup", True))) if decay > 0 else None
+        self.train_loss_q = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
+        self.train_acc_q = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
+        self.val_acc_q = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def classifier_net(self) -> torch.nn.Module:
+        """The network to guide with: the EMA copy when the EMA is on, else the trained weights."""
+        return self.net if self.ema is None else self.ema.module
+
+    @property
+    def guidance_info(self) -> dict[str, Any]:
+        """T, schedule, image size, channels and classes this classifier was trained for."""
+        return guidance_info(self.hparams)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Logits of ``classifier_net`` for x_t at original-process steps t."""
+        return self.classifier_net(x, t)
+
+    def quartile(self, t: torch.Tensor) -> torch.Tensor:
+        """Which quarter of [0, max_t) each step lies in (0..3)."""
+        return (t * NUM_QUARTILES) // self.max_t
+
+    def _losses(self, net, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example cross-entropy and correctness of ``net`` on x_t = q_sample(x, t, noise)."""
+        x_t = self.diffusion.q_sample(x, t, noise=noise)
+        logits = net(x_t, t)
+        loss = F.cross_entropy(logits.float(), y, reduction="none")
+        correct = (logits.argmax(dim=-1) == y).float()
+        return loss, correct
+
+    # ------------------------------------------------------------------ training
+    @override
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        t = torch.randint(0, self.max_t, (x.shape[0],), device=x.device)
+        losses, correct = self._losses(self.net, x, y, t)
+        loss = losses.mean()
+        batch_size = x.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/acc", correct.mean(), prog_bar=True, batch_size=batch_size)
+        quartile = self.quartile(t)
+        for name, values, metrics in (("loss", losses.detach(), self.train_loss_q),
+                                      ("acc", correct, self.train_acc_q)):
+            means, counts = _quartile_means(values, quartile)
+            for q in range(NUM_QUARTILES):
+                metrics[q].update(means[q], weight=counts[q])
+                self.log(f"train/{name}_q{q}", metrics[q], on_step=False, on_epoch=True)
+        return loss
+
+    @override
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # EMA right after the step: checkpoints written at this batch's end already include it.
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
+
+    @override
+    def configure_optimizers(self):
+        optim = self.hparams.optim
+        fused = optim.get("fused")
+        optimizer = torch.optim.AdamW(
+            self.net.parameters(), lr=float(optim.get("lr", 1e-4)),
+            betas=tuple(optim.get("betas", (0.9, 0.999))), eps=float(optim.get("eps", 1e-8)),
+            weight_decay=float(optim.get("weight_decay", 0.0)),
+            **({"fused": bool(fused)} if fused is not None else {}))
+        warmup = int(optim.get("warmup_steps", 0))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ validation
+    def validation_timesteps(self, batch_size: int, generator: torch.Generator, device) -> torch.Tensor:
+        """Steps stratified by quartile (example i in quartile i % 4), uniform within it."""
+        q = torch.arange(batch_size, device=device) % NUM_QUARTILES
+        u = torch.rand(batch_size, generator=generator, device=device)
+        t = ((q + u) * self.max_t / NUM_QUARTILES).floor().long()
+        return t.clamp(0, self.max_t - 1)
+
+    @override
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        generator = torch.Generator(device=x.device).manual_seed(10_007 + batch_idx)
+        t = self.validation_timesteps(x.shape[0], generator, x.device)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        losses, correct = self._losses(self.classifier_net, x, y, t, noise=noise)
+        batch_size = x.shape[0]
+        self.log("val/loss", losses.mean(), batch_size=batch_size, sync_dist=True)
+        self.log("val/acc", correct.mean(), prog_bar=True, batch_size=batch_size, sync_dist=True)
+        means, counts = _quartile_means(correct, self.quartile(t))
+        for q in range(NUM_QUARTILES):
+            self.val_acc_q[q].update(means[q], weight=counts[q])
+            self.log(f"val/acc_q{q}", self.val_acc_q[q], on_step=False, on_epoch=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["run_config"] = self.run_config
+        checkpoint["guidance_info"] = self.guidance_info
+        checkpoint["rng_states"] = collect_rng_states()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.run_config = checkpoint.get("run_config", self.run_config)
+        if "rng_states" in checkpoint:  # resuming: draw the same t and noise as an uninterrupted run
+            restore_rng_states(checkpoint["rng_states"])
+
+    @override
+    def on_fit_start(self) -> None:
+        params = sum(p.numel() for p in self.net.parameters())
+        rank_zero_info(f"noisy classifier: {params / 1e6:.2f}M parameters, {self.num_classes} classes; "
+                       f"t < {self.max_t} of T={self.diffusion.num_timesteps} "
+                       f"({self.hparams.diffusion.get('schedule', 'linear')})")
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, DictConfig | ListConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def build_classifier_module(cfg: Mapping[str, Any] | DictConfig, datamodule) -> ClassifierModule:
+    """The ClassifierModule of a run config (``objective: classifier``); sizes and classes from the data.
+
+    Reads ``cfg.classifier`` (EncoderUNet args + ``max_t``), ``cfg.diffusion``, ``cfg.optim``, ``cfg.ema``.
+    """
+    run_config = _plain(cfg)
+    classifier = dict(run_config.get("classifier") or {})
+    if not classifier:
+        raise ValueError("objective=classifier needs a classifier config group (e.g. classifier=default)")
+    max_t = classifier.pop("max_t", None)
+    return ClassifierModule(
+        classifier=classifier, diffusion=run_config["diffusion"], optim=run_config.get("optim") or {},
+        ema=run_config.get("ema"), image_size=int(datamodule.image_size), channels=int(datamodule.channels),
+        num_classes=datamodule.num_classes, max_t=None if max_t is None else int(max_t),
+        run_config=run_config)
+
+
+def load_classifier_module(path: str | Path, map_location: str | torch.device = "cpu") -> ClassifierModule:
+    """A ClassifierModule (EMA included) rebuilt from its Lightning checkpoint alone (``weights_only``).
+
+    Missing file: FileNotFoundError; corrupt, pickle-requiring or diffusion checkpoints: ValueError.
+    """
+    checkpoint = load_checkpoint_dict(path, map_location)
+    hparams = checkpoint.get("hyper_parameters")
+    if not hparams or "state_dict" not in checkpoint:
+        raise ValueError(f"checkpoint {path} is not a ddpm_lightning checkpoint "
+                         f"(no hyper_parameters/state_dict)")
+    if "classifier" not in hparams:
+        kind = "a diffusion model checkpoint" if "model" in hparams else "an unknown checkpoint"
+        raise ValueError(f"checkpoint {path} is {kind}, not a noisy classifier; train one with "
+                         f"`ddpm-train experiment=classifier_default`")
+    try:
+        module = ClassifierModule(**hparams)
+        module.load_state_dict(checkpoint["state_dict"])
+    except (RuntimeError, TypeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"checkpoint {path} does not fit its own classifier config: {first[:200]}") from None
+    module.run_config = checkpoint.get("run_config", {})  # not on_load_checkpoint: keep the caller's RNG
+    return module.to(map_location).eval()

@@ -1,0 +1,40 @@
+"""Compose run configs in-process for tests (tiny overrides keep every run to seconds on CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from ddpm_lightning.cli.train import CONFIG_DIR
+from ddpm_lightning.config import register_configs
+
+# 16 px digits, a 2-level UNet with 32 channels, 4 steps, no progress bar, CSV logging only.
+TINY = [
+    "data=digits", "data.image_size=16", "data.batch_size=8", "data.limit=96",
+    "model.model_channels=32", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
+    "model.attention_resolutions=[8]", "model.num_head_channels=-1", "model.num_heads=1",
+    "diffusion.num_timesteps=50", "trainer.max_steps=4", "trainer.val_check_interval=4",
+    "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+    "callbacks.progress_bar=null", "callbacks.sample_grid.every_n_steps=0", "callbacks.sample_grid.per_class=1",
+    "callbacks.sample_grid.num_samples=2", "callbacks.sample_grid.steps=2", "evaluate_after_fit=false",
+]
+
+
+def compose_run(overrides: list[str], output_dir: Path, config_name: str = "train") -> DictConfig:
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.cache_dir = str(output_dir / "cache")
+        del cfg.hydra
+    return cfg

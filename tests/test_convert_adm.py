@@ -1,0 +1,155 @@
+"""``ddpm-convert-adm``: official-layout file in, loadable checkpoint out; clean exit 2 on bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddpm_lightning.cli.convert_adm import main
+from ddpm_lightning.models import EncoderUNet, UNet, adm_model_config, to_adm_state_dict
+
+# ADM MODEL_FLAGS for a tiny model (as one would paste them from guided-diffusion's README)
+TINY_FLAGS = [
+    "--image_size",
+    "16",
+    "--num_channels",
+    "32",
+    "--num_res_blocks",
+    "1",
+    "--channel_mult",
+    "1,2",
+    "--attention_resolutions",
+    "8",
+    "--num_head_channels",
+    "32",
+    "--learn_sigma",
+    "True",
+    "--class_cond",
+    "True",
+    "--resblock_updown",
+    "True",
+    "--use_scale_shift_norm",
+    "True",
+    "--use_new_attention_order",
+    "True",
+    "--use_fp16",
+    "True",
+    "--noise_schedule",
+    "cosine",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _randomize(module: torch.nn.Module) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return module.eval()
+
+
+@pytest.fixture
+def official_file(tmp_path):
+    model = _randomize(
+        UNet(
+            image_size=16,
+            in_channels=3,
+            model_channels=32,
+            out_channels=6,
+            num_res_blocks=1,
+            attention_resolutions=(8,),
+            channel_mult=(1, 2),
+            num_classes=1000,
+            num_head_channels=32,
+            use_scale_shift_norm=True,
+            resblock_updown=True,
+            use_new_attention_order=True,
+        )
+    )
+    path = tmp_path / "tiny_adm.pt"
+    torch.save(to_adm_state_dict(model), path)
+    return path, model
+
+
+def test_convert_tiny_model(official_file, tmp_path):
+    path, source = official_file
+    out = tmp_path / "sub" / "converted.pt"
+    main([str(path), str(out), *TINY_FLAGS])
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["model_class"] == "UNet"
+    assert ckpt["adm_flags"]["noise_schedule"] == "cosine" and ckpt["adm_flags"]["learn_sigma"] is True
+    model = UNet(**ckpt["model_config"]).eval()
+    model.load_state_dict(ckpt["state_dict"])
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([5, 999])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y), source(x, t, y))
+
+
+def test_convert_classifier_with_config_override(tmp_path):
+    config = adm_model_config("classifier", {"image_size": 64, "classifier_depth": 1})
+    config.update(model_channels=32, attention_resolutions=[8], out_channels=5)
+    source = _randomize(EncoderUNet(**config))
+    path = tmp_path / "clf.pt"
+    torch.save(to_adm_state_dict(source), path)
+    out = tmp_path / "clf_converted.pt"
+    main(
+        [
+            str(path),
+            str(out),
+            "--kind",
+            "classifier",
+            "--classifier_depth",
+            "1",
+            "--classifier_width",
+            "32",
+            "--classifier_attention_resolutions",
+            "8",
+            "--config",
+            "out_channels=5",
+        ]
+    )
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["model_class"] == "EncoderUNet" and ckpt["model_config"]["pool"] == "attention"
+    model = EncoderUNet(**ckpt["model_config"]).eval()
+    model.load_state_dict(ckpt["state_dict"])
+    x, t = torch.randn(1, 3, 64, 64), torch.tensor([10])
+    with torch.no_grad():
+        assert torch.equal(model(x, t), source(x, t))
+
+
+def test_mismatched_flags_exit_2_with_one_line(official_file, tmp_path, capsys):
+    path, _ = official_file
+    flags = list(TINY_FLAGS)
+    flags[flags.index("--use_scale_shift_norm") + 1] = "False"
+    with pytest.raises(SystemExit) as exc:
+        main([str(path), str(tmp_path / "out.pt"), *flags])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "input_blocks.1.0.emb_layers.1.weight: checkpoint [64, 128] vs model [32, 128]" in err
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_missing_file_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "nope.pt"), str(tmp_path / "out.pt"), "--preset", "imagenet64"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddpm-convert-adm: error: cannot read ADM checkpoint") and "\n" not in err
+
+
+def test_wrong_kind_flags_and_bad_config_exit_2(official_file, tmp_path, capsys):
+    path, _ = official_file
+    for extra in (["--classifier_depth", "2"], ["--config", "nonsense=1"]):
+        with pytest.raises(SystemExit) as exc:
+            main([str(path), str(tmp_path / "out.pt"), *TINY_FLAGS, *extra])
+        assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "belong to --kind classifier" in err and "--config expects KEY=VALUE" in err
