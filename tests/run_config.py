@@ -21,6 +21,10 @@ TINY = [
     "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
     "callbacks.progress_bar=null", "callbacks.sample_grid.every_n_steps=0", "callbacks.sample_grid.per_class=1",
     "callbacks.sample_grid.num_samples=2", "callbacks.sample_grid.steps=2", "evaluate_after_fit=false",
+    # where an experiment scores samples: a tiny stand-in extractor, a handful of samples
+    "++callbacks.generative_metrics.feature=tiny", "++callbacks.generative_metrics.num_samples=6",
+    "++callbacks.generative_metrics.reference_n=24", "++callbacks.generative_metrics.metrics=[fid,kid,pr]",
+    "++callbacks.generative_metrics.steps=2", "++callbacks.generative_metrics.batch_size=8",
 ]
 
 

@@ -135,3 +135,22 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert ckpt["global_step"] == 2
     # the loss-aware sampler saw both ranks' losses: 2 steps x 2 ranks x batch 8
     assert int(ckpt["timestep_sampler"]["loss_counts"].sum()) == 2 * 2 * 8
+
+
+def test_generative_metrics_in_loop_and_at_the_end(tmp_path):
+    import json
+
+    cfg = compose_run([*TINY, "callbacks=metrics", "model.class_cond=true",
+                       "callbacks.generative_metrics.every_n_val_epochs=1",
+                       "callbacks.generative_metrics.metrics=[fid,kid,pr,is_clf]",
+                       "callbacks.generative_metrics.classifier_epochs=1",
+                       "callbacks.model_checkpoint.monitor=val/fid@6"], tmp_path)
+    metrics = train(cfg)
+    for key in ("val/fid@6", "val/kid_mean@6", "val/precision@6", "val/recall@6", "val/is_clf_mean@6"):
+        assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
+    assert metrics["val/fid@6"] > 0
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["val/fid@6"] == metrics["val/fid@6"]
+    csv_text = next((tmp_path / "csv").glob("version_*/metrics.csv")).read_text()
+    assert "val/fid@6" in csv_text.splitlines()[0]  # logged in-loop, so ModelCheckpoint can monitor it
+    assert list((tmp_path / "cache" / "fid_stats").glob("*.npz")), "reference statistics were not cached"

@@ -105,6 +105,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                                       logger=build_loggers(cfg) or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    for callback in trainer.callbacks:  # end-of-training scores (FID@n, ...) are not in callback_metrics
+        metrics.update(getattr(callback, "last_results", None) or {})
     _write_summary(trainer, output_dir, metrics)
     return metrics
 

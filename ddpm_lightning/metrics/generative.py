@@ -40,7 +40,7 @@ class GenerativeMetrics:
 
     def __init__(self, feature_extractor: nn.Module, reference: ReferenceStats,
                  metrics: Sequence[str] = ("fid", "kid", "pr"), *, classifier: CleanClassifier | None = None,
-                 batch_size: int = 64, device: str | torch.device | None = None, fid_method: str = "sqrtm",
+                 batch_size: int = 64, device: str | torch.device | None = None, fid_method: str = "eigh",
                  kid_subsets: int = 100, kid_subset_size: int = 1000, pr_k: int = 3, is_splits: int = 10,
                  seed: int = 0, progress: bool = False) -> None:
         metrics = tuple(metrics)

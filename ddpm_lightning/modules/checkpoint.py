@@ -20,8 +20,10 @@ def load_checkpoint_dict(path: str | Path, map_location: str | torch.device = "c
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        # torch's message is a paragraph; the line after "WeightsUnpickler error:" says what was refused
+        first = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
+        if "Unsupported global" in str(error):
             raise ValueError(f"checkpoint {path} needs arbitrary pickled objects, which are refused for safety "
                              f"(weights_only=True): {first[:200]}") from None
         raise ValueError(f"checkpoint {path} is corrupt or not a torch checkpoint ({first[:200]})") from None

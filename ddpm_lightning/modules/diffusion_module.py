@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from ..diffusion import UniformSampler, create_named_schedule_sampler
+from ..diffusion import IgnoreLabels, UniformSampler, create_named_schedule_sampler
 from ..sampling import sample_images
 from .builders import build_diffusion, build_unet, learns_sigma
 from .ema import make_ema
@@ -155,18 +155,28 @@ class DiffusionModule(pl.LightningModule):
         self.log("val/mse", losses["mse"].mean(), batch_size=x.shape[0], sync_dist=True)
 
     # ------------------------------------------------------------------ sampling
-    def sample(self, num_samples: int, *, use_ema: bool = True, **overrides) -> tuple[torch.Tensor, Any]:
-        """Images in [-1, 1] (CPU) and their labels, with the module's sampling defaults + ``overrides``."""
+    def sample(self, num_samples: int, *, use_ema: bool = True, cond_fn=None,
+               guidance_num_classes: int | None = None, **overrides) -> tuple[torch.Tensor, Any]:
+        """Images in [-1, 1] (CPU) and their labels, with the module's sampling defaults + ``overrides``.
+
+        ``cond_fn``: classifier guidance; for an unconditional network the labels it guides towards are
+        drawn over ``guidance_num_classes`` (the classifier's classes) and hidden from the network.
+        """
         options = {"method": "ddim", "steps": 25, "eta": 0.0, "clip_denoised": True, "batch_size": 64}
         options.update({k: v for k, v in self.sample_defaults.items() if k in options})
         options.update(overrides)
         net = self.ema_net if use_ema else self.net
+        num_classes = self.num_classes
+        model = net
+        if cond_fn is not None and num_classes is None:
+            if not guidance_num_classes:
+                raise ValueError("guiding an unconditional model needs the classifier's class count")
+            model, num_classes = IgnoreLabels(net), int(guidance_num_classes)
         was_training = net.training
         net.eval()
         try:
-            return sample_images(net, self.diffusion, num_samples, self.image_shape,
-                                 num_classes=self.num_classes, null_label=self.null_label,
-                                 device=self.device, **options)
+            return sample_images(model, self.diffusion, num_samples, self.image_shape, num_classes=num_classes,
+                                 null_label=self.null_label, cond_fn=cond_fn, device=self.device, **options)
         finally:
             net.train(was_training)
 

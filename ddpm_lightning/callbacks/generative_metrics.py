@@ -1,0 +1,147 @@
+"""FID / KID / precision-recall / classifier-IS of EMA samples during validation (and at the end of training).
+
+Real-data statistics are computed once per (data set, split, size, extractor, n) and cached on disk, so a
+sweep pays for them once. Metric names carry the sample count (``val/fid@500``) so nobody mistakes an
+in-loop FID for a 50k FID.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from ..metrics import (
+    GenerativeMetrics,
+    cached_clean_classifier,
+    load_feature_extractor,
+    metric_name,
+    reference_stats,
+    to_uint8,
+)
+
+OUTPUT_KEYS = {"fid": ("fid",), "kid": ("kid_mean",), "pr": ("precision", "recall"), "is": ("is_mean",),
+               "is_clf": ("is_clf_mean",)}
+
+
+def make_generative_metrics(datamodule, *, metrics: Sequence[str] = ("fid", "kid", "pr"), feature: str = "inception",
+                            weights_path: str | None = None, reference_split: str = "train",
+                            reference_n: int = 2000, cache_dir: str | None = None, classifier_epochs: int = 5,
+                            batch_size: int = 64, device: str | torch.device = "cpu",
+                            progress: bool = False) -> GenerativeMetrics:
+    """GenerativeMetrics for ``datamodule``'s real images (cached statistics, cached clean classifier)."""
+    metrics = tuple(metrics)
+    extractor = load_feature_extractor(feature, weights_path, device=device)
+    available = len(datamodule.split_indices(reference_split))
+    n = min(int(reference_n), available)
+    reference = reference_stats(lambda: datamodule.reference_images(reference_split, n),
+                                data_name=datamodule.name, split=reference_split,
+                                image_size=datamodule.image_size, feature_extractor=extractor, n=n,
+                                cache_dir=cache_dir, batch_size=batch_size, device=device, progress=progress)
+    classifier = None
+    if "is_clf" in metrics:
+        if not datamodule.num_classes:
+            raise ValueError(f"is_clf needs a labelled data set; {datamodule.name} has no labels: drop is_clf")
+        classifier = cached_clean_classifier(datamodule.train_tensors, data_name=datamodule.name,
+                                             image_size=datamodule.image_size, num_classes=datamodule.num_classes,
+                                             cache_dir=cache_dir, epochs=classifier_epochs, device=device)
+    return GenerativeMetrics(extractor, reference, metrics, classifier=classifier, batch_size=batch_size,
+                             device=device, progress=progress)
+
+
+class GenerativeMetricsCallback(pl.Callback):
+    """Every ``every_n_val_epochs`` validations (and/or at the end of training) sample ``num_samples`` images
+    with the EMA weights and log ``val/<metric>@<n>`` to every logger; ModelCheckpoint can monitor them.
+
+    Rank 0 samples and scores; the numbers are broadcast so every rank logs the same values.
+    """
+
+    def __init__(self, num_samples: int = 500, every_n_val_epochs: int = 0, on_train_end: bool = True,
+                 metrics: Sequence[str] = ("fid", "kid", "pr"), feature: str = "inception",
+                 weights_path: str | None = None, reference_split: str = "train", reference_n: int = 2000,
+                 cache_dir: str | None = None, classifier_epochs: int = 5, method: str = "ddim",
+                 steps: int | str | None = 25, eta: float = 0.0, cfg_scale: float = 0.0, batch_size: int = 64,
+                 seed: int = 1234, progress: bool = False) -> None:
+        if num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2 for FID, got {num_samples}")
+        self.num_samples = int(num_samples)
+        self.every_n_val_epochs = int(every_n_val_epochs)
+        self.at_train_end = bool(on_train_end)
+        self.metric_kwargs = dict(metrics=tuple(metrics), feature=feature, weights_path=weights_path,
+                                  reference_split=reference_split, reference_n=reference_n, cache_dir=cache_dir,
+                                  classifier_epochs=classifier_epochs, batch_size=batch_size)
+        self.sample_kwargs = dict(method=method, steps=steps, eta=eta, cfg_scale=cfg_scale, batch_size=batch_size,
+                                  seed=seed)
+        self._scorer: GenerativeMetrics | None = None
+        self._val_count = 0
+        self.last_results: dict[str, float] = {}
+
+    def _prepare(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self._scorer is None:
+            # outside Lightning's inference mode: the clean classifier (is_clf) may need training once
+            with torch.inference_mode(False), torch.enable_grad():
+                self._scorer = make_generative_metrics(trainer.datamodule, device=module.device, progress=False,
+                                                       **self.metric_kwargs)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Reference statistics and the clean classifier before training: bad settings fail early."""
+        if trainer.is_global_zero:
+            self._prepare(trainer, pl_module)
+
+    def _scores(self, trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, float]:
+        self._prepare(trainer, module)
+        start = time.perf_counter()
+        y = "balanced" if getattr(module, "num_classes", None) else "random"
+        images, _ = module.sample(self.num_samples, y=y, **self.sample_kwargs)
+        sampled = time.perf_counter()
+        scores = self._scorer.compute(to_uint8(images))
+        rank_zero_info(f"generative metrics @{self.num_samples}: {scores} (sampling {sampled - start:.0f} s, "
+                       f"scoring {time.perf_counter() - sampled:.0f} s)")
+        return scores
+
+    def _evaluate(self, trainer: pl.Trainer, module: pl.LightningModule, log: bool) -> dict[str, float]:
+        scores = self._scores(trainer, module) if trainer.is_global_zero else None
+        scores = trainer.strategy.broadcast(scores, src=0)
+        named = {f"val/{metric_name(key, self.num_samples)}": float(value) for key, value in scores.items()}
+        self.last_results = named
+        if log:
+            for key, value in named.items():
+                module.log(key, value, on_step=False, on_epoch=True, sync_dist=False)
+        return named
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not self.every_n_val_epochs:
+            return
+        self._val_count += 1
+        if self._val_count % self.every_n_val_epochs == 0:
+            self._evaluate(trainer, pl_module, log=True)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.at_train_end:
+            return
+        named = self._evaluate(trainer, pl_module, log=False)
+        for logger in trainer.loggers:  # self.log is not allowed here: write to the loggers directly
+            logger.log_metrics(named, step=trainer.global_step)
+            logger.save()
+        if trainer.is_global_zero:
+            _write_json(Path(trainer.default_root_dir) / "metrics.json",
+                        {"global_step": trainer.global_step, "num_samples": self.num_samples, **named})
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    import json
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
