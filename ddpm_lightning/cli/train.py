@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +17,15 @@ import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ..callbacks.checkpointing import check_checkpoint_fits, find_resume_checkpoint
+from ..callbacks.health import TrainingHealth
 from ..config import register_configs
 from ..modules import DiffusionModule
+from ..modules.checkpoint import load_checkpoint_dict
 from ..modules.classifier_module import build_classifier_module
+from ..security import check_targets, redact_secrets
 from .errors import run_cli
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -33,19 +39,24 @@ def build_module(cfg: DictConfig, datamodule) -> DiffusionModule:
     """The DiffusionModule for this config and data set (sizes and classes come from the data)."""
     if cfg.get("objective", "diffusion") not in ("diffusion", "classifier"):
         raise ValueError(f"objective={cfg.objective!r}; allowed: diffusion, classifier")
+    run_config = redact_secrets(_container(cfg))  # stored in checkpoints: no API keys or tokens
     if cfg.get("objective") == "classifier":
-        return build_classifier_module(cfg, datamodule)
+        return build_classifier_module(run_config, datamodule)
     return DiffusionModule(
         model=_container(cfg.model), diffusion=_container(cfg.diffusion), optim=_container(cfg.optim),
         ema=_container(cfg.ema), image_size=int(datamodule.image_size), channels=int(datamodule.channels),
         num_classes=datamodule.num_classes, p_uncond=float(cfg.train.p_uncond),
         timestep_sampler=cfg.train.timestep_sampler, sample=_container(cfg.sample),
-        run_config=_container(cfg))
+        run_config=run_config)
 
 
-def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[pl.Callback]:
+    """The configured callbacks plus ``TrainingHealth`` (grad norm, non-finite step guard), always on."""
     nodes = cfg.get("callbacks") or {}
-    return [instantiate(node) for node in nodes.values() if node is not None and "_target_" in node]
+    callbacks = [instantiate(node) for node in nodes.values() if node is not None and "_target_" in node]
+    if not has_logger:  # LearningRateMonitor refuses a logger-less trainer
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
+    return [*callbacks, TrainingHealth(max_nonfinite_steps=cfg.get("train", {}).get("max_nonfinite_steps", 5))]
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -56,7 +67,7 @@ def build_loggers(cfg: DictConfig) -> list:
             continue
         if name == "wandb":
             node = _wandb_defaults(node, cfg)
-        loggers.append(instantiate(node))
+        loggers.append(instantiate(redact_secrets(_container(node))))  # loggers upload their arguments
     return loggers
 
 
@@ -67,53 +78,99 @@ def _wandb_defaults(node: DictConfig, cfg: DictConfig) -> DictConfig:
         return node
     hydra_cfg = HydraConfig.get()
     overrides = hydra_cfg.job.override_dirname
-    with_flag = OmegaConf.to_container(node)
+    with_flag = OmegaConf.to_container(node, resolve=True)
     if with_flag.get("name") is None:
         node.name = overrides or cfg.task_name
-    if with_flag.get("group") is None and hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
-        node.group = Path(hydra_cfg.sweep.dir).name
-    if not with_flag.get("tags"):
-        node.tags = list(hydra_cfg.overrides.task)[:64]
+    multirun = hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN"
+    if with_flag.get("group") is None and multirun:  # e.g. ablate_arch-2026-11-25_09-00-00
+        sweep = Path(hydra_cfg.sweep.dir).name
+        node.group = sweep if str(cfg.task_name) in sweep else f"{cfg.task_name}-{sweep}"
+    # the config's tags plus the overrides (W&B allows 64 characters per tag)
+    node.tags = list(dict.fromkeys(str(t)[:64] for t in [*(with_flag.get("tags") or []),
+                                                          *hydra_cfg.overrides.task]))[:64]
+    if with_flag.get("config") is None:  # filter / group runs by override in the W&B UI: overrides.<key>
+        with open_dict(node):
+            node.config = {"overrides": {k.lstrip("+~"): v for k, _, v in
+                                         (o.partition("=") for o in hydra_cfg.overrides.task)}}
+            node._convert_ = "all"  # wandb.init needs a plain dict
     return node
 
 
-def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """The checkpoint to resume from: ``ckpt_path`` if given, else with ``resume=auto`` this run's last one."""
+def resolve_checkpoint(cfg: DictConfig) -> tuple[str | None, dict | None]:
+    """The checkpoint to resume from and its content (loaded with ``weights_only=True``), or (None, None).
+
+    ``ckpt_path`` if given (a corrupt file is an error naming it); else with ``resume=auto`` the newest
+    checkpoint of this run folder that loads (``last.ckpt`` first among equally new ones), skipping
+    truncated or corrupt files with a warning.
+    """
     if cfg.get("ckpt_path"):
         path = Path(cfg.ckpt_path)
         if not path.is_file():
             raise FileNotFoundError(f"ckpt_path={path} does not exist; give the path of a .ckpt file")
-        return str(path)
+        return str(path), load_checkpoint_dict(path)
     if cfg.get("resume") not in (None, "auto"):
         raise ValueError(f"resume={cfg.resume!r}; allowed: auto, null (use ckpt_path=... for a specific file)")
     if cfg.get("resume") == "auto":
-        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            return str(last)
-        rank_zero_info(f"resume=auto: no checkpoint in {last.parent}, starting from scratch")
-    return None
+        folder = Path(cfg.paths.output_dir) / "checkpoints"
+        found = find_resume_checkpoint(folder)
+        if found is not None:
+            rank_zero_info(f"resume=auto: resuming from {found[0]} (step {found[1].get('global_step')})")
+            return str(found[0]), found[1]
+        rank_zero_info(f"resume=auto: no checkpoint in {folder}, starting from scratch")
+    return None, None
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """The path part of ``resolve_checkpoint``."""
+    return resolve_checkpoint(cfg)[0]
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train the configured run; returns the final logged metrics as floats."""
+    check_targets(cfg, allow_any=bool(cfg.get("allow_any_target", False)))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot create the run folder {output_dir} ({error.strerror or error}); "
+                         f"set hydra.run.dir to a writable folder") from None
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule)
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg),
-                                      logger=build_loggers(cfg) or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    ckpt_path, checkpoint = resolve_checkpoint(cfg)
+    if checkpoint is not None:  # a different architecture fails here in one line, before anything is written
+        check_checkpoint_fits(module, checkpoint, ckpt_path)
+        del checkpoint
+    loggers = build_loggers(cfg)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, has_logger=bool(loggers)),
+                                      logger=loggers or False)
+    start = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    finally:
+        _finish_wandb(failed=sys.exc_info()[0] is not None)
+    fit_seconds = time.perf_counter() - start
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     for callback in trainer.callbacks:  # end-of-training scores (FID@n, ...) are not in callback_metrics
         metrics.update(getattr(callback, "last_results", None) or {})
-    _write_summary(trainer, output_dir, metrics)
+    _write_summary(trainer, output_dir, metrics, train_seconds=round(fit_seconds, 2),
+                   num_parameters=sum(p.numel() for p in getattr(module, "net", module).parameters()))
     return metrics
 
 
+def _finish_wandb(failed: bool = False) -> None:
+    """End the W&B run: the next job of a sweep in this process starts its own (Lightning would reuse it)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
 @rank_zero_only
-def _write_summary(trainer: pl.Trainer, output_dir: Path, metrics: dict[str, float]) -> None:
-    summary = {"global_step": trainer.global_step, "metrics": metrics, "outputs": {}}
+def _write_summary(trainer: pl.Trainer, output_dir: Path, metrics: dict[str, float], **extra: Any) -> None:
+    """``summary.json``: status, steps, ``extra`` (num_parameters, train_seconds = trainer.fit wall time),
+    final metrics and output paths; ``ddpm-report`` reads it."""
+    summary = {"status": "completed", "global_step": trainer.global_step, **extra, "metrics": metrics,
+               "outputs": {}}
     if trainer.checkpoint_callback is not None and getattr(trainer.checkpoint_callback, "dirpath", None):
         summary["outputs"]["checkpoints"] = str(trainer.checkpoint_callback.dirpath)
         if trainer.checkpoint_callback.last_model_path:
@@ -137,7 +194,10 @@ def _write_summary(trainer: pl.Trainer, output_dir: Path, metrics: dict[str, flo
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     metrics = run_cli(train, cfg)
-    return None if metrics is None else metrics.get("val/vlb_bpd")
+    key = cfg.get("optimized_metric") or "val/vlb_bpd"  # the value an Optuna sweep (hparams_search) optimizes
+    if metrics is not None and key not in metrics:
+        rank_zero_info(f"optimized_metric={key!r} was not logged; logged: {', '.join(sorted(metrics))}")
+    return None if metrics is None else metrics.get(key)
 
 
 def main() -> None:

@@ -66,6 +66,7 @@ class EMAConfig:
 class TrainConfig:
     timestep_sampler: str = "uniform"  # uniform | loss-second-moment
     p_uncond: float = 0.0  # label dropout for classifier-free guidance
+    max_nonfinite_steps: int | None = 5  # stop after this many consecutive skipped non-finite steps (null: never)
 
 
 @dataclass
@@ -96,8 +97,10 @@ class RunConfig:
     ckpt_path: Any = None  # a checkpoint to resume from
     resume: Any = None  # "auto": the last good checkpoint of this run folder, if any
     evaluate_after_fit: bool = True
+    optimized_metric: str = "val/vlb_bpd"  # returned by the Hydra main: the objective of hparams_search
     objective: str = "diffusion"  # diffusion | classifier (the noisy classifier for guidance)
     classifier: Any = None  # EncoderUNet args + max_t (conf/classifier/), used when objective=classifier
+    allow_any_target: bool = False  # false: _target_ only in ddpm_lightning, torch, lightning, ... (security.py)
 
 
 def register_configs() -> None:

@@ -22,8 +22,9 @@ def load_checkpoint_dict(path: str | Path, map_location: str | torch.device = "c
     except pickle.UnpicklingError as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         # torch's message is a paragraph; the line after "WeightsUnpickler error:" says what was refused
-        first = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
-        if "Unsupported global" in str(error):
+        # torch 2.14 says "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."
+        first = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "")
+        if "unsupported global" in str(error).lower():
             raise ValueError(f"checkpoint {path} needs arbitrary pickled objects, which are refused for safety "
                              f"(weights_only=True): {first[:200]}") from None
         raise ValueError(f"checkpoint {path} is corrupt or not a torch checkpoint ({first[:200]})") from None

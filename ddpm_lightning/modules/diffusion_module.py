@@ -102,7 +102,8 @@ class DiffusionModule(pl.LightningModule):
         if not isinstance(self.schedule_sampler, UniformSampler):
             all_t = self.all_gather(t).reshape(-1)
             all_losses = self.all_gather(losses["loss"].detach()).reshape(-1)
-            self.schedule_sampler.update_with_all_losses(all_t, all_losses)
+            finite = torch.isfinite(all_losses)  # a skipped non-finite step must not poison the history
+            self.schedule_sampler.update_with_all_losses(all_t[finite], all_losses[finite])
         loss = (losses["loss"] * weights).mean()
 
         batch_size = x.shape[0]

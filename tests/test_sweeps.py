@@ -1,0 +1,268 @@
+"""Sweeps end to end on tiny configs: multirun + ddpm-report (failed run listed, best marked), W&B grouping, the
+submitit / joblib launchers and the Optuna sweeper; the ablation experiments' rows compose and build; the report
+on partial sweeps (running, incomplete, failed)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+from run_config import TINY, compose_run
+
+from ddpm_lightning.cli.report import main as report_main
+from ddpm_lightning.cli.train import CONFIG_DIR
+from ddpm_lightning.config import register_configs
+from ddpm_lightning.modules.builders import build_diffusion, build_unet, learns_sigma
+from ddpm_lightning.reporting import build_table, collect_runs, metric_mode, read_run, to_markdown, write_report
+
+# numbered job folders: a long command line would make Hydra's default `<num>_<overrides>` name too long
+SWEEP = ["callbacks=metrics", "hydra.sweep.subdir=${hydra.job.num}"]
+
+
+def _sweep_values(experiment: str, key: str) -> list[str]:
+    return str(_compose_hydra([f"experiment={experiment}"]).hydra.sweeper.params[key]).split(",")
+
+
+def _compose_hydra(overrides: list[str]):
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+def _ddpm_train(*args: str, sweep_dir: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "DDPM_CACHE_DIR": str(sweep_dir.parent / "cache")}
+    env.pop("HYDRA_FULL_ERROR", None)
+    flags = [a for a in args if a.startswith("-")]  # Hydra's flags go before the overrides
+    overrides = [a for a in args if not a.startswith("-")]
+    return subprocess.run([sys.executable, "-m", "ddpm_lightning.train", *flags, *TINY, *SWEEP, *overrides,
+                           f"hydra.sweep.dir={sweep_dir}"], capture_output=True, text=True, timeout=timeout,
+                          cwd=sweep_dir.parent, env=env)
+
+
+def _summary(folder: Path) -> dict:
+    return json.loads((folder / "summary.json").read_text())
+
+
+# ------------------------------------------------------------------------------------ end to end
+def test_multirun_report_lists_failed_run_and_marks_best(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = _ddpm_train("-m", "logger=many", "diffusion.schedule=linear,quadratic,cosine", sweep_dir=sweep)
+    # Hydra's basic launcher runs every job of the sweep (job 2 after the failed job 1), then re-raises the
+    # first failure (exit code != 0)
+    assert done.returncode != 0, done.stderr[-2000:]
+    assert "allowed: linear, cosine" in done.stderr
+    for job in ("0", "2"):
+        summary = _summary(sweep / job)
+        assert summary["status"] == "completed"
+        assert summary["num_parameters"] > 0 and summary["train_seconds"] > 0
+        assert "val/fid@6" in summary["metrics"] and "val/vlb_bpd" in summary["metrics"]
+    assert _summary(sweep / "1")["status"] == "failed"
+
+    # W&B: one offline run per job (not one run reused by the next job), grouped by sweep, overrides as tags
+    for job, schedule in (("0", "linear"), ("2", "cosine")):
+        runs = list((sweep / job / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(runs) == 1, f"job {job}: {runs}"
+        record = runs[0].read_bytes()
+        assert b"train-sweep" in record  # group: task name + sweep folder
+        assert f"diffusion.schedule={schedule}".encode() in record  # its own override as a tag
+
+    out = tmp_path / "report"
+    report_main([str(sweep), "--out", str(out)])
+    markdown = (out / "report.md").read_text()
+    rows = [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("| job")]
+    assert len(rows) == 3
+    assert "val/fid@6" in markdown and "FID@6" in markdown and "NLL bpd" in markdown
+    assert sum("★ best" in row for row in rows) == 1
+    assert "failed: unknown beta schedule 'quadratic'; allowed: linear, cosine" in rows[1]
+    with open(out / "report.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert [r["diffusion.schedule"] for r in table] == ["linear", "quadratic", "cosine"]
+    assert [r["status"] for r in table] == ["completed", "failed", "completed"]
+    assert sum(int(r["best"]) for r in table) == 1
+    best = min(table[::2], key=lambda r: float(r["val/fid@6"]))
+    assert best["best"] == "1"
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_submitit_local_launcher_runs_a_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = _ddpm_train("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", sweep_dir=sweep)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _summary(sweep / "0")["status"] == "completed"
+    assert list((sweep / ".submitit").glob("*/*_result.pkl")), "submitit did not run the job in a subprocess"
+
+
+def test_optuna_search_with_parallel_launcher(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = _ddpm_train("hparams_search=optuna", "hydra/launcher=parallel", "hydra.sweeper.n_trials=2",
+                       "hydra.sweeper.n_jobs=2", "hydra.sweeper.sampler.n_startup_trials=1", sweep_dir=sweep)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = OmegaConf.load(sweep / "optimization_results.yaml")
+    values = [_summary(sweep / job)["metrics"]["val/vlb_bpd"] for job in ("0", "1")]
+    assert results.best_value == pytest.approx(min(values))  # the objective is optimized_metric
+    assert set(results.best_params) == {"optim.lr", "ema.decay", "model.dropout"}
+    table = build_table(collect_runs(sweep), sweep)
+    assert "optim.lr" in table.varying and "Optuna: best value" in to_markdown(table)
+
+
+# ------------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize("row", _sweep_values("ablate_arch", "model"))
+def test_ablate_arch_rows_build_at_experiment_size(row, tmp_path):
+    cfg = compose_run(["experiment=ablate_arch", f"model={row}"], tmp_path)
+    assert cfg.model.class_cond and cfg.data._target_.endswith("AnimalMNISTDataModule")
+    assert cfg.callbacks.generative_metrics.num_samples == 200
+    assert cfg.trainer.val_check_interval == cfg.trainer.max_steps
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    net = build_unet(model, image_size=32, channels=1, num_classes=10, learn_sigma=learns_sigma(cfg.diffusion))
+    assert sum(p.numel() for p in net.parameters()) > 0
+
+
+def test_ablate_arch_covers_the_paper_rows():
+    rows = _sweep_values("ablate_arch", "model")
+    assert rows[0] == "ddpm_base" and rows[-1] == "adm"
+    assert {"adm_depth", "adm_heads", "adm_head_channels64", "adm_head_channels32", "adm_attn_multires",
+            "adm_biggan", "adm_adagn", "adm_rescale"} <= set(rows)
+
+
+def test_ablate_loss_rows_are_distinct_and_build(tmp_path):
+    rows = _sweep_values("ablate_loss", "+loss_variant")
+    settings = {}
+    for row in rows:
+        cfg = compose_run(["experiment=ablate_loss", f"+loss_variant={row}"], tmp_path)
+        diffusion = OmegaConf.to_container(cfg.diffusion, resolve=True)
+        build_diffusion(diffusion)  # valid values
+        settings[row] = (diffusion["schedule"], diffusion["mean_type"], diffusion["var_type"],
+                         diffusion["loss_type"], cfg.train.timestep_sampler)
+    assert len(set(settings.values())) == len(rows)
+    assert settings["simple_linear"] == ("linear", "eps", "fixed_small", "simple", "uniform")
+    assert settings["hybrid_cosine"] == ("cosine", "eps", "learned_range", "hybrid", "uniform")
+    assert settings["vlb_cosine_is"][-1] == "loss-second-moment"
+    values = {field: {s[i] for s in settings.values()} for i, field in enumerate(("schedule", "mean", "var", "loss"))}
+    assert values["loss"] == {"simple", "hybrid", "vlb"} and values["mean"] == {"eps", "x0"}
+    assert {"fixed_small", "fixed_large", "learned", "learned_range"} == values["var"]
+
+
+def test_launcher_and_search_configs_compose():
+    slurm = _compose_hydra(["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=4",
+                            "hydra.launcher.gpus_per_node=8", "hydra.launcher.partition=gpu"]).hydra.launcher
+    assert slurm._target_.endswith("SlurmLauncher")
+    assert (slurm.nodes, slurm.gpus_per_node, slurm.tasks_per_node, slurm.partition) == (4, 8, 8, "gpu")
+    assert _compose_hydra(["hydra/launcher=slurm"]).hydra.launcher.nodes == 1  # no trainer.num_nodes: 1 node
+    assert _compose_hydra(["hydra/launcher=parallel"]).hydra.launcher.n_jobs == 2
+    optuna = _compose_hydra(["hparams_search=optuna", "optimized_metric=val/fid@500"])
+    assert optuna.hydra.sweeper._target_.endswith("OptunaSweeper") and optuna.hydra.mode.name == "MULTIRUN"
+    assert set(optuna.hydra.sweeper.params) == {"optim.lr", "ema.decay", "model.dropout"}
+    assert optuna.optimized_metric == "val/fid@500"
+
+
+# ------------------------------------------------------------------------------------ report on partial sweeps
+def _job(root: Path, num: int, overrides: list[str], summary: dict | None = None, error: str | None = None,
+         metrics_json: dict | None = None) -> Path:
+    folder = root / str(num)
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (folder / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    num: {num}\n")
+    if summary is not None:
+        (folder / "summary.json").write_text(json.dumps(summary))
+    if error is not None:
+        (folder / "error.txt").write_text(error)
+    if metrics_json is not None:
+        (folder / "metrics.json").write_text(json.dumps(metrics_json))
+    return folder
+
+
+def test_report_statuses_of_a_partial_sweep(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    done = {"status": "completed", "global_step": 300, "num_parameters": 2_000_000, "train_seconds": 180.0}
+    _job(sweep, 0, ["model=ddpm_base", "seed=1"], {**done, "metrics": {"val/vlb_bpd": 5.0}},
+         metrics_json={"global_step": 300, "num_samples": 200, "val/fid@200": 80.0, "val/is_clf_mean@200": 3.0})
+    _job(sweep, 1, ["model=adm", "seed=1"], {"global_step": 300, "metrics": {"val/vlb_bpd": 5.5, "val/fid@200": 60.0,
+                                                                             "val/is_clf_mean@200": 2.0}})
+    _job(sweep, 2, ["model=adm_heads", "seed=1"], error="RuntimeError: out of memory\n")
+    _job(sweep, 3, ["model=adm_rescale", "seed=1"], {"status": "failed", "error": "diverged | at step 7"})
+    running = _job(sweep, 4, ["model=adm_biggan", "seed=1"])
+    old = _job(sweep, 5, ["model=adm_depth", "seed=1"])
+    stale = time.time() - 7200
+    for path in [old, *old.rglob("*")]:
+        os.utime(path, (stale, stale))
+    runs = collect_runs(sweep, stale_after_s=3600)
+    assert [r.status for r in runs] == ["completed", "completed", "failed", "failed", "running", "incomplete"]
+    assert runs[0].metrics["val/fid@200"] == 80.0  # from metrics.json
+    assert runs[2].message == "RuntimeError: out of memory"
+    assert read_run(running).status == "running"
+
+    table = build_table(runs, sweep)
+    assert table.metric == "val/fid@200" and table.best == 1 and table.varying == ["model"]
+    assert table.common == ["seed=1"]
+    by_is = build_table(runs, sweep, metric="val/is_clf_mean@200")
+    assert by_is.mode == "max" and by_is.best == 0
+    assert build_table(runs, sweep, metric="val/vlb_bpd", mode="max").best == 1
+    markdown = to_markdown(table)
+    assert "diverged \\| at step 7" in markdown  # a | in a message does not break the table
+    assert "| 1 | **adm** | done ★ best" in markdown and "**60.00**" in markdown
+
+    report_main([str(sweep), "--metric", "val/vlb_bpd", "--no-plot"])
+    printed = capsys.readouterr().out
+    assert "Ranked by `val/vlb_bpd` (lower is better); best: job 0" in printed
+    assert not (sweep / "report.png").exists() and (sweep / "report.md").is_file()
+
+
+def test_report_of_a_sweep_without_results_yet(tmp_path):
+    sweep = tmp_path / "sweep"
+    _job(sweep, 0, ["model=adm"])
+    _job(sweep, 1, ["model=ddpm_base"], error="bad value")
+    result = write_report(sweep)
+    assert result["table"].best is None and result["paths"]["plot"].is_file()
+    assert "1 running, 1 failed" in result["markdown"] or "1 failed, 1 running" in result["markdown"]
+
+
+def test_report_bad_input_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        report_main([str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is not a folder" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        report_main([str(tmp_path / "empty")])
+    assert "no job folders" in capsys.readouterr().err
+    _job(tmp_path / "sweep", 0, ["model=adm"], {"status": "completed", "metrics": {"val/vlb_bpd": 5.0}})
+    with pytest.raises(SystemExit):
+        report_main([str(tmp_path / "sweep"), "--metric", "val/fid@50k"])
+    assert "available: val/vlb_bpd" in capsys.readouterr().err
+
+
+def test_metric_direction():
+    assert [metric_mode(m) for m in ("val/fid@200", "val/vlb_bpd", "val/kid_mean@2k")] == ["min"] * 3
+    assert [metric_mode(m) for m in ("val/is_clf_mean@200", "val/precision@200", "val/recall@1k")] == ["max"] * 3
+
+
+def test_wandb_names_groups_and_tags_a_sweep_job(tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from ddpm_lightning.cli.train import _wandb_defaults
+
+    long_override = "paths.data_dir=/" + "x" * 80
+    cfg = _compose_hydra(["experiment=ablate_loss", "logger=many", "+loss_variant=vlb_cosine", long_override])
+    with open_dict(cfg):
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.sweep.dir = str(tmp_path / "2026-01-01_00-00-00")
+        cfg.hydra.job.override_dirname = "+loss_variant=vlb_cosine"
+    HydraConfig.instance().set_config(cfg)
+    node = OmegaConf.to_container(_wandb_defaults(cfg.logger.wandb, cfg))
+    assert node["group"] == "ablate_loss-2026-01-01_00-00-00" and node["name"] == "+loss_variant=vlb_cosine"
+    assert node["tags"][:2] == ["ablate_loss", "animal_mnist"]  # the experiment's tags, then the overrides
+    assert "+loss_variant=vlb_cosine" in node["tags"] and all(len(tag) <= 64 for tag in node["tags"])
+    assert node["config"]["overrides"]["loss_variant"] == "vlb_cosine"
