@@ -23,6 +23,11 @@ train: $(STAMP)
 test: $(STAMP)
 	WANDB_MODE=offline $(PY) -m pytest -q -m "not slow" $(ARGS)
 
+bench: $(STAMP)
+	$(PY) -m benchmarks.unet $(ARGS)
+	$(PY) -m benchmarks.sampling $(ARGS)
+	$(PY) -m benchmarks.fid_features $(ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ddpm_lightning tests benchmarks
 

@@ -1,8 +1,8 @@
 """Shared pieces of the benchmarks: the two architectures, the peer models, timing, FLOPs, memory, tables.
 
 Timing discipline (the machines are small and shared): every measured callable runs once per round and the
-rounds interleave the contenders (A, B, C, A, B, C, ...), so a burst of load from another process hits all of
-them alike; we report the median over rounds. The machine's load average is printed with every table.
+rounds interleave the contenders (A B C, B C A, C A B, ...), so a burst of load from another process hits all
+of them alike; we report the median over rounds. The machine's load average is printed with every table.
 """
 
 from __future__ import annotations
@@ -168,15 +168,20 @@ def adamw(model: nn.Module, kind: str = "default") -> torch.optim.Optimizer:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each callable, over ``rounds`` interleaved rounds after ``warmup`` untimed ones."""
+    """Seconds per call of each callable, over ``rounds`` interleaved rounds after ``warmup`` untimed ones.
+
+    The order rotates from round to round (A B C, B C A, C A B, ...) so that no contender always runs right
+    after the same other one (e.g. into the page faults of re-allocating what the previous one freed).
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
     return times
 

@@ -309,7 +309,7 @@ def to_markdown(table: SweepTable, title: str | None = None) -> str:
     if table.metric and table.best is not None:
         better = "lower" if table.mode == "min" else "higher"
         lines.append(f"Ranked by `{table.metric}` ({better} is better); best: job {table.runs[table.best].job} "
-                     f"(`{table.label(table.runs[table.best])}`), marked ★ and in bold.")
+                     f"(`{table.label(table.runs[table.best])}`), marked ★ (its value in bold).")
     elif table.metric:
         lines.append(f"Ranked by `{table.metric}`: no completed run has it yet.")
     optuna = _read_yaml(table.sweep_dir / "optimization_results.yaml")
@@ -328,7 +328,7 @@ def to_markdown(table: SweepTable, title: str | None = None) -> str:
         cells = []
         for metric in metrics:
             text = _fmt(run.metrics.get(metric))
-            cells.append(f"**{text}**" if i == table.best and text else text)
+            cells.append(f"**{text}**" if i == table.best and metric == table.metric and text else text)
         minutes = "" if run.train_seconds is None else f"{run.train_seconds / 60:.1f}"
         row = [str(run.job if run.job is not None else ""), *label, _status(table, i), _params(run.num_parameters),
                "" if run.global_step is None else str(run.global_step), minutes, *cells]

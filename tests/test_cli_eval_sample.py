@@ -49,7 +49,8 @@ def test_eval_writes_json_grid_and_adm_npz(tiny_ckpt, tmp_path):
     assert (out / "grid.png").stat().st_size > 0
     # the same samples scored without a model give the same FID (same features, same reference)
     again = _run("evaluate", f"samples={out / 'samples.npz'}", "data=digits", "data.image_size=16", "data.limit=96",
-                 "feature=tiny", "reference_n=40", "metrics=[fid]", cwd=_mkdir(tmp_path / "again"), cache=tmp_path / "cache")
+                 "feature=tiny", "reference_n=40", "metrics=[fid]", cwd=_mkdir(tmp_path / "again"),
+                 cache=tmp_path / "cache")
     assert again.returncode == 0, again.stderr[-2000:]
     rescored = json.loads((tmp_path / "again" / "out" / "results.json").read_text())["metrics"]
     assert rescored["fid@12"] == pytest.approx(results["fid@12"], rel=1e-6)

@@ -57,3 +57,12 @@ def test_wandb_mode_falls_back_offline_without_key(monkeypatch, tmp_path):
     assert resolve_wandb_mode(None) == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert resolve_wandb_mode(None) == "disabled"
+
+
+def test_tensorboard_logger_writes_events(tmp_path):
+    from run_config import TINY, compose_run
+
+    from ddpm_lightning.cli.train import train
+
+    train(compose_run([*TINY, "logger=tensorboard"], tmp_path))
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))

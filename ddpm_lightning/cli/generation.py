@@ -125,7 +125,8 @@ def load_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
         with np.load(path, allow_pickle=False) as data:
             if "arr_0" not in data:
                 raise ValueError(f"{path} has no arr_0 (expected the ADM layout: arr_0 uint8 NHWC, optional arr_1)")
-            arr, labels = data["arr_0"], data["arr_1"] if "arr_1" in data else None
+            arr = data["arr_0"]
+            labels = data["arr_1"] if "arr_1" in data.files else None
     except (OSError, EOFError) as error:
         raise ValueError(f"{path} is not a readable .npz ({error})") from None
     if arr.dtype != np.uint8 or arr.ndim != 4:

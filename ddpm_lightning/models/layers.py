@@ -8,6 +8,11 @@ modules almost one to one (see :mod:`ddpm_lightning.models.adm_checkpoint`). Wha
   ``F.scaled_dot_product_attention``;
 * gradient checkpointing is ``torch.utils.checkpoint`` (non-reentrant); mixed precision is left to autocast;
 * ``ResBlock(rescale=True)`` divides the residual sum by sqrt(2) (the paper's "rescale resblock" ablation).
+
+Speed (measured with ``python -m benchmarks.unet``; same values and state-dict keys either way): nearest x2
+upsampling is a broadcast copy whose backward is 2x2 sum pooling (:func:`upsample_nearest2x`), and a 1x1
+``skip_connection`` runs as a batched GEMM while autograd records (:func:`conv1x1`). Every block keeps a
+channels_last input channels_last, so ``net.to(memory_format=torch.channels_last)`` works end to end.
 """
 
 from __future__ import annotations
@@ -84,7 +89,7 @@ def conv1x1(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     On CPU, the backward of oneDNN's 1x1 convolution on NCHW tensors was ~1.5-2x slower than that of
     ``baddbmm(bias, W, x.view(N, C, H*W))`` (its forward is faster, so inference keeps the convolution).
     """
-    if not (torch.is_grad_enabled() and x.is_contiguous()) or x.device.type != "cpu":
+    if not (torch.is_grad_enabled() and x.is_contiguous()) or x.device.type != "cpu" or conv.bias is None:
         return conv(x)
     n, c, h, w = x.shape
     weight = conv.weight.view(conv.out_channels, c)
