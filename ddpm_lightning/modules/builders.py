@@ -47,3 +47,27 @@ def build_unet(model_cfg: Mapping[str, Any], *, image_size: int, channels: int, 
         raise ValueError("train.p_uncond > 0 (label dropout) needs model.class_cond=true")
     return UNet(image_size=image_size, in_channels=channels, out_channels=channels * (2 if learn_sigma else 1),
                 num_classes=(num_classes + (1 if p_uncond > 0 else 0)) if class_cond else None, **kwargs)
+
+
+def build_optimizer(parameters, optim: Mapping[str, Any]) -> dict[str, Any]:
+    """AdamW with a linear warm-up over ``optim.warmup_steps`` (then constant, as ADM), stepped per batch."""
+    import torch
+
+    fused = optim.get("fused")
+    optimizer = torch.optim.AdamW(
+        parameters, lr=float(optim.get("lr", 1e-4)), betas=tuple(optim.get("betas", (0.9, 0.999))),
+        eps=float(optim.get("eps", 1e-8)), weight_decay=float(optim.get("weight_decay", 0.0)),
+        **({"fused": bool(fused)} if fused is not None else {}))
+    warmup = int(optim.get("warmup_steps", 0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Warmup(warmup))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class _Warmup:
+    """Picklable LR factor (DDP spawn pickles the trainer state)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __call__(self, step: int) -> float:
+        return min(1.0, (step + 1) / self.steps) if self.steps > 0 else 1.0

@@ -23,7 +23,7 @@ from typing_extensions import override
 
 from ..diffusion import guidance_info
 from ..models import EncoderUNet
-from .builders import build_diffusion
+from .builders import build_diffusion, build_optimizer
 from .checkpoint import load_checkpoint_dict
 from .ema import make_ema
 from .rng import collect_rng_states, restore_rng_states
@@ -161,17 +161,7 @@ class ClassifierModule(pl.LightningModule):
 
     @override
     def configure_optimizers(self):
-        optim = self.hparams.optim
-        fused = optim.get("fused")
-        optimizer = torch.optim.AdamW(
-            self.net.parameters(), lr=float(optim.get("lr", 1e-4)),
-            betas=tuple(optim.get("betas", (0.9, 0.999))), eps=float(optim.get("eps", 1e-8)),
-            weight_decay=float(optim.get("weight_decay", 0.0)),
-            **({"fused": bool(fused)} if fused is not None else {}))
-        warmup = int(optim.get("warmup_steps", 0))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return build_optimizer(self.net.parameters(), self.hparams.optim)
 
     # ------------------------------------------------------------------ validation
     def validation_timesteps(self, batch_size: int, generator: torch.Generator, device) -> torch.Tensor:

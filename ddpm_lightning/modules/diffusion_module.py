@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from ..diffusion import IgnoreLabels, UniformSampler, create_named_schedule_sampler
 from ..sampling import sample_images
-from .builders import build_diffusion, build_unet, learns_sigma
+from .builders import build_diffusion, build_optimizer, build_unet, learns_sigma
 from .ema import make_ema
 from .rng import collect_rng_states, restore_rng_states
 
@@ -129,17 +129,7 @@ class DiffusionModule(pl.LightningModule):
 
     @override
     def configure_optimizers(self):
-        optim = self.hparams.optim
-        fused = optim.get("fused")
-        optimizer = torch.optim.AdamW(
-            self.net.parameters(), lr=float(optim.get("lr", 1e-4)),
-            betas=tuple(optim.get("betas", (0.9, 0.999))), eps=float(optim.get("eps", 1e-8)),
-            weight_decay=float(optim.get("weight_decay", 0.0)),
-            **({"fused": bool(fused)} if fused is not None else {}))
-        warmup = int(optim.get("warmup_steps", 0))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return build_optimizer(self.net.parameters(), self.hparams.optim)
 
     # ------------------------------------------------------------------ validation
     @override
