@@ -2,10 +2,10 @@
 
 Each job folder (one with a ``.hydra/`` folder) is one row: its overrides (``.hydra/overrides.yaml``), the
 ``summary.json`` that ``ddpm-train`` writes at the end (status, parameter count, fit time, final metrics),
-the end-of-training scores in ``metrics.json`` and, for failed runs, the message of ``summary.json`` /
-``error.txt``. A job folder with none of these is still running, or ``incomplete`` when nothing in it has
-changed for ``stale_after_s`` (killed, out of time). Plain Python: no torch or Lightning; matplotlib (Agg)
-only when plotting.
+the end-of-training scores in ``metrics.json``, the ``results.json`` of a ``ddpm-eval`` job (its scores as
+``eval/...``) and, for failed runs, the message of ``summary.json`` / ``error.txt``. A job folder with none
+of these is still running, or ``incomplete`` when nothing in it has changed for ``stale_after_s`` (killed, out
+of time). Plain Python: no torch or Lightning; matplotlib (Agg) only when plotting.
 """
 
 from __future__ import annotations
@@ -24,18 +24,26 @@ import yaml
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.json"
+EVAL_RESULTS_FILE = "results.json"  # ddpm-eval
 ERROR_FILE = "error.txt"
 STATUSES = ("completed", "failed", "running", "incomplete")
 MODES = ("min", "max")
 # metrics where larger is better (by name without the stage prefix and the sample count)
-HIGHER_IS_BETTER = ("is_mean", "is_clf_mean", "is", "precision", "recall", "acc", "accuracy")
+HIGHER_IS_BETTER = ("is_mean", "is_clf_mean", "is", "precision", "recall", "acc", "accuracy", "class_accuracy")
 # the columns of the markdown table, in this order (CSV has every metric)
-TABLE_METRICS = ("fid", "is_clf_mean", "is_mean", "precision", "recall", "kid_mean", "vlb_bpd", "nll_bpd")
+TABLE_METRICS = ("fid", "is_clf_mean", "is_mean", "precision", "recall", "kid_mean", "class_accuracy", "vlb_bpd",
+                 "nll_bpd")
 DISPLAY_NAMES = {"fid": "FID", "is_clf_mean": "IS_clf", "is_mean": "IS", "precision": "Prec", "recall": "Rec",
-                 "kid_mean": "KID", "vlb_bpd": "NLL bpd", "nll_bpd": "NLL bpd (exact)"}
+                 "kid_mean": "KID", "class_accuracy": "Acc", "vlb_bpd": "NLL bpd", "nll_bpd": "NLL bpd (exact)"}
+# a sweep over one of these (ddpm-eval -m experiment=guidance_sweep) also gets the trade-off plot
+GUIDANCE_KEYS = ("guidance.scale", "guidance.cfg_scale")
+# metric prefixes shown in the table: in-loop / end-of-training scores of ddpm-train, scores of ddpm-eval
+TABLE_PREFIXES = ("val/", "eval/")
 NOTES = {
     "fid": "FID/KID/Prec/Rec/IS@n: n EMA samples against the cached statistics of the data set's real images "
            "(not comparable with 50k-sample FIDs; small n biases FID upwards).",
+    "class_accuracy": "Acc: the share of samples that the clean classifier (trained once per data set by the "
+                      "metrics, not the guiding noisy classifier) assigns to the label they were sampled for.",
     "vlb_bpd": "NLL bpd = `val/vlb_bpd`: an unbiased single-timestep Monte-Carlo estimate of the variational "
                "bound (prior + T * L_t at one random t per image), in bits/dim, on held-out images with the EMA "
                "weights at the last validation. An upper bound on the NLL, and noisy; the exact bound (full "
@@ -159,6 +167,13 @@ def read_run(folder: str | Path, stale_after_s: float = 3600.0, now: float | Non
     end_scores = _read_json(folder / METRICS_FILE)
     if end_scores:
         run.metrics.update({k: v for k, v in _floats(end_scores).items() if "/" in k})
+    eval_results = _read_json(folder / EVAL_RESULTS_FILE)
+    if eval_results is not None:
+        run.metrics.update({f"eval/{k}": v for k, v in _floats(eval_results.get("metrics") or {}).items()})
+        if "sampling_seconds" in eval_results:
+            run.metrics["eval/sampling_seconds"] = float(eval_results["sampling_seconds"])
+        if summary is None and error_text is None:
+            run.status, run.message = "completed", None
     if run.message:
         run.message = " ".join(str(run.message).split())  # one line
     return run
@@ -207,11 +222,13 @@ def _finite(value: float | None) -> bool:
 
 
 def default_metric(runs: Sequence[RunRecord]) -> str | None:
-    """The first ``val/fid@n`` any run has (the largest n), else ``val/vlb_bpd``, else None."""
+    """The ``val/fid@n`` with the largest n any run has, else ``eval/fid@n`` (ddpm-eval sweeps), else
+    ``val/vlb_bpd``, else None."""
     keys = {k for run in runs for k, v in run.metrics.items() if _finite(v)}
-    fids = sorted((k for k in keys if base_name(k) == "fid" and k.startswith("val/")), key=_sample_count)
-    if fids:
-        return fids[-1]
+    for prefix in TABLE_PREFIXES:
+        fids = sorted((k for k in keys if base_name(k) == "fid" and k.startswith(prefix)), key=_sample_count)
+        if fids:
+            return fids[-1]
     return "val/vlb_bpd" if "val/vlb_bpd" in keys else None
 
 
@@ -253,7 +270,7 @@ def build_table(runs: Sequence[RunRecord], sweep_dir: str | Path, metric: str | 
 # ---------------------------------------------------------------------------------------------- writing
 def metric_columns(table: SweepTable) -> list[str]:
     """The metrics shown in the markdown table: the ranking metric and the sample-quality / NLL ones."""
-    keys = {k for run in table.runs for k in run.metrics if k.startswith("val/")}
+    keys = {k for run in table.runs for k in run.metrics if k.startswith(TABLE_PREFIXES)}
     order = {name: i for i, name in enumerate(TABLE_METRICS)}
     shown = sorted((k for k in keys if base_name(k) in order), key=lambda k: (order[base_name(k)], k))
     if table.metric and table.metric not in shown:
@@ -316,7 +333,7 @@ def to_markdown(table: SweepTable, title: str | None = None) -> str:
     if isinstance(optuna, dict) and "best_value" in optuna:
         params = " ".join(f"`{k}={v}`" for k, v in (optuna.get("best_params") or {}).items())
         lines.append(f"Optuna: best value {optuna['best_value']} with {params}.")
-    notes = [NOTES[key] for key in ("fid", "vlb_bpd") if any(base_name(m) == key for m in metrics)]
+    notes = [NOTES[key] for key in ("fid", "class_accuracy", "vlb_bpd") if any(base_name(m) == key for m in metrics)]
     notes.append("params: trainable parameters of the network (the EMA copy not counted); fit min: wall time of "
                  "`trainer.fit` (training, validation and the end-of-training sampling and scoring).")
     lines += ["", *(f"- {note}" for note in notes), ""]
@@ -400,6 +417,66 @@ def plot(table: SweepTable, path: str | Path, metrics: Sequence[str] | None = No
     return path
 
 
+def guidance_key(table: SweepTable) -> str | None:
+    """The guidance scale the sweep varies (``guidance.scale`` / ``guidance.cfg_scale``), if any."""
+    return next((key for key in GUIDANCE_KEYS if key in table.varying), None)
+
+
+def _metric_like(table: SweepTable, *names: str) -> str | None:
+    """The first metric key (largest sample count) whose base name is one of ``names``, in that order."""
+    keys = {k for run in table.runs for k, v in run.metrics.items() if _finite(v)}
+    for name in names:
+        found = sorted((k for k in keys if base_name(k) == name), key=_sample_count)
+        if found:
+            return found[-1]
+    return None
+
+
+def plot_tradeoff(table: SweepTable, path: str | Path, key: str) -> Path:
+    """The guidance trade-off in three panels, one point per completed run, joined in scale order and labelled
+    with the scale: FID vs IS (fidelity vs diversity), precision vs recall, class accuracy vs scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []
+    for run in table.runs:
+        try:
+            scale = float(_override_dict(run.overrides)[key])
+        except (KeyError, ValueError):
+            continue
+        if run.status == "completed":
+            points.append((scale, run.metrics))
+    points.sort(key=lambda p: p[0])
+    panels = [(_metric_like(table, "is_mean", "is_clf_mean"), _metric_like(table, "fid")),
+              (_metric_like(table, "recall"), _metric_like(table, "precision")),
+              (key, _metric_like(table, "class_accuracy"))]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    for ax, (x_name, y_name) in zip(axes, panels, strict=True):
+        pairs = [(scale, scale if x_name == key else metrics.get(x_name), metrics.get(y_name))
+                 for scale, metrics in points]
+        pairs = [(s, x, y) for s, x, y in pairs if _finite(x) and _finite(y)]
+        if x_name is None or y_name is None or not pairs:
+            ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
+        else:
+            ax.plot([x for _, x, _ in pairs], [y for _, _, y in pairs], "o-", color="tab:blue")
+            for scale, x, y in pairs:
+                ax.annotate(f"{scale:g}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_xlabel(key if x_name == key else display_name(x_name or "n/a"))
+        ax.set_ylabel(display_name(y_name or "n/a"))
+        ax.grid(alpha=0.3)
+    axes[0].set_title("fidelity vs diversity (labels: scale)", fontsize=10)
+    axes[1].set_title("precision vs recall", fontsize=10)
+    axes[2].set_title("class accuracy of the samples", fontsize=10)
+    fig.suptitle(f"{table.sweep_dir.name}: {key}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, metric: str | None = None,
                  mode: str | None = None, stale_after_s: float = 3600.0, make_plot: bool = True,
                  title: str | None = None) -> dict[str, Any]:
@@ -412,4 +489,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, metri
     paths = {"markdown": out_dir / "report.md", "csv": write_csv(table, out_dir / "report.csv")}
     if make_plot:
         paths["plot"] = plot(table, out_dir / "report.png")
+        key = guidance_key(table)
+        if key is not None:
+            paths["tradeoff"] = plot_tradeoff(table, out_dir / "report_tradeoff.png", key)
     return {"table": table, "markdown": markdown, "paths": paths}

@@ -25,6 +25,7 @@ from ..metrics import (
     reference_stats,
     to_uint8,
 )
+from ..modules.classifier_module import load_classifier_guidance
 
 OUTPUT_KEYS = {"fid": ("fid",), "kid": ("kid_mean",), "pr": ("precision", "recall"), "is": ("is_mean",),
                "is_clf": ("is_clf_mean",)}
@@ -58,19 +59,27 @@ def make_generative_metrics(datamodule, *, metrics: Sequence[str] = ("fid", "kid
 class GenerativeMetricsCallback(pl.Callback):
     """Every ``every_n_val_epochs`` validations (and/or at the end of training) sample ``num_samples`` images
     with the EMA weights and log ``val/<metric>@<n>`` to every logger; ModelCheckpoint can monitor them.
+    ``in_loop_num_samples`` (default: ``num_samples``) makes the in-loop scores cheaper than the final ones:
+    e.g. ``val/fid@100`` during training, ``val/fid@500`` at the end.
 
-    Rank 0 samples and scores; the numbers are broadcast so every rank logs the same values.
+    Rank 0 samples and scores; the numbers are broadcast so every rank logs the same values. Guidance as in
+    ``ddpm-eval``: ``cfg_scale`` (classifier-free) and/or ``classifier_ckpt`` + ``classifier_scale`` (a noisy
+    classifier checked against the model's process when training starts).
     """
 
     def __init__(self, num_samples: int = 500, every_n_val_epochs: int = 0, on_train_end: bool = True,
                  metrics: Sequence[str] = ("fid", "kid", "pr"), feature: str = "inception",
                  weights_path: str | None = None, reference_split: str = "train", reference_n: int = 2000,
                  cache_dir: str | None = None, classifier_epochs: int = 5, method: str = "ddim",
-                 steps: int | str | None = 25, eta: float = 0.0, cfg_scale: float = 0.0, batch_size: int = 64,
-                 seed: int = 1234, progress: bool = False) -> None:
+                 steps: int | str | None = 25, eta: float = 0.0, cfg_scale: float = 0.0,
+                 classifier_ckpt: str | None = None, classifier_scale: float = 0.0, batch_size: int = 64,
+                 seed: int = 1234, progress: bool = False, in_loop_num_samples: int | None = None) -> None:
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 for FID, got {num_samples}")
         self.num_samples = int(num_samples)
+        self.in_loop_num_samples = int(in_loop_num_samples or num_samples)
+        if self.in_loop_num_samples < 2:
+            raise ValueError(f"in_loop_num_samples must be >= 2 for FID, got {in_loop_num_samples}")
         self.every_n_val_epochs = int(every_n_val_epochs)
         self.at_train_end = bool(on_train_end)
         self.metric_kwargs = dict(metrics=tuple(metrics), feature=feature, weights_path=weights_path,
@@ -78,11 +87,16 @@ class GenerativeMetricsCallback(pl.Callback):
                                   classifier_epochs=classifier_epochs, batch_size=batch_size)
         self.sample_kwargs = dict(method=method, steps=steps, eta=eta, cfg_scale=cfg_scale, batch_size=batch_size,
                                   seed=seed)
+        self.classifier_ckpt, self.classifier_scale = classifier_ckpt, float(classifier_scale)
+        self._guidance: tuple[Any, int | None] | None = None  # (cond_fn, classifier classes), loaded once
         self._scorer: GenerativeMetrics | None = None
         self._val_count = 0
         self.last_results: dict[str, float] = {}
 
     def _prepare(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self._guidance is None:  # a missing or mismatched classifier fails here, before any training
+            self._guidance = load_classifier_guidance(self.classifier_ckpt, self.classifier_scale, module.hparams,
+                                                      map_location=module.device)
         if self._scorer is None:
             # outside Lightning's inference mode: the clean classifier (is_clf) may need training once
             with torch.inference_mode(False), torch.enable_grad():
@@ -95,21 +109,26 @@ class GenerativeMetricsCallback(pl.Callback):
         if trainer.is_global_zero:
             self._prepare(trainer, pl_module)
 
-    def _scores(self, trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, float]:
+    def _scores(self, trainer: pl.Trainer, module: pl.LightningModule, num_samples: int) -> dict[str, float]:
         self._prepare(trainer, module)
         start = time.perf_counter()
         y = "balanced" if getattr(module, "num_classes", None) else "random"
-        images, _ = module.sample(self.num_samples, y=y, **self.sample_kwargs)
+        cond_fn, guidance_classes = self._guidance
+        if cond_fn is not None:
+            y = "balanced"
+        images, _ = module.sample(num_samples, y=y, cond_fn=cond_fn, guidance_num_classes=guidance_classes,
+                                  **self.sample_kwargs)
         sampled = time.perf_counter()
         scores = self._scorer.compute(to_uint8(images))
-        rank_zero_info(f"generative metrics @{self.num_samples}: {scores} (sampling {sampled - start:.0f} s, "
+        rank_zero_info(f"generative metrics @{num_samples}: {scores} (sampling {sampled - start:.0f} s, "
                        f"scoring {time.perf_counter() - sampled:.0f} s)")
         return scores
 
-    def _evaluate(self, trainer: pl.Trainer, module: pl.LightningModule, log: bool) -> dict[str, float]:
-        scores = self._scores(trainer, module) if trainer.is_global_zero else None
+    def _evaluate(self, trainer: pl.Trainer, module: pl.LightningModule, log: bool,
+                  num_samples: int) -> dict[str, float]:
+        scores = self._scores(trainer, module, num_samples) if trainer.is_global_zero else None
         scores = trainer.strategy.broadcast(scores, src=0)
-        named = {f"val/{metric_name(key, self.num_samples)}": float(value) for key, value in scores.items()}
+        named = {f"val/{metric_name(key, num_samples)}": float(value) for key, value in scores.items()}
         self.last_results = named
         if log:
             for key, value in named.items():
@@ -122,13 +141,13 @@ class GenerativeMetricsCallback(pl.Callback):
             return
         self._val_count += 1
         if self._val_count % self.every_n_val_epochs == 0:
-            self._evaluate(trainer, pl_module, log=True)
+            self._evaluate(trainer, pl_module, log=True, num_samples=self.in_loop_num_samples)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.at_train_end:
             return
-        named = self._evaluate(trainer, pl_module, log=False)
+        named = self._evaluate(trainer, pl_module, log=False, num_samples=self.num_samples)
         for logger in trainer.loggers:  # self.log is not allowed here: write to the loggers directly
             logger.log_metrics(named, step=trainer.global_step)
             logger.save()

@@ -46,6 +46,9 @@ def negative_log_likelihood(module, images: torch.Tensor, labels: torch.Tensor |
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    missing = [key for key in cfg.get("required_keys") or [] if OmegaConf.select(cfg, key) in (None, "")]
+    if missing:
+        raise ValueError("this config needs " + " ".join(f"{key}=..." for key in missing))
     if not cfg.ckpt and not cfg.samples:
         raise ValueError("give ckpt=<a ddpm-train checkpoint> or samples=<an .npz or image folder> to evaluate")
     device = resolve_device(cfg.device)

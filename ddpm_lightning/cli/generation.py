@@ -14,10 +14,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..callbacks.sample_grid import save_grid
-from ..diffusion import build_guidance, guidance_info
 from ..metrics import to_uint8
 from ..modules.checkpoint import load_diffusion_module
-from ..modules.classifier_module import load_classifier_module
+from ..modules.classifier_module import load_classifier_guidance
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -50,15 +49,7 @@ def load_model_and_guidance(ckpt: str, guidance: dict[str, Any], device: torch.d
     if cfg_scale and module.null_label is None:
         raise ValueError(f"guidance.cfg_scale={cfg_scale} needs a model trained with label dropout "
                          f"(train.p_uncond > 0); {ckpt} was not")
-    classifier = info = None
-    if classifier_ckpt:
-        classifier = load_classifier_module(classifier_ckpt, map_location=device)
-        info = classifier.guidance_info
-    elif scale:
-        build_guidance(None, scale)  # raises the clear "needs a classifier" error
-    cond_fn = build_guidance(classifier.classifier_net if classifier is not None else None, scale,
-                             classifier_info=info, diffusion_info=guidance_info(module.hparams) if info else None)
-    num_classes = info["num_classes"] if info else None
+    cond_fn, num_classes = load_classifier_guidance(classifier_ckpt, scale, module.hparams, map_location=device)
     return module, cond_fn, num_classes, cfg_scale
 
 

@@ -2,6 +2,7 @@
 
     ddpm-report multirun/ablate_arch/2026-11-25_09-00-00                      # ranked by val/fid@n
     ddpm-report multirun/ablate_loss/... --metric val/vlb_bpd --out reports/loss
+    ddpm-report multirun/guidance_sweep/...     # ddpm-eval sweeps: eval/fid@n, ... + report_tradeoff.png
 
 Works on partial sweeps: failed runs are listed with their message, unfinished ones as running/incomplete.
 """

@@ -25,6 +25,7 @@ from ..config import register_configs
 from ..modules import DiffusionModule
 from ..modules.checkpoint import load_checkpoint_dict
 from ..modules.classifier_module import build_classifier_module
+from ..precision import resolve_precision
 from ..security import check_targets, redact_secrets
 from .errors import run_cli
 
@@ -142,8 +143,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_checkpoint_fits(module, checkpoint, ckpt_path)
         del checkpoint
     loggers = build_loggers(cfg)
+    precision = resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, has_logger=bool(loggers)),
-                                      logger=loggers or False)
+                                      logger=loggers or False, precision=precision)
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

@@ -252,3 +252,22 @@ def load_classifier_module(path: str | Path, map_location: str | torch.device = 
         raise ValueError(f"checkpoint {path} does not fit its own classifier config: {first[:200]}") from None
     module.run_config = checkpoint.get("run_config", {})  # not on_load_checkpoint: keep the caller's RNG
     return module.to(map_location).eval()
+
+
+def load_classifier_guidance(classifier_ckpt: str | Path | None, scale: float, diffusion_hparams: Mapping[str, Any],
+                             map_location: str | torch.device = "cpu"):
+    """``(cond_fn, classifier class count)`` that guides a diffusion model with ``diffusion_hparams``.
+
+    ``(None, None)`` without a checkpoint at scale 0; a scale > 0 without a checkpoint, or a classifier trained
+    for another process (T, schedule, image size, channels, classes), is a ValueError before any sampling.
+    """
+    from ..diffusion import build_guidance
+
+    if not classifier_ckpt:
+        build_guidance(None, scale)  # scale 0: None; scale > 0: the clear "needs a classifier" error
+        return None, None
+    classifier = load_classifier_module(classifier_ckpt, map_location=map_location)
+    info = classifier.guidance_info
+    cond_fn = build_guidance(classifier.classifier_net, scale, classifier_info=info,
+                             diffusion_info=guidance_info(diffusion_hparams))
+    return cond_fn, int(info["num_classes"])
