@@ -66,7 +66,8 @@ def run_ours(budget_s: float, out_dir: Path, num_samples: int, seed: int, extra:
             "params": sum(p.numel() for p in module.net.parameters())}
 
 
-def run_diffusers(budget_s: float, datamodule: AnimalMNISTDataModule, num_samples: int, seed: int) -> dict:
+def run_diffusers(budget_s: float, datamodule: AnimalMNISTDataModule, num_samples: int, seed: int,
+                  sampling_steps: int = 50) -> dict:
     """The diffusers example recipe scaled to this data (as in ../shared/ENV.md)."""
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
     from diffusers.training_utils import EMAModel
@@ -101,7 +102,7 @@ def run_diffusers(budget_s: float, datamodule: AnimalMNISTDataModule, num_sample
     ema.copy_to(net.parameters())
     net.eval()
     ddim = DDIMScheduler.from_config(scheduler.config)
-    ddim.set_timesteps(50)
+    ddim.set_timesteps(sampling_steps)
     generator = torch.Generator().manual_seed(seed)
     labels = balanced_labels(num_samples, 10)
     start = time.perf_counter()
@@ -116,8 +117,8 @@ def run_diffusers(budget_s: float, datamodule: AnimalMNISTDataModule, num_sample
     sample_s = time.perf_counter() - start
     batch = datamodule.batch_size
     return {"name": "diffusers recipe", "images": torch.cat(chunks), "steps": steps, "images_seen": steps * batch,
-            "train_s": train_s, "img_per_s": steps * batch / train_s, "sample_s": sample_s, "sampler": "ddim-50",
-            "params": sum(p.numel() for p in net.parameters())}
+            "train_s": train_s, "img_per_s": steps * batch / train_s, "sample_s": sample_s,
+            "sampler": f"ddim-{sampling_steps}", "params": sum(p.numel() for p in net.parameters())}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/time_to_quality"))
     parser.add_argument("--feature", default="inception", help="inception (standard FID network) or tiny")
     parser.add_argument("--override", action="append", default=[], help="extra ddpm-train override for ours")
+    parser.add_argument("--peer-steps", type=int, default=50, help="DDIM steps of the diffusers recipe")
     parser.add_argument("--skip-anchors", action="store_true", help="do not score the held-out floor and noise ceiling")
     args = parser.parse_args(argv)
     if args.quick:
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                                              generator=torch.Generator().manual_seed(args.seed)))}]
     contenders = [run_ours(budget_s, args.out / "ours", args.num_samples, args.seed, args.override)]
     if not args.skip_peer:
-        contenders.append(run_diffusers(budget_s, datamodule, args.num_samples, args.seed))
+        contenders.append(run_diffusers(budget_s, datamodule, args.num_samples, args.seed, args.peer_steps))
     for result in contenders:
         result["fid"] = fid_of(scorer, to_uint8(result["images"]))
         rows.append(result)

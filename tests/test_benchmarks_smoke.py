@@ -7,6 +7,8 @@ in-process checks import ``benchmarks`` from the root, which ``python -m pytest`
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +86,23 @@ def test_sampling_benchmark_quick():
 def test_fid_features_benchmark_quick():
     out = run_quick("fid_features", "--image-size", "16")
     assert "torch-fidelity" in out and "img/s" in out
+
+
+def test_time_to_quality_benchmark_runs_both_contenders(tmp_path):
+    """A few seconds of each contender with a tiny feature network: the table, JSON and side-by-side grid."""
+    tiny = ["callbacks.generative_metrics.feature=tiny", "callbacks.generative_metrics.metrics=[fid]",
+            "callbacks.generative_metrics.reference_n=24", f"paths.cache_dir={tmp_path / 'cache'}",
+            "logger=csv", "sample.steps=3"]
+    cmd = [sys.executable, "-m", "benchmarks.time_to_quality", "--minutes", "0.05", "--num-samples", "12",
+           "--reference-n", "24", "--feature", "tiny", "--peer-steps", "3", "--out", str(tmp_path / "ttq"),
+           *(arg for override in tiny for arg in ("--override", override))]
+    env = {**os.environ, "DDPM_CACHE_DIR": str(tmp_path / "cache"), "WANDB_MODE": "disabled"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| ours (experiment=default) |" in proc.stdout and "| diffusers recipe |" in proc.stdout
+    rows = {row["name"]: row for row in json.loads((tmp_path / "ttq" / "results.json").read_text())}
+    assert set(rows) == {"held-out real (floor)", "uniform noise (ceiling)", "ours (experiment=default)",
+                         "diffusers recipe"}
+    assert rows["ours (experiment=default)"]["steps"] >= 1 and rows["diffusers recipe"]["steps"] >= 1
+    assert rows["uniform noise (ceiling)"]["fid"] > rows["held-out real (floor)"]["fid"]
+    assert (tmp_path / "ttq" / "side_by_side.png").stat().st_size > 1000

@@ -185,3 +185,19 @@ def test_precision_auto_picks_bf16_only_where_it_is_fast(monkeypatch):
 def test_precision_auto_trains(tmp_path):
     metrics = train(compose_run([*TINY, "trainer.precision=auto", "trainer.max_steps=2"], tmp_path))
     assert metrics["train/loss"] == metrics["train/loss"]  # a finite loss under whichever precision was chosen
+
+
+def test_channels_last_trains_the_same_model(tmp_path):
+    from ddpm_lightning.modules.checkpoint import load_diffusion_module
+
+    runs = {}
+    for flag in (False, True):
+        runs[flag] = train(compose_run([*TINY, f"model.channels_last={str(flag).lower()}", "trainer.max_steps=2"],
+                                       tmp_path / str(flag)))
+    assert runs[True]["train/loss"] == pytest.approx(runs[False]["train/loss"], rel=1e-4)
+    module = load_diffusion_module(tmp_path / "True" / "checkpoints" / "last.ckpt")
+    weights = [p for p in module.net.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in module.ema_net.parameters() if p.dim() == 4)
+    images, _ = module.sample(2, steps=2, seed=0)
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()

@@ -32,6 +32,7 @@ class ModelConfig:
     rescale_resblocks: bool = False
     class_cond: bool = False
     compile: bool = False
+    channels_last: bool = False  # NHWC weights and activations (oneDNN / tensor-core friendly convolutions)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from ..diffusion import GaussianDiffusion, make_beta_schedule, space_timesteps
 
 DIFFUSION_KEYS = ("schedule", "num_timesteps", "mean_type", "var_type", "loss_type", "hybrid_lambda",
                   "rescale_vlb", "timestep_respacing")
-MODEL_EXTRA_KEYS = ("class_cond", "compile")
+MODEL_EXTRA_KEYS = ("class_cond", "compile", "channels_last")
 
 
 def learns_sigma(diffusion_cfg: Mapping[str, Any]) -> bool:

@@ -28,7 +28,8 @@ class DiffusionModule(pl.LightningModule):
     """Trains a denoising network with the configured diffusion loss.
 
     Args (plain primitives, saved as hyperparameters so a checkpoint alone rebuilds the module):
-        model: UNet constructor args (without image/channel/class sizes) + ``class_cond``, ``compile``.
+        model: UNet constructor args (without image/channel/class sizes) + ``class_cond``, ``compile``,
+            ``channels_last``.
         diffusion: ``schedule``, ``num_timesteps``, ``mean_type``, ``var_type``, ``loss_type``, ...
         optim: ``lr``, ``weight_decay``, ``betas``, ``eps``, ``warmup_steps``, ``fused``.
         ema: ``decay``, ``warmup``.
@@ -66,6 +67,9 @@ class DiffusionModule(pl.LightningModule):
         self.null_label = num_classes if (self.class_cond and p_uncond > 0) else None
         self.net = build_unet(model, image_size=image_size, channels=channels, num_classes=num_classes,
                               learn_sigma=learns_sigma(diffusion), p_uncond=p_uncond)
+        self.channels_last = bool(model.get("channels_last", False))
+        if self.channels_last:  # before the EMA copy, so that both nets run NHWC
+            self.net.to(memory_format=torch.channels_last)
         self.ema = make_ema(self.net, float(ema.get("decay", 0.9999)), bool(ema.get("warmup", True)))
         self.schedule_sampler = create_named_schedule_sampler(timestep_sampler, self.diffusion.num_timesteps)
         self.sample_defaults = dict(sample or {})
@@ -96,6 +100,8 @@ class DiffusionModule(pl.LightningModule):
     @override
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         t, weights = self.schedule_sampler.sample(x.shape[0], device=x.device)
         losses = self.diffusion.training_losses(self._train_step_fn, x, t,
                                                 model_kwargs=self._model_kwargs(y, drop_labels=True))
