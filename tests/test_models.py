@@ -29,7 +29,7 @@ from ddpm_lightning.models import (
 )
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
-EXTRA_KEYS = {"class_cond", "compile"}
+EXTRA_KEYS = {"class_cond", "compile", "channels_last"}
 NUM_CLASSES = 10
 
 
