@@ -49,12 +49,12 @@ SMALL_ADM = ArchConfig(
          resblock_updown=True, use_new_attention_order=True, dropout=0.0),
 )
 
-# conf/experiment/default.yaml over conf/model/adm.yaml: 32x32x1 animal silhouettes, 10 classes, batch 64;
-# eps prediction with a fixed variance (conf/diffusion/ddpm.yaml) -> out_channels 1.
+# conf/experiment/default.yaml over conf/model/adm.yaml: 32x32x1 animal silhouettes, 10 classes, batch 32,
+# one residual block per level; v prediction with a fixed variance -> out_channels 1.
 DEFAULT_EXPERIMENT = ArchConfig(
-    "default-exp", 64,
+    "default-exp", 32,
     dict(image_size=32, in_channels=1, out_channels=1, model_channels=32, channel_mult=(1, 2, 2),
-         num_res_blocks=2, attention_resolutions=(8,), num_head_channels=32, use_scale_shift_norm=True,
+         num_res_blocks=1, attention_resolutions=(8,), num_head_channels=32, use_scale_shift_norm=True,
          resblock_updown=True, use_new_attention_order=True, dropout=0.0, num_classes=10),
 )
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import time
 from collections.abc import Callable
 
 import torch
@@ -104,9 +105,10 @@ def _threads(fn: Callable[[], None], threads: int) -> Callable[[], None]:
     return run
 
 
-def measure_ablations(config: common.ArchConfig, rounds: int) -> list[dict[str, object]]:
+def measure_ablations(config: common.ArchConfig, rounds: int, compile: bool = False) -> list[dict[str, object]]:
     """Our train and inference steps with one caller-side speed knob changed at a time, interleaved with the
-    library defaults (``baseline``: NCHW, fp32, torch's AdamW default, torch's thread count)."""
+    library defaults (``baseline``: NCHW, fp32, torch's AdamW default, torch's thread count). ``compile``:
+    also ``torch.compile`` (what ``model.compile=true`` does), compiled and warmed up before the rounds."""
     inputs = common.make_inputs(config)
     train: dict[str, Callable[[], None]] = {}
     infer: dict[str, Callable[[], None]] = {}
@@ -119,6 +121,16 @@ def measure_ablations(config: common.ArchConfig, rounds: int) -> list[dict[str, 
         train[name] = common.train_step_fn(model, batch, common.adamw(model, kind))
         if kind == "default":
             infer[name] = common.inference_step_fn(model, batch)
+    if compile:
+        model = common.build_ours(config).train()
+        compiled = torch.compile(model)
+        train["torch.compile"] = common.train_step_fn(compiled, inputs, common.adamw(model))
+        infer["torch.compile"] = common.inference_step_fn(compiled, inputs)
+        start = time.perf_counter()  # compile outside the timed rounds: the train graph, then the inference one
+        for _ in range(2):
+            train["torch.compile"]()
+            infer["torch.compile"]()
+        print(f"torch.compile: compiled and warmed up in {time.perf_counter() - start:.0f} s")
     train["bf16 autocast"], infer["bf16 autocast"] = _bf16(train["baseline"]), _bf16(infer["baseline"])
     if torch.get_num_threads() > 1:
         train["1 thread"], infer["1 thread"] = _threads(train["baseline"], 1), _threads(infer["baseline"], 1)
@@ -157,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="architecture(s) to run (default: all)")
     parser.add_argument("--profile", action="store_true", help="print the top ops of our train step")
     parser.add_argument("--ablations", action="store_true", help="measure speed knobs on our train step")
+    parser.add_argument("--compile", action="store_true", help="with --ablations: also torch.compile (minutes)")
     parser.add_argument("--adamw", default="default", choices=["default", "foreach", "fused", "single"])
     parser.add_argument("--no-memory", action="store_true", help="skip the profiler-based peak memory")
     args = parser.parse_args(argv)
@@ -176,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"fp32 GEMM rate ({gemm_n}^2 matmul, interleaved with the train steps, median): {peak:.1f} GFLOP/s")
         print(common.machine_line() + "\n")
         if args.ablations:
-            print(common.table(measure_ablations(config, rounds)) + "\n")
+            print(common.table(measure_ablations(config, rounds, compile=args.compile)) + "\n")
         if args.profile:
             print("top ops of our train step by self CPU time:")
             print(profile_train_step(config) + "\n")

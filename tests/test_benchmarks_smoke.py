@@ -106,3 +106,26 @@ def test_time_to_quality_benchmark_runs_both_contenders(tmp_path):
     assert rows["ours (experiment=default)"]["steps"] >= 1 and rows["diffusers recipe"]["steps"] >= 1
     assert rows["uniform noise (ceiling)"]["fid"] > rows["held-out real (floor)"]["fid"]
     assert (tmp_path / "ttq" / "side_by_side.png").stat().st_size > 1000
+
+
+def test_default_exp_benchmark_config_is_the_default_experiment():
+    """`default-exp` must time the network that `ddpm-train experiment=default` trains, at its batch size."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from ddpm_lightning.cli.train import CONFIG_DIR
+    from ddpm_lightning.config import register_configs
+    from ddpm_lightning.modules.builders import build_unet, learns_sigma
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=default"])
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    trained = build_unet(model_cfg, image_size=32, channels=1, num_classes=10,
+                         learn_sigma=learns_sigma(OmegaConf.to_container(cfg.diffusion, resolve=True)))
+    bench = common.DEFAULT_EXPERIMENT
+    assert repr(common.build_ours(bench)) == repr(trained)
+    assert common.num_parameters(common.build_ours(bench)) == common.num_parameters(trained)
+    assert bench.batch_size == cfg.data.batch_size

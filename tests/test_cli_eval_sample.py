@@ -63,6 +63,21 @@ def test_sample_cli_class_and_outputs(tiny_ckpt, tmp_path):
         assert data["arr_1"].tolist() == [3] * 5
     meta = json.loads((tmp_path / "out" / "sample.json").read_text())
     assert meta["samples_per_second"] > 0
+    assert meta["sampling"]["method"] == "ddpm" and meta["sampling"]["steps"] == 2
+
+
+def test_eval_samples_with_the_checkpoints_own_sampler_unless_told(tiny_ckpt, tmp_path):
+    stored = torch.load(tiny_ckpt, map_location="cpu", weights_only=True)["run_config"]["sample"]
+    own = _run("evaluate", f"ckpt={tiny_ckpt}", "num_samples=2", "metrics=[]", cwd=_mkdir(tmp_path / "own"))
+    assert own.returncode == 0, own.stderr[-2000:]
+    used = json.loads((tmp_path / "own" / "out" / "results.json").read_text())["sampling"]
+    assert used == {"method": stored["method"], "steps": stored["steps"], "eta": stored["eta"]}
+    told = _run("evaluate", f"ckpt={tiny_ckpt}", "num_samples=2", "metrics=[]", "sampler=ddpm", "steps=all",
+                cwd=_mkdir(tmp_path / "told"))
+    assert told.returncode == 0, told.stderr[-2000:]
+    assert json.loads((tmp_path / "told" / "out" / "results.json").read_text())["sampling"] == {
+        "method": "ddpm", "steps": None, "eta": stored["eta"]}
+    assert "ddpm, steps=None" in told.stderr + told.stdout
 
 
 @pytest.mark.parametrize("args,message", [

@@ -53,21 +53,38 @@ def load_model_and_guidance(ckpt: str, guidance: dict[str, Any], device: torch.d
     return module, cond_fn, num_classes, cfg_scale
 
 
-def generate(module, *, num_samples: int, sampler: str, steps, eta: float, clip_denoised: bool, y, cond_fn,
-             guidance_num_classes, cfg_scale: float, batch_size: int, seed: int, precision: str = "32"):
-    """Samples in [-1, 1] and labels, with images/s reported."""
+def sampling_overrides(sampler: str | None, steps, eta: float | None) -> dict[str, Any]:
+    """Command-line sampler settings; null keeps the checkpoint's own (its training config's ``sample``),
+    ``steps=all`` runs every one of the T steps."""
+    overrides: dict[str, Any] = {}
+    if sampler is not None:
+        overrides["method"] = str(sampler)
+    if steps is not None:
+        overrides["steps"] = None if str(steps) == "all" else steps
+    if eta is not None:
+        overrides["eta"] = float(eta)
+    return overrides
+
+
+def generate(module, *, num_samples: int, sampler: str | None, steps, eta: float | None, clip_denoised: bool, y,
+             cond_fn, guidance_num_classes, cfg_scale: float, batch_size: int, seed: int, precision: str = "32"):
+    """Samples in [-1, 1] and labels, with images/s reported. ``sampler``/``steps``/``eta`` None: the
+    checkpoint's own sampling settings."""
     start = time.perf_counter()
     autocast = (torch.autocast(module.device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else torch.autocast(module.device.type, enabled=False))
     if precision not in ("32", "bf16"):
         raise ValueError(f"precision={precision!r}; allowed: 32, bf16")
     with autocast:
-        images, labels = module.sample(num_samples, method=sampler, steps=steps, eta=eta, clip_denoised=clip_denoised,
+        images, labels = module.sample(num_samples, **sampling_overrides(sampler, steps, eta),
+                                       clip_denoised=clip_denoised,
                                        y=parse_labels(y) if labels_allowed(module, cond_fn) else "random",
                                        cond_fn=cond_fn, guidance_num_classes=guidance_num_classes,
                                        cfg_scale=cfg_scale, batch_size=batch_size, seed=seed, progress=False)
     seconds = time.perf_counter() - start
-    rank_zero_info(f"sampled {num_samples} images in {seconds:.1f} s ({num_samples / seconds:.2f} samples/s)")
+    used = module.sampling_options(**sampling_overrides(sampler, steps, eta))
+    rank_zero_info(f"sampled {num_samples} images ({used['method']}, steps={used['steps']}, eta={used['eta']}) "
+                   f"in {seconds:.1f} s ({num_samples / seconds:.2f} samples/s)")
     return images, labels, seconds
 
 

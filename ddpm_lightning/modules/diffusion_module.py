@@ -73,9 +73,10 @@ class DiffusionModule(pl.LightningModule):
         self.ema = make_ema(self.net, float(ema.get("decay", 0.9999)), bool(ema.get("warmup", True)))
         self.schedule_sampler = create_named_schedule_sampler(timestep_sampler, self.diffusion.num_timesteps)
         self.sample_defaults = dict(sample or {})
-        # Kept out of the module tree so the compiled wrapper adds no duplicate keys to the state dict.
-        object.__setattr__(self, "_train_step_fn",
-                           torch.compile(self.net) if model.get("compile", False) else self.net)
+        self.compile = bool(model.get("compile", False))
+        # Kept out of the module tree so the compiled wrappers add no duplicate keys to the state dict.
+        object.__setattr__(self, "_train_step_fn", torch.compile(self.net) if self.compile else self.net)
+        self._compiled_for_sampling: dict[int, Any] = {}
         self.quartile_loss = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
         self.quartile_mse = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
 
@@ -152,6 +153,13 @@ class DiffusionModule(pl.LightningModule):
         self.log("val/mse", losses["mse"].mean(), batch_size=x.shape[0], sync_dist=True)
 
     # ------------------------------------------------------------------ sampling
+    def sampling_options(self, **overrides) -> dict[str, Any]:
+        """The sampler settings ``sample`` uses: library defaults < the run's ``sample`` config < ``overrides``."""
+        options = {"method": "ddim", "steps": 25, "eta": 0.0, "clip_denoised": True, "batch_size": 64}
+        options.update({k: v for k, v in self.sample_defaults.items() if k in options})
+        options.update(overrides)
+        return options
+
     def sample(self, num_samples: int, *, use_ema: bool = True, cond_fn=None,
                guidance_num_classes: int | None = None, **overrides) -> tuple[torch.Tensor, Any]:
         """Images in [-1, 1] (CPU) and their labels, with the module's sampling defaults + ``overrides``.
@@ -159,16 +167,14 @@ class DiffusionModule(pl.LightningModule):
         ``cond_fn``: classifier guidance; for an unconditional network the labels it guides towards are
         drawn over ``guidance_num_classes`` (the classifier's classes) and hidden from the network.
         """
-        options = {"method": "ddim", "steps": 25, "eta": 0.0, "clip_denoised": True, "batch_size": 64}
-        options.update({k: v for k, v in self.sample_defaults.items() if k in options})
-        options.update(overrides)
+        options = self.sampling_options(**overrides)
         net = self.ema_net if use_ema else self.net
         num_classes = self.num_classes
-        model = net
+        model = self._for_sampling(net)
         if cond_fn is not None and num_classes is None:
             if not guidance_num_classes:
                 raise ValueError("guiding an unconditional model needs the classifier's class count")
-            model, num_classes = IgnoreLabels(net), int(guidance_num_classes)
+            model, num_classes = IgnoreLabels(model), int(guidance_num_classes)
         was_training = net.training
         net.eval()
         try:
@@ -176,6 +182,15 @@ class DiffusionModule(pl.LightningModule):
                                  null_label=self.null_label, cond_fn=cond_fn, device=self.device, **options)
         finally:
             net.train(was_training)
+
+    def _for_sampling(self, net: torch.nn.Module):
+        """``net``, compiled once per network when ``model.compile`` is set (it is updated in place, so the
+        compiled wrapper stays valid as training goes on)."""
+        if not self.compile:
+            return net
+        if id(net) not in self._compiled_for_sampling:
+            self._compiled_for_sampling[id(net)] = torch.compile(net)
+        return self._compiled_for_sampling[id(net)]
 
     # ------------------------------------------------------------------ checkpoints
     @override
