@@ -201,3 +201,34 @@ def test_channels_last_trains_the_same_model(tmp_path):
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in module.ema_net.parameters() if p.dim() == 4)
     images, _ = module.sample(2, steps=2, seed=0)
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+
+
+def test_compile_switch_covers_training_and_sampling(monkeypatch):
+    """model.compile=true routes the train step and sampling through torch.compile'd networks (the compiler is
+    replaced by a counting wrapper here: inductor needs minutes on 2 cores)."""
+    from ddpm_lightning.modules import DiffusionModule
+
+    class Counting(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.inner(*args, **kwargs)
+
+    wrappers = []
+    monkeypatch.setattr(torch, "compile", lambda module, **_: wrappers.append(Counting(module)) or wrappers[-1])
+    model = {"model_channels": 32, "channel_mult": [1], "num_res_blocks": 1, "attention_resolutions": [],
+             "class_cond": True, "compile": True}
+    module = DiffusionModule(model, {"num_timesteps": 50}, {"lr": 1e-3}, {"decay": 0.9}, image_size=8, channels=1,
+                             num_classes=3)
+    assert [w.inner for w in wrappers] == [module.net]
+    loss = module.diffusion.training_losses(module._train_step_fn, torch.randn(2, 1, 8, 8), torch.tensor([1, 5]),
+                                            model_kwargs={"y": torch.tensor([0, 2])})["loss"]
+    assert loss.shape == (2,) and wrappers[0].calls == 1
+    module.sample(2, method="ddim", steps=3, y="random")
+    module.sample(2, method="ddim", steps=3, y="random")
+    assert [w.inner for w in wrappers] == [module.net, module.ema_net]  # the EMA net compiled once, reused
+    assert wrappers[1].calls == 6
+    assert "_compiled_for_sampling" not in str(module.state_dict().keys())
