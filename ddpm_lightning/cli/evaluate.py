@@ -15,15 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..callbacks.generative_metrics import make_generative_metrics
 from ..metrics import metric_name, to_uint8
 from .errors import run_cli
-from .generation import (
-    generate,
-    load_model_and_guidance,
-    load_samples,
-    resolve_device,
-    sampling_overrides,
-    write_json,
-    write_outputs,
-)
+from .generation import generate, load_model_and_guidance, load_samples, resolve_device, write_json, write_outputs
 from .train import CONFIG_DIR
 
 NUM_QUARTILES = 4
@@ -81,13 +73,11 @@ def evaluate(cfg: DictConfig) -> dict:
     datamodule = instantiate(data_cfg)
 
     if cfg.ckpt and (sample_metrics or not metrics):
-        images, labels, seconds = generate(
+        images, labels, seconds, results["sampling"] = generate(
             module, num_samples=int(cfg.num_samples), sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
             clip_denoised=bool(cfg.clip_denoised), y=cfg.y, cond_fn=cond_fn, guidance_num_classes=guide_classes,
             cfg_scale=cfg_scale, batch_size=int(cfg.batch_size), seed=int(cfg.seed), precision=str(cfg.precision))
         results["outputs"] = write_outputs(out_dir, images, labels)
-        used = module.sampling_options(**sampling_overrides(cfg.sampler, cfg.steps, cfg.eta))
-        results["sampling"] = {k: used[k] for k in ("method", "steps", "eta")}
         results["sampling_seconds"] = seconds
         results["samples_per_second"] = len(images) / seconds
         samples_uint8 = to_uint8(images)

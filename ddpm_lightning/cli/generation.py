@@ -68,24 +68,24 @@ def sampling_overrides(sampler: str | None, steps, eta: float | None) -> dict[st
 
 def generate(module, *, num_samples: int, sampler: str | None, steps, eta: float | None, clip_denoised: bool, y,
              cond_fn, guidance_num_classes, cfg_scale: float, batch_size: int, seed: int, precision: str = "32"):
-    """Samples in [-1, 1] and labels, with images/s reported. ``sampler``/``steps``/``eta`` None: the
-    checkpoint's own sampling settings."""
+    """Samples in [-1, 1], labels, seconds and the sampler settings used (``sampler``/``steps``/``eta`` None:
+    the checkpoint's own)."""
     start = time.perf_counter()
     autocast = (torch.autocast(module.device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else torch.autocast(module.device.type, enabled=False))
     if precision not in ("32", "bf16"):
         raise ValueError(f"precision={precision!r}; allowed: 32, bf16")
+    overrides = sampling_overrides(sampler, steps, eta)
+    used = {k: v for k, v in module.sampling_options(**overrides).items() if k in ("method", "steps", "eta")}
     with autocast:
-        images, labels = module.sample(num_samples, **sampling_overrides(sampler, steps, eta),
-                                       clip_denoised=clip_denoised,
+        images, labels = module.sample(num_samples, **overrides, clip_denoised=clip_denoised,
                                        y=parse_labels(y) if labels_allowed(module, cond_fn) else "random",
                                        cond_fn=cond_fn, guidance_num_classes=guidance_num_classes,
                                        cfg_scale=cfg_scale, batch_size=batch_size, seed=seed, progress=False)
     seconds = time.perf_counter() - start
-    used = module.sampling_options(**sampling_overrides(sampler, steps, eta))
     rank_zero_info(f"sampled {num_samples} images ({used['method']}, steps={used['steps']}, eta={used['eta']}) "
                    f"in {seconds:.1f} s ({num_samples / seconds:.2f} samples/s)")
-    return images, labels, seconds
+    return images, labels, seconds, used
 
 
 def labels_allowed(module, cond_fn) -> bool:

@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import run_cli
-from .generation import generate, load_model_and_guidance, resolve_device, sampling_overrides, write_json, write_outputs
+from .generation import generate, load_model_and_guidance, resolve_device, write_json, write_outputs
 from .train import CONFIG_DIR
 
 
@@ -16,16 +16,15 @@ def sample(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     guidance = OmegaConf.to_container(cfg.guidance)
     module, cond_fn, guide_classes, cfg_scale = load_model_and_guidance(cfg.ckpt, guidance, device)
-    images, labels, seconds = generate(module, num_samples=int(cfg.num_samples), sampler=cfg.sampler, steps=cfg.steps,
-                                       eta=cfg.eta, clip_denoised=bool(cfg.clip_denoised), y=cfg.y,
-                                       cond_fn=cond_fn, guidance_num_classes=guide_classes, cfg_scale=cfg_scale,
-                                       batch_size=int(cfg.batch_size), seed=int(cfg.seed), precision=str(cfg.precision))
+    images, labels, seconds, used = generate(
+        module, num_samples=int(cfg.num_samples), sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
+        clip_denoised=bool(cfg.clip_denoised), y=cfg.y, cond_fn=cond_fn, guidance_num_classes=guide_classes,
+        cfg_scale=cfg_scale, batch_size=int(cfg.batch_size), seed=int(cfg.seed), precision=str(cfg.precision))
     out_dir = Path(cfg.output_dir)
     outputs = write_outputs(out_dir, images, labels)
     result = {"ckpt": cfg.ckpt, "num_samples": int(cfg.num_samples), "sampling_seconds": seconds,
-              "samples_per_second": int(cfg.num_samples) / seconds, "guidance": guidance, "outputs": outputs}
-    used = module.sampling_options(**sampling_overrides(cfg.sampler, cfg.steps, cfg.eta))
-    result["sampling"] = {k: used[k] for k in ("method", "steps", "eta")}
+              "samples_per_second": int(cfg.num_samples) / seconds, "guidance": guidance, "outputs": outputs,
+              "sampling": used}
     write_json(out_dir / "sample.json", result)
     print(f"samples: {outputs['samples']}\ngrid: {outputs['grid']}")
     return result
