@@ -139,10 +139,14 @@ def measure_ablations(config: common.ArchConfig, rounds: int, compile: bool = Fa
         compiled = torch.compile(model)
         train["torch.compile"] = common.train_step_fn(compiled, inputs, common.adamw(model))
         infer["torch.compile"] = common.inference_step_fn(compiled, inputs)
-        start = time.perf_counter()  # compile outside the timed rounds: the train graph, then the inference one
+        if resolve_precision("auto", "cpu") == "bf16-mixed":  # autocast is a guard: a second pair of graphs
+            train["torch.compile + bf16"] = _bf16(train["torch.compile"])
+            infer["torch.compile + bf16"] = _bf16(infer["torch.compile"])
+        start = time.perf_counter()  # compile outside the timed rounds: the train graphs, then the inference ones
         for _ in range(2):
-            train["torch.compile"]()
-            infer["torch.compile"]()
+            for name in [k for k in train if k.startswith("torch.compile")]:
+                train[name]()
+                infer[name]()
         print(f"torch.compile: compiled and warmed up in {time.perf_counter() - start:.0f} s")
     train["bf16 autocast"], infer["bf16 autocast"] = _bf16(train["baseline"]), _bf16(infer["baseline"])
     if torch.get_num_threads() > 1:

@@ -25,3 +25,14 @@ def resolve_precision(precision: str | int, accelerator: str | None = "auto") ->
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
     return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
+
+
+def check_accelerator(accelerator: str | None) -> None:
+    """Fail in one line, before any work, when a GPU is asked for and torch sees none."""
+    name = str(accelerator or "auto").lower()
+    mps = getattr(torch.backends, "mps", None)
+    found = torch.cuda.is_available() or (name == "gpu" and mps is not None and mps.is_available())
+    if name in ("gpu", "cuda") and not found:
+        raise ValueError(f"trainer.accelerator={name} but torch sees no GPU (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda or 'none'}): drop trainer=gpu to train on the CPU, "
+                         "or install a CUDA build of torch that matches the driver")

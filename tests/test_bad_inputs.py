@@ -231,3 +231,16 @@ def test_wandb_without_network_or_key_falls_back_to_offline(tmp_path, monkeypatc
     cfg = compose_run([*BASE, *DIGITS, "logger=wandb", "trainer.max_steps=1"], tmp_path / "run")
     train(cfg)
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_gpu_trainer_without_a_gpu_fails_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    cfg = compose_run([*BASE, "trainer=gpu"], tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train, cfg)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(r"error: trainer\.accelerator=gpu but torch sees no GPU .*drop trainer=gpu",
+                                      err[0]), err
+    assert not (tmp_path / "run").exists()  # failed before any work

@@ -269,3 +269,30 @@ def test_wandb_names_groups_and_tags_a_sweep_job(tmp_path):
     assert node["tags"][:2] == ["ablate_loss", "animal_mnist"]  # the experiment's tags, then the overrides
     assert "+loss_variant=vlb_cosine" in node["tags"] and all(len(tag) <= 64 for tag in node["tags"])
     assert node["config"]["overrides"]["loss_variant"] == "vlb_cosine"
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("RUN", False), ("MULTIRUN", True)])
+def test_missing_objective_is_reported_only_in_sweeps(mode, expected):
+    """A single run does not read ``optimized_metric``: no message about it there."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from ddpm_lightning.cli.train import _in_sweep
+
+    cfg = _compose_hydra([])
+    cfg.hydra.mode = mode
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert _in_sweep() is expected
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_missing_objective_message_says_what_to_change():
+    from ddpm_lightning.cli.train import missing_objective_message
+
+    cfg = _compose_hydra(["trainer.max_steps=20", "trainer.val_check_interval=500"])
+    no_validation = missing_objective_message("val/vlb_bpd", {"train/loss": 0.5}, cfg)
+    assert "no validation ran" in no_validation and "trainer.max_steps=20" in no_validation
+    assert "lower trainer.val_check_interval" in no_validation
+    wrong_name = missing_objective_message("val/fid@50", {"val/vlb_bpd": 1.0, "train/loss": 0.5}, cfg)
+    assert wrong_name.endswith("set optimized_metric to one of: train/loss, val/vlb_bpd")

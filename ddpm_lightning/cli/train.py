@@ -25,7 +25,7 @@ from ..config import register_configs
 from ..modules import DiffusionModule
 from ..modules.checkpoint import load_checkpoint_dict
 from ..modules.classifier_module import build_classifier_module
-from ..precision import resolve_precision
+from ..precision import check_accelerator, resolve_precision
 from ..security import check_targets, redact_secrets
 from .errors import run_cli
 
@@ -129,6 +129,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train the configured run; returns the final logged metrics as floats."""
     check_targets(cfg, allow_any=bool(cfg.get("allow_any_target", False)))
+    check_accelerator(cfg.trainer.get("accelerator"))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
     try:
@@ -197,9 +198,26 @@ def _write_summary(trainer: pl.Trainer, output_dir: Path, metrics: dict[str, flo
 def _hydra_main(cfg: DictConfig) -> float | None:
     metrics = run_cli(train, cfg)
     key = cfg.get("optimized_metric") or "val/vlb_bpd"  # the value an Optuna sweep (hparams_search) optimizes
-    if metrics is not None and key not in metrics:
-        rank_zero_info(f"optimized_metric={key!r} was not logged; logged: {', '.join(sorted(metrics))}")
+    if metrics is not None and key not in metrics and _in_sweep():  # only a sweeper reads the return value
+        rank_zero_info(missing_objective_message(key, metrics, cfg))
     return None if metrics is None else metrics.get(key)
+
+
+def missing_objective_message(key: str, metrics: dict[str, float], cfg: DictConfig) -> str:
+    """Why a sweep job returns nothing for ``optimized_metric``, and what to change."""
+    message = f"optimized_metric={key!r} was not logged, so this job has no objective value; "
+    if key.startswith("val/") and not any(k.startswith("val/") for k in metrics):
+        return message + (f"no validation ran before training stopped (trainer.max_steps="
+                          f"{cfg.trainer.get('max_steps')}, trainer.val_check_interval="
+                          f"{cfg.trainer.get('val_check_interval')}): lower trainer.val_check_interval")
+    return message + f"set optimized_metric to one of: {', '.join(sorted(metrics))}"
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def main() -> None:
