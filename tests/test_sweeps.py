@@ -276,13 +276,13 @@ def test_missing_objective_is_reported_only_in_sweeps(mode, expected):
     """A single run does not read ``optimized_metric``: no message about it there."""
     from hydra.core.hydra_config import HydraConfig
 
-    from ddpm_lightning.cli.train import _in_sweep
+    from ddpm_lightning.cli.errors import in_multirun
 
     cfg = _compose_hydra([])
     cfg.hydra.mode = mode
     HydraConfig.instance().set_config(cfg)
     try:
-        assert _in_sweep() is expected
+        assert in_multirun() is expected
     finally:
         HydraConfig.instance().cfg = None
 

@@ -46,7 +46,8 @@ def root_message(error: BaseException) -> str:
     return message
 
 
-def _multirun() -> bool:
+def in_multirun() -> bool:
+    """Whether this process is a job of a Hydra sweep (``-m``)."""
     return HydraConfig.initialized() and HydraConfig.get().mode is not None \
         and HydraConfig.get().mode.name == "MULTIRUN"
 
@@ -87,7 +88,7 @@ def run_cli(fn: Callable[..., Any], *args, **kwargs) -> Any:
             raise
         message = root_message(error)
         record_failure(message, "diverged" if isinstance(error, TrainingDiverged) else "bad input")
-        if _multirun():
+        if in_multirun():
             raise RunFailed(message) from None
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1 if isinstance(error, TrainingDiverged) else 2)

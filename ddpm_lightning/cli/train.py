@@ -27,7 +27,7 @@ from ..modules.checkpoint import load_checkpoint_dict
 from ..modules.classifier_module import build_classifier_module
 from ..precision import check_accelerator, resolve_precision
 from ..security import check_targets, redact_secrets
-from .errors import run_cli
+from .errors import in_multirun, run_cli
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -198,7 +198,7 @@ def _write_summary(trainer: pl.Trainer, output_dir: Path, metrics: dict[str, flo
 def _hydra_main(cfg: DictConfig) -> float | None:
     metrics = run_cli(train, cfg)
     key = cfg.get("optimized_metric") or "val/vlb_bpd"  # the value an Optuna sweep (hparams_search) optimizes
-    if metrics is not None and key not in metrics and _in_sweep():  # only a sweeper reads the return value
+    if metrics is not None and key not in metrics and in_multirun():  # only a sweeper reads the return value
         rank_zero_info(missing_objective_message(key, metrics, cfg))
     return None if metrics is None else metrics.get(key)
 
@@ -211,13 +211,6 @@ def missing_objective_message(key: str, metrics: dict[str, float], cfg: DictConf
                           f"{cfg.trainer.get('max_steps')}, trainer.val_check_interval="
                           f"{cfg.trainer.get('val_check_interval')}): lower trainer.val_check_interval")
     return message + f"set optimized_metric to one of: {', '.join(sorted(metrics))}"
-
-
-def _in_sweep() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def main() -> None:
