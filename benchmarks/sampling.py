@@ -13,7 +13,7 @@ Contenders (interleaved rounds, medians):
   pipeline does;
 * ``diffusers-sched+our-net``: the diffusers loop around our UNet, which separates sampler from network cost;
 * ``ours (precision=bf16)``: ``ours`` under bf16 autocast (``ddpm-sample/ddpm-eval precision=bf16``), on
-  machines where ``trainer.precision=auto`` picks bf16 (AMX CPUs, bf16 GPUs).
+  machines where ``trainer.precision=auto`` picks bf16 (AMX or AVX512-BF16 CPUs, bf16 GPUs).
 
 Both samplers visit the same 25 timesteps (960, 920, ..., 0).
 """

@@ -177,9 +177,24 @@ def test_precision_auto_picks_bf16_only_where_it_is_fast(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert precision.resolve_precision("auto", "gpu") == "bf16-mixed"
-    assert precision.resolve_precision("auto", "cpu") == "32-true"  # the CPU asked for, without AMX
+    assert precision.resolve_precision("auto", "cpu") == "32-true"  # the CPU asked for, without bf16 units
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert precision.resolve_precision("auto", "cuda") == "32-true"
+
+
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "expected"),
+    [(True, False, True), (False, True, True), (True, True, True), (False, False, False)],
+)
+def test_fast_bf16_means_amx_or_avx512_bf16(monkeypatch, amx, avx512_bf16, expected):
+    from ddpm_lightning import precision
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert precision.cpu_has_fast_bf16() is expected
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    assert precision.cpu_has_fast_bf16() is False  # a torch without the probes: fp32, the safe choice
 
 
 def test_precision_auto_trains(tmp_path):
