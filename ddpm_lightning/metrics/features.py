@@ -49,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import time
+import warnings
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -202,7 +203,9 @@ def fid_helper_tensors_for_torch_fidelity(path: Path, net: nn.Module) -> dict[st
 
     Both hold the same 94 convolutions in the same order; the TorchScript file stores each BatchNorm as
     ``beta``/``mean``/``var`` without a scale (gamma = 1). It has no 1008-way classifier: ``fc`` is zero."""
-    src = torch.jit.load(str(path), map_location="cpu").state_dict()
+    with warnings.catch_warnings():  # only the tensors are read: TorchScript's deprecation does not concern users
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated", category=FutureWarning)
+        src = torch.jit.load(str(path), map_location="cpu").state_dict()
     src_convs = [k.removesuffix(".weight") for k in src if k.endswith(".weight")]
     dst_convs = [k.removesuffix(".conv.weight") for k in net.state_dict() if k.endswith(".conv.weight")]
     if not len(src_convs) == len(dst_convs) == 94:
