@@ -77,6 +77,16 @@ def test_guidance_sweep_without_a_classifier_is_one_line(checkpoints, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == "error: this config needs guidance.classifier_ckpt=..."
 
 
+def test_guidance_sweep_without_a_classifier_stops_before_launching(checkpoints, tmp_path):
+    model, _ = checkpoints
+    sweep_dir = tmp_path / "sweep"
+    result = _eval("-m", "experiment=guidance_sweep", f"ckpt={model}", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: this config needs guidance.classifier_ckpt=..."
+    assert "Launching" not in result.stdout + result.stderr  # no job was started
+    assert not any(sweep_dir.glob("*/.hydra")), "no job folder is made for a sweep that cannot run"
+
+
 def _fake_eval_job(folder: Path, job: int, scale: float, metrics: dict | None) -> None:
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"guidance.scale={scale:g}", "ckpt=m.ckpt"]))

@@ -16,6 +16,7 @@ from ..callbacks.generative_metrics import make_generative_metrics
 from ..metrics import metric_name, to_uint8
 from .errors import run_cli
 from .generation import generate, load_model_and_guidance, load_samples, resolve_device, write_json, write_outputs
+from .required_keys import missing_keys, missing_keys_message
 from .train import CONFIG_DIR
 
 NUM_QUARTILES = 4
@@ -46,9 +47,9 @@ def negative_log_likelihood(module, images: torch.Tensor, labels: torch.Tensor |
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    missing = [key for key in cfg.get("required_keys") or [] if OmegaConf.select(cfg, key) in (None, "")]
+    missing = missing_keys(cfg)  # also checked by a Hydra callback; here for evaluate() called directly
     if missing:
-        raise ValueError("this config needs " + " ".join(f"{key}=..." for key in missing))
+        raise ValueError(missing_keys_message(missing))
     if not cfg.ckpt and not cfg.samples:
         raise ValueError("give ckpt=<a ddpm-train checkpoint> or samples=<an .npz or image folder> to evaluate")
     device = resolve_device(cfg.device)
