@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
                                       logger=loggers or False, precision=precision)
     start = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        with warnings.catch_warnings():  # our sampler resumes mid-epoch exactly (data/sampler.py): not a concern
+            warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         _finish_wandb(failed=sys.exc_info()[0] is not None)
     fit_seconds = time.perf_counter() - start
