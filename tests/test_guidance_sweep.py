@@ -127,7 +127,9 @@ def test_metric_callback_scores_classifier_guided_samples(checkpoints, tmp_path)
     from ddpm_lightning.cli.train import train
 
     _, classifier = checkpoints
-    cfg = compose_run(_metrics_run(classifier, "callbacks.generative_metrics.classifier_scale=4.0"), tmp_path)
+    # bf16-mixed: the callback samples under the training precision, so the guidance gradient runs in autocast
+    cfg = compose_run(_metrics_run(classifier, "callbacks.generative_metrics.classifier_scale=4.0",
+                                   "trainer.precision=bf16-mixed"), tmp_path)
     calls = []
     original = GenerativeMetricsCallback._scores
 

@@ -116,8 +116,9 @@ class GenerativeMetricsCallback(pl.Callback):
         cond_fn, guidance_classes = self._guidance
         if cond_fn is not None:
             y = "balanced"
-        images, _ = module.sample(num_samples, y=y, cond_fn=cond_fn, guidance_num_classes=guidance_classes,
-                                  **self.sample_kwargs)
+        with trainer.precision_plugin.forward_context():  # sample at the training precision (bf16 autocast: ~1.5x)
+            images, _ = module.sample(num_samples, y=y, cond_fn=cond_fn, guidance_num_classes=guidance_classes,
+                                      **self.sample_kwargs)
         sampled = time.perf_counter()
         scores = self._scorer.compute(to_uint8(images))
         rank_zero_info(f"generative metrics @{num_samples}: {scores} (sampling {sampled - start:.0f} s, "

@@ -62,8 +62,9 @@ class SampleGridCallback(pl.Callback):
         else:
             labels, n = "random", self.num_samples
             nrow = max(1, int(n ** 0.5))
-        images, _ = module.sample(n, method=self.method, steps=self.steps, eta=self.eta, seed=self.seed,
-                                  y=labels if num_classes else "random")
+        with trainer.precision_plugin.forward_context():  # at the training precision, as the metrics sample
+            images, _ = module.sample(n, method=self.method, steps=self.steps, eta=self.eta, seed=self.seed,
+                                      y=labels if num_classes else "random")
         out_dir = Path(trainer.default_root_dir) / self.dirname
         path = save_grid(images, out_dir / f"{tag}.png", nrow=nrow)
         log_image(trainer, "samples/grid", path, trainer.global_step)
