@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from ddpm_lightning.cli.train import CONFIG_DIR
-from ddpm_lightning.config import register_configs
+from ddpm_lightning.cli.compose import compose_run as _compose_run
 
 # 16 px digits, a 2-level UNet with 32 channels, 4 steps, no progress bar, CSV logging only.
 TINY = [
@@ -29,16 +25,5 @@ TINY = [
 
 
 def compose_run(overrides: list[str], output_dir: Path, config_name: str = "train") -> DictConfig:
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.cache_dir = str(output_dir / "cache")
-        del cfg.hydra
-    return cfg
+    """The library's ``compose_run`` with the run's cache inside its output folder."""
+    return _compose_run(overrides, output_dir, config_name=config_name, cache_dir=Path(output_dir) / "cache")

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ddpm_lightning.config import CONFIG_DIR
 from ddpm_lightning.data import (
     AnimalMNISTDataModule,
     DigitsDataModule,
@@ -26,7 +27,7 @@ from ddpm_lightning.data import (
 )
 from ddpm_lightning.data.transforms import ToModelBatch, fit_images, to_model_range, to_uint8
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "data"
+CONF_DIR = Path(CONFIG_DIR) / "data"
 
 
 @pytest.fixture(scope="module")

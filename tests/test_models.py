@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from ddpm_lightning.config import CONFIG_DIR
+
 from ddpm_lightning.models import (
     ADM_PRESETS,
     EncoderUNet,
@@ -28,7 +30,7 @@ from ddpm_lightning.models import (
     to_adm_state_dict,
 )
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+CONF = Path(CONFIG_DIR) / "model"
 EXTRA_KEYS = {"class_cond", "compile", "channels_last"}
 NUM_CLASSES = 10
 

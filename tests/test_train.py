@@ -14,7 +14,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 from run_config import TINY, compose_run
 
-from ddpm_lightning.cli.train import CONFIG_DIR, train
+from ddpm_lightning.cli.train import train
+from ddpm_lightning.config import CONFIG_DIR
 from ddpm_lightning.modules.checkpoint import load_diffusion_module
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))

@@ -10,9 +10,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from ..config import register_configs
+from ..config import CONFIG_DIR, register_configs
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def compose_run(overrides: list[str], output_dir: str | Path, config_name: str = "train",

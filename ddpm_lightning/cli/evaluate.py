@@ -17,7 +17,7 @@ from ..metrics import metric_name, to_uint8
 from .errors import run_cli
 from .generation import generate, load_model_and_guidance, load_samples, resolve_device, write_json, write_outputs
 from .required_keys import missing_keys, missing_keys_message
-from .train import CONFIG_DIR
+from ..config import CONFIG_PATH
 
 NUM_QUARTILES = 4
 
@@ -117,7 +117,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def _hydra_main(cfg: DictConfig) -> None:
     run_cli(evaluate, cfg)
 

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import run_cli
 from .generation import generate, load_model_and_guidance, resolve_device, write_json, write_outputs
-from .train import CONFIG_DIR
+from ..config import CONFIG_PATH
 
 
 def sample(cfg: DictConfig) -> dict:
@@ -30,7 +30,7 @@ def sample(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
 def _hydra_main(cfg: DictConfig) -> None:
     run_cli(sample, cfg)
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..callbacks.checkpointing import check_checkpoint_fits, find_resume_checkpoint
 from ..callbacks.health import TrainingHealth
-from ..config import register_configs
+from ..config import CONFIG_PATH, register_configs
 from ..modules import DiffusionModule
 from ..modules.checkpoint import load_checkpoint_dict
 from ..modules.classifier_module import build_classifier_module
@@ -30,7 +30,6 @@ from ..precision import check_accelerator, resolve_precision
 from ..security import check_targets, redact_secrets
 from .errors import in_multirun, run_cli
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def _container(node) -> Any:
@@ -197,7 +196,7 @@ def _write_summary(trainer: pl.Trainer, output_dir: Path, metrics: dict[str, flo
     print(f"  metrics: {shown}")
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     metrics = run_cli(train, cfg)
     key = cfg.get("optimized_metric") or "val/vlb_bpd"  # the value an Optuna sweep (hparams_search) optimizes
