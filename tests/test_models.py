@@ -20,7 +20,6 @@ import torch.nn.functional as F
 import yaml
 
 from ddpm_lightning.config import CONFIG_DIR
-
 from ddpm_lightning.models import (
     ADM_PRESETS,
     EncoderUNet,

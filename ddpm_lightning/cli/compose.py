@@ -13,7 +13,6 @@ from omegaconf import DictConfig, open_dict
 from ..config import CONFIG_DIR, register_configs
 
 
-
 def compose_run(overrides: list[str], output_dir: str | Path, config_name: str = "train",
                 cache_dir: str | Path | None = None) -> DictConfig:
     """The run config for ``overrides`` with ``paths.output_dir`` = ``output_dir`` (no Hydra app needed)."""

@@ -13,11 +13,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..callbacks.generative_metrics import make_generative_metrics
+from ..config import CONFIG_PATH
 from ..metrics import metric_name, to_uint8
 from .errors import run_cli
 from .generation import generate, load_model_and_guidance, load_samples, resolve_device, write_json, write_outputs
 from .required_keys import missing_keys, missing_keys_message
-from ..config import CONFIG_PATH
 
 NUM_QUARTILES = 4
 

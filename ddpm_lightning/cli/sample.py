@@ -7,9 +7,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from ..config import CONFIG_PATH
 from .errors import run_cli
 from .generation import generate, load_model_and_guidance, resolve_device, write_json, write_outputs
-from ..config import CONFIG_PATH
 
 
 def sample(cfg: DictConfig) -> dict:
