@@ -711,7 +711,9 @@ def to_markdown(table: SweepTable, title: str | None = None, aggregate: Aggregat
              f"`{table.sweep_dir}`: {len(table.runs)} runs: "
              + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + "."]
     if missing:
-        listed = "; ".join(" ".join(f"{k}={v}" for k, v in job.items()) for job in missing[:20])
+        jobs = [*(_override_dict(run.overrides) for run in table.runs), *missing]
+        shown = [k for k in dict.fromkeys(k for job in jobs for k in job) if len({job.get(k) for job in jobs}) > 1]
+        listed = "; ".join(" ".join(f"{k}={job.get(k, '')}" for k in shown) for job in missing[:20])
         more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
         lines.append(f"Partial sweep: {len(missing)} of {len(missing) + len(table.runs)} jobs have no folder yet "
                      f"(not started): {_escape(listed)}{more}.")

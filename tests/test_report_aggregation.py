@@ -154,7 +154,7 @@ def test_rows_over_training_seeds_with_a_failed_and_a_missing_seed(sweep):
 def test_report_markdown_and_csvs_of_a_seed_sweep(sweep):
     result = write_report(sweep, make_plot=False)
     markdown = result["markdown"]
-    assert "Partial sweep: 1 of 12 jobs have no folder yet (not started): seed=2 model=c trainer.max_steps=300." \
+    assert "Partial sweep: 1 of 12 jobs have no folder yet (not started): seed=2 model=c." \
         in markdown
     assert "Seeds: `seed` = 0, 1, 2 (training seed): n counts training seeds." in markdown
     assert "best row `model=b` ★; tied with it (≈): `model=c`." in markdown
@@ -253,3 +253,19 @@ def test_eval_sweep_seed_is_a_sampling_seed(tmp_path):
     assert (paired.diff.n, paired.diff.mean, paired.diff.std) == (2, -4.5, pytest.approx(math.sqrt(0.5)))
     assert paired.verdict == "better"  # 4.5 > 2 * 0.5 and > 1.3% of 41
     assert result["paths"]["tradeoff"].is_file() and result["paths"]["plot"].is_file()
+
+
+def test_ddpm_eval_takes_the_sampling_seed_as_sample_seed(tmp_path):
+    from run_config import compose_run
+
+    assert compose_run(["sample.seed=3"], tmp_path, config_name="eval").seed == 3
+    assert compose_run(["seed=5"], tmp_path, config_name="eval").seed == 5  # the old spelling still works
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ddpm_lightning.config import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        params = compose("eval", ["experiment=guidance_sweep"], return_hydra_config=True).hydra.sweeper.params
+    assert list(params)[:2] == ["sample.seed", "guidance.scale"] and params["sample.seed"] == "0,1,2"
