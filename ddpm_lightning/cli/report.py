@@ -24,8 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", help="a `ddpm-train -m` folder (hydra.sweep.dir), or one run folder")
     parser.add_argument("--metric", default=None,
-                        help="metric that ranks the runs, e.g. val/fid@200 or val/vlb_bpd "
-                             "(default: the val/fid@n found, else val/vlb_bpd)")
+                        help="the primary metric: it ranks the runs (with seed axes: chooses the best row), e.g. "
+                             "val/fid@200 or val/vlb_bpd (default: the val/fid@n found, else val/vlb_bpd)")
     parser.add_argument("--mode", choices=MODES, default=None,
                         help="min or max is better (default: max for IS/precision/recall, min otherwise)")
     parser.add_argument("--out", default=None, help="folder for report.md/.csv/.png (default: the sweep folder)")
