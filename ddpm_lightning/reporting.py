@@ -250,8 +250,13 @@ def base_name(metric: str) -> str:
 
 
 def metric_mode(metric: str) -> str:
-    """``max`` for IS / precision / recall / accuracy, else ``min`` (FID, KID, bits/dim, losses)."""
+    """``max`` for ``HIGHER_IS_BETTER`` names (IS / precision / recall / accuracy), ``min`` for
+    ``LOWER_IS_BETTER`` ones (FID, KID, bits/dim) and for any other name (losses)."""
     return "max" if base_name(metric) in HIGHER_IS_BETTER else "min"
+
+
+def _arrow(metric: str) -> str:
+    return "↑" if metric_mode(metric) == "max" else "↓"
 
 
 def _finite(value: float | None) -> bool:
@@ -547,7 +552,8 @@ def verdict_rule(aggregate: Aggregate) -> str:
             "the baseline's mean over those seeds (for every metric; for FID the gap that retraining alone moves, "
             "Dufour et al. 2026), or with fewer than 2 pairs (no standard error); otherwise **better** or "
             "**worse** in the metric's direction. A difference exactly at a threshold is decided. Intervals: "
-            f"{CONFIDENCE:.0%} Student-t, mean ± t(0.975, n-1) · std / sqrt(n).")
+            f"{CONFIDENCE:.0%} Student-t, mean ± t({0.5 + CONFIDENCE / 2:g}, n-1) · std / sqrt(n). ↓: lower is better, "
+            "↑: higher is better.")
 
 
 def best_rule(aggregate: Aggregate) -> str:
@@ -658,7 +664,7 @@ def _aggregate_lines(table: SweepTable, aggregate: Aggregate) -> list[str]:
     metrics = metric_columns(table)
     keys = list(aggregate.groups[0].values) or ["row"]
     lines = [f"## Rows: mean ± {CONFIDENCE:.0%} t-interval half-width (sd) over {aggregate.unit_kind}s", "",
-             "| " + " | ".join([*keys, "seeds done", *map(display_name, metrics)]) + " |",
+             "| " + " | ".join([*keys, "seeds done", *(f"{display_name(m)} {_arrow(m)}" for m in metrics)]) + " |",
              "|" + "|".join(["---"] * (len(keys) + 1 + len(metrics))) + "|"]
     for i, group in enumerate(aggregate.groups):
         label = [_escape(v) for v in group.values.values()] or ["all"]
@@ -673,7 +679,7 @@ def _aggregate_lines(table: SweepTable, aggregate: Aggregate) -> list[str]:
     base = aggregate.groups[aggregate.baseline]
     lines += ["", f"## Paired differences against the baseline `{base.label}`: row - baseline, mean "
               f"[{CONFIDENCE:.0%} t-interval], verdict", "",
-              "| " + " | ".join([*keys, "pairs", *map(display_name, compared)]) + " |",
+              "| " + " | ".join([*keys, "pairs", *(f"{display_name(m)} {_arrow(m)}" for m in compared)]) + " |",
               "|" + "|".join(["---"] * (len(keys) + 1 + len(compared))) + "|"]
     for i, group in enumerate(aggregate.groups):
         if i == aggregate.baseline:

@@ -269,3 +269,12 @@ def test_ddpm_eval_takes_the_sampling_seed_as_sample_seed(tmp_path):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         params = compose("eval", ["experiment=guidance_sweep"], return_hydra_config=True).hydra.sweeper.params
     assert list(params)[:2] == ["sample.seed", "guidance.scale"] and params["sample.seed"] == "0,1,2"
+
+
+def test_every_table_metric_has_an_explicit_direction():
+    from ddpm_lightning.reporting import HIGHER_IS_BETTER, LOWER_IS_BETTER, NO_VERDICT, TABLE_METRICS, metric_mode
+
+    assert not set(HIGHER_IS_BETTER) & set(LOWER_IS_BETTER)
+    assert set(TABLE_METRICS) - set(NO_VERDICT) <= set(HIGHER_IS_BETTER) | set(LOWER_IS_BETTER)
+    assert {metric_mode(f"val/{m}@200") for m in LOWER_IS_BETTER} == {"min"}
+    assert {metric_mode(f"eval/{m}@200") for m in HIGHER_IS_BETTER} == {"max"}

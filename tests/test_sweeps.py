@@ -21,7 +21,15 @@ from run_config import TINY, compose_run
 from ddpm_lightning.cli.report import main as report_main
 from ddpm_lightning.config import CONFIG_DIR, register_configs
 from ddpm_lightning.modules.builders import build_diffusion, build_unet, learns_sigma
-from ddpm_lightning.reporting import build_table, collect_runs, metric_mode, read_run, to_markdown, write_report
+from ddpm_lightning.reporting import (
+    VERDICTS,
+    build_table,
+    collect_runs,
+    metric_mode,
+    read_run,
+    to_markdown,
+    write_report,
+)
 
 # numbered job folders: a long command line would make Hydra's default `<num>_<overrides>` name too long
 SWEEP = ["callbacks=metrics", "hydra.sweep.subdir=${hydra.job.num}"]
@@ -326,7 +334,7 @@ def test_two_seed_multirun_reports_rows_over_seeds(tmp_path):
         assert stats.n == 2 and stats.low < stats.mean < stats.high
     cosine = rows.groups[1].vs_baseline["val/fid@6"]
     assert cosine.diff.n == 2 and cosine.diff.mean == pytest.approx((fids[1] - fids[0] + fids[3] - fids[2]) / 2)
-    assert cosine.verdict in ("better", "worse", "inconclusive") and result["missing"] == []
+    assert cosine.verdict in VERDICTS and result["missing"] == []
     markdown = result["markdown"]
     assert "Seeds: `seed` = 0, 1 (training seed)" in markdown and "Paired differences against the baseline" in markdown
     assert "| linear (baseline) | 2/2 |" in markdown.replace(" ★ best", "").replace(" ≈ tied", "").replace("**", "")
