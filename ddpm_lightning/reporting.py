@@ -893,8 +893,8 @@ def plot_rows(aggregate: Aggregate, path: str | Path, title: str = "", metrics: 
         metrics = [m for m in dict.fromkeys((aggregate.metric, "val/vlb_bpd"))
                    if m and any(m in g.stats for g in aggregate.groups)]
     groups = aggregate.groups
-    labels = [f"{g.label} (n={g.stats[aggregate.metric].n})" if aggregate.metric in g.stats else g.label
-              for g in groups]
+    labels = [(f"{g.label} (n={g.stats[aggregate.metric].n})" if aggregate.metric in g.stats else g.label)
+              + (" ★" if i == aggregate.best else " ≈" if i in aggregate.tied else "") for i, g in enumerate(groups)]
     fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(4.5 * max(len(metrics), 1) + 3,
                                                                1.0 + 0.4 * len(groups)), sharey=True, squeeze=False)
     positions = list(range(len(groups)))[::-1]  # first row on top
@@ -915,7 +915,7 @@ def plot_rows(aggregate: Aggregate, path: str | Path, title: str = "", metrics: 
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].set_yticks(positions)
     axes[0][0].set_yticklabels(labels, fontsize=8)
-    fig.suptitle(f"{title}: dots = {aggregate.unit_kind}s", fontsize=10)
+    fig.suptitle(f"{title}: dots = {aggregate.unit_kind}s; ★ best, ≈ tied with it", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
