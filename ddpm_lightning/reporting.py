@@ -508,7 +508,8 @@ def aggregate(table: SweepTable, seed_keys: Sequence[str] = SEED_KEYS, baseline:
     for group in rows:
         for metric in metrics:
             if metric in group.units and metric in rows[base].units:
-                group.vs_baseline[metric] = _paired(group, rows[base], metric)
+                group.vs_baseline[metric] = _paired(group, rows[base], metric,
+                                                    mode if metric == table.metric else None)
     best, tied = None, []
     scored = [(g.stats[table.metric].mean, i) for i, g in enumerate(rows) if table.metric in g.stats]
     if scored and mode is not None:

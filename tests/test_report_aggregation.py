@@ -278,3 +278,11 @@ def test_every_table_metric_has_an_explicit_direction():
     assert set(TABLE_METRICS) - set(NO_VERDICT) <= set(HIGHER_IS_BETTER) | set(LOWER_IS_BETTER)
     assert {metric_mode(f"val/{m}@200") for m in LOWER_IS_BETTER} == {"min"}
     assert {metric_mode(f"eval/{m}@200") for m in HIGHER_IS_BETTER} == {"max"}
+
+
+def test_mode_flag_sets_the_direction_of_the_primary_metric(sweep):
+    table = build_table(collect_runs(sweep), sweep, metric="val/fid@200", mode="max")
+    rows = aggregate(table)
+    assert rows.best == 3  # d has the highest mean FID
+    assert rows.groups[1].vs_baseline["val/fid@200"].verdict == "worse"  # b is lower: worse when higher is better
+    assert rows.groups[1].vs_baseline["val/kid_mean@200"].verdict == "better"  # other metrics keep their direction
