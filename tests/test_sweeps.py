@@ -21,7 +21,15 @@ from run_config import TINY, compose_run
 from ddpm_lightning.cli.report import main as report_main
 from ddpm_lightning.config import CONFIG_DIR, register_configs
 from ddpm_lightning.modules.builders import build_diffusion, build_unet, learns_sigma
-from ddpm_lightning.reporting import build_table, collect_runs, metric_mode, read_run, to_markdown, write_report
+from ddpm_lightning.reporting import (
+    VERDICTS,
+    build_table,
+    collect_runs,
+    metric_mode,
+    read_run,
+    to_markdown,
+    write_report,
+)
 
 # numbered job folders: a long command line would make Hydra's default `<num>_<overrides>` name too long
 SWEEP = ["callbacks=metrics", "hydra.sweep.subdir=${hydra.job.num}"]
@@ -295,3 +303,49 @@ def test_missing_objective_message_says_what_to_change():
     assert "lower trainer.val_check_interval" in no_validation
     wrong_name = missing_objective_message("val/fid@50", {"val/vlb_bpd": 1.0, "train/loss": 0.5}, cfg)
     assert wrong_name.endswith("set optimized_metric to one of: train/loss, val/vlb_bpd")
+
+
+# ------------------------------------------------------------------------------------ seeds as an axis
+@pytest.mark.parametrize(("experiment", "key", "seed_key"), [("ablate_arch", "model", "seed"),
+                                                             ("ablate_loss", "+loss_variant", "seed")])
+def test_ablation_experiments_sweep_three_training_seeds_first(experiment, key, seed_key):
+    params = _compose_hydra([f"experiment={experiment}"]).hydra.sweeper.params
+    assert list(params)[:2] == [seed_key, key]  # seed-major: an interrupted sweep has whole seeds
+    assert _sweep_values(experiment, seed_key) == ["0", "1", "2"]
+
+
+def test_two_seed_multirun_reports_rows_over_seeds(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = _ddpm_train("-m", "seed=0,1", "diffusion.schedule=linear,cosine", sweep_dir=sweep)
+    assert done.returncode == 0, done.stderr[-2000:]
+    fids = {}
+    for job in range(4):
+        overrides = _summary(sweep / str(job))
+        assert overrides["status"] == "completed"
+        fids[job] = overrides["metrics"]["val/fid@6"]
+    assert fids[0] != fids[2] and fids[1] != fids[3]  # the training seed changes the network
+
+    result = write_report(sweep, make_plot=True)
+    rows = result["aggregate"]
+    assert rows.unit_kind == "training seed" and rows.seed_axes == ["seed"]
+    assert [g.label for g in rows.groups] == ["diffusion.schedule=linear", "diffusion.schedule=cosine"]
+    for group in rows.groups:
+        stats = group.stats["val/fid@6"]
+        assert stats.n == 2 and stats.low < stats.mean < stats.high
+    cosine = rows.groups[1].vs_baseline["val/fid@6"]
+    assert cosine.diff.n == 2 and cosine.diff.mean == pytest.approx((fids[1] - fids[0] + fids[3] - fids[2]) / 2)
+    assert cosine.verdict in VERDICTS and result["missing"] == []
+    markdown = result["markdown"]
+    assert "Seeds: `seed` = 0, 1 (training seed)" in markdown and "Paired differences against the baseline" in markdown
+    assert "| linear (baseline) | 2/2 |" in markdown.replace(" ★ best", "").replace(" ≈ tied", "").replace("**", "")
+    assert result["paths"]["summary_csv"].is_file() and result["paths"]["plot"].is_file()
+
+    # an interrupted sweep: the last job never started
+    import shutil
+
+    shutil.rmtree(sweep / "3")
+    out = tmp_path / "partial"
+    report_main([str(sweep), "--out", str(out), "--no-plot"])
+    markdown = (out / "report.md").read_text()
+    assert "Partial sweep: 1 of 4 jobs have no folder yet (not started): seed=1 diffusion.schedule=cosine" in markdown
+    assert "1/2: seed=1 missing" in markdown
