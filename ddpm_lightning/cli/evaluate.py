@@ -75,7 +75,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     if cfg.ckpt and (sample_metrics or not metrics):
         images, labels, seconds, results["sampling"] = generate(
-            module, num_samples=int(cfg.num_samples), sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
+            module, num_samples=int(cfg.num_samples), sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, schedule=cfg.get("schedule"),
             clip_denoised=bool(cfg.clip_denoised), y=cfg.y, cond_fn=cond_fn, guidance_num_classes=guide_classes,
             cfg_scale=cfg_scale, batch_size=int(cfg.batch_size), seed=int(cfg.seed), precision=str(cfg.precision))
         results["outputs"] = write_outputs(out_dir, images, labels)

@@ -17,7 +17,7 @@ def sample(cfg: DictConfig) -> dict:
     guidance = OmegaConf.to_container(cfg.guidance)
     module, cond_fn, guide_classes, cfg_scale = load_model_and_guidance(cfg.ckpt, guidance, device)
     images, labels, seconds, used = generate(
-        module, num_samples=int(cfg.num_samples), sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
+        module, num_samples=int(cfg.num_samples), sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, schedule=cfg.get("schedule"),
         clip_denoised=bool(cfg.clip_denoised), y=cfg.y, cond_fn=cond_fn, guidance_num_classes=guide_classes,
         cfg_scale=cfg_scale, batch_size=int(cfg.batch_size), seed=int(cfg.seed), precision=str(cfg.precision))
     out_dir = Path(cfg.output_dir)
