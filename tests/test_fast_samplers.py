@@ -289,3 +289,41 @@ def test_bad_solver_options():
     with pytest.raises(ValueError, match="allowed: none, unipc"):
         diffusion.dpm_solver_sample_loop(lambda x, t: x, SHAPE, corrector="unic")
     assert set(SAMPLE_METHODS) >= set(SOLVER_METHODS)
+
+
+# ----------------------------------------------------------------------------- the one loop
+def test_a_new_step_function_plugs_into_the_loop():
+    """Any ``step(x, k, noise_sampler)`` runs on the shared loop: here DDIM written as a two-line step."""
+    process = sampling_process(base(), "ddim", 6, "trailing")
+    model = GaussianOutput(base())  # the network sees original-process steps
+    ab = process.alphas_cumprod
+    seen = []
+
+    def step(x, k, noise_sampler):
+        seen.append(k)
+        x0 = process.predict_xstart(model, x, torch.full((x.shape[0],), k), clip_denoised=False)
+        ab_prev = float(ab[k - 1]) if k else 1.0
+        eps = (x - float(ab[k]) ** 0.5 * x0) / float(1 - ab[k]) ** 0.5
+        return {"sample": ab_prev ** 0.5 * x0 + (1 - ab_prev) ** 0.5 * eps, "pred_xstart": x0}
+
+    outs = list(process.sample_loop_progressive(step, SHAPE, noise=noise(5)))
+    assert seen == [5, 4, 3, 2, 1, 0] and len(outs) == 6
+    ddim = process.ddim_sample_loop(model, SHAPE, noise=noise(5), clip_denoised=False)
+    torch.testing.assert_close(outs[-1]["sample"], ddim, rtol=1e-5, atol=1e-5)
+
+
+def test_a_multistep_step_function_restarts_with_a_new_loop():
+    process = sampling_process(base(), "dpm++2m", 5, "uniform")
+    model = GaussianOutput(base())
+    step = process.dpm_solver_step_fn(model, order=2, corrector="unipc", clip_denoised=False)
+    first = list(process.sample_loop_progressive(step, SHAPE, noise=noise(6)))[-1]["sample"]
+    again = list(process.sample_loop_progressive(step, SHAPE, noise=noise(6)))[-1]["sample"]
+    assert torch.equal(first, again)
+
+
+def test_callbacks_refuse_an_unknown_method():
+    from ddpm_lightning.callbacks import GenerativeMetricsCallback, SampleGridCallback
+
+    for callback in (SampleGridCallback, GenerativeMetricsCallback):
+        with pytest.raises(ValueError, match="unknown sampling method 'euler'; allowed: ddpm, ddim, dpm"):
+            callback(method="euler")
