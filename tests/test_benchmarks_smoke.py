@@ -118,8 +118,7 @@ def test_default_exp_benchmark_config_is_the_default_experiment():
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from ddpm_lightning.config import CONFIG_DIR
-    from ddpm_lightning.config import register_configs
+    from ddpm_lightning.config import CONFIG_DIR, register_configs
     from ddpm_lightning.modules.builders import build_unet, learns_sigma
 
     register_configs()

@@ -13,11 +13,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..callbacks.generative_metrics import make_generative_metrics
+from ..config import CONFIG_PATH
 from ..metrics import metric_name, to_uint8
 from .errors import run_cli
 from .generation import generate, load_model_and_guidance, load_samples, resolve_device, write_json, write_outputs
 from .required_keys import missing_keys, missing_keys_message
-from ..config import CONFIG_PATH
 
 NUM_QUARTILES = 4
 
@@ -75,9 +75,10 @@ def evaluate(cfg: DictConfig) -> dict:
 
     if cfg.ckpt and (sample_metrics or not metrics):
         images, labels, seconds, results["sampling"] = generate(
-            module, num_samples=int(cfg.num_samples), sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, schedule=cfg.get("schedule"),
+            module, num_samples=int(cfg.num_samples), sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
             clip_denoised=bool(cfg.clip_denoised), y=cfg.y, cond_fn=cond_fn, guidance_num_classes=guide_classes,
-            cfg_scale=cfg_scale, batch_size=int(cfg.batch_size), seed=int(cfg.seed), precision=str(cfg.precision))
+            cfg_scale=cfg_scale, batch_size=int(cfg.batch_size), seed=int(cfg.seed), precision=str(cfg.precision),
+            schedule=cfg.get("schedule"))
         results["outputs"] = write_outputs(out_dir, images, labels)
         results["sampling_seconds"] = seconds
         results["samples_per_second"] = len(images) / seconds

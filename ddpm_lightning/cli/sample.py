@@ -7,9 +7,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from ..config import CONFIG_PATH
 from .errors import run_cli
 from .generation import generate, load_model_and_guidance, resolve_device, write_json, write_outputs
-from ..config import CONFIG_PATH
 
 
 def sample(cfg: DictConfig) -> dict:
@@ -17,9 +17,10 @@ def sample(cfg: DictConfig) -> dict:
     guidance = OmegaConf.to_container(cfg.guidance)
     module, cond_fn, guide_classes, cfg_scale = load_model_and_guidance(cfg.ckpt, guidance, device)
     images, labels, seconds, used = generate(
-        module, num_samples=int(cfg.num_samples), sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, schedule=cfg.get("schedule"),
+        module, num_samples=int(cfg.num_samples), sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
         clip_denoised=bool(cfg.clip_denoised), y=cfg.y, cond_fn=cond_fn, guidance_num_classes=guide_classes,
-        cfg_scale=cfg_scale, batch_size=int(cfg.batch_size), seed=int(cfg.seed), precision=str(cfg.precision))
+        cfg_scale=cfg_scale, batch_size=int(cfg.batch_size), seed=int(cfg.seed), precision=str(cfg.precision),
+        schedule=cfg.get("schedule"))
     out_dir = Path(cfg.output_dir)
     outputs = write_outputs(out_dir, images, labels)
     result = {"ckpt": cfg.ckpt, "num_samples": int(cfg.num_samples), "sampling_seconds": seconds,
