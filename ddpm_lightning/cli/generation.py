@@ -17,6 +17,7 @@ from ..callbacks.sample_grid import save_grid
 from ..metrics import to_uint8
 from ..modules.checkpoint import load_diffusion_module
 from ..modules.classifier_module import load_classifier_guidance
+from ..sampling import check_sampling_options
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -53,12 +54,15 @@ def load_model_and_guidance(ckpt: str, guidance: dict[str, Any], device: torch.d
     return module, cond_fn, num_classes, cfg_scale
 
 
-def sampling_overrides(sampler: str | None, steps, eta: float | None) -> dict[str, Any]:
+def sampling_overrides(sampler: str | None, steps, eta: float | None, schedule: str | None = None) -> dict[str, Any]:
     """Command-line sampler settings; null keeps the checkpoint's own (its training config's ``sample``),
     ``steps=all`` runs every one of the T steps."""
+    check_sampling_options(sampler, schedule)
     overrides: dict[str, Any] = {}
     if sampler is not None:
         overrides["method"] = str(sampler)
+    if schedule is not None:
+        overrides["schedule"] = str(schedule)
     if steps is not None:
         overrides["steps"] = None if str(steps) == "all" else steps
     if eta is not None:
@@ -67,7 +71,8 @@ def sampling_overrides(sampler: str | None, steps, eta: float | None) -> dict[st
 
 
 def generate(module, *, num_samples: int, sampler: str | None, steps, eta: float | None, clip_denoised: bool, y,
-             cond_fn, guidance_num_classes, cfg_scale: float, batch_size: int, seed: int, precision: str = "32"):
+             cond_fn, guidance_num_classes, cfg_scale: float, batch_size: int, seed: int, precision: str = "32",
+             schedule: str | None = None):
     """Samples in [-1, 1], labels, seconds and the sampler settings used (``sampler``/``steps``/``eta`` None:
     the checkpoint's own)."""
     start = time.perf_counter()
@@ -75,15 +80,17 @@ def generate(module, *, num_samples: int, sampler: str | None, steps, eta: float
                 else torch.autocast(module.device.type, enabled=False))
     if precision not in ("32", "bf16"):
         raise ValueError(f"precision={precision!r}; allowed: 32, bf16")
-    overrides = sampling_overrides(sampler, steps, eta)
-    used = {k: v for k, v in module.sampling_options(**overrides).items() if k in ("method", "steps", "eta")}
+    overrides = sampling_overrides(sampler, steps, eta, schedule)
+    used = {k: v for k, v in module.sampling_options(**overrides).items()
+            if k in ("method", "steps", "eta", "schedule")}
     with autocast:
         images, labels = module.sample(num_samples, **overrides, clip_denoised=clip_denoised,
                                        y=parse_labels(y) if labels_allowed(module, cond_fn) else "random",
                                        cond_fn=cond_fn, guidance_num_classes=guidance_num_classes,
                                        cfg_scale=cfg_scale, batch_size=batch_size, seed=seed, progress=False)
     seconds = time.perf_counter() - start
-    rank_zero_info(f"sampled {num_samples} images ({used['method']}, steps={used['steps']}, eta={used['eta']}) "
+    rank_zero_info(f"sampled {num_samples} images ({used['method']}, steps={used['steps']}, eta={used['eta']}, "
+                   f"schedule={used['schedule']}) "
                    f"in {seconds:.1f} s ({num_samples / seconds:.2f} samples/s)")
     return images, labels, seconds, used
 

@@ -19,7 +19,8 @@ def sample(cfg: DictConfig) -> dict:
     images, labels, seconds, used = generate(
         module, num_samples=int(cfg.num_samples), sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
         clip_denoised=bool(cfg.clip_denoised), y=cfg.y, cond_fn=cond_fn, guidance_num_classes=guide_classes,
-        cfg_scale=cfg_scale, batch_size=int(cfg.batch_size), seed=int(cfg.seed), precision=str(cfg.precision))
+        cfg_scale=cfg_scale, batch_size=int(cfg.batch_size), seed=int(cfg.seed), precision=str(cfg.precision),
+        schedule=cfg.get("schedule"))
     out_dir = Path(cfg.output_dir)
     outputs = write_outputs(out_dir, images, labels)
     result = {"ckpt": cfg.ckpt, "num_samples": int(cfg.num_samples), "sampling_seconds": seconds,

@@ -1,5 +1,15 @@
 """Sampling without Lightning: ``sample_images`` over any network and GaussianDiffusion."""
 
-from .sample import SAMPLE_METHODS, ClassifierFreeGuidance, sample_images, sampling_process
+from .sample import (
+    SAMPLE_METHODS,
+    SAMPLE_SCHEDULES,
+    ClassifierFreeGuidance,
+    check_sampling_options,
+    sample_images,
+    sample_loop,
+    sampling_process,
+)
 
-__all__ = ["sample_images", "sampling_process", "ClassifierFreeGuidance", "SAMPLE_METHODS"]
+__all__ = ["sample_images", "sampling_process", "sample_loop", "ClassifierFreeGuidance", "SAMPLE_METHODS",
+           "SAMPLE_SCHEDULES",
+           "check_sampling_options"]
