@@ -45,13 +45,13 @@ def _one_thread():
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def load_config(name: str) -> dict:
-    """conf/model/<name>.yaml with Hydra's extend-a-base defaults resolved (no Hydra needed)."""
-    raw = yaml.safe_load((CONF / f"{name}.yaml").read_text())
+def load_config(name: str, group: str = "model") -> dict:
+    """conf/<group>/<name>.yaml with Hydra's extend-a-base defaults resolved (no Hydra needed)."""
+    raw = yaml.safe_load((CONF.parent / group / f"{name}.yaml").read_text())
     cfg: dict = {}
     for entry in raw.pop("defaults", []):
         if entry != "_self_":
-            cfg.update(load_config(entry))
+            cfg.update(load_config(entry, group))
     cfg.update(raw)
     return cfg
 
@@ -74,8 +74,6 @@ def build_from_config(
 ):
     cfg = load_config(name)
     cfg = tiny(cfg) if shrink else cfg
-    if name == "classifier":
-        return EncoderUNet(image_size=image_size, in_channels=in_channels, out_channels=NUM_CLASSES, **cfg)
     kwargs = {k: v for k, v in cfg.items() if k not in EXTRA_KEYS}
     return UNet(
         image_size=image_size,
@@ -376,7 +374,9 @@ def random_official_state(shapes: dict[str, tuple], seed: int = 0) -> dict[str, 
 
 
 # ------------------------------------------------------------------------------------------ configs
-MODEL_CONFIGS = sorted(p.stem for p in CONF.glob("*.yaml") if p.stem != "classifier")
+MODEL_CONFIGS = sorted(p.stem for p in CONF.glob("*.yaml"))
+CLASSIFIER_CONFIGS = sorted(p.stem for p in (CONF.parent / "classifier").glob("*.yaml"))
+CLASSIFIER_EXTRA_KEYS = {"max_t"}  # a ClassifierModule argument, not an EncoderUNet one
 IMAGENET64 = adm_model_config("unet", ADM_PRESETS["imagenet64"][1])
 CLASSIFIER64 = adm_model_config("classifier", ADM_PRESETS["classifier64"][1])
 
@@ -412,7 +412,9 @@ def test_config_files_present_and_keys_are_constructor_args():
         if name != "ddpm_base":
             assert raw["defaults"][-1] == "_self_" and 1 <= len(raw) - 1 <= 5, name
     enc_args = set(inspect.signature(EncoderUNet).parameters) - {"image_size", "in_channels", "out_channels"}
-    assert set(load_config("classifier")) == enc_args
+    assert {"default", "wide"} <= set(CLASSIFIER_CONFIGS)
+    for name in CLASSIFIER_CONFIGS:
+        assert set(load_config(name, "classifier")) == enc_args | CLASSIFIER_EXTRA_KEYS, name
 
 
 @pytest.mark.parametrize("name", MODEL_CONFIGS)
@@ -432,9 +434,11 @@ def test_config_forward_backward(name):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def test_classifier_config_forward_backward():
+@pytest.mark.parametrize("name", CLASSIFIER_CONFIGS)
+def test_classifier_config_forward_backward(name):
     torch.manual_seed(0)
-    model = build_from_config("classifier")
+    cfg = {k: v for k, v in tiny(load_config(name, "classifier")).items() if k not in CLASSIFIER_EXTRA_KEYS}
+    model = EncoderUNet(image_size=16, in_channels=1, out_channels=NUM_CLASSES, **cfg)
     logits = model(torch.randn(2, 1, 16, 16), torch.tensor([5, 900]))
     assert logits.shape == (2, NUM_CLASSES)
     logits.logsumexp(-1).sum().backward()
