@@ -30,7 +30,6 @@ from .rng import collect_rng_states, restore_rng_states
 
 NUM_QUARTILES = 4
 DATA_KEYS = ("image_size", "in_channels", "out_channels")  # come from the data set, not the config
-CLASSIFIER_EXTRA_KEYS = ("max_t",)  # config keys of the classifier group that are not EncoderUNet arguments
 CLASSIFIER_KEYS = tuple(name for name in inspect.signature(EncoderUNet).parameters if name not in DATA_KEYS)
 
 
