@@ -360,3 +360,14 @@ def test_calc_bpd_loop_bad_noise_shape():
     x0 = torch.zeros(2, 3, 2, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"noise must have shape \(4, 2, 3, 2, 2\)"):
         diffusion.calc_bpd_loop(TinyModel(3, 3), x0, noise=torch.zeros(3, 2, 3, 2, 2, dtype=torch.float64))
+
+
+def test_quartile_means_bucket_per_example_values_by_timestep():
+    from ddpm_lightning.diffusion import quartile_means, timestep_quartile
+
+    t = torch.tensor([0, 24, 25, 49, 50, 99, 99])
+    assert timestep_quartile(t, 100).tolist() == [0, 0, 1, 1, 2, 3, 3]
+    means, counts = quartile_means(torch.tensor([1.0, 3.0, 5.0, 5.0, 7.0, 2.0, 4.0]), t, 100)
+    assert means.tolist() == [2.0, 5.0, 7.0, 3.0] and counts.tolist() == [2.0, 2.0, 1.0, 2.0]
+    means, counts = quartile_means(torch.tensor([1.0]), torch.tensor([10]), 100)
+    assert means.tolist() == [1.0, 0.0, 0.0, 0.0] and counts.tolist() == [1.0, 0.0, 0.0, 0.0]  # empty: 0, not NaN

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 import yaml
 
 from ddpm_lightning.config import CONFIG_DIR
-
 from ddpm_lightning.models import (
     ADM_PRESETS,
     EncoderUNet,
@@ -747,6 +746,20 @@ def test_missing_and_unexpected_keys_listed():
     official["bogus.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"missing keys: label_emb\.weight.*unexpected keys: bogus\.weight"):
         load_adm_state_dict(small_unet(num_classes=3), official)
+
+
+def test_state_dict_mismatch_is_one_line_or_none():
+    from ddpm_lightning.models.state_dict import state_dict_mismatch
+
+    model = {f"w{i}": torch.zeros(2, 3) for i in range(7)}
+    assert state_dict_mismatch(model, dict(model)) is None
+    checkpoint = {**{f"w{i}": torch.zeros(2, 3) for i in range(1, 7)}, "w3": torch.zeros(3, 3), "extra": torch.zeros(1)}
+    del checkpoint["w6"]
+    assert state_dict_mismatch(model, checkpoint) == (
+        "first differing tensor w3: checkpoint [3, 3] vs model [2, 3]; 2 missing keys: w0, w6; "
+        "1 unexpected keys: extra")
+    many = state_dict_mismatch(model, {})
+    assert many == "7 missing keys: w0, w1, w2, w3, w4 (+2 more)" and "\n" not in many
 
 
 # ------------------------------------------------------------------------------------------ bad args

@@ -19,8 +19,7 @@ from omegaconf import OmegaConf
 from run_config import TINY, compose_run
 
 from ddpm_lightning.cli.report import main as report_main
-from ddpm_lightning.config import CONFIG_DIR
-from ddpm_lightning.config import register_configs
+from ddpm_lightning.config import CONFIG_DIR, register_configs
 from ddpm_lightning.modules.builders import build_diffusion, build_unet, learns_sigma
 from ddpm_lightning.reporting import build_table, collect_runs, metric_mode, read_run, to_markdown, write_report
 

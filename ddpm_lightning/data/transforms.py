@@ -23,7 +23,11 @@ def to_model_range(images: Tensor) -> Tensor:
 
 
 def to_uint8(images: Tensor) -> Tensor:
-    """float images in [-1, 1] (model range) -> uint8 in [0, 255], clamped and rounded."""
+    """float images in [-1, 1] (model range) -> uint8 in [0, 255], clamped and rounded.
+
+    Samples are saved and scored as these 8-bit images. (ADM's ``image_sample.py`` truncates instead of
+    rounding, which shifts every pixel down by half a level on average.)
+    """
     return ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
