@@ -5,7 +5,7 @@ Each job folder (one with a ``.hydra/`` folder) is one row: its overrides (``.hy
 the end-of-training scores in ``metrics.json``, the ``results.json`` of a ``ddpm-eval`` job (its scores as
 ``eval/...``) and, for failed runs, the message of ``summary.json`` / ``error.txt``. A job folder with none
 of these is still running, or ``incomplete`` when nothing in it has changed for ``stale_after_s`` (killed, out
-of time). Plain Python: no torch or Lightning; matplotlib (Agg) only when plotting.
+of time). Plain Python: no torch or Lightning; matplotlib (a Figure, no pyplot) only when plotting.
 """
 
 from __future__ import annotations
@@ -377,10 +377,7 @@ def write_csv(table: SweepTable, path: str | Path) -> Path:
 def plot(table: SweepTable, path: str | Path, metrics: Sequence[str] | None = None) -> Path:
     """Horizontal bars per run, one panel per metric (default: the ranking metric and the NLL estimate); the
     best run in a second colour, runs without a value labelled with their status."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend to choose, no global figure to close
 
     if metrics is None:
         metrics = [m for m in (table.metric, "val/vlb_bpd") if m]
@@ -388,8 +385,8 @@ def plot(table: SweepTable, path: str | Path, metrics: Sequence[str] | None = No
                    and any(_finite(r.metrics.get(m)) for r in table.runs)]
     labels = [f"{run.job}: {table.label(run)}" if run.job is not None else table.label(run) for run in table.runs]
     height = 1.0 + 0.35 * len(table.runs)
-    fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(4.5 * max(len(metrics), 1) + 2.5, height),
-                             sharey=True, squeeze=False)
+    fig = Figure(figsize=(4.5 * max(len(metrics), 1) + 2.5, height))
+    axes = fig.subplots(1, max(len(metrics), 1), sharey=True, squeeze=False)
     positions = list(range(len(table.runs)))[::-1]  # first job on top
     for ax, metric in zip(axes[0], metrics or [None], strict=False):
         values = [run.metrics.get(metric) if metric else None for run in table.runs]
@@ -413,7 +410,6 @@ def plot(table: SweepTable, path: str | Path, metrics: Sequence[str] | None = No
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -435,10 +431,7 @@ def _metric_like(table: SweepTable, *names: str) -> str | None:
 def plot_tradeoff(table: SweepTable, path: str | Path, key: str) -> Path:
     """The guidance trade-off in three panels, one point per completed run, joined in scale order and labelled
     with the scale: FID vs IS (fidelity vs diversity), precision vs recall, class accuracy vs scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend to choose, no global figure to close
 
     points = []
     for run in table.runs:
@@ -452,7 +445,8 @@ def plot_tradeoff(table: SweepTable, path: str | Path, key: str) -> Path:
     panels = [(_metric_like(table, "is_mean", "is_clf_mean"), _metric_like(table, "fid")),
               (_metric_like(table, "recall"), _metric_like(table, "precision")),
               (key, _metric_like(table, "class_accuracy"))]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    fig = Figure(figsize=(14, 4.2))
+    axes = fig.subplots(1, 3)
     for ax, (x_name, y_name) in zip(axes, panels, strict=True):
         pairs = [(scale, scale if x_name == key else metrics.get(x_name), metrics.get(y_name))
                  for scale, metrics in points]
@@ -473,7 +467,6 @@ def plot_tradeoff(table: SweepTable, path: str | Path, key: str) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
