@@ -18,7 +18,6 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
@@ -195,18 +194,10 @@ class ClassifierModule(pl.LightningModule):
                        f"({self.hparams.diffusion.get('schedule', 'linear')})")
 
 
-def _plain(node: Any) -> Any:
-    if isinstance(node, DictConfig | ListConfig):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
-
-
-def build_classifier_module(cfg: Mapping[str, Any] | DictConfig, datamodule) -> ClassifierModule:
-    """The ClassifierModule of a run config (``objective: classifier``); sizes and classes from the data.
-
-    Reads ``cfg.classifier`` (EncoderUNet args + ``max_t``), ``cfg.diffusion``, ``cfg.optim``, ``cfg.ema``.
+def build_classifier_module(run_config: Mapping[str, Any], datamodule) -> ClassifierModule:
+    """The ClassifierModule of a resolved run config as a plain dict (``objective: classifier``); sizes and
+    classes from the data. Reads ``classifier`` (EncoderUNet args + ``max_t``), ``diffusion``, ``optim``, ``ema``.
     """
-    run_config = _plain(cfg)
     classifier = dict(run_config.get("classifier") or {})
     if not classifier:
         raise ValueError("objective=classifier needs a classifier config group (e.g. classifier=default)")
