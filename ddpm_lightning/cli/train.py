@@ -31,7 +31,6 @@ from ..security import check_targets, redact_secrets
 from .errors import in_multirun, run_cli
 
 
-
 def _container(node) -> Any:
     return OmegaConf.to_container(node, resolve=True) if node is not None else None
 
