@@ -22,12 +22,11 @@ import torch
 from ddpm_lightning.callbacks.sample_grid import save_grid
 from ddpm_lightning.cli.compose import compose_run
 from ddpm_lightning.data import AnimalMNISTDataModule
-from ddpm_lightning.data.transforms import random_hflip
+from ddpm_lightning.data.transforms import random_hflip, to_uint8
 from ddpm_lightning.metrics import (
     GenerativeMetrics,
     load_feature_extractor,
     reference_stats,
-    to_uint8,
 )
 from ddpm_lightning.modules.checkpoint import load_diffusion_module
 

@@ -16,7 +16,7 @@ training seed; the other keys, and ``seed`` of a ``ddpm-eval`` job, are sampling
 the training seed when one varies (sampling seeds are averaged inside it and their spread reported apart), else the
 sampling seed. Jobs of the sweep that have no folder yet (from the folder's ``multirun.yaml``) and seeds that failed
 or are missing are listed per row. Plain Python: no torch or Lightning; scipy for t quantiles, Hydra's override
-parser for the expected jobs, matplotlib (Agg) only when plotting.
+parser for the expected jobs, matplotlib (a Figure, no pyplot) only when plotting.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class SweepTable:
 
 # ---------------------------------------------------------------------------------------------- reading
 def _override_dict(overrides: Sequence[str]) -> dict[str, str]:
-    """``["+loss_variant=a", "model=adm"]`` -> ``{"loss_variant": "a", "model": "adm"}``."""
+    """``["+train.p_uncond=0.1", "model=adm"]`` -> ``{"train.p_uncond": "0.1", "model": "adm"}``."""
     result = {}
     for item in overrides:
         key, sep, value = str(item).partition("=")
@@ -842,10 +842,7 @@ def write_summary_csv(aggregate: Aggregate, path: str | Path) -> Path:
 def plot(table: SweepTable, path: str | Path, metrics: Sequence[str] | None = None) -> Path:
     """Horizontal bars per run, one panel per metric (default: the ranking metric and the NLL estimate); the
     best run in a second colour, runs without a value labelled with their status."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend to choose, no global figure to close
 
     if metrics is None:
         metrics = [m for m in (table.metric, "val/vlb_bpd") if m]
@@ -853,8 +850,8 @@ def plot(table: SweepTable, path: str | Path, metrics: Sequence[str] | None = No
                    and any(_finite(r.metrics.get(m)) for r in table.runs)]
     labels = [f"{run.job}: {table.label(run)}" if run.job is not None else table.label(run) for run in table.runs]
     height = 1.0 + 0.35 * len(table.runs)
-    fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(4.5 * max(len(metrics), 1) + 2.5, height),
-                             sharey=True, squeeze=False)
+    fig = Figure(figsize=(4.5 * max(len(metrics), 1) + 2.5, height))
+    axes = fig.subplots(1, max(len(metrics), 1), sharey=True, squeeze=False)
     positions = list(range(len(table.runs)))[::-1]  # first job on top
     for ax, metric in zip(axes[0], metrics or [None], strict=False):
         values = [run.metrics.get(metric) if metric else None for run in table.runs]
@@ -878,17 +875,13 @@ def plot(table: SweepTable, path: str | Path, metrics: Sequence[str] | None = No
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def plot_rows(aggregate: Aggregate, path: str | Path, title: str = "", metrics: Sequence[str] | None = None) -> Path:
     """One panel per metric (default: the primary one and the NLL estimate): a bar per row at its mean with its
     t-interval as error bar (none for n=1), a dot per seed; the best row in a second colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend to choose, no global figure to close
 
     if metrics is None:
         metrics = [m for m in dict.fromkeys((aggregate.metric, "val/vlb_bpd"))
@@ -896,8 +889,8 @@ def plot_rows(aggregate: Aggregate, path: str | Path, title: str = "", metrics: 
     groups = aggregate.groups
     labels = [(f"{g.label} (n={g.stats[aggregate.metric].n})" if aggregate.metric in g.stats else g.label)
               + (" ★" if i == aggregate.best else " ≈" if i in aggregate.tied else "") for i, g in enumerate(groups)]
-    fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(4.5 * max(len(metrics), 1) + 3,
-                                                               1.0 + 0.4 * len(groups)), sharey=True, squeeze=False)
+    fig = Figure(figsize=(4.5 * max(len(metrics), 1) + 3, 1.0 + 0.4 * len(groups)))
+    axes = fig.subplots(1, max(len(metrics), 1), sharey=True, squeeze=False)
     positions = list(range(len(groups)))[::-1]  # first row on top
     for ax, metric in zip(axes[0], metrics or [None], strict=False):
         for pos, i, group in zip(positions, range(len(groups)), groups, strict=True):
@@ -920,7 +913,6 @@ def plot_rows(aggregate: Aggregate, path: str | Path, title: str = "", metrics: 
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -943,10 +935,7 @@ def plot_tradeoff(table: SweepTable, path: str | Path, key: str, aggregate: Aggr
     """The guidance trade-off in three panels, one point per completed run (with seed axes: per row, at its means
     over the seeds), joined in scale order and labelled with the scale: FID vs IS (fidelity vs diversity),
     precision vs recall, class accuracy vs scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend to choose, no global figure to close
 
     if aggregate is not None:
         sources = [(group.values, {m: s.mean for m, s in group.stats.items()}) for group in aggregate.groups]
@@ -962,7 +951,8 @@ def plot_tradeoff(table: SweepTable, path: str | Path, key: str, aggregate: Aggr
     panels = [(_metric_like(table, "is_mean", "is_clf_mean"), _metric_like(table, "fid")),
               (_metric_like(table, "recall"), _metric_like(table, "precision")),
               (key, _metric_like(table, "class_accuracy"))]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    fig = Figure(figsize=(14, 4.2))
+    axes = fig.subplots(1, 3)
     for ax, (x_name, y_name) in zip(axes, panels, strict=True):
         pairs = [(scale, scale if x_name == key else metrics.get(x_name), metrics.get(y_name))
                  for scale, metrics in points]
@@ -983,7 +973,6 @@ def plot_tradeoff(table: SweepTable, path: str | Path, key: str, aggregate: Aggr
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
-import pytest
 import torch
 
 
@@ -100,17 +99,6 @@ class NaNLossAt(pl.Callback):
 
 # ------------------------------------------------------------------------------------ running and comparing
 TESTS_DIR = Path(__file__).resolve().parent
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread, in-process and (``subprocess_env``) in subprocesses: on the shared 2-core machine
-    two OpenMP threads per process make the tiny runs ~20x slower, and the runs compared with each other
-    must use the same thread count to be bit-identical."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

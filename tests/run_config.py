@@ -16,7 +16,7 @@ TINY = [
     "diffusion.num_timesteps=50", "trainer.max_steps=4", "trainer.val_check_interval=4",
     "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
     "callbacks.progress_bar=null", "callbacks.sample_grid.every_n_steps=0", "callbacks.sample_grid.per_class=1",
-    "callbacks.sample_grid.num_samples=2", "callbacks.sample_grid.steps=2", "evaluate_after_fit=false",
+    "callbacks.sample_grid.num_samples=2", "callbacks.sample_grid.steps=2",
     # where an experiment scores samples: a tiny stand-in extractor, a handful of samples
     "++callbacks.generative_metrics.feature=tiny", "++callbacks.generative_metrics.num_samples=6",
     "++callbacks.generative_metrics.reference_n=24", "++callbacks.generative_metrics.metrics=[fid,kid,pr]",

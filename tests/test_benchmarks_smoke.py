@@ -22,15 +22,6 @@ from benchmarks.adm_reference import build_reference
 from ddpm_lightning.metrics import fid_helper_weights_path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two fighting other processes for the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", sorted(common.CONFIGS))
 def test_peer_models_match_our_architecture(name):
     config = common.quick(common.CONFIGS[name])
@@ -71,6 +62,7 @@ def run_quick(module: str, *args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow  # ~64 s on a loaded 2-core machine; the architecture tests above cover its models
 def test_unet_benchmark_quick():
     out = run_quick("unet", "--ablations", "--profile")
     for text in ("small-adm", "default-exp", "diffusers", "adm-ref", "% GEMM peak", "AdamW fused",
@@ -92,6 +84,7 @@ def test_fid_features_benchmark_quick():
     assert len(diffs) == 2 and all(float(d) < 1e-3 for d in diffs)  # the same features on every path
 
 
+@pytest.mark.slow  # ~220 s on a loaded 2-core machine: two short trainings and their FID
 def test_time_to_quality_benchmark_runs_both_contenders(tmp_path):
     """A few seconds of each contender with a tiny feature network: the table, JSON and side-by-side grid."""
     tiny = ["callbacks.generative_metrics.feature=tiny", "callbacks.generative_metrics.metrics=[fid]",

@@ -10,11 +10,12 @@ from ddpm_lightning.diffusion import (
     GaussianDiffusion,
     IgnoreLabels,
     build_guidance,
-    guidance_info,
     make_beta_schedule,
+    timestep_quartile,
 )
 from ddpm_lightning.modules.checkpoint import load_diffusion_module
 from ddpm_lightning.modules.classifier_module import ClassifierModule, load_classifier_module
+from ddpm_lightning.modules.guidance import guidance_info
 from ddpm_lightning.sampling import sample_images
 
 T, SIZE, CLASSES = 100, 8, 4
@@ -176,7 +177,7 @@ def test_max_t_and_validation_timesteps():
     assert module.max_t == 40 and module.diffusion.num_timesteps == T
     t = module.validation_timesteps(64, torch.Generator().manual_seed(1), "cpu")
     assert int(t.min()) >= 0 and int(t.max()) < 40
-    assert torch.equal(module.quartile(t), torch.arange(64) % 4)  # stratified: example i in quartile i % 4
+    assert torch.equal(timestep_quartile(t, module.max_t), torch.arange(64) % 4)  # stratified: i in quartile i % 4
     assert torch.equal(t, module.validation_timesteps(64, torch.Generator().manual_seed(1), "cpu"))
     respaced = make_module(diffusion={**DIFFUSION, "timestep_respacing": "10"})
     assert respaced.diffusion.num_timesteps == T  # the classifier always learns every original step

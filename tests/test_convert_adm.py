@@ -39,14 +39,6 @@ TINY_FLAGS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomize(module: torch.nn.Module) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():

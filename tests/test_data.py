@@ -25,7 +25,7 @@ from ddpm_lightning.data import (
     TorchvisionDataModule,
     sources,
 )
-from ddpm_lightning.data.transforms import ToModelBatch, fit_images, to_model_range, to_uint8
+from ddpm_lightning.data.transforms import ToModelBatch, fit_images, random_hflip, to_model_range, to_uint8
 
 CONF_DIR = Path(CONFIG_DIR) / "data"
 
@@ -124,12 +124,12 @@ def test_flip_limit_and_split_options():
     assert (len(dm.data_train), len(dm.data_val)) == (80, 20)
     torch.manual_seed(0)
     x = torch.arange(2 * 3 * 4, dtype=torch.uint8).view(2, 1, 3, 4).repeat(64, 1, 1, 1)
-    out, _ = ToModelBatch(random_flip=True)((x, torch.zeros(128, dtype=torch.int64)))
+    out = random_hflip(to_model_range(x))
     flipped = (out == to_model_range(x).flip(-1)).flatten(1).all(1)
     assert 0 < flipped.sum() < 128
-    samples = [(x[i], torch.tensor(i)) for i in range(3)]
-    out, y = ToModelBatch(random_flip=False)(samples)
-    assert torch.equal(to_uint8(out), x[:3]) and y.tolist() == [0, 1, 2]
+    out, y = ToModelBatch()(dm.data_train.__getitems__([0, 1, 2]))
+    assert out.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.equal(to_uint8(out), dm.data_train.__getitems__([0, 1, 2])[0]) and y.shape == (3,)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from reference import LN2, Ref, decoder_loglik
 from torch import nn
 
 from ddpm_lightning.diffusion import (
@@ -22,84 +23,6 @@ from ddpm_lightning.diffusion import (
 )
 
 SHAPE = (4, 3, 4, 4)
-LN2 = math.log(2.0)
-
-
-# ----------------------------------------------------------------------------- reference
-class Ref:
-    def __init__(self, betas, keep=None):
-        ab_full = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
-        self.kept = list(range(len(ab_full))) if keep is None else sorted(keep)
-        ab = ab_full[self.kept]
-        ab_prev = np.append(1.0, ab[:-1])
-        beta = 1.0 - ab / ab_prev
-        post_var = beta * (1.0 - ab_prev) / (1.0 - ab)
-        t = torch.tensor
-        self.K = len(self.kept)
-        self.ab, self.beta = t(ab), t(beta)
-        self.post_logvar = t(np.log(np.append(post_var[1], post_var[1:])))
-        self.large_logvar = t(np.log(np.append(post_var[1], beta[1:])))
-        self.coef_x0 = t(np.sqrt(ab_prev) * beta / (1.0 - ab))
-        self.coef_xt = t(np.sqrt(1 - beta) * (1.0 - ab_prev) / (1.0 - ab))
-
-    @staticmethod
-    def col(table, t):
-        return table[t].reshape(-1, 1, 1, 1)
-
-    def q_sample(self, x0, t, noise):
-        ab = self.col(self.ab, t)
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-
-    def x0_from(self, mean_type, pred, x, t):
-        ab = self.col(self.ab, t)
-        if mean_type == "eps":
-            return (x - (1 - ab).sqrt() * pred) / ab.sqrt()
-        if mean_type == "v":
-            return ab.sqrt() * x - (1 - ab).sqrt() * pred
-        return pred
-
-    def p(self, mean_type, var_type, out, x, t, clip):
-        C = x.shape[1]
-        pred, var_out = (out[:, :C], out[:, C:]) if var_type.startswith("learned") else (out, None)
-        x0 = self.x0_from(mean_type, pred, x, t)
-        if clip:
-            x0 = x0.clamp(-1, 1)
-        logvar = {"fixed_small": lambda: self.col(self.post_logvar, t).expand_as(x),
-                  "fixed_large": lambda: self.col(self.large_logvar, t).expand_as(x),
-                  "learned": lambda: var_out,
-                  "learned_range": lambda: ((var_out + 1) / 2 * self.col(self.beta.log(), t)
-                                            + (1 - var_out) / 2 * self.col(self.post_logvar, t))}[var_type]()
-        return self.col(self.coef_x0, t) * x0 + self.col(self.coef_xt, t) * x, logvar, x0
-
-    def vb_bits(self, mean_type, var_type, out, x0, x_t, t, clip=False):
-        """L_t per example in bits/dim: KL to the true posterior (t>0), decoder NLL (t=0)."""
-        mean, logvar, _ = self.p(mean_type, var_type, out, x_t, t, clip)
-        true_mean = self.col(self.coef_x0, t) * x0 + self.col(self.coef_xt, t) * x_t
-        v1, v2 = self.col(self.post_logvar, t).exp(), logvar.exp()
-        kl = 0.5 * ((v2 / v1).log() + (v1 + (true_mean - mean) ** 2) / v2 - 1)
-        nll = -decoder_loglik(x0, mean, 0.5 * logvar)
-        per_elem = torch.where(self.col(t, torch.arange(len(t))) == 0, nll, kl)
-        return per_elem.flatten(1).mean(1) / LN2
-
-    def target(self, mean_type, x0, noise, t):
-        ab = self.col(self.ab, t)
-        return {"eps": noise, "x0": x0, "v": ab.sqrt() * noise - (1 - ab).sqrt() * x0}[mean_type]
-
-
-def tanh_cdf(z):
-    return 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
-
-
-def decoder_loglik(x0, mean, log_scale):
-    """log of the Gaussian mass of x0's 8-bit bin; the edge bins reach to -inf / +inf.
-
-    The mass is floored at 1e-12 as in the DDPM reference code (the tanh CDF saturates to exactly 0/1).
-    """
-    s = log_scale.exp()
-    cdf_hi, cdf_lo = tanh_cdf((x0 + 1 / 255 - mean) / s), tanh_cdf((x0 - 1 / 255 - mean) / s)
-    # the bin [-inf, -1 + 1/255] has mass cdf_hi, the bin [1 - 1/255, inf] has mass 1 - cdf_lo
-    mass = torch.where(x0 <= -1 + 1e-6, cdf_hi, torch.where(x0 >= 1 - 1e-6, 1 - cdf_lo, cdf_hi - cdf_lo))
-    return mass.clamp(min=1e-12).log()
 
 
 class TinyModel(nn.Module):
@@ -360,3 +283,14 @@ def test_calc_bpd_loop_bad_noise_shape():
     x0 = torch.zeros(2, 3, 2, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"noise must have shape \(4, 2, 3, 2, 2\)"):
         diffusion.calc_bpd_loop(TinyModel(3, 3), x0, noise=torch.zeros(3, 2, 3, 2, 2, dtype=torch.float64))
+
+
+def test_quartile_means_bucket_per_example_values_by_timestep():
+    from ddpm_lightning.diffusion import quartile_means, timestep_quartile
+
+    t = torch.tensor([0, 24, 25, 49, 50, 99, 99])
+    assert timestep_quartile(t, 100).tolist() == [0, 0, 1, 1, 2, 3, 3]
+    means, counts = quartile_means(torch.tensor([1.0, 3.0, 5.0, 5.0, 7.0, 2.0, 4.0]), t, 100)
+    assert means.tolist() == [2.0, 5.0, 7.0, 3.0] and counts.tolist() == [2.0, 2.0, 1.0, 2.0]
+    means, counts = quartile_means(torch.tensor([1.0]), torch.tensor([10]), 100)
+    assert means.tolist() == [1.0, 0.0, 0.0, 0.0] and counts.tolist() == [1.0, 0.0, 0.0, 0.0]  # empty: 0, not NaN

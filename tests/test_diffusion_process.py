@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from reference import Ref
 
 from ddpm_lightning.diffusion import (
     LOSS_TYPES,
@@ -18,62 +19,6 @@ from ddpm_lightning.diffusion import (
 )
 
 SHAPE = (4, 3, 4, 4)
-
-
-# ----------------------------------------------------------------------------- reference (DDPM / IDDPM eqs.)
-class Ref:
-    """The (respaced) process from the papers in float64, built from the ORIGINAL alpha_bar at kept steps."""
-
-    def __init__(self, betas, keep=None):
-        ab_full = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
-        self.kept = list(range(len(ab_full))) if keep is None else sorted(keep)
-        ab = ab_full[self.kept]
-        ab_prev = np.append(1.0, ab[:-1])
-        alpha = ab / ab_prev
-        beta = 1.0 - alpha
-        post_var = beta * (1.0 - ab_prev) / (1.0 - ab)  # DDPM eq. 7
-        t = torch.tensor
-        self.K = len(self.kept)
-        self.ab, self.ab_prev, self.beta = t(ab), t(ab_prev), t(beta)
-        self.post_var = t(post_var)
-        self.post_logvar = t(np.log(np.append(post_var[1], post_var[1:])))
-        self.large_logvar = t(np.log(np.append(post_var[1], beta[1:])))
-        self.coef_x0 = t(np.sqrt(ab_prev) * beta / (1.0 - ab))
-        self.coef_xt = t(np.sqrt(alpha) * (1.0 - ab_prev) / (1.0 - ab))
-
-    @staticmethod
-    def col(table, t):
-        return table[t].reshape(-1, 1, 1, 1)
-
-    def x0_from(self, mean_type, pred, x, t):
-        ab = self.col(self.ab, t)
-        if mean_type == "eps":
-            return (x - (1 - ab).sqrt() * pred) / ab.sqrt()
-        if mean_type == "v":
-            return ab.sqrt() * x - (1 - ab).sqrt() * pred
-        return pred
-
-    def p_mean_variance(self, mean_type, var_type, out, x, t, clip):
-        out, x = out.double(), x.double()
-        C = x.shape[1]
-        pred, var_out = (out[:, :C], out[:, C:]) if var_type.startswith("learned") else (out, None)
-        x0 = self.x0_from(mean_type, pred, x, t)
-        if clip:
-            x0 = x0.clamp(-1, 1)
-        if var_type == "fixed_small":
-            logvar = self.col(self.post_logvar, t).expand_as(x)
-        elif var_type == "fixed_large":
-            logvar = self.col(self.large_logvar, t).expand_as(x)
-        elif var_type == "learned":
-            logvar = var_out
-        else:
-            frac = (var_out + 1) / 2
-            logvar = frac * self.col(self.beta.log(), t) + (1 - frac) * self.col(self.post_logvar, t)
-        mean = self.col(self.coef_x0, t) * x0 + self.col(self.coef_xt, t) * x
-        # As in OpenAI's code, fixed_small reports the unclipped beta-tilde as "variance" (0 at t=0) and
-        # the clipped log(beta-tilde) as "log_variance"; everywhere else variance = exp(log_variance).
-        variance = self.col(self.post_var, t).expand_as(x) if var_type == "fixed_small" else logvar.exp()
-        return {"mean": mean, "variance": variance, "log_variance": logvar, "pred_xstart": x0}
 
 
 def make_output(var_type, x, gen, scale=1.0):

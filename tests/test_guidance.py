@@ -10,9 +10,9 @@ from ddpm_lightning.diffusion import (
     build_guidance,
     check_classifier_compatible,
     classifier_cond_fn,
-    guidance_info,
     make_beta_schedule,
 )
+from ddpm_lightning.modules.guidance import guidance_info
 from ddpm_lightning.sampling import SAMPLE_METHODS, ClassifierFreeGuidance, sample_images, sampling_process
 
 T = 100

@@ -70,6 +70,7 @@ def test_guidance_sweep_runs_and_reports(checkpoints, tmp_path):
     assert all(0.0 <= float(row["eval/class_accuracy"]) <= 1.0 for row in rows)
 
 
+@pytest.mark.slow  # ~35 s; the -m variant below checks the same required-key error (and that nothing launches)
 def test_guidance_sweep_without_a_classifier_is_one_line(checkpoints, tmp_path):
     model, _ = checkpoints
     result = _eval("experiment=guidance_sweep", f"ckpt={model}", f"hydra.run.dir={tmp_path}/out", cwd=tmp_path)

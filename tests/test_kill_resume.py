@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults import (  # noqa: F401  (one_torch_thread: an autouse fixture)
+from faults import (
     assert_same_curve,
     assert_same_training,
-    one_torch_thread,
     read_loss_curve,
     subprocess_env,
     train_command,

@@ -9,7 +9,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from faults import one_torch_thread  # noqa: F401  (autouse fixture)
 from omegaconf import OmegaConf
 from run_config import TINY, compose_run
 

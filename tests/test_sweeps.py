@@ -144,22 +144,44 @@ def test_ablate_arch_covers_the_paper_rows():
 
 
 def test_ablate_loss_rows_are_distinct_and_build(tmp_path):
-    rows = _sweep_values("ablate_loss", "+loss_variant")
-    assert "vlb_cosine_is" not in rows  # equals vlb_cosine until ~750 steps: a longer run of its own
+    rows = _sweep_values("ablate_loss", "diffusion")
     settings = {}
-    for row in [*rows, "vlb_cosine_is"]:
-        cfg = compose_run(["experiment=ablate_loss", f"+loss_variant={row}"], tmp_path)
+    for row in rows:
+        cfg = compose_run(["experiment=ablate_loss", f"diffusion={row}"], tmp_path)
         diffusion = OmegaConf.to_container(cfg.diffusion, resolve=True)
         build_diffusion(diffusion)  # valid values
-        settings[row] = (diffusion["schedule"], diffusion["mean_type"], diffusion["var_type"],
-                         diffusion["loss_type"], cfg.train.timestep_sampler)
-    assert len(set(settings.values())) == len(rows) + 1
-    assert settings["simple_linear"] == ("linear", "eps", "fixed_small", "simple", "uniform")
-    assert settings["hybrid_cosine"] == ("cosine", "eps", "learned_range", "hybrid", "uniform")
-    assert settings["vlb_cosine_is"][-1] == "loss-second-moment"
+        settings[row] = (diffusion["schedule"], diffusion["mean_type"], diffusion["var_type"], diffusion["loss_type"])
+    assert len(set(settings.values())) == len(rows) == 8
+    assert settings["ddpm"] == ("linear", "eps", "fixed_small", "simple")
+    assert settings["improved"] == ("cosine", "eps", "learned_range", "hybrid")
+    assert settings["vlb"] == ("cosine", "eps", "learned_range", "vlb")
     values = {field: {s[i] for s in settings.values()} for i, field in enumerate(("schedule", "mean", "var", "loss"))}
     assert values["loss"] == {"simple", "hybrid", "vlb"} and values["mean"] == {"eps", "x0"}
     assert {"fixed_small", "fixed_large", "learned", "learned_range"} == values["var"]
+
+
+def test_diffusion_rows_extend_a_base_with_the_keys_that_change():
+    """Each loss row restates only what differs from the config it extends (Hydra's extend-a-base pattern)."""
+    folder = Path(CONFIG_DIR) / "diffusion"
+    for path in folder.glob("*.yaml"):
+        node = OmegaConf.load(path)
+        if path.stem == "ddpm":
+            continue  # the base: every key
+        (base,) = [entry for entry in node.defaults if entry != "_self_"]
+        own = {key for key in node if key != "defaults"}
+        assert 1 <= len(own) <= 3, (path.name, own)
+        assert (folder / f"{base}.yaml").exists()
+
+
+def test_classifier_configs_build_an_encoder_unet(tmp_path):
+    from ddpm_lightning.modules.classifier_module import build_encoder_unet
+
+    for name in ("default", "wide"):
+        cfg = compose_run(["objective=classifier", f"classifier={name}"], tmp_path)
+        args = {k: v for k, v in OmegaConf.to_container(cfg.classifier, resolve=True).items() if k != "max_t"}
+        net = build_encoder_unet(args, image_size=32, channels=1, num_classes=10)
+        assert sum(p.numel() for p in net.parameters()) > 0
+    assert not (Path(CONFIG_DIR) / "model" / "classifier.yaml").exists()  # not a UNet config
 
 
 def test_launcher_and_search_configs_compose():
@@ -265,17 +287,17 @@ def test_wandb_names_groups_and_tags_a_sweep_job(tmp_path):
     from ddpm_lightning.cli.train import _wandb_defaults
 
     long_override = "paths.data_dir=/" + "x" * 80
-    cfg = _compose_hydra(["experiment=ablate_loss", "logger=many", "+loss_variant=vlb_cosine", long_override])
+    cfg = _compose_hydra(["experiment=ablate_loss", "logger=many", "diffusion=vlb", long_override])
     with open_dict(cfg):
         cfg.hydra.mode = RunMode.MULTIRUN
         cfg.hydra.sweep.dir = str(tmp_path / "2026-01-01_00-00-00")
-        cfg.hydra.job.override_dirname = "+loss_variant=vlb_cosine"
+        cfg.hydra.job.override_dirname = "diffusion=vlb"
     HydraConfig.instance().set_config(cfg)
     node = OmegaConf.to_container(_wandb_defaults(cfg.logger.wandb, cfg))
-    assert node["group"] == "ablate_loss-2026-01-01_00-00-00" and node["name"] == "+loss_variant=vlb_cosine"
+    assert node["group"] == "ablate_loss-2026-01-01_00-00-00" and node["name"] == "diffusion=vlb"
     assert node["tags"][:2] == ["ablate_loss", "animal_mnist"]  # the experiment's tags, then the overrides
-    assert "+loss_variant=vlb_cosine" in node["tags"] and all(len(tag) <= 64 for tag in node["tags"])
-    assert node["config"]["overrides"]["loss_variant"] == "vlb_cosine"
+    assert "diffusion=vlb" in node["tags"] and all(len(tag) <= 64 for tag in node["tags"])
+    assert node["config"]["overrides"]["diffusion"] == "vlb"
 
 
 @pytest.mark.parametrize(("mode", "expected"), [("RUN", False), ("MULTIRUN", True)])
@@ -307,7 +329,7 @@ def test_missing_objective_message_says_what_to_change():
 
 # ------------------------------------------------------------------------------------ seeds as an axis
 @pytest.mark.parametrize(("experiment", "key", "seed_key"), [("ablate_arch", "model", "seed"),
-                                                             ("ablate_loss", "+loss_variant", "seed")])
+                                                             ("ablate_loss", "diffusion", "seed")])
 def test_ablation_experiments_sweep_three_training_seeds_first(experiment, key, seed_key):
     params = _compose_hydra([f"experiment={experiment}"]).hydra.sweeper.params
     assert list(params)[:2] == [seed_key, key]  # seed-major: an interrupted sweep has whole seeds

@@ -28,6 +28,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from ..models.state_dict import state_dict_mismatch
 from ..modules.checkpoint import load_checkpoint_dict
 
 log = logging.getLogger(__name__)
@@ -161,17 +162,9 @@ def check_checkpoint_fits(module: torch.nn.Module, checkpoint: dict[str, Any], p
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} has no state_dict: it is not a training checkpoint of this framework")
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if not (missing or unexpected or mismatched):
+    detail = state_dict_mismatch(module.state_dict(), state)
+    if detail is None:
         return
-    if mismatched:
-        key = mismatched[0]
-        detail = f"{key} is {list(state[key].shape)} in the checkpoint, {list(own[key].shape)} in this run"
-    else:
-        detail = f"{len(missing)} missing and {len(unexpected)} unexpected tensors, e.g. {(missing or unexpected)[0]}"
     saved = checkpoint.get("hyper_parameters") or {}
     current = dict(getattr(module, "hparams", {}) or {})
     flags = _hparam_differences(saved, current) if isinstance(saved, dict) else []
@@ -180,5 +173,5 @@ def check_checkpoint_fits(module: torch.nn.Module, checkpoint: dict[str, Any], p
         kind = " (a classifier checkpoint for a diffusion run, or the reverse)"
     reason = "; ".join(flags[:3]) if flags else detail
     raise ValueError(f"checkpoint {path} was trained with a different architecture{kind}: {reason} "
-                     f"(first tensor that does not fit: {detail}); resume with the same model, diffusion and "
+                     f"({detail}); resume with the same model, diffusion and "
                      f"data settings, or start a new run folder")

@@ -25,7 +25,7 @@ from ..metrics import (
     reference_stats,
     to_uint8,
 )
-from ..modules.classifier_module import load_classifier_guidance
+from ..modules.guidance import load_classifier_guidance
 from ..sampling import check_sampling_options
 
 OUTPUT_KEYS = {"fid": ("fid",), "kid": ("kid_mean",), "pr": ("precision", "recall"), "is": ("is_mean",),

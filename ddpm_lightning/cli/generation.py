@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from ..callbacks.sample_grid import save_grid
 from ..metrics import to_uint8
 from ..modules.checkpoint import load_diffusion_module
-from ..modules.classifier_module import load_classifier_guidance
+from ..modules.guidance import load_classifier_guidance
 from ..sampling import check_sampling_options
 
 

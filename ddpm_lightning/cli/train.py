@@ -150,6 +150,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         with warnings.catch_warnings():  # our sampler resumes mid-epoch exactly (data/sampler.py): not a concern
             warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch")
+            # the EMA copy stays in eval mode on purpose (evaluated, never trained): not the mistake Lightning fears
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         _finish_wandb(failed=sys.exc_info()[0] is not None)

@@ -99,7 +99,6 @@ class RunConfig:
     seed: int = 0
     ckpt_path: Any = None  # a checkpoint to resume from
     resume: Any = None  # "auto": the last good checkpoint of this run folder, if any
-    evaluate_after_fit: bool = True
     optimized_metric: str = "val/vlb_bpd"  # returned by the Hydra main: the objective of hparams_search
     objective: str = "diffusion"  # diffusion | classifier (the noisy classifier for guidance)
     classifier: Any = None  # EncoderUNet args + max_t (conf/classifier/), used when objective=classifier

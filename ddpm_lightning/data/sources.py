@@ -102,14 +102,6 @@ class InMemorySource:
         return self.images[torch.as_tensor(indices, dtype=torch.int64)]
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------------------- animal-mnist
 # animal-mnist==0.4 ships its arrays as gzip'd pickles. Unpickling can run arbitrary code, so we only
 # unpickle these two files of that pinned package version, after checking their SHA-256 against the

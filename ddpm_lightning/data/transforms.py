@@ -6,7 +6,6 @@ per-sample work is done for data held in memory.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -24,7 +23,11 @@ def to_model_range(images: Tensor) -> Tensor:
 
 
 def to_uint8(images: Tensor) -> Tensor:
-    """float images in [-1, 1] (model range) -> uint8 in [0, 255], clamped and rounded."""
+    """float images in [-1, 1] (model range) -> uint8 in [0, 255], clamped and rounded.
+
+    Samples are saved and scored as these 8-bit images. (ADM's ``image_sample.py`` truncates instead of
+    rounding, which shifts every pixel down by half a level on average.)
+    """
     return ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
@@ -99,34 +102,10 @@ def fit_pil(image: Image.Image, image_size: int, crop: int | None = None) -> Ima
 
 
 class ToModelBatch:
-    """``collate_fn`` producing ``(x float32 [B, C, H, W] in [-1, 1], y int64 [B])``.
+    """``collate_fn`` for batches fetched whole by ``ImageSubset.__getitems__``: ``(uint8 images, labels)`` ->
+    ``(x float32 [B, C, H, W] in [-1, 1], y int64 [B])``. Flips are drawn after transfer by the data module (so
+    that prefetching does not shift the RNG stream: exact resume)."""
 
-    Accepts either a pre-batched ``(uint8 images, labels)`` pair (what ``ImageSubset.__getitems__``
-    returns) or a list of ``(uint8 image, label)`` samples. Flips left-right per image when
-    ``random_flip`` (global torch RNG). The data modules flip after transfer instead, so that
-    prefetching does not shift the RNG stream (exact resume).
-    """
-
-    def __init__(self, random_flip: bool = False) -> None:
-        self.random_flip = random_flip
-
-    def __call__(
-        self, batch: tuple[Tensor, Tensor] | Sequence[tuple[Tensor, Tensor]]
-    ) -> tuple[Tensor, Tensor]:
-        if (
-            isinstance(batch, tuple)
-            and len(batch) == 2
-            and isinstance(batch[0], Tensor)
-            and batch[0].ndim == 4
-        ):
-            images, labels = batch
-        else:
-            images = torch.stack([item[0] for item in batch])
-            labels = torch.as_tensor([int(item[1]) for item in batch], dtype=torch.int64)
-        x = to_model_range(images)
-        if self.random_flip:
-            x = random_hflip(x)
-        return x, labels.to(torch.int64)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(random_flip={self.random_flip})"
+    def __call__(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        images, labels = batch
+        return to_model_range(images), labels.to(torch.int64)

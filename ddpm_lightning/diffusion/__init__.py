@@ -7,6 +7,7 @@ from .likelihood import (
     mean_flat,
     normal_kl,
 )
+from .quartiles import NUM_QUARTILES, quartile_means, timestep_quartile
 from .schedules import SCHEDULES, make_beta_schedule, respace_betas, space_timesteps
 from .timestep_samplers import (
     SAMPLERS,
@@ -23,6 +24,7 @@ __all__ = [
     "discretized_gaussian_log_likelihood", "approx_standard_normal_cdf", "mean_flat",
     "ScheduleSampler", "UniformSampler", "LossSecondMomentResampler", "LossAwareSampler",
     "create_named_schedule_sampler", "MEAN_TYPES", "VAR_TYPES", "LOSS_TYPES", "SCHEDULES", "SAMPLERS",
+    "NUM_QUARTILES", "quartile_means", "timestep_quartile",
 ]
 
 from .guidance import (  # noqa: E402
@@ -31,11 +33,10 @@ from .guidance import (  # noqa: E402
     build_guidance,
     check_classifier_compatible,
     classifier_cond_fn,
-    guidance_info,
 )
 
-__all__ += ["classifier_cond_fn", "check_classifier_compatible", "build_guidance", "guidance_info",
-            "GUIDANCE_INFO_KEYS", "IgnoreLabels"]
+__all__ += ["classifier_cond_fn", "check_classifier_compatible", "build_guidance", "GUIDANCE_INFO_KEYS",
+            "IgnoreLabels"]
 
 from .noise import PerSampleNoise, generator_noise, sample_seed  # noqa: E402
 from .samplers import (  # noqa: E402

@@ -6,7 +6,8 @@ adds ``Sigma *`` it to the DDPM mean (Algorithm 1) and ``condition_score`` subtr
 original-process timesteps, so it must have been trained on the same T and beta schedule as the diffusion
 model: ``check_classifier_compatible`` compares the two.
 
-Compatibility info dicts (``guidance_info``) hold plain values:
+Compatibility info dicts hold plain values (``modules.guidance.guidance_info`` reads them from a checkpoint's
+hyperparameters):
 
 * ``num_timesteps`` (int): T of the original process,
 * ``schedule`` (str): the beta schedule name (``linear``, ``cosine``),
@@ -57,25 +58,11 @@ def classifier_cond_fn(classifier: Classifier, scale: float) -> CondFn:
     return cond_fn
 
 
-def guidance_info(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """The compatibility info of a DiffusionModule's or ClassifierModule's hyperparameters (plain dicts).
-
-    Reads ``diffusion.num_timesteps`` / ``diffusion.schedule`` (defaults 1000 / linear, as
-    ``build_diffusion``), ``image_size``, ``channels`` and ``num_classes``.
-    """
-    diffusion = hparams.get("diffusion") or {}
-    num_classes = hparams.get("num_classes")
-    return {"num_timesteps": int(diffusion.get("num_timesteps", 1000)),
-            "schedule": str(diffusion.get("schedule", "linear")),
-            "image_size": int(hparams["image_size"]), "channels": int(hparams["channels"]),
-            "num_classes": None if num_classes is None else int(num_classes)}
-
-
 def check_classifier_compatible(classifier_info: Mapping[str, Any],
                                 diffusion_info: Mapping[str, Any]) -> None:
     """Raise ValueError naming the first mismatch (T, schedule, image size, channels, classes).
 
-    Both dicts hold ``GUIDANCE_INFO_KEYS`` (see ``guidance_info``). Classes are compared only when the
+    Both dicts hold ``GUIDANCE_INFO_KEYS`` (see the module docstring). Classes are compared only when the
     diffusion model's data set has labels (``num_classes`` not None).
     """
     for name, info in (("classifier", classifier_info), ("diffusion", diffusion_info)):

@@ -10,6 +10,7 @@ and ``GenerativeMetrics`` as the single entry point::
     scores = GenerativeMetrics(extractor, ref, ("fid", "kid", "pr")).compute(to_uint8(samples))
 """
 
+from ..data.transforms import to_uint8  # the owner of the uint8 <-> [-1, 1] conversion
 from .classifier import (
     CleanClassifier,
     cached_clean_classifier,
@@ -29,7 +30,6 @@ from .features import (
     feature_extractor_id,
     fid_helper_weights_path,
     load_feature_extractor,
-    to_uint8,
     torch_fidelity_weights_path,
 )
 from .generative import METRICS, GenerativeMetrics

@@ -66,15 +66,6 @@ TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_SIZE = 299
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Quantise images in [-1, 1] to uint8 with rounding: ``((x + 1) * 127.5).round().clamp(0, 255)``.
-
-    Samples are scored as the 8-bit images one would save. (ADM's ``image_sample.py`` truncates instead of
-    rounding, which shifts every pixel down by half a level on average.)
-    """
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
 def as_rgb_uint8(images: torch.Tensor) -> torch.Tensor:
     """Check uint8 ``[N, C, H, W]`` with C in (1, 3); repeat a single channel to 3."""
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:

@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .state_dict import state_dict_mismatch
+
 _BLOCK = r"(?:input_blocks\.\d+\.\d+|middle_block\.\d+|output_blocks\.\d+\.\d+)"
 _PARAM = r"\.(?:weight|bias)"
 # (pattern, is a 1x1-conv weight that we hold as a Linear weight)
@@ -68,7 +70,6 @@ KEY_MAP: tuple[tuple[re.Pattern[str], bool], ...] = tuple(
         (r"out\.2\.(?:qkv_proj|c_proj)\.bias", False),
     )
 )
-_SHOW = 5
 
 
 def _rule(key: str) -> bool | None:
@@ -106,11 +107,6 @@ def to_adm_state_dict(state: nn.Module | Mapping[str, torch.Tensor]) -> dict[str
     return out
 
 
-def _head(keys: list[str]) -> str:
-    more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
-    return ", ".join(keys[:_SHOW]) + more
-
-
 def load_adm_state_dict(
     module: nn.Module, state_dict: Mapping[str, torch.Tensor], assign: bool = False
 ) -> nn.Module:
@@ -121,26 +117,9 @@ def load_adm_state_dict(
     Raises ValueError, in one line, on the first tensor whose shape differs and on missing/unexpected keys.
     """
     converted, unknown = convert_adm_state_dict(state_dict)
-    target = module.state_dict()
-    problems = []
-    for key, ours in target.items():
-        theirs = converted.get(key)
-        if theirs is not None and theirs.shape != ours.shape:
-            problems.append(
-                f"first differing tensor {key}: checkpoint {list(state_dict[key].shape)} "
-                f"vs model {list(ours.shape)}"
-            )
-            break
-    missing = [k for k in target if k not in converted]
-    unexpected = unknown + [k for k in converted if k not in target]
-    if missing:
-        problems.append(f"{len(missing)} missing keys: {_head(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {_head(unexpected)}")
-    if problems:
-        raise ValueError(
-            "ADM checkpoint does not fit this model (do its flags match?): " + "; ".join(problems)
-        )
+    problem = state_dict_mismatch(module.state_dict(), {**{k: state_dict[k] for k in unknown}, **converted})
+    if problem:
+        raise ValueError(f"ADM checkpoint does not fit this model (do its flags match?): {problem}")
     module.load_state_dict(converted, strict=True, assign=assign)
     return module
 

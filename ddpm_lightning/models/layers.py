@@ -9,10 +9,9 @@ modules almost one to one (see :mod:`ddpm_lightning.models.adm_checkpoint`). Wha
 * gradient checkpointing is ``torch.utils.checkpoint`` (non-reentrant); mixed precision is left to autocast;
 * ``ResBlock(rescale=True)`` divides the residual sum by sqrt(2) (the paper's "rescale resblock" ablation).
 
-Speed (measured with ``python -m benchmarks.unet``; same values and state-dict keys either way): nearest x2
-upsampling is a broadcast copy whose backward is 2x2 sum pooling (:func:`upsample_nearest2x`), and a 1x1
-``skip_connection`` runs as a batched GEMM while autograd records (:func:`conv1x1`). Every block keeps a
-channels_last input channels_last, so ``net.to(memory_format=torch.channels_last)`` works end to end.
+Every op is torch's own (a forward + backward of the default experiment's UNet with hand-written nearest
+upsampling and 1x1-skip kernels measured the same as with torch's ops); every block keeps a channels_last
+input channels_last, so ``net.to(memory_format=torch.channels_last)`` works end to end.
 """
 
 from __future__ import annotations
@@ -55,49 +54,6 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-class _NearestUp2x(torch.autograd.Function):
-    """Nearest x2 upsampling as one broadcast copy; backward = 2x2 sum pooling (one pooling kernel).
-
-    Autograd's own backward of the broadcast copy is a strided ``sum`` over the two expanded axes, several
-    times slower than ``avg_pool2d(divisor_override=1)``; the backward is itself differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        n, c, h, w = x.shape
-        if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-            return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
-        # channels_last stays channels_last: copy in NHWC order, return the NCHW-shaped view
-        y = x.permute(0, 2, 3, 1)[:, :, None, :, None].expand(n, h, 2, w, 2, c).reshape(n, 2 * h, 2 * w, c)
-        return y.permute(0, 3, 1, 2)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return F.avg_pool2d(grad, 2, divisor_override=1)
-
-
-def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
-    """Nearest-neighbour x2 upsampling of [N, C, H, W]; same values as ``F.interpolate(x, scale_factor=2)``,
-    done as one broadcast copy (about 2x faster than the interpolate kernel on CPU, forward and backward)
-    that keeps a channels_last input channels_last."""
-    return _NearestUp2x.apply(x)
-
-
-def conv1x1(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``conv(x)`` for a 1x1, stride-1 ``Conv2d``; when autograd records it, as one batched GEMM.
-
-    On CPU, the backward of oneDNN's 1x1 convolution on NCHW tensors was ~1.5-2x slower than that of
-    ``baddbmm(bias, W, x.view(N, C, H*W))`` (its forward is faster, so inference keeps the convolution).
-    """
-    if not (torch.is_grad_enabled() and x.is_contiguous()) or x.device.type != "cpu" or conv.bias is None:
-        return conv(x)
-    n, c, h, w = x.shape
-    weight = conv.weight.view(conv.out_channels, c)
-    bias = conv.bias[None, :, None].expand(n, -1, h * w)
-    out = torch.baddbmm(bias, weight[None].expand(n, -1, -1), x.view(n, c, h * w))
-    return out.view(n, conv.out_channels, h, w)
-
-
 class TimestepBlock(nn.Module):
     """Marker base class: ``forward(x, emb)`` takes the timestep (+ class) embedding."""
 
@@ -122,7 +78,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, out_channels, 3, padding=1) if use_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = upsample_nearest2x(x)
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
         return x if self.conv is None else self.conv(x)
 
 
@@ -214,8 +170,7 @@ class ResBlock(TimestepBlock):
         else:
             h = norm_out(h + emb_out)
         h = conv_out(drop(act_out(h)))
-        skip = x if isinstance(self.skip_connection, nn.Identity) else conv1x1(x, self.skip_connection)
-        out = skip + h
+        out = self.skip_connection(x) + h
         return out.mul_(1.0 / math.sqrt(2.0)) if self.rescale else out  # in place: add's backward keeps nothing
 
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ..models.state_dict import state_dict_mismatch
+
 
 def load_checkpoint_dict(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """``torch.load(path, weights_only=True)``; missing, truncated or pickle-requiring files raise ValueError."""
@@ -49,14 +51,9 @@ def load_diffusion_module(path: str | Path, map_location: str | torch.device = "
     if "diffusion" not in hparams or "model" not in hparams:
         raise ValueError(f"checkpoint {path} is not a diffusion model checkpoint (is it a classifier?)")
     module = DiffusionModule(**hparams)
-    try:
-        missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
-    except RuntimeError as error:  # shape mismatches: keep the first offending tensor
-        detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error)[:200])
-        raise ValueError(f"checkpoint {path} does not fit the architecture in its config: {detail}") from None
-    if missing or unexpected:
-        first = (missing or unexpected)[0]
-        raise ValueError(f"checkpoint {path} does not match its own architecture config: "
-                         f"{len(missing)} missing and {len(unexpected)} unexpected tensors (first: {first})")
+    problem = state_dict_mismatch(module.state_dict(), checkpoint["state_dict"])
+    if problem:
+        raise ValueError(f"checkpoint {path} does not fit the architecture in its own config: {problem}")
+    module.load_state_dict(checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)
     return module.to(map_location).eval()

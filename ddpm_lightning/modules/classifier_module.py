@@ -3,7 +3,8 @@
 An ``EncoderUNet`` trained with cross-entropy on ``x_t = q_sample(x_0, t)`` at uniformly drawn ``t``. The
 forward process comes from the same ``diffusion`` dict a DiffusionModule gets, so the classifier sees the
 T and beta schedule of the diffusion model it will guide; the checkpoint records them
-(``hyper_parameters`` and ``guidance_info``) for ``check_classifier_compatible``.
+(``hyper_parameters`` and ``guidance_info``) for ``check_classifier_compatible``; ``modules/guidance.py``
+turns such a checkpoint into the ``cond_fn`` that guides.
 """
 
 from __future__ import annotations
@@ -17,20 +18,19 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from ..diffusion import guidance_info
+from ..diffusion import NUM_QUARTILES, quartile_means
 from ..models import EncoderUNet
+from ..models.state_dict import state_dict_mismatch
 from .builders import build_diffusion, build_optimizer
 from .checkpoint import load_checkpoint_dict
 from .ema import make_ema
+from .guidance import guidance_info
 from .rng import collect_rng_states, restore_rng_states
 
-NUM_QUARTILES = 4
 DATA_KEYS = ("image_size", "in_channels", "out_channels")  # come from the data set, not the config
-CLASSIFIER_EXTRA_KEYS = ("max_t",)  # config keys of the classifier group that are not EncoderUNet arguments
 CLASSIFIER_KEYS = tuple(name for name in inspect.signature(EncoderUNet).parameters if name not in DATA_KEYS)
 
 
@@ -42,14 +42,6 @@ def build_encoder_unet(classifier_cfg: Mapping[str, Any], *, image_size: int, ch
         raise ValueError(f"unknown classifier keys {sorted(unknown)}; allowed: {', '.join(CLASSIFIER_KEYS)}")
     kwargs = {k: (tuple(v) if isinstance(v, list | tuple) else v) for k, v in classifier_cfg.items()}
     return EncoderUNet(image_size=image_size, in_channels=channels, out_channels=num_classes, **kwargs)
-
-
-def _quartile_means(values: torch.Tensor, quartile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-quartile means of ``values`` (0 where a quartile is empty) and the per-quartile counts."""
-    counts = torch.bincount(quartile, minlength=NUM_QUARTILES).to(values.dtype)
-    sums = torch.zeros(NUM_QUARTILES, device=values.device, dtype=values.dtype)
-    sums.index_add_(0, quartile, values)
-    return sums / counts.clamp(min=1), counts
 
 
 class ClassifierModule(pl.LightningModule):
@@ -120,10 +112,6 @@ class ClassifierModule(pl.LightningModule):
         """Logits of ``classifier_net`` for x_t at original-process steps t."""
         return self.classifier_net(x, t)
 
-    def quartile(self, t: torch.Tensor) -> torch.Tensor:
-        """Which quarter of [0, max_t) each step lies in (0..3)."""
-        return (t * NUM_QUARTILES) // self.max_t
-
     def _losses(self, net, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
                 noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-example cross-entropy and correctness of ``net`` on x_t = q_sample(x, t, noise)."""
@@ -143,10 +131,9 @@ class ClassifierModule(pl.LightningModule):
         batch_size = x.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/acc", correct.mean(), prog_bar=True, batch_size=batch_size)
-        quartile = self.quartile(t)
         for name, values, metrics in (("loss", losses.detach(), self.train_loss_q),
                                       ("acc", correct, self.train_acc_q)):
-            means, counts = _quartile_means(values, quartile)
+            means, counts = quartile_means(values, t, self.max_t)
             for q in range(NUM_QUARTILES):
                 metrics[q].update(means[q], weight=counts[q])
                 self.log(f"train/{name}_q{q}", metrics[q], on_step=False, on_epoch=True)
@@ -181,7 +168,7 @@ class ClassifierModule(pl.LightningModule):
         batch_size = x.shape[0]
         self.log("val/loss", losses.mean(), batch_size=batch_size, sync_dist=True)
         self.log("val/acc", correct.mean(), prog_bar=True, batch_size=batch_size, sync_dist=True)
-        means, counts = _quartile_means(correct, self.quartile(t))
+        means, counts = quartile_means(correct, t, self.max_t)
         for q in range(NUM_QUARTILES):
             self.val_acc_q[q].update(means[q], weight=counts[q])
             self.log(f"val/acc_q{q}", self.val_acc_q[q], on_step=False, on_epoch=True)
@@ -207,18 +194,10 @@ class ClassifierModule(pl.LightningModule):
                        f"({self.hparams.diffusion.get('schedule', 'linear')})")
 
 
-def _plain(node: Any) -> Any:
-    if isinstance(node, DictConfig | ListConfig):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
-
-
-def build_classifier_module(cfg: Mapping[str, Any] | DictConfig, datamodule) -> ClassifierModule:
-    """The ClassifierModule of a run config (``objective: classifier``); sizes and classes from the data.
-
-    Reads ``cfg.classifier`` (EncoderUNet args + ``max_t``), ``cfg.diffusion``, ``cfg.optim``, ``cfg.ema``.
+def build_classifier_module(run_config: Mapping[str, Any], datamodule) -> ClassifierModule:
+    """The ClassifierModule of a resolved run config as a plain dict (``objective: classifier``); sizes and
+    classes from the data. Reads ``classifier`` (EncoderUNet args + ``max_t``), ``diffusion``, ``optim``, ``ema``.
     """
-    run_config = _plain(cfg)
     classifier = dict(run_config.get("classifier") or {})
     if not classifier:
         raise ValueError("objective=classifier needs a classifier config group (e.g. classifier=default)")
@@ -246,28 +225,12 @@ def load_classifier_module(path: str | Path, map_location: str | torch.device = 
                          f"`ddpm-train experiment=classifier_default`")
     try:
         module = ClassifierModule(**hparams)
-        module.load_state_dict(checkpoint["state_dict"])
-    except (RuntimeError, TypeError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"checkpoint {path} does not fit its own classifier config: {first[:200]}") from None
+    except TypeError as error:
+        raise ValueError(f"checkpoint {path} does not fit its own classifier config: {str(error)[:200]}") from None
+    problem = state_dict_mismatch(module.state_dict(), checkpoint["state_dict"])
+    if problem:
+        raise ValueError(f"checkpoint {path} does not fit its own classifier config: {problem}")
+    module.load_state_dict(checkpoint["state_dict"])
     module.run_config = checkpoint.get("run_config", {})  # not on_load_checkpoint: keep the caller's RNG
     return module.to(map_location).eval()
 
-
-def load_classifier_guidance(classifier_ckpt: str | Path | None, scale: float, diffusion_hparams: Mapping[str, Any],
-                             map_location: str | torch.device = "cpu"):
-    """``(cond_fn, classifier class count)`` that guides a diffusion model with ``diffusion_hparams``.
-
-    ``(None, None)`` without a checkpoint at scale 0; a scale > 0 without a checkpoint, or a classifier trained
-    for another process (T, schedule, image size, channels, classes), is a ValueError before any sampling.
-    """
-    from ..diffusion import build_guidance
-
-    if not classifier_ckpt:
-        build_guidance(None, scale)  # scale 0: None; scale > 0: the clear "needs a classifier" error
-        return None, None
-    classifier = load_classifier_module(classifier_ckpt, map_location=map_location)
-    info = classifier.guidance_info
-    cond_fn = build_guidance(classifier.classifier_net, scale, classifier_info=info,
-                             diffusion_info=guidance_info(diffusion_hparams))
-    return cond_fn, int(info["num_classes"])

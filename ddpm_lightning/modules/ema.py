@@ -7,15 +7,10 @@ The warm-up form decay_n = min(decay, (1 + n) / (10 + n)) lets short runs use a 
 from __future__ import annotations
 
 import copy
-import warnings
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
-
-# The EMA copy stays in eval mode on purpose (it is evaluated, never trained); Lightning's fit-start check
-# would report its modules on every run as if that were a mistake.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 class EMAUpdate:

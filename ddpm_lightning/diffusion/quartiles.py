@@ -1,0 +1,25 @@
+"""Statistics per quartile of the timestep: which quarter of [0, T) a step lies in and per-quarter means.
+
+Losses, MSEs and classifier accuracies are read per quartile of t (``train/loss_q0..q3``, ``val/acc_q0..q3``):
+Improved DDPM's argument for L_hybrid rests on how differently the terms behave at small and large t.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NUM_QUARTILES = 4
+
+
+def timestep_quartile(t: torch.Tensor, num_timesteps: int) -> torch.Tensor:
+    """Which quarter of [0, num_timesteps) each integer step lies in (0..3)."""
+    return (t * NUM_QUARTILES) // num_timesteps
+
+
+def quartile_means(values: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-quartile means of the per-example ``values`` at steps ``t`` (0 where a quartile is empty) and the
+    per-quartile counts, both ``[NUM_QUARTILES]`` in ``values``' dtype (counts are the weights to average with)."""
+    quartile = timestep_quartile(t, num_timesteps)
+    counts = torch.bincount(quartile, minlength=NUM_QUARTILES).to(values.dtype)
+    sums = torch.zeros(NUM_QUARTILES, device=values.device, dtype=values.dtype).index_add_(0, quartile, values)
+    return sums / counts.clamp(min=1), counts
