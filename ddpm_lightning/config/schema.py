@@ -45,6 +45,13 @@ class DiffusionConfig:
     hybrid_lambda: float = 0.001
     rescale_vlb: bool = False
     timestep_respacing: Any = None  # train on a respaced process (rare): "ddim50", "250", ...
+    # training levers (diffusion/weighting.py, diffusion/noise_assignment.py); all off by default
+    loss_weighting: str = "none"  # none | min_snr | p2 (the same x0-weighting for eps, x0 and v targets)
+    min_snr_gamma: float = 5.0  # Min-SNR-gamma (Hang et al. 2023)
+    p2_k: float = 1.0  # P2 (Choi et al. 2022): 1 / (k + SNR)^gamma on the eps loss
+    p2_gamma: float = 1.0
+    input_perturbation: float = 0.0  # DDPM-IP gamma (Ning et al. 2023: 0.1); 0 = off
+    immiscible: bool = False  # immiscible diffusion (Li et al. 2024): batch noise assignment before q_sample
 
 
 @dataclass
@@ -54,6 +61,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # after warm-up: constant | cosine | linear (decay to 0 at trainer.max_steps)
     fused: Any = None  # None: torch's default (foreach); true: fused kernel
 
 

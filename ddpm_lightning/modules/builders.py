@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,6 +10,8 @@ from ..diffusion import GaussianDiffusion, make_beta_schedule, space_timesteps
 
 DIFFUSION_KEYS = ("schedule", "num_timesteps", "mean_type", "var_type", "loss_type", "hybrid_lambda",
                   "rescale_vlb", "timestep_respacing")
+# the training levers (issue #22): GaussianDiffusion arguments of the same names, all off by default
+LEVER_KEYS = ("loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma", "input_perturbation", "immiscible")
 MODEL_EXTRA_KEYS = ("class_cond", "compile", "channels_last")
 
 
@@ -17,9 +20,10 @@ def learns_sigma(diffusion_cfg: Mapping[str, Any]) -> bool:
 
 
 def build_diffusion(cfg: Mapping[str, Any]) -> GaussianDiffusion:
-    unknown = set(cfg) - set(DIFFUSION_KEYS)
+    unknown = set(cfg) - set(DIFFUSION_KEYS) - set(LEVER_KEYS)
     if unknown:
-        raise ValueError(f"unknown diffusion keys {sorted(unknown)}; allowed: {', '.join(DIFFUSION_KEYS)}")
+        raise ValueError(f"unknown diffusion keys {sorted(unknown)}; allowed: "
+                         f"{', '.join(DIFFUSION_KEYS + LEVER_KEYS)}")
     num_timesteps = int(cfg.get("num_timesteps", 1000))
     respacing = cfg.get("timestep_respacing")
     return GaussianDiffusion(
@@ -30,6 +34,7 @@ def build_diffusion(cfg: Mapping[str, Any]) -> GaussianDiffusion:
         hybrid_lambda=float(cfg.get("hybrid_lambda", 0.001)),
         rescale_vlb=bool(cfg.get("rescale_vlb", False)),
         use_timesteps=space_timesteps(num_timesteps, respacing) if respacing else None,
+        **{k: cfg[k] for k in LEVER_KEYS if k in cfg},
     )
 
 
@@ -49,25 +54,62 @@ def build_unet(model_cfg: Mapping[str, Any], *, image_size: int, channels: int, 
                 num_classes=(num_classes + (1 if p_uncond > 0 else 0)) if class_cond else None, **kwargs)
 
 
-def build_optimizer(parameters, optim: Mapping[str, Any]) -> dict[str, Any]:
-    """AdamW with a linear warm-up over ``optim.warmup_steps`` (then constant, as ADM), stepped per batch."""
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def build_optimizer(parameters, optim: Mapping[str, Any], total_steps: int | None = None) -> dict[str, Any]:
+    """AdamW with a linear warm-up over ``optim.warmup_steps``, then ``optim.lr_schedule``: ``constant``
+    (ADM), or ``cosine`` / ``linear`` decay to 0 at ``total_steps`` (the run's ``trainer.max_steps``);
+    stepped per batch."""
     import torch
 
+    schedule = str(optim.get("lr_schedule", "constant"))
+    warmup = int(optim.get("warmup_steps", 0))
+    factor = LRFactor(warmup, schedule, total_steps)  # validates before the optimizer is built
     fused = optim.get("fused")
     optimizer = torch.optim.AdamW(
         parameters, lr=float(optim.get("lr", 1e-4)), betas=tuple(optim.get("betas", (0.9, 0.999))),
         eps=float(optim.get("eps", 1e-8)), weight_decay=float(optim.get("weight_decay", 0.0)),
         **({"fused": bool(fused)} if fused is not None else {}))
-    warmup = int(optim.get("warmup_steps", 0))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Warmup(warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-class _Warmup:
-    """Picklable LR factor (DDP spawn pickles the trainer state)."""
+def run_max_steps(trainer) -> int | None:
+    """The trainer's ``max_steps`` (the end the LR decays to), or None when the run has none."""
+    steps = getattr(trainer, "max_steps", None)
+    return int(steps) if steps is not None and int(steps) > 0 else None
 
-    def __init__(self, steps: int) -> None:
-        self.steps = steps
+
+class LRFactor:
+    """Picklable LR factor (DDP spawn pickles the trainer state): warm-up ramp over ``steps``, then
+    ``schedule`` (constant | cosine | linear) from 1 down to 0 at ``total_steps``.
+
+    ``steps`` keeps its old name so the LambdaLR state of checkpoints written before the schedules loads.
+    """
+
+    def __init__(self, steps: int, schedule: str = "constant", total_steps: int | None = None) -> None:
+        if schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown optim.lr_schedule {schedule!r}; allowed: {', '.join(LR_SCHEDULES)}")
+        if steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {steps}")
+        if schedule != "constant":
+            if total_steps is None or total_steps <= 0:
+                raise ValueError(f"optim.lr_schedule={schedule} decays to the run's end, but the run has no "
+                                 f"trainer.max_steps; set trainer.max_steps or optim.lr_schedule=constant")
+            if total_steps <= steps:
+                raise ValueError(f"optim.lr_schedule={schedule} needs trainer.max_steps ({total_steps}) > "
+                                 f"optim.warmup_steps ({steps})")
+        self.steps = int(steps)
+        self.schedule = schedule
+        self.total_steps = None if total_steps is None else int(total_steps)
 
     def __call__(self, step: int) -> float:
-        return min(1.0, (step + 1) / self.steps) if self.steps > 0 else 1.0
+        if self.steps > 0 and step < self.steps:
+            return (step + 1) / self.steps
+        if self.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.steps) / (self.total_steps - self.steps))
+        if self.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -23,7 +23,7 @@ from typing_extensions import override
 
 from ..diffusion import guidance_info
 from ..models import EncoderUNet
-from .builders import build_diffusion, build_optimizer
+from .builders import build_diffusion, build_optimizer, run_max_steps
 from .checkpoint import load_checkpoint_dict
 from .ema import make_ema
 from .rng import collect_rng_states, restore_rng_states
@@ -161,7 +161,7 @@ class ClassifierModule(pl.LightningModule):
 
     @override
     def configure_optimizers(self):
-        return build_optimizer(self.net.parameters(), self.hparams.optim)
+        return build_optimizer(self.net.parameters(), self.hparams.optim, total_steps=run_max_steps(self.trainer))
 
     # ------------------------------------------------------------------ validation
     def validation_timesteps(self, batch_size: int, generator: torch.Generator, device) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from ..diffusion import IgnoreLabels, UniformSampler, create_named_schedule_sampler
 from ..sampling import sample_images
-from .builders import build_diffusion, build_optimizer, build_unet, learns_sigma
+from .builders import build_diffusion, build_optimizer, build_unet, learns_sigma, run_max_steps
 from .ema import make_ema
 from .rng import collect_rng_states, restore_rng_states
 
@@ -136,7 +136,7 @@ class DiffusionModule(pl.LightningModule):
 
     @override
     def configure_optimizers(self):
-        return build_optimizer(self.net.parameters(), self.hparams.optim)
+        return build_optimizer(self.net.parameters(), self.hparams.optim, total_steps=run_max_steps(self.trainer))
 
     # ------------------------------------------------------------------ validation
     @override
