@@ -18,7 +18,7 @@ from typing_extensions import override
 from ..diffusion import IgnoreLabels, UniformSampler, create_named_schedule_sampler
 from ..sampling import sample_images
 from .builders import build_diffusion, build_optimizer, build_unet, learns_sigma, run_max_steps
-from .ema import make_ema
+from .ema import make_ema, make_posthoc_emas
 from .rng import collect_rng_states, restore_rng_states
 
 NUM_QUARTILES = 4
@@ -71,6 +71,8 @@ class DiffusionModule(pl.LightningModule):
         if self.channels_last:  # before the EMA copy, so that both nets run NHWC
             self.net.to(memory_format=torch.channels_last)
         self.ema = make_ema(self.net, float(ema.get("decay", 0.9999)), bool(ema.get("warmup", True)))
+        self.posthoc_ema = make_posthoc_emas(self.net, ema.get("posthoc_sigma_rels"),  # EDM2 power EMAs
+                                             int(ema.get("posthoc_every_n_steps", 0)))
         self.schedule_sampler = create_named_schedule_sampler(timestep_sampler, self.diffusion.num_timesteps)
         self.sample_defaults = dict(sample or {})
         self.compile = bool(model.get("compile", False))
@@ -133,6 +135,16 @@ class DiffusionModule(pl.LightningModule):
         # EMA right after the step: checkpoints written at this batch's end already include it.
         super().optimizer_step(*args, **kwargs)
         self.ema.update_parameters(self.net)
+        for power_ema in self.posthoc_ema:
+            power_ema.update_parameters(self.net)
+
+    @override
+    def configure_callbacks(self):
+        if not len(self.posthoc_ema):
+            return []
+        from ..callbacks.posthoc_ema import PostHocEMASnapshots
+
+        return [PostHocEMASnapshots(int(self.hparams.ema["posthoc_every_n_steps"]))]
 
     @override
     def configure_optimizers(self):
