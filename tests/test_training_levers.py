@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from ddpm_lightning.diffusion import GaussianDiffusion, make_beta_schedule
 from ddpm_lightning.diffusion.noise_assignment import assign_noise, immiscible_assignment, perturb_noise
 from ddpm_lightning.diffusion.weighting import loss_weight, min_snr_weight, p2_weight, snr_from_alphas_cumprod
-from ddpm_lightning.modules.builders import LRFactor, build_diffusion, build_optimizer
+from ddpm_lightning.modules.builders import build_diffusion, build_optimizer, make_lr_factor
 
 TARGETS = ("eps", "x0", "v")
 
@@ -189,7 +189,7 @@ def test_config_keys_are_constructor_arguments_and_survive_respacing():
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
 def test_lr_schedule_after_warmup(schedule):
-    factor = LRFactor(10, schedule, total_steps=110)
+    factor = make_lr_factor(10, schedule, total_steps=110)
     assert [factor(s) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
     assert factor(9) == pytest.approx(1.0) and factor(10) == pytest.approx(1.0)
     expected_mid = {"constant": 1.0, "cosine": 0.5, "linear": 0.5}[schedule]
@@ -214,3 +214,71 @@ def test_lr_schedule_refuses_a_run_without_max_steps():
         scheduler.optimizer.step()
         scheduler.step()
     assert lrs == pytest.approx([1.0, 0.75, 0.5, 0.25])
+
+
+# ------------------------------------------------------------------------------------------ in training
+LEVERS_ON = ["diffusion.loss_weighting=min_snr", "diffusion.input_perturbation=0.1", "diffusion.immiscible=true",
+             "optim.lr_schedule=cosine", "optim.warmup_steps=1", "ema.posthoc_sigma_rels=[0.05,0.1]",
+             "ema.posthoc_every_n_steps=1", "diffusion.mean_type=v"]
+
+
+def test_resume_is_exact_with_every_lever_on(tmp_path):
+    import csv
+
+    from run_config import TINY, compose_run
+
+    from ddpm_lightning.cli.train import train
+
+    common = [*TINY, *LEVERS_ON, "trainer.deterministic=true", "callbacks.model_checkpoint.every_n_train_steps=2",
+              "callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.monitor=null",
+              "trainer.val_check_interval=2", "data.random_flip=false"]
+    train(compose_run([*common, "trainer.max_steps=4"], tmp_path / "full"))
+    # interrupted after step 2 with the same config (max_steps=4: the cosine decay keeps its end), then resumed
+    stop = ["allow_any_target=true", "+callbacks.stop._target_=faults.StopAt", "+callbacks.stop.step=2"]
+    train(compose_run([*common, "trainer.max_steps=4", *stop], tmp_path / "part"))
+    assert torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    train(compose_run([*common, "trainer.max_steps=4", "resume=auto"], tmp_path / "part"))
+
+    def curve(run):
+        rows = []
+        for path in sorted((run / "csv").glob("version_*/metrics.csv")):
+            with open(path) as handle:
+                rows += list(csv.DictReader(handle))
+        losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+        return losses, [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")]
+
+    (full, full_lr), (part, part_lr) = curve(tmp_path / "full"), curve(tmp_path / "part")
+    assert len(full) == len(part) == 4
+    torch.testing.assert_close(torch.tensor(part), torch.tensor(full), rtol=1e-5, atol=1e-6)
+    assert part_lr == pytest.approx(full_lr)
+    # 1-step warm-up, then a cosine from 1 (step index 1) to 0 at max_steps = 4: 1, 1, 0.75, 0.25
+    cosine = [2e-4 * 0.5 * (1 + math.cos(math.pi * max(0, s - 1) / 3)) for s in range(4)]
+    assert full_lr == pytest.approx(cosine)
+    ckpt_full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt_part = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert any(k.startswith("posthoc_ema.1.module.") for k in ckpt_full["state_dict"])
+    for key, value in ckpt_full["state_dict"].items():
+        torch.testing.assert_close(ckpt_part["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for name in ("snapshot-0000002.pt", "snapshot-0000004.pt"):
+        a = torch.load(tmp_path / "full" / "posthoc_ema" / name, weights_only=True)["ema"]
+        b = torch.load(tmp_path / "part" / "posthoc_ema" / name, weights_only=True)["ema"]
+        for key, value in a[0].items():
+            torch.testing.assert_close(b[0][key], value, rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+
+
+def test_lr_schedule_without_max_steps_is_one_cli_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from run_config import TINY
+
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    code = "from ddpm_lightning.cli.train import main; main()"
+    result = subprocess.run([sys.executable, "-c", code, *TINY, "optim.lr_schedule=linear", "trainer.max_steps=-1",
+                             "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}/out"], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=600, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: optim.lr_schedule=linear decays to the run's end, but the run has no trainer.max_steps; "
+        "set trainer.max_steps or optim.lr_schedule=constant")

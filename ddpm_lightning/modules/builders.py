@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -65,7 +66,7 @@ def build_optimizer(parameters, optim: Mapping[str, Any], total_steps: int | Non
 
     schedule = str(optim.get("lr_schedule", "constant"))
     warmup = int(optim.get("warmup_steps", 0))
-    factor = LRFactor(warmup, schedule, total_steps)  # validates before the optimizer is built
+    factor = make_lr_factor(warmup, schedule, total_steps)  # validates before the optimizer is built
     fused = optim.get("fused")
     optimizer = torch.optim.AdamW(
         parameters, lr=float(optim.get("lr", 1e-4)), betas=tuple(optim.get("betas", (0.9, 0.999))),
@@ -81,35 +82,33 @@ def run_max_steps(trainer) -> int | None:
     return int(steps) if steps is not None and int(steps) > 0 else None
 
 
-class LRFactor:
-    """Picklable LR factor (DDP spawn pickles the trainer state): warm-up ramp over ``steps``, then
-    ``schedule`` (constant | cosine | linear) from 1 down to 0 at ``total_steps``.
+def lr_factor(step: int, *, warmup_steps: int, schedule: str, total_steps: int | None) -> float:
+    """The LR multiplier at ``step``: a linear warm-up over ``warmup_steps``, then ``schedule``
+    (constant | cosine | linear) from 1 down to 0 at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    ``steps`` keeps its old name so the LambdaLR state of checkpoints written before the schedules loads.
-    """
 
-    def __init__(self, steps: int, schedule: str = "constant", total_steps: int | None = None) -> None:
-        if schedule not in LR_SCHEDULES:
-            raise ValueError(f"unknown optim.lr_schedule {schedule!r}; allowed: {', '.join(LR_SCHEDULES)}")
-        if steps < 0:
-            raise ValueError(f"optim.warmup_steps must be >= 0, got {steps}")
-        if schedule != "constant":
-            if total_steps is None or total_steps <= 0:
-                raise ValueError(f"optim.lr_schedule={schedule} decays to the run's end, but the run has no "
-                                 f"trainer.max_steps; set trainer.max_steps or optim.lr_schedule=constant")
-            if total_steps <= steps:
-                raise ValueError(f"optim.lr_schedule={schedule} needs trainer.max_steps ({total_steps}) > "
-                                 f"optim.warmup_steps ({steps})")
-        self.steps = int(steps)
-        self.schedule = schedule
-        self.total_steps = None if total_steps is None else int(total_steps)
-
-    def __call__(self, step: int) -> float:
-        if self.steps > 0 and step < self.steps:
-            return (step + 1) / self.steps
-        if self.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - self.steps) / (self.total_steps - self.steps))
-        if self.schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+def make_lr_factor(warmup_steps: int, schedule: str = "constant", total_steps: int | None = None):
+    """``lr_factor`` with its settings bound, validated. A ``functools.partial``: picklable (DDP spawn pickles
+    the trainer state), and with an empty ``__dict__``, so LambdaLR's state in a checkpoint carries none of the
+    settings and a resumed run follows its own config (e.g. a longer ``trainer.max_steps``)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown optim.lr_schedule {schedule!r}; allowed: {', '.join(LR_SCHEDULES)}")
+    if warmup_steps < 0:
+        raise ValueError(f"optim.warmup_steps must be >= 0, got {warmup_steps}")
+    if schedule != "constant":
+        if total_steps is None or total_steps <= 0:
+            raise ValueError(f"optim.lr_schedule={schedule} decays to the run's end, but the run has no "
+                             f"trainer.max_steps; set trainer.max_steps or optim.lr_schedule=constant")
+        if total_steps <= warmup_steps:
+            raise ValueError(f"optim.lr_schedule={schedule} needs trainer.max_steps ({total_steps}) > "
+                             f"optim.warmup_steps ({warmup_steps})")
+    return functools.partial(lr_factor, warmup_steps=int(warmup_steps), schedule=schedule,
+                             total_steps=None if total_steps is None else int(total_steps))
