@@ -282,3 +282,39 @@ def test_lr_schedule_without_max_steps_is_one_cli_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: optim.lr_schedule=linear decays to the run's end, but the run has no trainer.max_steps; "
         "set trainer.max_steps or optim.lr_schedule=constant")
+
+
+def test_a_decaying_lr_under_a_time_limit_warns():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Timer
+
+    from ddpm_lightning.modules.builders import lr_total_steps
+
+    timed = SimpleNamespace(max_steps=100, callbacks=[Timer(duration="00:00:01:00")])
+    with pytest.warns(UserWarning, match="trainer.max_time may stop the run earlier"):
+        assert lr_total_steps(timed, {"lr_schedule": "cosine"}) == 100
+    assert lr_total_steps(SimpleNamespace(max_steps=-1, callbacks=[]), {"lr_schedule": "constant"}) is None
+
+
+def test_ablate_levers_rows_compose_and_each_turns_one_lever(tmp_path):
+    from omegaconf import OmegaConf
+    from run_config import compose_run
+
+    from ddpm_lightning.config import CONFIG_DIR
+
+    sweep = OmegaConf.load(f"{CONFIG_DIR}/experiment/ablate_levers.yaml").hydra.sweeper.params
+    rows = sweep["+lever"].split(",")
+    assert sweep["seed"] == "0,1,2" and rows[0] == "baseline"
+    base = compose_run(["experiment=default"], tmp_path)
+    changed = {}
+    for row in rows:
+        cfg = compose_run(["experiment=ablate_levers", f"+lever={row}"], tmp_path)
+        assert cfg.model == base.model and cfg.trainer.max_time == base.trainer.max_time  # the default job
+        build_diffusion(OmegaConf.to_container(cfg.diffusion, resolve=True))
+        changed[row] = {f"{group}.{k}" for group in ("diffusion", "optim")
+                        for k, v in cfg[group].items() if v != base[group][k]}
+    assert changed["baseline"] == set()
+    assert changed["min_snr"] == {"diffusion.loss_weighting"} and changed["immiscible"] == {"diffusion.immiscible"}
+    assert changed["lr_cosine"] == {"optim.lr_schedule"} and changed["p2"] == {"diffusion.loss_weighting"}
+    assert changed["input_perturbation"] == {"diffusion.input_perturbation"}

@@ -76,10 +76,21 @@ def build_optimizer(parameters, optim: Mapping[str, Any], total_steps: int | Non
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def run_max_steps(trainer) -> int | None:
-    """The trainer's ``max_steps`` (the end the LR decays to), or None when the run has none."""
+def lr_total_steps(trainer, optim: Mapping[str, Any]) -> int | None:
+    """The step the LR schedule decays to: the trainer's ``max_steps`` (None when the run has none). Warns
+    when a wall-clock limit (``trainer.max_time``) may stop a decaying run before that step."""
     steps = getattr(trainer, "max_steps", None)
-    return int(steps) if steps is not None and int(steps) > 0 else None
+    steps = int(steps) if steps is not None and int(steps) > 0 else None
+    schedule = str(optim.get("lr_schedule", "constant"))
+    if schedule != "constant" and steps is not None:
+        from lightning.pytorch.callbacks import Timer
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        if any(isinstance(callback, Timer) for callback in getattr(trainer, "callbacks", [])):
+            rank_zero_warn(f"optim.lr_schedule={schedule} decays to 0 at trainer.max_steps={steps}, but "
+                           f"trainer.max_time may stop the run earlier, at a higher LR; for a full decay set "
+                           f"trainer.max_steps to the steps the time budget reaches (or trainer.max_time=null)")
+    return steps
 
 
 def lr_factor(step: int, *, warmup_steps: int, schedule: str, total_steps: int | None) -> float:

@@ -23,7 +23,7 @@ from typing_extensions import override
 
 from ..diffusion import guidance_info
 from ..models import EncoderUNet
-from .builders import build_diffusion, build_optimizer, run_max_steps
+from .builders import build_diffusion, build_optimizer, lr_total_steps
 from .checkpoint import load_checkpoint_dict
 from .ema import make_ema
 from .rng import collect_rng_states, restore_rng_states
@@ -161,7 +161,8 @@ class ClassifierModule(pl.LightningModule):
 
     @override
     def configure_optimizers(self):
-        return build_optimizer(self.net.parameters(), self.hparams.optim, total_steps=run_max_steps(self.trainer))
+        return build_optimizer(self.net.parameters(), self.hparams.optim,
+                               total_steps=lr_total_steps(self.trainer, self.hparams.optim))
 
     # ------------------------------------------------------------------ validation
     def validation_timesteps(self, batch_size: int, generator: torch.Generator, device) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from ..diffusion import IgnoreLabels, UniformSampler, create_named_schedule_sampler
 from ..sampling import sample_images
-from .builders import build_diffusion, build_optimizer, build_unet, learns_sigma, run_max_steps
+from .builders import build_diffusion, build_optimizer, build_unet, learns_sigma, lr_total_steps
 from .ema import make_ema, make_posthoc_emas
 from .rng import collect_rng_states, restore_rng_states
 
@@ -148,7 +148,8 @@ class DiffusionModule(pl.LightningModule):
 
     @override
     def configure_optimizers(self):
-        return build_optimizer(self.net.parameters(), self.hparams.optim, total_steps=run_max_steps(self.trainer))
+        return build_optimizer(self.net.parameters(), self.hparams.optim,
+                               total_steps=lr_total_steps(self.trainer, self.hparams.optim))
 
     # ------------------------------------------------------------------ validation
     @override
