@@ -20,7 +20,9 @@ def immiscible_assignment(x_start: torch.Tensor, noise: torch.Tensor) -> torch.T
         raise ValueError(f"noise shape {tuple(noise.shape)} differs from x_start {tuple(x_start.shape)}")
     from scipy.optimize import linear_sum_assignment
 
-    cost = torch.cdist(x_start.detach().flatten(1).double(), noise.detach().flatten(1).double())
+    x, n = x_start.detach().flatten(1).double(), noise.detach().flatten(1).double()
+    # ||x - n||^2 = |x|^2 + |n|^2 - 2 x.n in float64 (one matmul; exact enough at these norms)
+    cost = ((x * x).sum(1)[:, None] + (n * n).sum(1)[None, :] - 2.0 * x @ n.T).clamp_min(0.0).sqrt()
     rows, cols = linear_sum_assignment(cost.cpu().numpy())
     perm = torch.empty(x_start.shape[0], dtype=torch.long)
     perm[torch.from_numpy(rows)] = torch.from_numpy(cols)
