@@ -174,14 +174,18 @@ def test_cli_reconstructs_checkpoints_that_eval_and_sample_load(posthoc_run, tmp
     assert (tmp_path / "sample" / "out" / "samples.npz").is_file()
 
 
-def test_eval_scores_a_reconstructed_ema_length(posthoc_run, tmp_path):
+def test_eval_sweeps_reconstructed_ema_lengths(posthoc_run, tmp_path):
+    """One training run, several EMA lengths scored: ``ddpm-eval -m ... ema_sigma_rel=a,b``."""
     ckpt = posthoc_run / "checkpoints" / "last.ckpt"
-    result = _cli("evaluate", f"ckpt={ckpt}", "ema_sigma_rel=0.07", "num_samples=6", "steps=2", "feature=tiny",
-                  "reference_n=24", "metrics=[fid]", cwd=tmp_path)
+    result = _cli("evaluate", "-m", f"ckpt={ckpt}", "ema_sigma_rel=0.07,0.15", "num_samples=6", "steps=2",
+                  "feature=tiny", "reference_n=24", "metrics=[fid]", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["posthoc_ema"]["sigma_rel"] == 0.07 and results["posthoc_ema"]["step"] == 4
-    assert "fid@6" in results["metrics"]
+    scored = {}
+    for job in ("0", "1"):
+        results = json.loads((tmp_path / "sweep" / job / "results.json").read_text())
+        assert results["posthoc_ema"]["step"] == 4 and "fid@6" in results["metrics"]
+        scored[results["posthoc_ema"]["sigma_rel"]] = results["metrics"]["fid@6"]
+    assert set(scored) == {0.07, 0.15}
     bad = _cli("evaluate", f"ckpt={ckpt}", "ema_sigma_rel=0.5", "metrics=[fid]", cwd=tmp_path / "bad")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: sigma_rel must lie in (0, 0.2887]")
