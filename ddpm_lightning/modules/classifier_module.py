@@ -99,6 +99,9 @@ class ClassifierModule(pl.LightningModule):
         self.num_classes = int(num_classes)
         self.net = build_encoder_unet(classifier, image_size=image_size, channels=channels,
                                       num_classes=self.num_classes)
+        if ema is not None and ema.get("posthoc_sigma_rels"):
+            raise ValueError("ema.posthoc_sigma_rels (post-hoc EMA) is for diffusion training; the noisy classifier "
+                             "keeps one EMA: set ema.posthoc_sigma_rels=[]")
         decay = 0.0 if ema is None else float(ema.get("decay", 0.9999))
         self.ema = make_ema(self.net, decay, bool(ema.get("warmup", True))) if decay > 0 else None
         self.train_loss_q = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
