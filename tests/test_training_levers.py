@@ -318,3 +318,21 @@ def test_ablate_levers_rows_compose_and_each_turns_one_lever(tmp_path):
     assert changed["min_snr"] == {"diffusion.loss_weighting"} and changed["immiscible"] == {"diffusion.immiscible"}
     assert changed["lr_cosine"] == {"optim.lr_schedule"} and changed["p2"] == {"diffusion.loss_weighting"}
     assert changed["input_perturbation"] == {"diffusion.input_perturbation"}
+
+
+@pytest.mark.parametrize("mean_type", TARGETS)
+@pytest.mark.parametrize(("var_type", "loss_type"), [("fixed_small", "simple"), ("learned_range", "hybrid"),
+                                                     ("learned", "simple")])
+@pytest.mark.parametrize("weighting", ["min_snr", "p2"])
+def test_every_combination_with_levers_on_has_finite_loss_and_gradients(mean_type, var_type, loss_type, weighting):
+    diffusion = GaussianDiffusion(make_beta_schedule("cosine", 50), mean_type=mean_type, var_type=var_type,
+                                  loss_type=loss_type, loss_weighting=weighting, input_perturbation=0.1,
+                                  immiscible=True)
+    channels = 2 if var_type == "fixed_small" else 4
+    net = torch.nn.Conv2d(2, channels, 3, padding=1)
+    x_start = torch.rand(5, 2, 6, 6) * 2 - 1
+    t = torch.tensor([0, 1, 20, 48, 49])
+    out = diffusion.training_losses(lambda x, s: net(x), x_start, t)
+    assert out["loss"].shape == (5,) and torch.isfinite(out["loss"]).all()
+    out["loss"].mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())

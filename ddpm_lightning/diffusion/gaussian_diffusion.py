@@ -56,7 +56,7 @@ class GaussianDiffusion:
         min_snr_gamma: gamma of ``min_snr`` (the paper's default 5).
         p2_k, p2_gamma: k and gamma of ``p2``'s 1 / (k + SNR)^gamma on the eps loss (paper: 1 and 1).
         input_perturbation: DDPM-IP's gamma (Ning et al. 2023, 0.1 in the paper): x_t is built from
-            eps + gamma * xi while the target stays eps. 0 is off.
+            eps + gamma * xi while the target stays eps (or the v / x0 built without xi). 0 is off.
         immiscible: reassign the batch's noises to its images by a linear assignment on their distances
             (Li et al. 2024) before q_sample.
         The last three only touch the noise ``training_losses`` draws itself; a caller's ``noise=`` is used
