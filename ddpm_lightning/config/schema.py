@@ -71,7 +71,7 @@ class EMAConfig:
     warmup: bool = True  # decay_n = min(decay, (1 + n) / (10 + n))
     # post-hoc EMA (EDM2): power EMAs of these relative lengths, snapshots every N steps into <run>/posthoc_ema
     posthoc_sigma_rels: list[float] = field(default_factory=list)  # e.g. [0.05, 0.10]; empty = off
-    posthoc_every_n_steps: int = 500
+    posthoc_every_n_steps: int = 100  # aim for ~50 snapshots per run (fit error, conf/train.yaml)
 
 
 @dataclass
