@@ -123,6 +123,8 @@ def test_reconstruction_errors_are_one_line(tmp_path):
     (tmp_path / "snapshot-0000005.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="snapshot-0000005.pt is unreadable"):
         reconstruct_ema(tmp_path, 0.1)
+    with pytest.raises(ValueError, match=r"no snapshot at step 7 .* \(the last one before it: step 5\)"):
+        reconstruct_ema(tmp_path, 0.1, step=7)
     with pytest.raises(ValueError, match="ema.posthoc_every_n_steps must be >= 1"):
         make_posthoc_emas(nn.Linear(2, 2), [0.1], 0)
 
@@ -189,3 +191,16 @@ def test_eval_sweeps_reconstructed_ema_lengths(posthoc_run, tmp_path):
     bad = _cli("evaluate", f"ckpt={ckpt}", "ema_sigma_rel=0.5", "metrics=[fid]", cwd=tmp_path / "bad")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: sigma_rel must lie in (0, 0.2887]")
+
+
+def test_a_checkpoint_gets_the_ema_of_its_own_step(posthoc_run):
+    from ddpm_lightning.cli.posthoc_ema import snapshot_step
+
+    folder = posthoc_run / "posthoc_ema"
+    assert snapshot_step(folder, {"global_step": 3}, None) == 3  # an earlier checkpoint: its own point in the run
+    assert snapshot_step(folder, {"global_step": 4}, None) == 4
+    assert snapshot_step(folder, {}, None) == 4 and snapshot_step(folder, {"global_step": 4}, 3) == 3
+    state, info = reconstruct_ema(folder, 0.1, step=3)
+    snapshot = torch.load(folder / "snapshot-0000003.pt", weights_only=True)["ema"][1]
+    for key, value in snapshot.items():
+        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..callbacks.posthoc_ema import SNAPSHOT_DIR
 from ..config import CONFIG_PATH
 from ..modules.checkpoint import load_checkpoint_dict
-from ..modules.ema import reconstruct_ema
+from ..modules.ema import list_snapshots, reconstruct_ema
 from .errors import run_cli
 from .generation import write_json
 
@@ -30,10 +30,22 @@ def snapshots_folder(ckpt: str | Path, snapshots: str | Path | None = None) -> P
     return Path(snapshots) if snapshots else Path(ckpt).resolve().parent.parent / SNAPSHOT_DIR
 
 
+def snapshot_step(folder: Path, checkpoint: dict[str, Any], step: int | None) -> int:
+    """``step``, or the last snapshot at or before the checkpoint's own step (its EMA's point in the run)."""
+    if step is not None:
+        return int(step)
+    ckpt_step = checkpoint.get("global_step")
+    return list_snapshots(folder, max_step=None if ckpt_step is None else int(ckpt_step))[-1][0]
+
+
 def apply_posthoc_ema(module, ckpt: str | Path, sigma_rel: float, snapshots: str | Path | None = None,
                       step: int | None = None) -> dict[str, Any]:
-    """Replace ``module``'s EMA weights by the reconstructed power EMA of length ``sigma_rel``; its summary."""
-    state, info = reconstruct_ema(snapshots_folder(ckpt, snapshots), sigma_rel, step=step)
+    """Replace ``module``'s EMA weights by the reconstructed power EMA of length ``sigma_rel`` at ``step``
+    (default: the checkpoint's step, see ``snapshot_step``); its summary."""
+    folder = snapshots_folder(ckpt, snapshots)
+    if step is None:
+        step = snapshot_step(folder, torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True), None)
+    state, info = reconstruct_ema(folder, sigma_rel, step=step)
     module.ema.module.load_state_dict({k: v.to(module.device) for k, v in state.items()})
     return info
 
@@ -48,7 +60,8 @@ def write_posthoc_checkpoint(ckpt: str | Path, sigma_rel: float, out_path: str |
     if not any(k.startswith(EMA_PREFIX) for k in state_dict):
         raise ValueError(f"checkpoint {ckpt} holds no EMA weights ({EMA_PREFIX}*): is it a ddpm-train diffusion "
                          f"checkpoint?")
-    ema_state, info = reconstruct_ema(snapshots_folder(ckpt, snapshots), sigma_rel, step=step)
+    folder = snapshots_folder(ckpt, snapshots)
+    ema_state, info = reconstruct_ema(folder, sigma_rel, step=snapshot_step(folder, checkpoint, step))
     expected = {k[len(EMA_PREFIX):] for k in state_dict if k.startswith(EMA_PREFIX)}
     if set(ema_state) != expected:
         missing = sorted(expected ^ set(ema_state))

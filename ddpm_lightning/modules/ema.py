@@ -185,6 +185,9 @@ def reconstruct_ema(folder: str | Path, sigma_rel: float, step: int | None = Non
     gamma = sigma_rel_to_gamma(float(sigma_rel))
     snapshots = list_snapshots(folder, max_step=step)
     target_step = snapshots[-1][0] if step is None else int(step)
+    if target_step != snapshots[-1][0]:  # the weights after the last snapshot before it are unknown
+        raise ValueError(f"no snapshot at step {target_step} in {folder} (the last one before it: step "
+                         f"{snapshots[-1][0]}); give step= one of the snapshot steps, or null for the last")
     meta = [(s, path, _load_snapshot(path)["gammas"]) for s, path in snapshots]
     columns = [(s, path, i, g) for s, path, gammas in meta for i, g in enumerate(gammas)]
     weights, fit_error = solve_posthoc_weights([c[0] for c in columns], [c[3] for c in columns], target_step, gamma)
