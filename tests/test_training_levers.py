@@ -79,6 +79,16 @@ def test_p2_closed_forms_per_target():
     torch.testing.assert_close(loss_weight(snr, "none", "v"), torch.ones_like(snr))
 
 
+def test_training_noise_is_the_draw_of_before_the_levers():
+    """Levers off: the same values (and memory format) as ``torch.randn_like(x_start)``, the pre-lever draw."""
+    x_start = torch.rand(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(7)
+    noise, q_noise = _process().training_noise(x_start)
+    torch.manual_seed(7)
+    assert torch.equal(noise, torch.randn_like(x_start)) and q_noise is noise
+    assert noise.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_levers_off_is_the_plain_loss_bit_for_bit():
     x_start = torch.rand(4, 1, 4, 4) * 2 - 1
     t = torch.tensor([0, 10, 50, 99])

@@ -342,7 +342,8 @@ class GaussianDiffusion:
         Draws eps (then DDPM-IP's xi) from ``generator`` or the global stream, so a resumed run draws the
         same values; immiscible reassignment is deterministic given eps.
         """
-        noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
+        noise = (torch.randn_like(x_start) if generator is None  # x_start's memory format, as before the levers
+                 else torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype))
         if self.training_levers["immiscible"]:
             noise = assign_noise(x_start, noise)
         return noise, perturb_noise(noise, self.training_levers["input_perturbation"], generator=generator)

@@ -40,5 +40,6 @@ def perturb_noise(noise: torch.Tensor, gamma: float, generator: torch.Generator 
         raise ValueError(f"input_perturbation must be >= 0, got {gamma}")
     if gamma == 0:
         return noise
-    xi = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+    xi = (torch.randn_like(noise) if generator is None
+          else torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype))
     return noise + gamma * xi
