@@ -135,3 +135,15 @@ def assert_same_curve(reference: dict[int, float], resumed: dict[int, float], rt
     assert sorted(resumed) == sorted(reference), (sorted(reference), sorted(resumed))
     torch.testing.assert_close(torch.tensor([resumed[s] for s in sorted(reference)]),
                                torch.tensor([reference[s] for s in sorted(reference)]), rtol=rtol, atol=1e-6)
+
+
+class StopAt(pl.Callback):
+    """Stops the run cleanly after optimizer step ``step`` (after its checkpoints): an interruption that keeps
+    the run's config (``trainer.max_steps``) unchanged, in-process."""
+
+    def __init__(self, step: int) -> None:
+        self.step = int(step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True

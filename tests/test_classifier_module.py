@@ -164,6 +164,8 @@ def test_bad_arguments():
         make_module(classifier={**CLASSIFIER, "width": 3})
     with pytest.raises(ValueError, match="optim.lr must be > 0"):
         make_module(optim={"lr": 0.0})
+    with pytest.raises(ValueError, match=r"noisy classifier keeps one EMA: set ema.posthoc_sigma_rels=\[\]"):
+        make_module(ema={"decay": 0.999, "posthoc_sigma_rels": [0.05]})
 
 
 @pytest.mark.parametrize("ema", [None, {"decay": 0.0}])

@@ -17,6 +17,7 @@ from ..config import CONFIG_PATH
 from ..metrics import metric_name, to_uint8
 from .errors import run_cli
 from .generation import generate, load_model_and_guidance, load_samples, resolve_device, write_json, write_outputs
+from .posthoc_ema import apply_posthoc_ema
 from .required_keys import missing_keys, missing_keys_message
 
 NUM_QUARTILES = 4
@@ -61,6 +62,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.ckpt:
         guidance = OmegaConf.to_container(cfg.guidance)
         module, cond_fn, guide_classes, cfg_scale = load_model_and_guidance(cfg.ckpt, guidance, device)
+        if cfg.get("ema_sigma_rel") is not None:  # post-hoc EMA: score the EMA of this length (EDM2)
+            results["posthoc_ema"] = apply_posthoc_ema(module, cfg.ckpt, float(cfg.ema_sigma_rel))
         data_cfg = cfg.data if cfg.get("data") else module.run_config.get("data")
         if not data_cfg:
             raise ValueError(f"{cfg.ckpt} stores no data config; pass data=<name> for the reference images")
@@ -68,6 +71,8 @@ def evaluate(cfg: DictConfig) -> dict:
     else:
         if "nll" in metrics:
             raise ValueError("metrics=[nll] needs a model: give ckpt=...")
+        if cfg.get("ema_sigma_rel") is not None:
+            raise ValueError("ema_sigma_rel=... rebuilds a model's EMA: give ckpt=... (a run with post-hoc EMA)")
         if not cfg.get("data"):
             raise ValueError("samples=... needs data=<name> (e.g. data=animal_mnist) for the reference statistics")
         data_cfg = cfg.data

@@ -45,6 +45,13 @@ class DiffusionConfig:
     hybrid_lambda: float = 0.001
     rescale_vlb: bool = False
     timestep_respacing: Any = None  # train on a respaced process (rare): "ddim50", "250", ...
+    # training levers (diffusion/weighting.py, diffusion/noise_assignment.py); all off by default
+    loss_weighting: str = "none"  # none | min_snr | p2 (the same x0-weighting for eps, x0 and v targets)
+    min_snr_gamma: float = 5.0  # Min-SNR-gamma (Hang et al. 2023)
+    p2_k: float = 1.0  # P2 (Choi et al. 2022): 1 / (k + SNR)^gamma on the eps loss
+    p2_gamma: float = 1.0
+    input_perturbation: float = 0.0  # DDPM-IP gamma (Ning et al. 2023: 0.1); 0 = off
+    immiscible: bool = False  # immiscible diffusion (Li et al. 2024): batch noise assignment before q_sample
 
 
 @dataclass
@@ -54,6 +61,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # after warm-up: constant | cosine | linear (decay to 0 at trainer.max_steps)
     fused: Any = None  # None: torch's default (foreach); true: fused kernel
 
 
@@ -61,6 +69,9 @@ class OptimConfig:
 class EMAConfig:
     decay: float = 0.9999
     warmup: bool = True  # decay_n = min(decay, (1 + n) / (10 + n))
+    # post-hoc EMA (EDM2): power EMAs of these relative lengths, snapshots every N steps into <run>/posthoc_ema
+    posthoc_sigma_rels: list[float] = field(default_factory=list)  # e.g. [0.05, 0.10]; empty = off
+    posthoc_every_n_steps: int = 100  # aim for ~50 snapshots per run (fit error, conf/train.yaml)
 
 
 @dataclass

@@ -15,8 +15,10 @@ import torch
 
 from .likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .noise import NoiseSampler, generator_noise
+from .noise_assignment import assign_noise, perturb_noise
 from .samplers import Corrector, StepFn, multistep_step_fn, sample_loop_progressive
 from .schedules import respace_betas
+from .weighting import LOSS_WEIGHTINGS, loss_weight, snr_from_alphas_cumprod
 
 MeanType = Literal["eps", "x0", "v"]
 VarType = Literal["fixed_small", "fixed_large", "learned", "learned_range"]
@@ -50,6 +52,17 @@ class GaussianDiffusion:
         hybrid_lambda: lambda of the hybrid loss (Improved DDPM: 0.001).
         rescale_vlb: with ``vlb``, multiply L_t by K so it estimates the whole bound.
         use_timesteps: original steps to keep (see ``space_timesteps``); the model still sees them.
+        loss_weighting: weight on the target's MSE per step (``diffusion/weighting.py``): ``none``,
+            ``min_snr`` (Min-SNR-gamma, Hang et al. 2023) or ``p2`` (Choi et al. 2022), each the same
+            x0-weighting whatever ``mean_type`` is.
+        min_snr_gamma: gamma of ``min_snr`` (the paper's default 5).
+        p2_k, p2_gamma: k and gamma of ``p2``'s 1 / (k + SNR)^gamma on the eps loss (paper: 1 and 1).
+        input_perturbation: DDPM-IP's gamma (Ning et al. 2023, 0.1 in the paper): x_t is built from
+            eps + gamma * xi while the target stays eps (or the v / x0 built without xi). 0 is off.
+        immiscible: reassign the batch's noises to its images by a linear assignment on their distances
+            (Li et al. 2024) before q_sample.
+        The last three only touch the noise ``training_losses`` draws itself; a caller's ``noise=`` is used
+        as given (validation keeps an unbiased bound).
     """
 
     def __init__(
@@ -61,10 +74,18 @@ class GaussianDiffusion:
         hybrid_lambda: float = 0.001,
         rescale_vlb: bool = False,
         use_timesteps: Iterable[int] | None = None,
+        loss_weighting: str = "none",
+        min_snr_gamma: float = 5.0,
+        p2_k: float = 1.0,
+        p2_gamma: float = 1.0,
+        input_perturbation: float = 0.0,
+        immiscible: bool = False,
     ) -> None:
         _check_choice("mean_type", mean_type, MEAN_TYPES)
         _check_choice("var_type", var_type, VAR_TYPES)
         _check_choice("loss_type", loss_type, LOSS_TYPES)
+        self._set_training_levers(loss_weighting, min_snr_gamma, p2_k, p2_gamma, input_perturbation, immiscible,
+                                  loss_type)
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
         if betas.ndim != 1 or betas.numel() < 2:
             raise ValueError(f"betas must be a 1-D tensor with at least 2 steps, got shape {tuple(betas.shape)}")
@@ -107,7 +128,7 @@ class GaussianDiffusion:
                                                                                 section_counts)
         return GaussianDiffusion(self.original_betas, mean_type=self.mean_type, var_type=self.var_type,
                                  loss_type=self.loss_type, hybrid_lambda=self.hybrid_lambda,
-                                 rescale_vlb=self.rescale_vlb, use_timesteps=keep)
+                                 rescale_vlb=self.rescale_vlb, use_timesteps=keep, **self.training_levers)
 
     # ------------------------------------------------------------------ tables
     def _build_tables(self) -> None:
@@ -298,6 +319,42 @@ class GaussianDiffusion:
         return out
 
     # ------------------------------------------------------------------ losses
+    def _set_training_levers(self, loss_weighting: str, min_snr_gamma: float, p2_k: float, p2_gamma: float,
+                             input_perturbation: float, immiscible: bool, loss_type: str) -> None:
+        _check_choice("loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
+        if loss_weighting != "none" and loss_type == "vlb":
+            raise ValueError(f"loss_weighting={loss_weighting!r} weights the MSE term, which loss_type='vlb' "
+                             f"does not have; use loss_type simple or hybrid, or loss_weighting none")
+        if min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
+        if p2_k < 0 or p2_gamma < 0:
+            raise ValueError(f"p2_k and p2_gamma must be >= 0, got p2_k={p2_k}, p2_gamma={p2_gamma}")
+        if input_perturbation < 0:
+            raise ValueError(f"input_perturbation must be >= 0 (DDPM-IP uses 0.1), got {input_perturbation}")
+        self.training_levers = {"loss_weighting": loss_weighting, "min_snr_gamma": float(min_snr_gamma),
+                                "p2_k": float(p2_k), "p2_gamma": float(p2_gamma),
+                                "input_perturbation": float(input_perturbation), "immiscible": bool(immiscible)}
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-example weight (float64) on the MSE of the configured target at steps ``t`` (ones: ``none``)."""
+        levers = self.training_levers
+        snr = snr_from_alphas_cumprod(self._extract64("alphas_cumprod", t))
+        return loss_weight(snr, levers["loss_weighting"], self.mean_type, min_snr_gamma=levers["min_snr_gamma"],
+                           p2_k=levers["p2_k"], p2_gamma=levers["p2_gamma"])
+
+    def training_noise(self, x_start: torch.Tensor,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target noise, noise fed to q_sample) for a training step, with the noise-side levers applied.
+
+        Draws eps (then DDPM-IP's xi) from ``generator`` or the global stream, so a resumed run draws the
+        same values; immiscible reassignment is deterministic given eps.
+        """
+        noise = (torch.randn_like(x_start) if generator is None  # x_start's memory format, as before the levers
+                 else torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype))
+        if self.training_levers["immiscible"]:
+            noise = assign_noise(x_start, noise)
+        return noise, perturb_noise(noise, self.training_levers["input_perturbation"], generator=generator)
+
     def _vb_terms_bpd(self, model: Model | None, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                       clip_denoised: bool = True, model_kwargs: dict[str, Any] | None = None,
                       model_output: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -315,12 +372,16 @@ class GaussianDiffusion:
                         noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per-example losses at steps ``t``: dict(loss, mse, vb); ``vb`` is L_t in bits/dim.
 
-        ``simple``: loss = mse. ``hybrid``: loss = mse + lambda * K * vb with the mean frozen in vb.
-        ``vlb``: loss = vb (times K if ``rescale_vlb``). The MSE is on the configured target.
+        ``simple``: loss = w_t * mse. ``hybrid``: loss = w_t * mse + lambda * K * vb with the mean frozen in vb.
+        ``vlb``: loss = vb (times K if ``rescale_vlb``). The MSE is on the configured target, unweighted in
+        ``mse``; w_t is ``loss_weights(t)`` (1 unless ``loss_weighting`` is set). Without ``noise`` the
+        noise comes from ``training_noise`` (input perturbation / immiscible assignment when on).
         """
         if noise is None:
-            noise = torch.randn_like(x_start)
-        x_t = self.q_sample(x_start, t, noise=noise)
+            noise, q_noise = self.training_noise(x_start)
+        else:
+            q_noise = noise
+        x_t = self.q_sample(x_start, t, noise=q_noise)
         model_output = model(x_t, self.model_timesteps(t), **(model_kwargs or {})).to(x_start.dtype)
         prediction, var_values = self._split_output(model_output, x_t)
 
@@ -339,11 +400,14 @@ class GaussianDiffusion:
         else:
             target = self.get_v(x_start, noise, t)
         mse = mean_flat((target - prediction) ** 2)
+        weighted_mse = mse
+        if self.training_levers["loss_weighting"] != "none":
+            weighted_mse = mse * self.loss_weights(t).to(mse.dtype)
 
         if self.loss_type == "simple":
-            loss = mse
+            loss = weighted_mse
         elif self.loss_type == "hybrid":
-            loss = mse + self.hybrid_lambda * self.num_timesteps * vb
+            loss = weighted_mse + self.hybrid_lambda * self.num_timesteps * vb
         else:
             loss = vb * self.num_timesteps if self.rescale_vlb else vb
         return {"loss": loss, "mse": mse, "vb": vb}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,6 +11,8 @@ from ..diffusion import GaussianDiffusion, make_beta_schedule, space_timesteps
 
 DIFFUSION_KEYS = ("schedule", "num_timesteps", "mean_type", "var_type", "loss_type", "hybrid_lambda",
                   "rescale_vlb", "timestep_respacing")
+# the training levers (issue #22): GaussianDiffusion arguments of the same names, all off by default
+LEVER_KEYS = ("loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma", "input_perturbation", "immiscible")
 MODEL_EXTRA_KEYS = ("class_cond", "compile", "channels_last")
 
 
@@ -17,9 +21,10 @@ def learns_sigma(diffusion_cfg: Mapping[str, Any]) -> bool:
 
 
 def build_diffusion(cfg: Mapping[str, Any]) -> GaussianDiffusion:
-    unknown = set(cfg) - set(DIFFUSION_KEYS)
+    unknown = set(cfg) - set(DIFFUSION_KEYS) - set(LEVER_KEYS)
     if unknown:
-        raise ValueError(f"unknown diffusion keys {sorted(unknown)}; allowed: {', '.join(DIFFUSION_KEYS)}")
+        raise ValueError(f"unknown diffusion keys {sorted(unknown)}; allowed: "
+                         f"{', '.join(DIFFUSION_KEYS + LEVER_KEYS)}")
     num_timesteps = int(cfg.get("num_timesteps", 1000))
     respacing = cfg.get("timestep_respacing")
     return GaussianDiffusion(
@@ -30,6 +35,7 @@ def build_diffusion(cfg: Mapping[str, Any]) -> GaussianDiffusion:
         hybrid_lambda=float(cfg.get("hybrid_lambda", 0.001)),
         rescale_vlb=bool(cfg.get("rescale_vlb", False)),
         use_timesteps=space_timesteps(num_timesteps, respacing) if respacing else None,
+        **{k: cfg[k] for k in LEVER_KEYS if k in cfg},
     )
 
 
@@ -49,25 +55,71 @@ def build_unet(model_cfg: Mapping[str, Any], *, image_size: int, channels: int, 
                 num_classes=(num_classes + (1 if p_uncond > 0 else 0)) if class_cond else None, **kwargs)
 
 
-def build_optimizer(parameters, optim: Mapping[str, Any]) -> dict[str, Any]:
-    """AdamW with a linear warm-up over ``optim.warmup_steps`` (then constant, as ADM), stepped per batch."""
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def build_optimizer(parameters, optim: Mapping[str, Any], total_steps: int | None = None) -> dict[str, Any]:
+    """AdamW with a linear warm-up over ``optim.warmup_steps``, then ``optim.lr_schedule``: ``constant``
+    (ADM), or ``cosine`` / ``linear`` decay to 0 at ``total_steps`` (the run's ``trainer.max_steps``);
+    stepped per batch."""
     import torch
 
+    schedule = str(optim.get("lr_schedule", "constant"))
+    warmup = int(optim.get("warmup_steps", 0))
+    factor = make_lr_factor(warmup, schedule, total_steps)  # validates before the optimizer is built
     fused = optim.get("fused")
     optimizer = torch.optim.AdamW(
         parameters, lr=float(optim.get("lr", 1e-4)), betas=tuple(optim.get("betas", (0.9, 0.999))),
         eps=float(optim.get("eps", 1e-8)), weight_decay=float(optim.get("weight_decay", 0.0)),
         **({"fused": bool(fused)} if fused is not None else {}))
-    warmup = int(optim.get("warmup_steps", 0))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Warmup(warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-class _Warmup:
-    """Picklable LR factor (DDP spawn pickles the trainer state)."""
+def lr_total_steps(trainer, optim: Mapping[str, Any]) -> int | None:
+    """The step the LR schedule decays to: the trainer's ``max_steps`` (None when the run has none). Warns
+    when a wall-clock limit (``trainer.max_time``) may stop a decaying run before that step."""
+    steps = getattr(trainer, "max_steps", None)
+    steps = int(steps) if steps is not None and int(steps) > 0 else None
+    schedule = str(optim.get("lr_schedule", "constant"))
+    if schedule != "constant" and steps is not None:
+        from lightning.pytorch.callbacks import Timer
+        from lightning.pytorch.utilities import rank_zero_warn
 
-    def __init__(self, steps: int) -> None:
-        self.steps = steps
+        if any(isinstance(callback, Timer) for callback in getattr(trainer, "callbacks", [])):
+            rank_zero_warn(f"optim.lr_schedule={schedule} decays to 0 at trainer.max_steps={steps}, but "
+                           f"trainer.max_time may stop the run earlier, at a higher LR; for a full decay set "
+                           f"trainer.max_steps to the steps the time budget reaches (or trainer.max_time=null)")
+    return steps
 
-    def __call__(self, step: int) -> float:
-        return min(1.0, (step + 1) / self.steps) if self.steps > 0 else 1.0
+
+def lr_factor(step: int, *, warmup_steps: int, schedule: str, total_steps: int | None) -> float:
+    """The LR multiplier at ``step``: a linear warm-up over ``warmup_steps``, then ``schedule``
+    (constant | cosine | linear) from 1 down to 0 at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_lr_factor(warmup_steps: int, schedule: str = "constant", total_steps: int | None = None):
+    """``lr_factor`` with its settings bound, validated. A ``functools.partial``: picklable (DDP spawn pickles
+    the trainer state), and with an empty ``__dict__``, so LambdaLR's state in a checkpoint carries none of the
+    settings and a resumed run follows its own config (e.g. a longer ``trainer.max_steps``)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown optim.lr_schedule {schedule!r}; allowed: {', '.join(LR_SCHEDULES)}")
+    if warmup_steps < 0:
+        raise ValueError(f"optim.warmup_steps must be >= 0, got {warmup_steps}")
+    if schedule != "constant":
+        if total_steps is None or total_steps <= 0:
+            raise ValueError(f"optim.lr_schedule={schedule} decays to the run's end, but the run has no "
+                             f"trainer.max_steps; set trainer.max_steps or optim.lr_schedule=constant")
+        if total_steps <= warmup_steps:
+            raise ValueError(f"optim.lr_schedule={schedule} needs trainer.max_steps ({total_steps}) > "
+                             f"optim.warmup_steps ({warmup_steps})")
+    return functools.partial(lr_factor, warmup_steps=int(warmup_steps), schedule=schedule,
+                             total_steps=None if total_steps is None else int(total_steps))

@@ -24,7 +24,7 @@ from typing_extensions import override
 from ..diffusion import NUM_QUARTILES, quartile_means
 from ..models import EncoderUNet
 from ..models.state_dict import state_dict_mismatch
-from .builders import build_diffusion, build_optimizer
+from .builders import build_diffusion, build_optimizer, lr_total_steps
 from .checkpoint import load_checkpoint_dict
 from .ema import make_ema
 from .guidance import guidance_info
@@ -91,6 +91,9 @@ class ClassifierModule(pl.LightningModule):
         self.num_classes = int(num_classes)
         self.net = build_encoder_unet(classifier, image_size=image_size, channels=channels,
                                       num_classes=self.num_classes)
+        if ema is not None and ema.get("posthoc_sigma_rels"):
+            raise ValueError("ema.posthoc_sigma_rels (post-hoc EMA) is for diffusion training; the noisy classifier "
+                             "keeps one EMA: set ema.posthoc_sigma_rels=[]")
         decay = 0.0 if ema is None else float(ema.get("decay", 0.9999))
         self.ema = make_ema(self.net, decay, bool(ema.get("warmup", True))) if decay > 0 else None
         self.train_loss_q = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
@@ -148,7 +151,8 @@ class ClassifierModule(pl.LightningModule):
 
     @override
     def configure_optimizers(self):
-        return build_optimizer(self.net.parameters(), self.hparams.optim)
+        return build_optimizer(self.net.parameters(), self.hparams.optim,
+                               total_steps=lr_total_steps(self.trainer, self.hparams.optim))
 
     # ------------------------------------------------------------------ validation
     def validation_timesteps(self, batch_size: int, generator: torch.Generator, device) -> torch.Tensor:

@@ -17,8 +17,8 @@ from typing_extensions import override
 
 from ..diffusion import IgnoreLabels, UniformSampler, create_named_schedule_sampler
 from ..sampling import check_sampling_options, sample_images, sampling_process
-from .builders import build_diffusion, build_optimizer, build_unet, learns_sigma
-from .ema import make_ema
+from .builders import build_diffusion, build_optimizer, build_unet, learns_sigma, lr_total_steps
+from .ema import make_ema, make_posthoc_emas
 from .rng import collect_rng_states, restore_rng_states
 
 NUM_QUARTILES = 4
@@ -71,6 +71,8 @@ class DiffusionModule(pl.LightningModule):
         if self.channels_last:  # before the EMA copy, so that both nets run NHWC
             self.net.to(memory_format=torch.channels_last)
         self.ema = make_ema(self.net, float(ema.get("decay", 0.9999)), bool(ema.get("warmup", True)))
+        self.posthoc_ema = make_posthoc_emas(self.net, ema.get("posthoc_sigma_rels"),  # EDM2 power EMAs
+                                             int(ema.get("posthoc_every_n_steps", 0)))
         self.schedule_sampler = create_named_schedule_sampler(timestep_sampler, self.diffusion.num_timesteps)
         self.sample_defaults = dict(sample or {})
         check_sampling_options(self.sample_defaults.get("method"), self.sample_defaults.get("schedule"))
@@ -136,10 +138,21 @@ class DiffusionModule(pl.LightningModule):
         # EMA right after the step: checkpoints written at this batch's end already include it.
         super().optimizer_step(*args, **kwargs)
         self.ema.update_parameters(self.net)
+        for power_ema in self.posthoc_ema:
+            power_ema.update_parameters(self.net)
+
+    @override
+    def configure_callbacks(self):
+        if not len(self.posthoc_ema):
+            return []
+        from ..callbacks.posthoc_ema import PostHocEMASnapshots
+
+        return [PostHocEMASnapshots(int(self.hparams.ema["posthoc_every_n_steps"]))]
 
     @override
     def configure_optimizers(self):
-        return build_optimizer(self.net.parameters(), self.hparams.optim)
+        return build_optimizer(self.net.parameters(), self.hparams.optim,
+                               total_steps=lr_total_steps(self.trainer, self.hparams.optim))
 
     # ------------------------------------------------------------------ validation
     @override
