@@ -8,7 +8,7 @@ in-loop FID for a 50k FID.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,37 +22,68 @@ from ..metrics import (
     cached_clean_classifier,
     load_feature_extractor,
     metric_name,
+    read_adm_reference,
     reference_stats,
     to_uint8,
 )
 from ..modules.classifier_module import load_classifier_guidance
 
-OUTPUT_KEYS = {"fid": ("fid",), "kid": ("kid_mean",), "pr": ("precision", "recall"), "is": ("is_mean",),
-               "is_clf": ("is_clf_mean",)}
+CLASSIFIER_IMAGES = 10_000  # is_clf on a source decoded from files trains on this many training images
+OUTPUT_KEYS = {"fid": ("fid",), "sfid": ("sfid",), "kid": ("kid_mean",), "pr": ("precision", "recall"),
+               "is": ("is_mean",), "is_clf": ("is_clf_mean",)}
+
+
+def reference_batches(datamodule, split: str, n: int, chunk: int = 256) -> Iterator[torch.Tensor]:
+    """The first ``n`` images of ``split`` (``reference_images``' order) decoded ``chunk`` at a time."""
+    indices = datamodule.split_indices(split)[:n]
+    for start in range(0, len(indices), chunk):
+        yield datamodule.source.get(indices[start:start + chunk])
+
+
+def classifier_data(datamodule, max_images: int = CLASSIFIER_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels the clean classifier (is_clf) trains on: every training image of an in-memory source,
+    the first ``max_images`` of a source decoded from files (an image folder)."""
+    if datamodule.source.in_memory:
+        return datamodule.train_tensors()
+    n = min(max_images, len(datamodule.split_indices("train")))
+    return datamodule.reference_images("train", n), datamodule.reference_labels("train", n)
 
 
 def make_generative_metrics(datamodule, *, metrics: Sequence[str] = ("fid", "kid", "pr"), feature: str = "inception",
                             weights_path: str | None = None, reference_split: str = "train",
-                            reference_n: int = 2000, cache_dir: str | None = None, classifier_epochs: int = 5,
+                            reference_n: int = 2000, pr_reference_n: int = 10_000, reference: str | None = None,
+                            cache_dir: str | None = None, classifier_epochs: int = 5,
                             batch_size: int = 64, device: str | torch.device = "cpu",
                             progress: bool = False) -> GenerativeMetrics:
-    """GenerativeMetrics for ``datamodule``'s real images (cached statistics, cached clean classifier)."""
+    """GenerativeMetrics for ``datamodule``'s real images (cached statistics, cached clean classifier).
+
+    Statistics (FID, sFID) cover ``reference_n`` images (up to the whole split), streamed; KID and
+    precision/recall use the first ``pr_reference_n`` of them (ADM: 10,000). ``reference``: an ADM evaluator
+    reference batch (``.npz`` with ``mu``/``sigma``/``mu_s``/``sigma_s``/``arr_0``) to score against instead.
+    """
     metrics = tuple(metrics)
+    if pr_reference_n < 0:
+        raise ValueError(f"pr_reference_n must be >= 0, got {pr_reference_n}")
     extractor = load_feature_extractor(feature, weights_path, device=device)
-    available = len(datamodule.split_indices(reference_split))
-    n = min(int(reference_n), available)
-    reference = reference_stats(lambda: datamodule.reference_images(reference_split, n),
-                                data_name=datamodule.name, split=reference_split,
-                                image_size=datamodule.image_size, feature_extractor=extractor, n=n,
-                                cache_dir=cache_dir, batch_size=batch_size, device=device, progress=progress)
+    if reference:
+        ref = read_adm_reference(reference, extractor, cache_dir=cache_dir, batch_size=batch_size, device=device,
+                                 max_features=pr_reference_n, progress=progress)
+    else:
+        available = len(datamodule.split_indices(reference_split))
+        n = min(int(reference_n), available)
+        ref = reference_stats(lambda: reference_batches(datamodule, reference_split, n),
+                              data_name=datamodule.name, split=reference_split,
+                              image_size=datamodule.image_size, feature_extractor=extractor, n=n,
+                              cache_dir=cache_dir, batch_size=batch_size, device=device,
+                              max_features=pr_reference_n, progress=progress)
     classifier = None
     if "is_clf" in metrics:
         if not datamodule.num_classes:
             raise ValueError(f"is_clf needs a labelled data set; {datamodule.name} has no labels: drop is_clf")
-        classifier = cached_clean_classifier(datamodule.train_tensors, data_name=datamodule.name,
+        classifier = cached_clean_classifier(lambda: classifier_data(datamodule), data_name=datamodule.name,
                                              image_size=datamodule.image_size, num_classes=datamodule.num_classes,
                                              cache_dir=cache_dir, epochs=classifier_epochs, device=device)
-    return GenerativeMetrics(extractor, reference, metrics, classifier=classifier, batch_size=batch_size,
+    return GenerativeMetrics(extractor, ref, metrics, classifier=classifier, batch_size=batch_size,
                              device=device, progress=progress)
 
 

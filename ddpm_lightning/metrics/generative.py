@@ -85,6 +85,12 @@ class GenerativeMetrics:
         self.pr_k, self.is_splits, self.seed = pr_k, is_splits, seed
         self.progress = progress
 
+    @property
+    def outputs_id(self) -> str:
+        """What ``outputs`` depends on (extractor, metrics, classifier weights): stored beside saved outputs."""
+        clf = feature_extractor_id(self.classifier) if self.classifier is not None else "-"
+        return f"{feature_extractor_id(self.feature_extractor)}|{','.join(sorted(self.metrics))}|{clf}"
+
     def outputs(self, batch: torch.Tensor) -> Outputs:
         """Per-sample features of one uint8 batch ``[N, C, H, W]`` for ``score``: ``pool`` (+ ``spatial``,
         ``logits``) from the feature extractor and ``clf_logits`` for is_clf; float32 on the CPU.
