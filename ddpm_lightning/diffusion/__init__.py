@@ -36,3 +36,15 @@ from .guidance import (  # noqa: E402
 
 __all__ += ["classifier_cond_fn", "check_classifier_compatible", "build_guidance", "guidance_info",
             "GUIDANCE_INFO_KEYS", "IgnoreLabels"]
+
+from .noise import PerSampleNoise, generator_noise, sample_seed  # noqa: E402
+from .samplers import (  # noqa: E402
+    CORRECTORS,
+    SOLVER_SCHEDULES,
+    multistep_step_fn,
+    sample_loop_progressive,
+    solver_timesteps,
+)
+
+__all__ += ["PerSampleNoise", "sample_seed", "generator_noise", "SOLVER_SCHEDULES", "CORRECTORS",
+            "multistep_step_fn", "sample_loop_progressive", "solver_timesteps"]

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import torch
 
 from .likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .noise import NoiseSampler, generator_noise
+from .samplers import StepFn, multistep_step_fn, sample_loop_progressive
 from .schedules import respace_betas
 
 MeanType = Literal["eps", "x0", "v"]
@@ -92,12 +94,17 @@ class GaussianDiffusion:
         self._build_tables()
         self._cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
 
-    def respace(self, section_counts: str | int | Iterable[int] | None) -> GaussianDiffusion:
-        """The same model's process restricted to ``space_timesteps(T, section_counts)`` (None: all steps)."""
+    def respace(self, section_counts: str | int | Iterable[int] | None,
+                timesteps: Iterable[int] | None = None) -> GaussianDiffusion:
+        """The same model's process restricted to ``space_timesteps(T, section_counts)`` (None: all steps),
+        or to the given original-process ``timesteps``."""
         from .schedules import space_timesteps
 
-        keep = None if section_counts in (None, "", 0) else space_timesteps(self.original_num_timesteps,
-                                                                            section_counts)
+        if timesteps is not None:
+            keep = timesteps
+        else:
+            keep = None if section_counts in (None, "", 0) else space_timesteps(self.original_num_timesteps,
+                                                                                section_counts)
         return GaussianDiffusion(self.original_betas, mean_type=self.mean_type, var_type=self.var_type,
                                  loss_type=self.loss_type, hybrid_lambda=self.hybrid_lambda,
                                  rescale_vlb=self.rescale_vlb, use_timesteps=keep)
@@ -370,7 +377,28 @@ class GaussianDiffusion:
         return {"total_bpd": vb.sum(dim=1) + prior, "prior_bpd": prior, "vb": vb,
                 "xstart_mse": xstart_mse, "mse": mse}
 
-    # ------------------------------------------------------------------ ancestral sampling
+    # ------------------------------------------------------------------ sampling
+    # Every sampler below is a step function walked by the one loop ``samplers.sample_loop_progressive``;
+    # randomness comes from ``noise`` (x_K) and a ``noise_sampler(x)`` (every later draw; e.g. a
+    # ``PerSampleNoise``) or, when no noise_sampler is given, from ``generator``.
+    def predict_xstart(self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+                       cond_fn: CondFn | None = None,
+                       model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+        """The (clipped) x_0 prediction at step ``t``, score-corrected by ``cond_fn`` as DDIM's guidance
+        (Algorithm 2): what the data-prediction solvers integrate. Learned variances are ignored."""
+        self._check_t(t, x.shape[0])
+        model_output = model(x, self.model_timesteps(t), **(model_kwargs or {})).to(x.dtype)
+        prediction, _ = self._split_output(model_output, x)
+        pred_xstart = self._pred_xstart(prediction, x, t)
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1.0, 1.0)
+        if cond_fn is None:
+            return pred_xstart
+        gradient = cond_fn(x, self.model_timesteps(t), **(model_kwargs or {}))
+        eps = self.predict_eps_from_xstart(x, t, pred_xstart)
+        eps = eps - self._extract("sqrt_one_minus_alphas_cumprod", t, x) * gradient.to(x.dtype)
+        return self.predict_xstart_from_eps(x, t, eps)
+
     def _noise_like(self, x: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generator | None):
         if noise is not None:
             return noise
@@ -390,37 +418,75 @@ class GaussianDiffusion:
         sample = mean + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def _initial_noise(self, shape, noise, device, generator) -> torch.Tensor:
+    def _initial_noise(self, shape, noise, device, generator, noise_sampler=None) -> torch.Tensor:
         if noise is not None:
             if tuple(noise.shape) != tuple(shape):
                 raise ValueError(f"noise shape {tuple(noise.shape)} differs from the requested {tuple(shape)}")
             return noise
+        if noise_sampler is not None:
+            return noise_sampler(torch.empty(tuple(shape), device=device))
         return torch.randn(tuple(shape), generator=generator, device=device)
+
+    def sample_loop_progressive(self, step: StepFn, shape, noise: torch.Tensor | None = None, device=None,
+                                progress: bool = False, generator: torch.Generator | None = None,
+                                noise_sampler: NoiseSampler | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """The one loop of every sampler: x_K from ``noise`` (or drawn), then ``step(x, k, noise_sampler)``
+        for k = K-1 .. 0, yielding each step's dict(sample, pred_xstart)."""
+        x = self._initial_noise(shape, noise, device, generator, noise_sampler)
+        yield from sample_loop_progressive(step, x, self.num_timesteps, noise_sampler or generator_noise(generator),
+                                           progress)
+
+    def _full(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0],), k, device=x.device, dtype=torch.long)
+
+    def p_step_fn(self, model: Model, clip_denoised: bool = True, cond_fn: CondFn | None = None,
+                  model_kwargs: dict[str, Any] | None = None) -> StepFn:
+        """``p_sample`` as a step function (noise drawn every step)."""
+        def step(x, k, noise_sampler):
+            return self.p_sample(model, x, self._full(k, x), clip_denoised=clip_denoised, cond_fn=cond_fn,
+                                 model_kwargs=model_kwargs, noise=noise_sampler(x))
+        return step
+
+    def ddim_step_fn(self, model: Model, eta: float = 0.0, clip_denoised: bool = True,
+                     cond_fn: CondFn | None = None, model_kwargs: dict[str, Any] | None = None) -> StepFn:
+        """``ddim_sample`` as a step function (noise drawn only when eta > 0)."""
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+
+        def step(x, k, noise_sampler):
+            return self.ddim_sample(model, x, self._full(k, x), clip_denoised=clip_denoised, eta=eta,
+                                    cond_fn=cond_fn, model_kwargs=model_kwargs,
+                                    noise=noise_sampler(x) if eta > 0 else None)
+        return step
+
+    def dpm_solver_step_fn(self, model: Model, order: int = 2, sde: bool = False, corrector: str = "none",
+                           lower_order_final: bool = True, clip_denoised: bool = True,
+                           cond_fn: CondFn | None = None, model_kwargs: dict[str, Any] | None = None) -> StepFn:
+        """DPM-Solver++ (and the UniPC corrector) over this process's steps; see ``samplers.multistep_step_fn``."""
+        def denoise(x, k):
+            return self.predict_xstart(model, x, self._full(k, x), clip_denoised=clip_denoised, cond_fn=cond_fn,
+                                       model_kwargs=model_kwargs)
+        return multistep_step_fn(denoise, self.alphas_cumprod, order=order, sde=sde, corrector=corrector,
+                                 lower_order_final=lower_order_final)
 
     def p_sample_loop_progressive(self, model: Model, shape, noise: torch.Tensor | None = None,
                                   clip_denoised: bool = True, cond_fn: CondFn | None = None,
                                   model_kwargs: dict[str, Any] | None = None, device=None,
-                                  progress: bool = False,
-                                  generator: torch.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
+                                  progress: bool = False, generator: torch.Generator | None = None,
+                                  noise_sampler: NoiseSampler | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """Yield every step's dict(sample, pred_xstart), from t = K-1 down to 0."""
-        x = self._initial_noise(shape, noise, device, generator)
-        for k in _steps(self.num_timesteps, progress):
-            t = torch.full((x.shape[0],), k, device=x.device, dtype=torch.long)
-            out = self.p_sample(model, x, t, clip_denoised=clip_denoised, cond_fn=cond_fn,
-                                model_kwargs=model_kwargs, generator=generator)
-            yield out
-            x = out["sample"]
+        step = self.p_step_fn(model, clip_denoised=clip_denoised, cond_fn=cond_fn, model_kwargs=model_kwargs)
+        yield from self.sample_loop_progressive(step, shape, noise=noise, device=device, progress=progress,
+                                                generator=generator, noise_sampler=noise_sampler)
 
     def p_sample_loop(self, model: Model, shape, noise: torch.Tensor | None = None, clip_denoised: bool = True,
                       cond_fn: CondFn | None = None, model_kwargs: dict[str, Any] | None = None, device=None,
-                      progress: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+                      progress: bool = False, generator: torch.Generator | None = None,
+                      noise_sampler: NoiseSampler | None = None) -> torch.Tensor:
         """Ancestral sampling from x_K ~ N(0, I); returns x_0."""
-        final = None
-        for out in self.p_sample_loop_progressive(model, shape, noise=noise, clip_denoised=clip_denoised,
-                                                  cond_fn=cond_fn, model_kwargs=model_kwargs, device=device,
-                                                  progress=progress, generator=generator):
-            final = out
-        return final["sample"]
+        return _last(self.p_sample_loop_progressive(
+            model, shape, noise=noise, clip_denoised=clip_denoised, cond_fn=cond_fn, model_kwargs=model_kwargs,
+            device=device, progress=progress, generator=generator, noise_sampler=noise_sampler))
 
     # ------------------------------------------------------------------ DDIM
     def ddim_sample(self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
@@ -447,34 +513,55 @@ class GaussianDiffusion:
     def ddim_sample_loop_progressive(self, model: Model, shape, eta: float = 0.0, noise: torch.Tensor | None = None,
                                      clip_denoised: bool = True, cond_fn: CondFn | None = None,
                                      model_kwargs: dict[str, Any] | None = None, device=None,
-                                     progress: bool = False,
-                                     generator: torch.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        x = self._initial_noise(shape, noise, device, generator)
-        for k in _steps(self.num_timesteps, progress):
-            t = torch.full((x.shape[0],), k, device=x.device, dtype=torch.long)
-            out = self.ddim_sample(model, x, t, clip_denoised=clip_denoised, eta=eta, cond_fn=cond_fn,
-                                   model_kwargs=model_kwargs, generator=generator)
-            yield out
-            x = out["sample"]
+                                     progress: bool = False, generator: torch.Generator | None = None,
+                                     noise_sampler: NoiseSampler | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        step = self.ddim_step_fn(model, eta=eta, clip_denoised=clip_denoised, cond_fn=cond_fn,
+                                 model_kwargs=model_kwargs)
+        yield from self.sample_loop_progressive(step, shape, noise=noise, device=device, progress=progress,
+                                                generator=generator, noise_sampler=noise_sampler)
 
     def ddim_sample_loop(self, model: Model, shape, eta: float = 0.0, noise: torch.Tensor | None = None,
                          clip_denoised: bool = True, cond_fn: CondFn | None = None,
                          model_kwargs: dict[str, Any] | None = None, device=None, progress: bool = False,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+                         generator: torch.Generator | None = None,
+                         noise_sampler: NoiseSampler | None = None) -> torch.Tensor:
         """DDIM sampling (Song et al.) over this process's steps; returns x_0."""
-        final = None
-        for out in self.ddim_sample_loop_progressive(model, shape, eta=eta, noise=noise,
-                                                     clip_denoised=clip_denoised, cond_fn=cond_fn,
-                                                     model_kwargs=model_kwargs, device=device,
-                                                     progress=progress, generator=generator):
-            final = out
-        return final["sample"]
+        return _last(self.ddim_sample_loop_progressive(
+            model, shape, eta=eta, noise=noise, clip_denoised=clip_denoised, cond_fn=cond_fn,
+            model_kwargs=model_kwargs, device=device, progress=progress, generator=generator,
+            noise_sampler=noise_sampler))
+
+    # ------------------------------------------------------------------ DPM-Solver++ / UniPC
+    def dpm_solver_sample_loop_progressive(self, model: Model, shape, order: int = 2, sde: bool = False,
+                                           corrector: str = "none", lower_order_final: bool = True,
+                                           noise: torch.Tensor | None = None, clip_denoised: bool = True,
+                                           cond_fn: CondFn | None = None,
+                                           model_kwargs: dict[str, Any] | None = None, device=None,
+                                           progress: bool = False, generator: torch.Generator | None = None,
+                                           noise_sampler: NoiseSampler | None = None
+                                           ) -> Iterator[dict[str, torch.Tensor]]:
+        step = self.dpm_solver_step_fn(model, order=order, sde=sde, corrector=corrector,
+                                       lower_order_final=lower_order_final, clip_denoised=clip_denoised,
+                                       cond_fn=cond_fn, model_kwargs=model_kwargs)
+        yield from self.sample_loop_progressive(step, shape, noise=noise, device=device, progress=progress,
+                                                generator=generator, noise_sampler=noise_sampler)
+
+    def dpm_solver_sample_loop(self, model: Model, shape, order: int = 2, sde: bool = False,
+                               corrector: str = "none", lower_order_final: bool = True,
+                               noise: torch.Tensor | None = None, clip_denoised: bool = True,
+                               cond_fn: CondFn | None = None, model_kwargs: dict[str, Any] | None = None,
+                               device=None, progress: bool = False, generator: torch.Generator | None = None,
+                               noise_sampler: NoiseSampler | None = None) -> torch.Tensor:
+        """DPM-Solver++(order M) in data-prediction form over this process's K steps (K network calls);
+        ``sde``: SDE-DPM-Solver++; ``corrector="unipc"``: UniPC(bh2). Returns x_0."""
+        return _last(self.dpm_solver_sample_loop_progressive(
+            model, shape, order=order, sde=sde, corrector=corrector, lower_order_final=lower_order_final,
+            noise=noise, clip_denoised=clip_denoised, cond_fn=cond_fn, model_kwargs=model_kwargs, device=device,
+            progress=progress, generator=generator, noise_sampler=noise_sampler))
 
 
-def _steps(num_timesteps: int, progress: bool):
-    steps = range(num_timesteps - 1, -1, -1)
-    if not progress:
-        return steps
-    from rich.progress import track  # optional dependency of the CLI, not of the math
-
-    return track(steps, description="sampling", transient=True)
+def _last(outputs: Iterator[dict[str, torch.Tensor]]) -> torch.Tensor:
+    final = None
+    for out in outputs:
+        final = out
+    return final["sample"]

@@ -1,5 +1,13 @@
 """Sampling without Lightning: ``sample_images`` over any network and GaussianDiffusion."""
 
-from .sample import SAMPLE_METHODS, ClassifierFreeGuidance, sample_images, sampling_process
+from .sample import (
+    SAMPLE_METHODS,
+    SAMPLE_SCHEDULES,
+    ClassifierFreeGuidance,
+    sample_images,
+    sample_loop,
+    sampling_process,
+)
 
-__all__ = ["sample_images", "sampling_process", "ClassifierFreeGuidance", "SAMPLE_METHODS"]
+__all__ = ["sample_images", "sampling_process", "sample_loop", "ClassifierFreeGuidance", "SAMPLE_METHODS",
+           "SAMPLE_SCHEDULES"]

@@ -1,5 +1,6 @@
-"""Generate images from a trained network: ancestral DDPM or DDIM over any respacing, with optional
-classifier guidance (``cond_fn``) and classifier-free guidance, in batches, reproducibly."""
+"""Generate images from a trained network: ancestral DDPM, DDIM, DPM-Solver++ (2M, 3M, SDE-2M) or UniPC over
+any step schedule, with optional classifier guidance (``cond_fn``) and classifier-free guidance, in batches,
+with per-sample seeds (image i depends on (seed, i) only)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,15 @@ import torch
 from torch import nn
 
 from ..diffusion import GaussianDiffusion
+from ..diffusion.noise import LABEL_STREAM, PerSampleNoise
+from ..diffusion.samplers import SOLVER_SCHEDULES, solver_timesteps
 
-SAMPLE_METHODS = ("ddpm", "ddim")
+SAMPLE_METHODS = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc")
+SAMPLE_SCHEDULES = ("adm",) + SOLVER_SCHEDULES
+# method -> (order, sde, corrector) of the multistep solver; unipc = DPM-Solver++(2M) (= UniP-2) + UniC(bh2)
+SOLVERS = {"dpm++2m": (2, False, "none"), "dpm++3m": (3, False, "none"), "dpm++2m-sde": (2, True, "none"),
+           "unipc": (2, False, "unipc")}
+LABEL_CHUNK = 4096
 
 
 class ClassifierFreeGuidance(nn.Module):
@@ -39,11 +47,26 @@ class ClassifierFreeGuidance(nn.Module):
         return torch.cat([guided, cond[:, c:]], dim=1) if cond.shape[1] > c else guided
 
 
-def sampling_process(diffusion: GaussianDiffusion, method: str, steps: int | str | None) -> GaussianDiffusion:
-    """The respaced process a sampler walks: ``steps`` kept steps (DDIM: 'ddimN' stride when it exists)."""
+def sampling_process(diffusion: GaussianDiffusion, method: str, steps: int | str | None,
+                     schedule: str = "adm") -> GaussianDiffusion:
+    """The respaced process a sampler walks: its K kept steps are the network calls.
+
+    ``schedule="adm"``: ADM's ``space_timesteps`` (DDIM: the 'ddimN' stride when it exists, else evenly spaced
+    sections; ``steps`` may be a section string such as "ddim25" or "10,15,20"; None: all T steps). Other
+    schedules (``uniform``, ``logsnr``, ``karras``, ``trailing``; see ``solver_timesteps``) need an int
+    ``steps`` >= 2 and apply to every method.
+    """
     if method not in SAMPLE_METHODS:
         raise ValueError(f"unknown sampling method {method!r}; allowed: {', '.join(SAMPLE_METHODS)}")
+    if schedule not in SAMPLE_SCHEDULES:
+        raise ValueError(f"unknown sampling schedule {schedule!r}; allowed: {', '.join(SAMPLE_SCHEDULES)}")
     total = diffusion.original_num_timesteps
+    if schedule != "adm":
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise ValueError(f"schedule={schedule} needs an integer number of steps, got {steps!r}; section "
+                             "strings such as 'ddim25' need schedule=adm")
+        base = diffusion.respace(None)
+        return diffusion.respace(None, timesteps=solver_timesteps(base.alphas_cumprod, steps, schedule))
     if steps in (None, 0, "", total, str(total)):
         return diffusion.respace(None)
     if isinstance(steps, int) and method == "ddim":
@@ -54,6 +77,21 @@ def sampling_process(diffusion: GaussianDiffusion, method: str, steps: int | str
     return diffusion.respace(str(steps) if isinstance(steps, int) else steps)
 
 
+def sample_loop(process: GaussianDiffusion, method: str, model, shape, *, eta: float = 0.0,
+                lower_order_final: bool = True, **kwargs) -> torch.Tensor:
+    """Run ``method``'s loop on ``process`` (kwargs: noise, clip_denoised, cond_fn, model_kwargs, device,
+    progress, noise_sampler); returns x_0."""
+    if method == "ddpm":
+        return process.p_sample_loop(model, shape, **kwargs)
+    if method == "ddim":
+        return process.ddim_sample_loop(model, shape, eta=eta, **kwargs)
+    if method not in SOLVERS:
+        raise ValueError(f"unknown sampling method {method!r}; allowed: {', '.join(SAMPLE_METHODS)}")
+    order, sde, corrector = SOLVERS[method]
+    return process.dpm_solver_sample_loop(model, shape, order=order, sde=sde, corrector=corrector,
+                                          lower_order_final=lower_order_final, **kwargs)
+
+
 @torch.inference_mode(False)  # Lightning validation runs in inference mode; guidance needs autograd
 def sample_images(
     net: Callable[..., torch.Tensor],
@@ -61,9 +99,11 @@ def sample_images(
     num_samples: int,
     shape: tuple[int, int, int],
     *,
-    method: Literal["ddpm", "ddim"] = "ddim",
+    method: Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"] = "ddim",
     steps: int | str | None = 25,
     eta: float = 0.0,
+    schedule: Literal["adm", "uniform", "logsnr", "karras", "trailing"] = "adm",
+    lower_order_final: bool = True,
     clip_denoised: bool = True,
     num_classes: int | None = None,
     y: torch.Tensor | int | str | None = "random",
@@ -72,55 +112,63 @@ def sample_images(
     cond_fn: Callable[..., torch.Tensor] | None = None,
     batch_size: int = 64,
     seed: int | None = 0,
+    first_index: int = 0,
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draw ``num_samples`` images in [-1, 1] of ``shape`` (C, H, W); returns (images on CPU, labels or None).
 
-    ``y``: for a class-conditional network, "random" (uniform labels), "balanced" (round-robin), an
-    int class, or a tensor of labels; ignored (must be None/"random") when ``num_classes`` is None.
+    The images are global samples ``first_index .. first_index + num_samples - 1``: image i, its initial
+    noise, every later noise draw and its label (``y="random"``) come from (``seed``, i) alone (see
+    ``diffusion.noise``), so the result does not depend on ``batch_size`` or on how indices are split
+    over calls or devices. ``method``/``steps``/``schedule``: see ``SAMPLE_METHODS`` and ``sampling_process``
+    (``steps`` is the number of network calls); ``eta`` is DDIM's; ``lower_order_final`` the solvers'.
+    ``y``: for a class-conditional network, "random" (uniform labels), "balanced" (class i mod num_classes),
+    an int class, or a tensor of labels; ignored (must be None/"random") when ``num_classes`` is None.
     ``cond_fn`` is a classifier-guidance gradient function (already scaled); it runs with autograd.
-    Batch ``i`` draws from its own generator derived from (``seed``, ``i``), so a run is reproducible.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if isinstance(first_index, bool) or not isinstance(first_index, int) or first_index < 0:
+        raise ValueError(f"first_index must be an int >= 0, got {first_index!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if cfg_scale and (num_classes is None or null_label is None):
         raise ValueError("cfg_scale > 0 needs a class-conditional model trained with label dropout (p_uncond > 0)")
     if device is None:
         device = next(net.parameters()).device if isinstance(net, nn.Module) else torch.device("cpu")
     device = torch.device(device)
-    labels = _labels(y, num_samples, num_classes, seed)
-    process = sampling_process(diffusion, method, steps)
+    seed = 0 if seed is None else int(seed)
+    labels = _labels(y, num_samples, num_classes, seed, first_index)
+    process = sampling_process(diffusion, method, steps, schedule)
     model = ClassifierFreeGuidance(net, cfg_scale, null_label, shape[0]) if cfg_scale else net
     if cond_fn is not None and labels is None:
         raise ValueError("classifier guidance needs class labels: pass y='random', a class index or labels")
 
     chunks = []
-    for index, start in enumerate(range(0, num_samples, batch_size)):
+    for start in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - start)
-        generator = torch.Generator(device=device)
-        generator.manual_seed((0 if seed is None else seed) * 1_000_003 + index)
+        rng = PerSampleNoise(seed, range(first_index + start, first_index + start + n), device=device)
         kwargs = {} if labels is None else {"y": labels[start:start + n].to(device)}
-        noise = torch.randn((n, *shape), generator=generator, device=device)
         with torch.no_grad():  # cond_fn enables grad itself for the classifier's input gradient
-            loop = process.ddim_sample_loop if method == "ddim" else process.p_sample_loop
-            extra = {"eta": eta} if method == "ddim" else {}
-            x = loop(model, (n, *shape), noise=noise, clip_denoised=clip_denoised, cond_fn=cond_fn,
-                     model_kwargs=kwargs, device=device, progress=progress, generator=generator, **extra)
+            x = sample_loop(process, method, model, (n, *shape), eta=eta, lower_order_final=lower_order_final,
+                            noise=rng.randn((n, *shape)), clip_denoised=clip_denoised, cond_fn=cond_fn,
+                            model_kwargs=kwargs, device=device, progress=progress, noise_sampler=rng)
         chunks.append(x.detach().float().cpu())
     return torch.cat(chunks), labels
 
 
-def _labels(y, num_samples: int, num_classes: int | None, seed: int | None) -> torch.Tensor | None:
+def _labels(y, num_samples: int, num_classes: int | None, seed: int, first_index: int) -> torch.Tensor | None:
     if num_classes is None:
         if y not in (None, "random"):
             raise ValueError("y was given but the model is not class-conditional")
         return None
-    if y is None or y == "random":
-        generator = torch.Generator().manual_seed(0 if seed is None else seed)
-        return torch.randint(0, num_classes, (num_samples,), generator=generator)
+    if y is None or y == "random":  # sample i's label from its own (CPU) label stream
+        return torch.cat([PerSampleNoise(seed, range(start, min(start + LABEL_CHUNK, first_index + num_samples)),
+                                         stream=LABEL_STREAM).randint(num_classes)
+                          for start in range(first_index, first_index + num_samples, LABEL_CHUNK)])
     if y == "balanced":
-        return torch.arange(num_samples) % num_classes
+        return (first_index + torch.arange(num_samples)) % num_classes
     if isinstance(y, int):
         if not 0 <= y < num_classes:
             raise ValueError(f"class {y} out of range: the model has classes 0..{num_classes - 1}")
