@@ -172,3 +172,14 @@ def test_metrics_on_an_image_folder_above_max_features(tmp_path):
     assert set(scores) == {"fid", "sfid", "kid_mean", "kid_std", "precision", "recall", "is_clf_mean",
                            "is_clf_std"}
     assert all(np.isfinite(v) for v in scores.values())
+
+
+def test_metric_callback_shares_sampling_over_ddp_ranks(tmp_path, capfd):
+    """Under DDP every rank samples its share and rank 0 scores the gathered features (sFID included)."""
+    cfg = compose_run([*TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                       "trainer.strategy=ddp_spawn", "trainer.max_steps=2", "callbacks=metrics",
+                       "callbacks.sample_grid=null", "callbacks.generative_metrics.metrics=[fid,sfid]"], tmp_path)
+    train(cfg)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert np.isfinite(saved["val/fid@6"]) and np.isfinite(saved["val/sfid@6"])
+    assert "on 2 process(es)" in capfd.readouterr().err

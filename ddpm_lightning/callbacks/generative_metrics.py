@@ -93,7 +93,9 @@ class GenerativeMetricsCallback(pl.Callback):
     ``in_loop_num_samples`` (default: ``num_samples``) makes the in-loop scores cheaper than the final ones:
     e.g. ``val/fid@100`` during training, ``val/fid@500`` at the end.
 
-    Rank 0 samples and scores; the numbers are broadcast so every rank logs the same values. Guidance as in
+    Every rank samples and featurises its share of the indices (per-sample seeds: the images do not depend on
+    the number of ranks), the features are gathered to rank 0, which scores them; the numbers are broadcast
+    so every rank logs the same values. Guidance as in
     ``ddpm-eval``: ``cfg_scale`` (classifier-free) and/or ``classifier_ckpt`` + ``classifier_scale`` (a noisy
     classifier checked against the model's process when training starts).
     """
@@ -136,29 +138,49 @@ class GenerativeMetricsCallback(pl.Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Reference statistics and the clean classifier before training: bad settings fail early."""
+        """Reference statistics and the clean classifier before training (rank 0 fills the caches, the other
+        ranks then read them: every rank featurises its share of the samples): bad settings fail early."""
         if trainer.is_global_zero:
             self._prepare(trainer, pl_module)
+        trainer.strategy.barrier("generative_metrics_prepare")
+        if not trainer.is_global_zero:
+            self._prepare(trainer, pl_module)
 
-    def _scores(self, trainer: pl.Trainer, module: pl.LightningModule, num_samples: int) -> dict[str, float]:
+    def _scores(self, trainer: pl.Trainer, module: pl.LightningModule, num_samples: int) -> dict[str, float] | None:
+        """Every rank samples and featurises its own index range (per-sample seeds: the same images as one
+        process); the features (not the images) are gathered and rank 0 scores them in index order."""
         self._prepare(trainer, module)
         start = time.perf_counter()
         y = "balanced" if getattr(module, "num_classes", None) else "random"
         cond_fn, guidance_classes = self._guidance
         if cond_fn is not None:
             y = "balanced"
-        with trainer.precision_plugin.forward_context():  # sample at the training precision (bf16: 1.8x, same FID)
-            images, _ = module.sample(num_samples, y=y, cond_fn=cond_fn, guidance_num_classes=guidance_classes,
-                                      **self.sample_kwargs)
+        rank, world = trainer.global_rank, trainer.world_size
+        per_rank = -(-num_samples // world)
+        first, last = min(rank * per_rank, num_samples), min((rank + 1) * per_rank, num_samples)
+        parts = []
+        batch = self.sample_kwargs["batch_size"]
+        for index in range(first, last, batch):
+            n = min(batch, last - index)
+            with trainer.precision_plugin.forward_context():  # training precision (bf16: 1.8x, same FID)
+                images, _ = module.sample(n, y=y, cond_fn=cond_fn, guidance_num_classes=guidance_classes,
+                                          first_index=index, **self.sample_kwargs)
+            parts.append(self._scorer.outputs(to_uint8(images)))
         sampled = time.perf_counter()
-        scores = self._scorer.compute(to_uint8(images))
-        rank_zero_info(f"generative metrics @{num_samples}: {scores} (sampling {sampled - start:.0f} s, "
-                       f"scoring {time.perf_counter() - sampled:.0f} s)")
+        if world > 1:
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, parts)
+            parts = [part for rank_parts in gathered for part in rank_parts]
+        if rank != 0:
+            return None
+        scores = self._scorer.score(parts)
+        rank_zero_info(f"generative metrics @{num_samples}: {scores} (sampling + features {sampled - start:.0f} s "
+                       f"on {world} process(es), scoring {time.perf_counter() - sampled:.0f} s)")
         return scores
 
     def _evaluate(self, trainer: pl.Trainer, module: pl.LightningModule, log: bool,
                   num_samples: int) -> dict[str, float]:
-        scores = self._scores(trainer, module, num_samples) if trainer.is_global_zero else None
+        scores = self._scores(trainer, module, num_samples)
         scores = trainer.strategy.broadcast(scores, src=0)
         named = {f"val/{metric_name(key, num_samples)}": float(value) for key, value in scores.items()}
         self.last_results = named
