@@ -31,10 +31,11 @@ MODES = ("min", "max")
 # metrics where larger is better (by name without the stage prefix and the sample count)
 HIGHER_IS_BETTER = ("is_mean", "is_clf_mean", "is", "precision", "recall", "acc", "accuracy", "class_accuracy")
 # the columns of the markdown table, in this order (CSV has every metric)
-TABLE_METRICS = ("fid", "sfid", "is_clf_mean", "is_mean", "precision", "recall", "kid_mean", "class_accuracy", "vlb_bpd",
-                 "nll_bpd")
-DISPLAY_NAMES = {"fid": "FID", "sfid": "sFID", "is_clf_mean": "IS_clf", "is_mean": "IS", "precision": "Prec", "recall": "Rec",
-                 "kid_mean": "KID", "class_accuracy": "Acc", "vlb_bpd": "NLL bpd", "nll_bpd": "NLL bpd (exact)"}
+TABLE_METRICS = ("fid", "sfid", "is_clf_mean", "is_mean", "precision", "recall", "kid_mean", "class_accuracy",
+                 "vlb_bpd", "nll_bpd")
+DISPLAY_NAMES = {"fid": "FID", "sfid": "sFID", "is_clf_mean": "IS_clf", "is_mean": "IS", "precision": "Prec",
+                 "recall": "Rec", "kid_mean": "KID", "class_accuracy": "Acc", "vlb_bpd": "NLL bpd",
+                 "nll_bpd": "NLL bpd (exact)"}
 # a sweep over one of these (ddpm-eval -m experiment=guidance_sweep) also gets the trade-off plot
 GUIDANCE_KEYS = ("guidance.scale", "guidance.cfg_scale")
 # metric prefixes shown in the table: in-loop / end-of-training scores of ddpm-train, scores of ddpm-eval

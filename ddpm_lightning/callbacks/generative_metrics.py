@@ -65,6 +65,8 @@ def make_generative_metrics(datamodule, *, metrics: Sequence[str] = ("fid", "kid
     if pr_reference_n < 0:
         raise ValueError(f"pr_reference_n must be >= 0, got {pr_reference_n}")
     extractor = load_feature_extractor(feature, weights_path, device=device)
+    if datamodule is None and not reference:
+        raise ValueError("scoring needs the data set (data=<name>) or an ADM reference batch (reference=<.npz>)")
     if reference:
         ref = read_adm_reference(reference, extractor, cache_dir=cache_dir, batch_size=batch_size, device=device,
                                  max_features=pr_reference_n, progress=progress)
@@ -78,6 +80,8 @@ def make_generative_metrics(datamodule, *, metrics: Sequence[str] = ("fid", "kid
                               max_features=pr_reference_n, progress=progress)
     classifier = None
     if "is_clf" in metrics:
+        if datamodule is None:
+            raise ValueError("is_clf trains a classifier on the data set: pass data=<name> or drop is_clf")
         if not datamodule.num_classes:
             raise ValueError(f"is_clf needs a labelled data set; {datamodule.name} has no labels: drop is_clf")
         classifier = cached_clean_classifier(lambda: classifier_data(datamodule), data_name=datamodule.name,

@@ -80,17 +80,20 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         guidance = OmegaConf.to_container(cfg.guidance)
         module, cond_fn, guide_classes, cfg_scale = load_model_and_guidance(cfg.ckpt, guidance, procs.device)
         data_cfg = cfg.data if cfg.get("data") else module.run_config.get("data")
-        if not data_cfg:
-            raise ValueError(f"{cfg.ckpt} stores no data config; pass data=<name> for the reference images")
+        if not data_cfg and not cfg.get("reference"):
+            raise ValueError(f"{cfg.ckpt} stores no data config; pass data=<name> for the reference images "
+                             f"(or reference=<an ADM reference batch .npz>)")
         results["guidance"] = guidance
     else:
         if "nll" in metrics:
             raise ValueError("metrics=[nll] needs a model: give ckpt=...")
-        if not cfg.get("data"):
+        if not cfg.get("data") and (cfg.get("write_reference") or not cfg.get("reference")):
             raise ValueError("samples=... and write_reference=... need data=<name> (e.g. data=animal_mnist) for the "
-                             "reference images")
-        data_cfg = cfg.data
-    datamodule = instantiate(data_cfg)
+                             "reference images (or, for samples=, reference=<an ADM reference batch .npz>)")
+        data_cfg = cfg.get("data")
+    datamodule = instantiate(data_cfg) if data_cfg else None  # None: scored against reference= alone
+    if datamodule is None and ("nll" in metrics or "is_clf" in metrics):
+        raise ValueError("metrics nll and is_clf need the data set: pass data=<name> (or drop them)")
 
     scorer = None
     if sample_metrics or cfg.get("write_reference"):
@@ -131,13 +134,13 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
             parts, part_labels = [], []
             for outputs, shard_labels in shard_outputs(out_dir / "shards", num_samples, int(cfg.shard_size),
                                                        scorer.outputs_id, scorer.outputs,
-                                                       set(scorer.outputs(_probe(datamodule)))):
+                                                       set(scorer.outputs(_probe(module)))):
                 parts.append(outputs)
                 part_labels.append(shard_labels)
             _score(results, scorer, parts, None if part_labels[0] is None else torch.cat(part_labels), num_samples)
     elif cfg.samples:
         samples_uint8, labels = load_samples(cfg.samples)
-        if sample_metrics:
+        if sample_metrics and datamodule is not None:
             _check_sample_shape(samples_uint8, datamodule)
             parts = [scorer.outputs(batch) for batch in samples_uint8.split(int(cfg.batch_size))]
             _score(results, scorer, parts, labels, len(samples_uint8))
@@ -153,9 +156,9 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     return _finish(out_dir, results)
 
 
-def _probe(datamodule) -> torch.Tensor:
-    """Two blank images of the data's shape: which per-sample outputs the scorer produces."""
-    return torch.zeros(2, datamodule.channels, datamodule.image_size, datamodule.image_size, dtype=torch.uint8)
+def _probe(module) -> torch.Tensor:
+    """Two blank images of the model's shape: which per-sample outputs the scorer produces."""
+    return torch.zeros(2, *module.image_shape, dtype=torch.uint8)
 
 
 def _check_sample_shape(samples: torch.Tensor, datamodule) -> None:

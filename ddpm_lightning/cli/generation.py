@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..modules.checkpoint import load_diffusion_module
+from ..modules.checkpoint import load_checkpoint_dict, load_diffusion_module
 from ..modules.classifier_module import load_classifier_guidance
 from .shards import (
     SHARD_NAME,
@@ -51,8 +51,18 @@ def parse_labels(y: Any) -> int | str | None:
 
 
 def load_model_and_guidance(ckpt: str, guidance: dict[str, Any], device: torch.device):
-    """The diffusion module plus (cond_fn, classifier class count) for classifier guidance, validated."""
-    module = load_diffusion_module(ckpt, map_location=device)
+    """The diffusion module plus (cond_fn, classifier class count) for classifier guidance, validated.
+
+    ``ckpt`` and ``guidance.classifier_ckpt`` may be ``ddpm-train`` checkpoints or official ADM weights
+    converted by ``ddpm-convert-adm`` (its flags give the diffusion settings)."""
+    from .convert_adm import classifier_guidance_from_adm, diffusion_module_from_adm, is_converted_adm
+
+    checkpoint = load_checkpoint_dict(ckpt, map_location="cpu")
+    if is_converted_adm(checkpoint):
+        module = diffusion_module_from_adm(checkpoint, ckpt).to(device)
+    else:
+        del checkpoint
+        module = load_diffusion_module(ckpt, map_location=device)
     classifier_ckpt, scale = guidance.get("classifier_ckpt"), float(guidance.get("scale") or 0.0)
     cfg_scale = float(guidance.get("cfg_scale") or 0.0)
     if cfg_scale < 0:
@@ -60,6 +70,12 @@ def load_model_and_guidance(ckpt: str, guidance: dict[str, Any], device: torch.d
     if cfg_scale and module.null_label is None:
         raise ValueError(f"guidance.cfg_scale={cfg_scale} needs a model trained with label dropout "
                          f"(train.p_uncond > 0); {ckpt} was not")
+    if classifier_ckpt:
+        classifier = load_checkpoint_dict(classifier_ckpt, map_location="cpu")
+        if is_converted_adm(classifier):
+            cond_fn, num_classes = classifier_guidance_from_adm(classifier, scale, dict(module.hparams),
+                                                                classifier_ckpt, map_location=device)
+            return module, cond_fn, num_classes, cfg_scale
     cond_fn, num_classes = load_classifier_guidance(classifier_ckpt, scale, module.hparams, map_location=device)
     return module, cond_fn, num_classes, cfg_scale
 
