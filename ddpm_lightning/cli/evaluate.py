@@ -140,8 +140,9 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
             _score(results, scorer, parts, None if part_labels[0] is None else torch.cat(part_labels), num_samples)
     elif cfg.samples:
         samples_uint8, labels = load_samples(cfg.samples)
-        if sample_metrics and datamodule is not None:
-            _check_sample_shape(samples_uint8, datamodule)
+        if sample_metrics:
+            if datamodule is not None:
+                _check_sample_shape(samples_uint8, datamodule)
             parts = [scorer.outputs(batch) for batch in samples_uint8.split(int(cfg.batch_size))]
             _score(results, scorer, parts, labels, len(samples_uint8))
     if "nll" in metrics:
