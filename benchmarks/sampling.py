@@ -16,6 +16,13 @@ Contenders (interleaved rounds, medians):
   machines where ``trainer.precision=auto`` picks bf16 (AMX or AVX512-BF16 CPUs, bf16 GPUs).
 
 Both samplers visit the same 25 timesteps (960, 920, ..., 0).
+
+A second table times DPM-Solver++(2M) (``--solver-steps``, default 20, time-uniform steps 999, ~949, ...):
+our loop (``GaussianDiffusion.dpm_solver_sample_loop`` over the ``sample.schedule=uniform`` process) against
+diffusers' ``DPMSolverMultistepScheduler`` loop (``timestep_spacing="linspace"``, the same steps), both
+around the same network: our UNet (``s/batch``), and a zero-cost network (``0.1 * x``) at the same tensor
+shapes, whose loop time is the samplers' own per-step overhead (``overhead/step``; ``overhead vs diffusers``
+= ours / theirs), measured in the same interleaved run. The two loops are checked to give the same samples.
 """
 
 from __future__ import annotations
@@ -102,6 +109,69 @@ def measure_config(config: common.ArchConfig, n: int, steps: int, rounds: int) -
     return rows
 
 
+def solver_fns(net: nn.Module, config: common.ArchConfig, n: int, steps: int) -> dict[str, Callable[[], object]]:
+    """Our DPM-Solver++(2M) loop, diffusers' scheduler loop and the bare network calls, on the same inputs."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from ddpm_lightning.sampling import sampling_process
+
+    diffusion = GaussianDiffusion(make_beta_schedule("linear", 1000))
+    process = sampling_process(diffusion, "dpm++2m", steps, "uniform")
+    classes = config.unet.get("num_classes")
+    gen = torch.Generator().manual_seed(0)
+    x_T = torch.randn((n, *config.image_shape), generator=gen)
+    kwargs = {"y": torch.randint(0, classes, (n,), generator=gen)} if classes else {}
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, trained_betas=diffusion.betas.numpy(),
+                                            solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
+                                            timestep_spacing="linspace", final_sigmas_type="zero")
+
+    @torch.inference_mode()
+    def ours() -> torch.Tensor:
+        return process.dpm_solver_sample_loop(net, x_T.shape, order=2, noise=x_T, clip_denoised=False,
+                                              model_kwargs=kwargs)
+
+    @torch.inference_mode()
+    def theirs() -> torch.Tensor:
+        scheduler.set_timesteps(steps)
+        x = x_T
+        for t in scheduler.timesteps:
+            x = scheduler.step(net(x, t.expand(n), **kwargs), t, x).prev_sample
+        return x
+
+    with torch.inference_mode():  # the two loops compute the same samples
+        difference = float((ours() - theirs()).abs().max())
+    if not difference <= 1e-3 * max(1.0, float(theirs().abs().max())):
+        raise RuntimeError(f"DPM-Solver++(2M): ours and diffusers differ by {difference:.2e}")
+    return {"ours dpm++2m": ours, "diffusers DPMSolverMultistep": theirs}
+
+
+class NullNet(nn.Module):
+    """A network that costs nothing: its loop time is the sampler's own overhead."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return 0.1 * x
+
+
+def measure_solver(config: common.ArchConfig, n: int, steps: int, rounds: int) -> list[dict[str, object]]:
+    net = common.build_ours(config).eval()
+    fns = {f"{name} (UNet)": fn for name, fn in solver_fns(net, config, n, steps).items()}
+    null = {f"{name} (null net)": fn for name, fn in solver_fns(NullNet(), config, n, steps).items()}
+    times = common.interleaved({**fns, **null}, rounds, warmup=1)
+    null_times = common.interleaved(null, 10 * rounds, warmup=1)  # cheap: more rounds for a stable median
+    times.update(null_times)
+    ours_step = common.median(null_times["ours dpm++2m (null net)"]) / steps
+    theirs_step = common.median(null_times["diffusers DPMSolverMultistep (null net)"]) / steps
+    rows = []
+    for name, t in times.items():
+        row = {"config": config.name, "loop": name, "batch": n, "steps": steps, "s/batch": common.median(t),
+               "overhead/step (ms)": "", "overhead vs diffusers": ""}
+        if name.endswith("(null net)"):
+            step = ours_step if name.startswith("ours") else theirs_step
+            row["overhead/step (ms)"], row["overhead vs diffusers"] = 1e3 * step, step / theirs_step
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser)
@@ -109,17 +179,22 @@ def main(argv: list[str] | None = None) -> None:
                         help="architecture(s) to run (default: all)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--solver-steps", type=int, default=20, help="DPM-Solver++(2M) steps (0: skip)")
     args = parser.parse_args(argv)
     common.set_threads(args.threads)
     configs = [common.CONFIGS[c] for c in (args.config or common.CONFIGS)]
-    n, steps, rounds = args.batch_size, args.steps, args.rounds or 3
+    n, steps, rounds, solver_steps = args.batch_size, args.steps, args.rounds or 3, args.solver_steps
     if args.quick:
-        configs, n, steps, rounds = [common.quick(c) for c in configs], 2, 2, 1
+        configs, n, steps, rounds, solver_steps = [common.quick(c) for c in configs], 2, 2, 1, min(solver_steps, 3)
     print(common.machine_line() + "\n")
     for config in configs:
         print(f"## {config.name}: DDIM-{steps}, batch {n}")
         print(common.table(measure_config(config, n, steps, rounds)))
         print(common.machine_line() + "\n")
+        if solver_steps:
+            print(f"## {config.name}: DPM-Solver++(2M)-{solver_steps} loops, batch {n}")
+            print(common.table(measure_solver(config, n, solver_steps, rounds)))
+            print(common.machine_line() + "\n")
 
 
 if __name__ == "__main__":

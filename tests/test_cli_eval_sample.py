@@ -71,12 +71,13 @@ def test_eval_samples_with_the_checkpoints_own_sampler_unless_told(tiny_ckpt, tm
     own = _run("evaluate", f"ckpt={tiny_ckpt}", "num_samples=2", "metrics=[]", cwd=_mkdir(tmp_path / "own"))
     assert own.returncode == 0, own.stderr[-2000:]
     used = json.loads((tmp_path / "own" / "out" / "results.json").read_text())["sampling"]
-    assert used == {"method": stored["method"], "steps": stored["steps"], "eta": stored["eta"]}
+    assert used == {"method": stored["method"], "steps": stored["steps"], "eta": stored["eta"],
+                    "schedule": stored["schedule"]}
     told = _run("evaluate", f"ckpt={tiny_ckpt}", "num_samples=2", "metrics=[]", "sampler=ddpm", "steps=all",
                 cwd=_mkdir(tmp_path / "told"))
     assert told.returncode == 0, told.stderr[-2000:]
     assert json.loads((tmp_path / "told" / "out" / "results.json").read_text())["sampling"] == {
-        "method": "ddpm", "steps": None, "eta": stored["eta"]}
+        "method": "ddpm", "steps": None, "eta": stored["eta"], "schedule": stored["schedule"]}
     assert "ddpm, steps=None" in told.stderr + told.stdout
 
 

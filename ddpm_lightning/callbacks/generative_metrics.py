@@ -27,6 +27,7 @@ from ..metrics import (
     to_uint8,
 )
 from ..modules.classifier_module import load_classifier_guidance
+from ..sampling import check_sampling_options
 
 CLASSIFIER_IMAGES = 10_000  # is_clf on a source decoded from files trains on this many training images
 OUTPUT_KEYS = {"fid": ("fid",), "sfid": ("sfid",), "kid": ("kid_mean",), "pr": ("precision", "recall"),
@@ -113,6 +114,7 @@ class GenerativeMetricsCallback(pl.Callback):
                  seed: int = 1234, progress: bool = False, in_loop_num_samples: int | None = None) -> None:
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 for FID, got {num_samples}")
+        check_sampling_options(method)
         self.num_samples = int(num_samples)
         self.in_loop_num_samples = int(in_loop_num_samples or num_samples)
         if self.in_loop_num_samples < 2:

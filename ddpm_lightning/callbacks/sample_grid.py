@@ -11,6 +11,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 from typing_extensions import override
 
+from ..sampling import check_sampling_options
+
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int) -> Path:
     """Save images in [-1, 1] as one PNG grid (written to a temporary file, then renamed)."""
@@ -49,6 +51,7 @@ class SampleGridCallback(pl.Callback):
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.per_class = per_class
+        check_sampling_options(method)
         self.method, self.steps, self.eta, self.seed = method, steps, eta, seed
         self.dirname = dirname
         self.at_train_end = on_train_end

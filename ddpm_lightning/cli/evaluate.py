@@ -122,8 +122,8 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
             module, out_dir=out_dir, num_samples=num_samples, sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
             clip_denoised=bool(cfg.clip_denoised), y=cfg.y, cond_fn=cond_fn, guidance_num_classes=guide_classes,
             cfg_scale=cfg_scale, batch_size=int(cfg.batch_size), seed=int(cfg.seed), precision=str(cfg.precision),
-            shard_size=int(cfg.shard_size), procs=procs, settings={"ckpt": str(cfg.ckpt), "guidance": guidance},
-            scorer=scorer if sample_metrics else None)
+            schedule=cfg.get("schedule"), shard_size=int(cfg.shard_size), procs=procs,
+            settings={"ckpt": str(cfg.ckpt), "guidance": guidance}, scorer=scorer if sample_metrics else None)
         if procs.rank != 0:
             return generated
         results["sampling"], results["generation"] = generated["sampling"], generated["generation"]

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..modules.checkpoint import load_checkpoint_dict, load_diffusion_module
 from ..modules.classifier_module import load_classifier_guidance
+from ..sampling import check_sampling_options
 from .shards import (
     SHARD_NAME,
     NoSpaceLeft,
@@ -80,12 +81,15 @@ def load_model_and_guidance(ckpt: str, guidance: dict[str, Any], device: torch.d
     return module, cond_fn, num_classes, cfg_scale
 
 
-def sampling_overrides(sampler: str | None, steps, eta: float | None) -> dict[str, Any]:
+def sampling_overrides(sampler: str | None, steps, eta: float | None, schedule: str | None = None) -> dict[str, Any]:
     """Command-line sampler settings; null keeps the checkpoint's own (its training config's ``sample``),
     ``steps=all`` runs every one of the T steps."""
+    check_sampling_options(sampler, schedule)
     overrides: dict[str, Any] = {}
     if sampler is not None:
         overrides["method"] = str(sampler)
+    if schedule is not None:
+        overrides["schedule"] = str(schedule)
     if steps is not None:
         overrides["steps"] = None if str(steps) == "all" else steps
     if eta is not None:
@@ -96,7 +100,7 @@ def sampling_overrides(sampler: str | None, steps, eta: float | None) -> dict[st
 def generate(module, *, out_dir: Path, num_samples: int, sampler: str | None, steps, eta: float | None,
              clip_denoised: bool, y, cond_fn, guidance_num_classes, cfg_scale: float, batch_size: int, seed: int,
              precision: str = "32", shard_size: int = 1000, procs: Processes | None = None,
-             settings: dict[str, Any] | None = None, scorer=None) -> dict[str, Any]:
+             settings: dict[str, Any] | None = None, scorer=None, schedule: str | None = None) -> dict[str, Any]:
     """Generate ``num_samples`` into ``out_dir``'s shards (this process's share, missing ones only), then on
     rank 0 write ``samples.npz`` and ``grid.png``. ``scorer`` (a ``GenerativeMetrics``): each shard also
     stores its samples' features. ``sampler``/``steps``/``eta`` None: the checkpoint's own. Returns the
@@ -107,8 +111,9 @@ def generate(module, *, out_dir: Path, num_samples: int, sampler: str | None, st
     if num_samples < 1 or shard_size < 1 or batch_size < 1:
         raise ValueError(f"num_samples, shard_size and batch_size must be >= 1, got {num_samples}, {shard_size}, "
                          f"{batch_size}")
-    overrides = sampling_overrides(sampler, steps, eta)
-    used = {k: v for k, v in module.sampling_options(**overrides).items() if k in ("method", "steps", "eta")}
+    overrides = sampling_overrides(sampler, steps, eta, schedule)
+    used = {k: v for k, v in module.sampling_options(**overrides).items()
+            if k in ("method", "steps", "eta", "schedule")}
     labels = parse_labels(y) if labels_allowed(module, cond_fn) else "random"
     shards = out_dir / "shards"
     check_settings(shards, {**(settings or {}), "sampling": used, "y": labels, "seed": seed, "precision": precision,
@@ -131,7 +136,8 @@ def generate(module, *, out_dir: Path, num_samples: int, sampler: str | None, st
                             feature_id=scorer.outputs_id if scorer else "")
     procs.barrier()
     rank_zero_info(f"sampled {stats['generated']} images ({used['method']}, steps={used['steps']}, "
-                   f"eta={used['eta']}) in {stats['seconds']:.1f} s ({stats['samples_per_second']:.2f} samples/s "
+                   f"eta={used['eta']}, schedule={used['schedule']}) in {stats['seconds']:.1f} s "
+                   f"({stats['samples_per_second']:.2f} samples/s "
                    f"on rank {procs.rank} of {procs.world_size}; {stats['skipped']} kept from an earlier run)")
     result = {"sampling": used, "generation": {**stats, **budget, "world_size": procs.world_size,
                                                "shard_size": shard_size}}

@@ -72,9 +72,11 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    method: str = "ddim"  # ddim | ddpm
-    steps: Any = 25  # kept steps: int, "ddim25", "250", "10,15,20", or null for all T
-    eta: float = 0.0
+    method: str = "ddim"  # ddpm | ddim | dpm++2m | dpm++3m | dpm++2m-sde | unipc
+    steps: Any = 25  # network calls: int; with schedule=adm also "ddim25", "250", "10,15,20", or null for all T
+    eta: float = 0.0  # DDIM only
+    schedule: str = "adm"  # adm (ADM respacing) | uniform | logsnr | karras | trailing
+    lower_order_final: bool = True  # DPM-Solver++/UniPC: lower orders for the last steps below 15 steps
     clip_denoised: bool = True
     batch_size: int = 64
 

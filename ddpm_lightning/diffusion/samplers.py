@@ -154,6 +154,8 @@ def multistep_step_fn(denoise: Denoiser, alphas_cumprod: torch.Tensor, order: in
 
     def step(x: torch.Tensor, k: int, noise_sampler: NoiseSampler) -> dict[str, torch.Tensor]:
         index = num_steps - 1 - k  # 0 for the first (noisiest) step
+        if index == 0:  # a new loop: forget any previous one's history
+            history.clear()
         x0 = denoise(x, k)
         if corrector == "unipc" and history:
             x = _unic_bh2(x0, state["last_x"], history, k, lam, alpha, sigma, state["last_order"])

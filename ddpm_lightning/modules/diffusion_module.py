@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from ..diffusion import IgnoreLabels, UniformSampler, create_named_schedule_sampler
-from ..sampling import sample_images
+from ..sampling import check_sampling_options, sample_images
 from .builders import build_diffusion, build_optimizer, build_unet, learns_sigma
 from .ema import make_ema
 from .rng import collect_rng_states, restore_rng_states
@@ -36,7 +36,7 @@ class DiffusionModule(pl.LightningModule):
         image_size, channels, num_classes: from the data set.
         p_uncond: label-dropout probability (classifier-free guidance); the null label is ``num_classes``.
         timestep_sampler: ``uniform`` or ``loss-second-moment`` (Improved DDPM importance sampling).
-        sample: defaults for ``sample()`` (method, steps, eta, clip_denoised).
+        sample: defaults for ``sample()`` (method, steps, eta, schedule, lower_order_final, clip_denoised).
         run_config: the whole resolved run config (plain dict), stored in checkpoints.
     """
 
@@ -73,6 +73,7 @@ class DiffusionModule(pl.LightningModule):
         self.ema = make_ema(self.net, float(ema.get("decay", 0.9999)), bool(ema.get("warmup", True)))
         self.schedule_sampler = create_named_schedule_sampler(timestep_sampler, self.diffusion.num_timesteps)
         self.sample_defaults = dict(sample or {})
+        check_sampling_options(self.sample_defaults.get("method"), self.sample_defaults.get("schedule"))
         self.compile = bool(model.get("compile", False))
         # Kept out of the module tree so the compiled wrappers add no duplicate keys to the state dict.
         object.__setattr__(self, "_train_step_fn", torch.compile(self.net) if self.compile else self.net)
@@ -155,7 +156,8 @@ class DiffusionModule(pl.LightningModule):
     # ------------------------------------------------------------------ sampling
     def sampling_options(self, **overrides) -> dict[str, Any]:
         """The sampler settings ``sample`` uses: library defaults < the run's ``sample`` config < ``overrides``."""
-        options = {"method": "ddim", "steps": 25, "eta": 0.0, "clip_denoised": True, "batch_size": 64}
+        options = {"method": "ddim", "steps": 25, "eta": 0.0, "schedule": "adm", "lower_order_final": True,
+                   "clip_denoised": True, "batch_size": 64}
         options.update({k: v for k, v in self.sample_defaults.items() if k in options})
         options.update(overrides)
         return options

@@ -4,10 +4,12 @@ from .sample import (
     SAMPLE_METHODS,
     SAMPLE_SCHEDULES,
     ClassifierFreeGuidance,
+    check_sampling_options,
     sample_images,
     sample_loop,
     sampling_process,
 )
 
 __all__ = ["sample_images", "sampling_process", "sample_loop", "ClassifierFreeGuidance", "SAMPLE_METHODS",
-           "SAMPLE_SCHEDULES"]
+           "SAMPLE_SCHEDULES",
+           "check_sampling_options"]

@@ -47,6 +47,14 @@ class ClassifierFreeGuidance(nn.Module):
         return torch.cat([guided, cond[:, c:]], dim=1) if cond.shape[1] > c else guided
 
 
+def check_sampling_options(method: str | None = None, schedule: str | None = None) -> None:
+    """Raise ValueError naming the allowed values for an unknown ``method`` or ``schedule`` (None: unchecked)."""
+    if method is not None and method not in SAMPLE_METHODS:
+        raise ValueError(f"unknown sampling method {method!r}; allowed: {', '.join(SAMPLE_METHODS)}")
+    if schedule is not None and schedule not in SAMPLE_SCHEDULES:
+        raise ValueError(f"unknown sampling schedule {schedule!r}; allowed: {', '.join(SAMPLE_SCHEDULES)}")
+
+
 def sampling_process(diffusion: GaussianDiffusion, method: str, steps: int | str | None,
                      schedule: str = "adm") -> GaussianDiffusion:
     """The respaced process a sampler walks: its K kept steps are the network calls.
@@ -56,10 +64,7 @@ def sampling_process(diffusion: GaussianDiffusion, method: str, steps: int | str
     schedules (``uniform``, ``logsnr``, ``karras``, ``trailing``; see ``solver_timesteps``) need an int
     ``steps`` >= 2 and apply to every method.
     """
-    if method not in SAMPLE_METHODS:
-        raise ValueError(f"unknown sampling method {method!r}; allowed: {', '.join(SAMPLE_METHODS)}")
-    if schedule not in SAMPLE_SCHEDULES:
-        raise ValueError(f"unknown sampling schedule {schedule!r}; allowed: {', '.join(SAMPLE_SCHEDULES)}")
+    check_sampling_options(method, schedule)
     total = diffusion.original_num_timesteps
     if schedule != "adm":
         if isinstance(steps, bool) or not isinstance(steps, int):
