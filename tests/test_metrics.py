@@ -633,3 +633,16 @@ def test_sfid_spatial_features_golden(real_inception, two_images):
         net(two_images)
     nhwc = captured["x"][:, :7].permute(0, 2, 3, 1).reshape(2, -1)
     assert captured["x"].shape == (2, 192, 17, 17) and (nhwc - out["spatial"]).abs().max() < 1e-4
+
+
+def test_cache_without_spatial_statistics_serves_fid_only_runs(tmp_path):
+    real = images(10, 0)
+    extractor = load_feature_extractor("tiny")
+    kwargs = dict(data_name="toy", split="train", image_size=16, feature_extractor=extractor, n=10,
+                  cache_dir=tmp_path)
+    ref = reference_stats(real, **kwargs)
+    ReferenceStats(ref.mu, ref.sigma, ref.n, ref.features, ref.feature_id).save(
+        reference_stats_path(tmp_path, "toy", "train", 16, ref.feature_id, 10))
+    fid_only = reference_stats(lambda: pytest.fail("a FID-only run must not recompute"), **kwargs,
+                               need_spatial=False)
+    assert fid_only.mu_s is None

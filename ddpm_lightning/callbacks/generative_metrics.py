@@ -78,7 +78,7 @@ def make_generative_metrics(datamodule, *, metrics: Sequence[str] = ("fid", "kid
                               data_name=datamodule.name, split=reference_split,
                               image_size=datamodule.image_size, feature_extractor=extractor, n=n,
                               cache_dir=cache_dir, batch_size=batch_size, device=device,
-                              max_features=pr_reference_n, progress=progress)
+                              max_features=pr_reference_n, progress=progress, need_spatial="sfid" in metrics)
     classifier = None
     if "is_clf" in metrics:
         if datamodule is None:

@@ -152,7 +152,7 @@ def reference_stats(images: ImageSource | Callable[[], ImageSource], *, data_nam
                     image_size: int, feature_extractor: nn.Module, n: int,
                     cache_dir: str | Path | None = None, batch_size: int = 64,
                     device: str | torch.device | None = None, max_features: int = 10_000,
-                    progress: bool = False) -> ReferenceStats:
+                    progress: bool = False, need_spatial: bool | None = None) -> ReferenceStats:
     """Reference statistics of the first ``n`` real images, from the cache or computed once and cached.
 
     ``images``: uint8 ``[N, C, H, W]`` tensor, an iterable of such batches (consumed until ``n`` images,
@@ -160,7 +160,8 @@ def reference_stats(images: ImageSource | Callable[[], ImageSource], *, data_nam
     cache hit loads no data). The pool features of the first ``min(n, max_features)`` images are kept for
     KID and precision/recall; the statistics cover all ``n``. The file lives in
     ``<cache_dir>/fid_stats/<data>-<split>-<size>px-<extractor id>-n<n>.npz``; an entry written by an older
-    version (no spatial statistics, or fewer kept features than asked) is recomputed.
+    version is recomputed when it lacks what is asked: fewer kept features, or no spatial statistics while
+    ``need_spatial`` (default: whenever the extractor has spatial features; sFID needs them).
     """
     if n < 2:
         raise ValueError(f"n must be >= 2 reference images, got {n}")
@@ -175,7 +176,9 @@ def reference_stats(images: ImageSource | Callable[[], ImageSource], *, data_nam
             raise ValueError(f"cache file {path} holds n={stats.n}, extractor {stats.feature_id!r}; "
                              f"expected n={n}, {fid!r}: delete it")
         kept = 0 if stats.features is None else len(stats.features)
-        spatial_ok = stats.mu_s is not None or not getattr(feature_extractor, "has_spatial", False)
+        if need_spatial is None:
+            need_spatial = getattr(feature_extractor, "has_spatial", False)
+        spatial_ok = stats.mu_s is not None or not need_spatial
         if kept >= keep and spatial_ok:
             return stats if kept == keep else replace(stats, features=stats.features[:keep])
     source = images() if callable(images) else images
