@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..callbacks.generative_metrics import make_generative_metrics, reference_batches
 from ..config import CONFIG_PATH
-from ..metrics import metric_name, write_adm_reference
+from ..metrics import FeatureStats, metric_name, write_adm_reference
 from .errors import run_cli
 from .generation import (
     generate,
@@ -130,14 +130,18 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         results["outputs"] = generated["outputs"]
         results["sampling_seconds"] = generated["generation"]["seconds"]
         results["samples_per_second"] = generated["generation"]["samples_per_second"]
-        if sample_metrics:
+        if sample_metrics:  # shard by shard in index order: the sFID features folded into streamed statistics
             parts, part_labels = [], []
+            spatial = FeatureStats() if "sfid" in sample_metrics else None
             for outputs, shard_labels in shard_outputs(out_dir / "shards", num_samples, int(cfg.shard_size),
                                                        scorer.outputs_id, scorer.outputs,
                                                        set(scorer.outputs(_probe(module)))):
+                if spatial is not None:
+                    spatial.update(outputs.pop("spatial"))
                 parts.append(outputs)
                 part_labels.append(shard_labels)
-            _score(results, scorer, parts, None if part_labels[0] is None else torch.cat(part_labels), num_samples)
+            labels = None if part_labels[0] is None else torch.cat(part_labels)
+            _score(results, scorer, parts, labels, num_samples, spatial)
     elif cfg.samples:
         samples_uint8, labels = load_samples(cfg.samples)
         if sample_metrics:
@@ -171,8 +175,9 @@ def _check_sample_shape(samples: torch.Tensor, datamodule) -> None:
                          f"are {expected}: evaluate against the data set the model was trained on")
 
 
-def _score(results: dict, scorer, parts: list, labels: torch.Tensor | None, n: int) -> None:
-    scores = scorer.score(parts)
+def _score(results: dict, scorer, parts: list, labels: torch.Tensor | None, n: int,
+           spatial: FeatureStats | None = None) -> None:
+    scores = scorer.score(parts, spatial)
     results["metrics"].update({metric_name(k, n): v for k, v in scores.items()})
     if labels is not None and "clf_logits" in parts[0]:
         predicted = torch.cat([p["clf_logits"] for p in parts]).argmax(1)

@@ -117,8 +117,11 @@ class GenerativeMetrics:
                                                   device=self.device)
         return out
 
-    def score(self, outputs: Outputs | list[Outputs]) -> dict[str, float]:
-        """Metrics from per-sample ``outputs`` (one dict, or a list of per-batch dicts in sample order)."""
+    def score(self, outputs: Outputs | list[Outputs], spatial_stats: FeatureStats | None = None) -> dict[str, float]:
+        """Metrics from per-sample ``outputs`` (one dict, or a list of per-batch dicts in sample order).
+
+        ``spatial_stats``: the sFID features already folded into streamed statistics (then ``outputs`` need no
+        ``spatial``), so that 50k x 2023 spatial features are never held at once."""
         parts = outputs if isinstance(outputs, list) else [outputs]
         if not parts:
             raise ValueError("need >= 2 samples, got 0")
@@ -144,7 +147,11 @@ class GenerativeMetrics:
             if "pr" in self.metrics:
                 out["precision"], out["recall"] = precision_recall(feats, ref_feats, k=self.pr_k)
             del feats
-        if "sfid" in self.metrics:
+        if "sfid" in self.metrics and spatial_stats is not None:
+            mu, sigma = spatial_stats.mean_cov()
+            out["sfid"] = frechet_distance(mu, sigma, self.reference.mu_s, self.reference.sigma_s,
+                                           method=self.fid_method)
+        elif "sfid" in self.metrics:
             if n <= parts[0]["spatial"].shape[1]:  # few samples: the low-rank path avoids D x D decompositions
                 out["sfid"] = fid_from_features(cat("spatial"), self.reference.mu_s, self.reference.sigma_s,
                                                 method=self.fid_method)
