@@ -197,6 +197,6 @@ def test_converted_official_weights_sample_and_guide_through_the_cli(tmp_path):
     result = sample(compose_run([f"ckpt={tmp_path / 'unet_ours.pt'}", "num_samples=2", "device=cpu", "y=3",
                                  f"guidance.classifier_ckpt={tmp_path / 'clf_ours.pt'}", "guidance.scale=1.0"],
                                 tmp_path / "out", config_name="sample"))
-    assert result["sampling"] == {"method": "ddpm", "steps": "4", "eta": 0.0}
+    assert result["sampling"] == {"method": "ddpm", "steps": "4", "eta": 0.0, "schedule": "adm"}
     with np.load(tmp_path / "out" / "samples.npz", allow_pickle=False) as data:
         assert data["arr_0"].shape == (2, 64, 64, 3) and data["arr_1"].tolist() == [3, 3]
