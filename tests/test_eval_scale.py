@@ -183,3 +183,13 @@ def test_metric_callback_shares_sampling_over_ddp_ranks(tmp_path, capfd):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert np.isfinite(saved["val/fid@6"]) and np.isfinite(saved["val/sfid@6"])
     assert "on 2 process(es)" in capfd.readouterr().err
+
+
+def test_evaluation_benchmark_quick():
+    """benchmarks/evaluation.py --quick: the 1 vs 2 process generation rows and the sFID cost table print."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.evaluation", "--quick", "--threads", "1"], cwd=root,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "samples.npz byte-equal across the three: True" in proc.stdout
+    assert "FID + sFID tap" in proc.stdout or "sFID part skipped" in proc.stdout
