@@ -599,6 +599,15 @@ def test_write_npz_streams_members(tmp_path):
     with np.load(tmp_path / "a.npz", allow_pickle=False) as data:
         np.testing.assert_array_equal(data["arr_0"], np.concatenate(chunks))
         np.testing.assert_array_equal(data["mu"], np.arange(3.0))
+    # read as the ADM evaluator streams it: the zip member's .npy header, then the raw bytes
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "a.npz") as archive, archive.open("arr_0.npy") as member:
+        version = np.lib.format.read_magic(member)
+        assert version == (1, 0)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+        assert (shape, fortran, dtype) == ((12, 2), False, np.dtype(np.uint8))
+        np.testing.assert_array_equal(np.frombuffer(member.read(), np.uint8).reshape(shape), np.concatenate(chunks))
     with pytest.raises(ValueError, match="wrote 6 rows of the 12 announced"):
         write_npz(tmp_path / "b.npz", {"arr_0": ((12, 2), np.uint8, iter(chunks[:2]))})
     assert not (tmp_path / "b.npz").exists()

@@ -37,7 +37,7 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray | np.generic | Streamed])
 def _write_streamed(member, name: str, shape: tuple[int, ...], dtype, chunks: Iterable[np.ndarray]) -> None:
     dtype = np.dtype(dtype)
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
-    np.lib.format.write_array_header_2_0(member, header)
+    np.lib.format.write_array_header_1_0(member, header)  # what np.save writes; the ADM evaluator reads 1.0 and 2.0
     rows = 0
     for chunk in chunks:
         chunk = np.ascontiguousarray(chunk, dtype=dtype)
