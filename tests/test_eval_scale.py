@@ -193,3 +193,18 @@ def test_evaluation_benchmark_quick():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "samples.npz byte-equal across the three: True" in proc.stdout
     assert "FID + sFID tap" in proc.stdout or "sFID part skipped" in proc.stdout
+
+
+def test_torchrun_processes_and_other_shard_sizes_give_the_same_samples(tiny_ckpt, tmp_path):
+    """Under torchrun Fabric joins the processes it started; shard and batch sizes do not change the bytes."""
+    env = {**os.environ, "WANDB_MODE": "offline", "DDPM_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = [f"ckpt={tiny_ckpt}", "num_samples=6", "steps=2", "device=cpu"]
+    proc = subprocess.run([str(torchrun), "--nproc_per_node=2", "-m", "ddpm_lightning.cli.sample", *args,
+                           "shard_size=2", "batch_size=2", f"hydra.run.dir={tmp_path / 'torchrun'}"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[rank 1/2]" in proc.stderr
+    one = _run("sample", *args, "shard_size=4", "batch_size=3", out=tmp_path / "one", cache=tmp_path / "cache")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert (tmp_path / "torchrun" / "samples.npz").read_bytes() == (tmp_path / "one" / "samples.npz").read_bytes()
