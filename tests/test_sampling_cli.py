@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,12 @@ def test_bad_sampler_settings_are_one_line(tiny_ckpt, tmp_path, args, message):
     assert last.startswith("error:") and message in last, last
 
 
-def test_bad_train_sample_method_fails_before_training(tmp_path):
-    with pytest.raises(ValueError, match="unknown sampling method 'dpm'; allowed: ddpm, ddim, dpm"):
-        train(compose_run([*TINY, "sample.method=dpm"], tmp_path))
+@pytest.mark.parametrize("overrides,message", [
+    (["sample.method=dpm"], "unknown sampling method 'dpm'; allowed: ddpm, ddim, dpm"),
+    (["sample.schedule=karras", "sample.steps=ddim25"], "schedule=karras needs an integer number of steps"),
+    (["sample.schedule=logsnr", "sample.steps=51"], "2 <= steps <= T = 50"),
+])
+def test_bad_train_sample_settings_fail_before_training(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(compose_run([*TINY, *overrides], tmp_path))
+    assert not list(tmp_path.rglob("*.ckpt"))

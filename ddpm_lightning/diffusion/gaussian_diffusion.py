@@ -15,7 +15,7 @@ import torch
 
 from .likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .noise import NoiseSampler, generator_noise
-from .samplers import StepFn, multistep_step_fn, sample_loop_progressive
+from .samplers import Corrector, StepFn, multistep_step_fn, sample_loop_progressive
 from .schedules import respace_betas
 
 MeanType = Literal["eps", "x0", "v"]
@@ -459,7 +459,7 @@ class GaussianDiffusion:
                                     noise=noise_sampler(x) if eta > 0 else None)
         return step
 
-    def dpm_solver_step_fn(self, model: Model, order: int = 2, sde: bool = False, corrector: str = "none",
+    def dpm_solver_step_fn(self, model: Model, order: int = 2, sde: bool = False, corrector: Corrector = "none",
                            lower_order_final: bool = True, clip_denoised: bool = True,
                            cond_fn: CondFn | None = None, model_kwargs: dict[str, Any] | None = None) -> StepFn:
         """DPM-Solver++ (and the UniPC corrector) over this process's steps; see ``samplers.multistep_step_fn``."""
@@ -533,7 +533,7 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ DPM-Solver++ / UniPC
     def dpm_solver_sample_loop_progressive(self, model: Model, shape, order: int = 2, sde: bool = False,
-                                           corrector: str = "none", lower_order_final: bool = True,
+                                           corrector: Corrector = "none", lower_order_final: bool = True,
                                            noise: torch.Tensor | None = None, clip_denoised: bool = True,
                                            cond_fn: CondFn | None = None,
                                            model_kwargs: dict[str, Any] | None = None, device=None,
@@ -547,7 +547,7 @@ class GaussianDiffusion:
                                                 generator=generator, noise_sampler=noise_sampler)
 
     def dpm_solver_sample_loop(self, model: Model, shape, order: int = 2, sde: bool = False,
-                               corrector: str = "none", lower_order_final: bool = True,
+                               corrector: Corrector = "none", lower_order_final: bool = True,
                                noise: torch.Tensor | None = None, clip_denoised: bool = True,
                                cond_fn: CondFn | None = None, model_kwargs: dict[str, Any] | None = None,
                                device=None, progress: bool = False, generator: torch.Generator | None = None,

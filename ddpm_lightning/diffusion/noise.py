@@ -13,8 +13,10 @@ with ``index`` in [0, 2**31) and ``stream`` 0 for the noise and 1 for the labels
 label draw never shifts the noise). 32 bits because torch's CPU generator (mt19937) only uses the low 32
 bits of its seed; within one seed, distinct (index, stream) pairs always get distinct generator seeds, and
 ``splitmix64`` (Steele et al.'s 64-bit finaliser) scatters different run seeds over the 2**32 range.
-Generators live on the sampling device: the same (seed, index) gives the same image on any number of
-devices of one kind, while CPU and CUDA generators give different numbers.
+Noise generators live on the sampling device: the same (seed, index) gives the same noise on any number of
+devices of one kind, while CPU and CUDA generators give different numbers (labels always come from CPU
+generators). Images are then identical as far as the network's rows do not depend on the batch: byte-equal
+on CPU in the tests; GPU kernels chosen by batch size may change the last bits.
 
 Pure torch.
 """

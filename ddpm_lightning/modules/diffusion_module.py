@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from ..diffusion import IgnoreLabels, UniformSampler, create_named_schedule_sampler
-from ..sampling import check_sampling_options, sample_images
+from ..sampling import check_sampling_options, sample_images, sampling_process
 from .builders import build_diffusion, build_optimizer, build_unet, learns_sigma
 from .ema import make_ema
 from .rng import collect_rng_states, restore_rng_states
@@ -74,6 +74,8 @@ class DiffusionModule(pl.LightningModule):
         self.schedule_sampler = create_named_schedule_sampler(timestep_sampler, self.diffusion.num_timesteps)
         self.sample_defaults = dict(sample or {})
         check_sampling_options(self.sample_defaults.get("method"), self.sample_defaults.get("schedule"))
+        options = self.sampling_options()  # a bad method/steps/schedule combination fails before training
+        sampling_process(self.diffusion, options["method"], options["steps"], options["schedule"])
         self.compile = bool(model.get("compile", False))
         # Kept out of the module tree so the compiled wrappers add no duplicate keys to the state dict.
         object.__setattr__(self, "_train_step_fn", torch.compile(self.net) if self.compile else self.net)
