@@ -96,7 +96,8 @@ class GenerativeMetricsCallback(pl.Callback):
     """Every ``every_n_val_epochs`` validations (and/or at the end of training) sample ``num_samples`` images
     with the EMA weights and log ``val/<metric>@<n>`` to every logger; ModelCheckpoint can monitor them.
     ``in_loop_num_samples`` (default: ``num_samples``) makes the in-loop scores cheaper than the final ones:
-    e.g. ``val/fid@100`` during training, ``val/fid@500`` at the end.
+    e.g. ``val/fid@100`` during training, ``val/fid@500`` at the end. ``metrics`` as ``GenerativeMetrics``
+    (``sfid`` included); ``reference_n``/``pr_reference_n``/``reference`` as ``make_generative_metrics``.
 
     Every rank samples and featurises its share of the indices (per-sample seeds: the images do not depend on
     the number of ranks), the features are gathered to rank 0, which scores them; the numbers are broadcast
@@ -111,7 +112,8 @@ class GenerativeMetricsCallback(pl.Callback):
                  cache_dir: str | None = None, classifier_epochs: int = 5, method: str = "ddim",
                  steps: int | str | None = 25, eta: float = 0.0, cfg_scale: float = 0.0,
                  classifier_ckpt: str | None = None, classifier_scale: float = 0.0, batch_size: int = 64,
-                 seed: int = 1234, progress: bool = False, in_loop_num_samples: int | None = None) -> None:
+                 seed: int = 1234, progress: bool = False, in_loop_num_samples: int | None = None,
+                 pr_reference_n: int = 10_000, reference: str | None = None) -> None:
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 for FID, got {num_samples}")
         check_sampling_options(method)
@@ -122,7 +124,8 @@ class GenerativeMetricsCallback(pl.Callback):
         self.every_n_val_epochs = int(every_n_val_epochs)
         self.at_train_end = bool(on_train_end)
         self.metric_kwargs = dict(metrics=tuple(metrics), feature=feature, weights_path=weights_path,
-                                  reference_split=reference_split, reference_n=reference_n, cache_dir=cache_dir,
+                                  reference_split=reference_split, reference_n=reference_n,
+                                  pr_reference_n=pr_reference_n, reference=reference, cache_dir=cache_dir,
                                   classifier_epochs=classifier_epochs, batch_size=batch_size)
         self.sample_kwargs = dict(method=method, steps=steps, eta=eta, cfg_scale=cfg_scale, batch_size=batch_size,
                                   seed=seed)
