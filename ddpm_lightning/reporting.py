@@ -45,9 +45,9 @@ MODES = ("min", "max")
 HIGHER_IS_BETTER = ("is_mean", "is_clf_mean", "is", "precision", "recall", "acc", "accuracy", "class_accuracy")
 LOWER_IS_BETTER = ("fid", "sfid", "kid_mean", "vlb_bpd", "nll_bpd", "bpd", "loss")
 # the columns of the markdown table, in this order (CSV has every metric)
-TABLE_METRICS = ("fid", "is_clf_mean", "is_mean", "precision", "recall", "kid_mean", "kid_std",
+TABLE_METRICS = ("fid", "sfid", "is_clf_mean", "is_mean", "precision", "recall", "kid_mean", "kid_std",
                  "class_accuracy", "vlb_bpd", "nll_bpd")
-DISPLAY_NAMES = {"fid": "FID", "is_clf_mean": "IS_clf", "is_mean": "IS", "precision": "Prec",
+DISPLAY_NAMES = {"fid": "FID", "sfid": "sFID", "is_clf_mean": "IS_clf", "is_mean": "IS", "precision": "Prec",
                  "recall": "Rec", "kid_mean": "KID", "kid_std": "KID std", "class_accuracy": "Acc",
                  "vlb_bpd": "NLL bpd", "nll_bpd": "NLL bpd (exact)"}
 # spreads of one evaluation, not scores: aggregated and shown, never given a verdict

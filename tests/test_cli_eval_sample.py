@@ -44,7 +44,8 @@ def test_eval_writes_json_grid_and_adm_npz(tiny_ckpt, tmp_path):
     total_parts = results["nll_prior_bpd"] + sum(results[f"nll_vb_q{q}_bpd"] for q in range(4))
     assert results["nll_bpd"] == pytest.approx(total_parts, rel=1e-5)
     with np.load(out / "samples.npz", allow_pickle=False) as data:
-        assert data["arr_0"].shape == (12, 16, 16, 1) and data["arr_0"].dtype == np.uint8
+        # RGB: the ADM evaluator reads 3 channels
+        assert data["arr_0"].shape == (12, 16, 16, 3) and data["arr_0"].dtype == np.uint8
         assert data["arr_1"].tolist() == [i % 10 for i in range(12)]
     assert (out / "grid.png").stat().st_size > 0
     # the same samples scored without a model give the same FID (same features, same reference)

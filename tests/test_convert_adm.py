@@ -145,3 +145,50 @@ def test_wrong_kind_flags_and_bad_config_exit_2(official_file, tmp_path, capsys)
         assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "belong to --kind classifier" in err and "--config expects KEY=VALUE" in err
+
+
+def test_converted_official_weights_sample_and_guide_through_the_cli(tmp_path):
+    """ddpm-sample takes a converted official UNet (its flags give the process) and a converted classifier."""
+    import numpy as np
+    from run_config import compose_run
+
+    from ddpm_lightning.cli.generation import load_model_and_guidance
+    from ddpm_lightning.cli.sample import sample
+
+    unet = _randomize(UNet(image_size=64, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
+                           attention_resolutions=(32,), channel_mult=(1, 2), num_classes=1000, num_head_channels=32,
+                           use_scale_shift_norm=True))
+    torch.save(to_adm_state_dict(unet), tmp_path / "unet.pt")
+    unet_flags = ["--image_size", "64", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2",
+                  "--attention_resolutions", "32", "--num_head_channels", "32", "--learn_sigma", "True",
+                  "--class_cond", "True", "--noise_schedule", "cosine", "--timestep_respacing", "4"]
+    main([str(tmp_path / "unet.pt"), str(tmp_path / "unet_ours.pt"), *unet_flags])
+    config = adm_model_config("classifier", {"image_size": 64, "classifier_depth": 1})
+    config.update(model_channels=32, attention_resolutions=[32], channel_mult=[1, 2])
+    clf = _randomize(EncoderUNet(**config))
+    torch.save(to_adm_state_dict(clf), tmp_path / "clf.pt")
+    clf_flags = ["--kind", "classifier", "--image_size", "64", "--classifier_depth", "1", "--classifier_width", "32",
+                 "--classifier_attention_resolutions", "32", "--config", "channel_mult=[1,2]"]
+    main([str(tmp_path / "clf.pt"), str(tmp_path / "clf_linear.pt"), *clf_flags])
+    main([str(tmp_path / "clf.pt"), str(tmp_path / "clf_ours.pt"), *clf_flags, "--noise_schedule", "cosine"])
+
+    module, cond_fn, classes, _ = load_model_and_guidance(
+        str(tmp_path / "unet_ours.pt"), {"classifier_ckpt": str(tmp_path / "clf_ours.pt"), "scale": 1.0}, "cpu")
+    hp = module.hparams
+    assert (hp.diffusion["schedule"], hp.diffusion["var_type"], hp.diffusion["num_timesteps"]) == \
+        ("cosine", "learned_range", 1000)
+    assert module.num_classes == 1000 and classes == 1000 and cond_fn is not None
+    assert module.sampling_options()["method"] == "ddpm" and module.sampling_options()["steps"] == "4"
+    x, t, y = torch.randn(1, 3, 64, 64), torch.tensor([500]), torch.tensor([7])
+    with torch.no_grad():
+        assert torch.equal(module.ema_net(x, t, y), unet(x, t, y))  # the official weights, unchanged
+    with pytest.raises(ValueError, match="classifier was trained for T=1000 linear"):
+        load_model_and_guidance(str(tmp_path / "unet_ours.pt"),
+                                {"classifier_ckpt": str(tmp_path / "clf_linear.pt"), "scale": 1.0}, "cpu")
+
+    result = sample(compose_run([f"ckpt={tmp_path / 'unet_ours.pt'}", "num_samples=2", "device=cpu", "y=3",
+                                 f"guidance.classifier_ckpt={tmp_path / 'clf_ours.pt'}", "guidance.scale=1.0"],
+                                tmp_path / "out", config_name="sample"))
+    assert result["sampling"] == {"method": "ddpm", "steps": "4", "eta": 0.0, "schedule": "adm"}
+    with np.load(tmp_path / "out" / "samples.npz", allow_pickle=False) as data:
+        assert data["arr_0"].shape == (2, 64, 64, 3) and data["arr_1"].tolist() == [3, 3]

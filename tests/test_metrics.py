@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -20,7 +21,9 @@ from torch import nn
 
 from ddpm_lightning.metrics import (
     METRICS,
+    SPATIAL_LAYER,
     CleanClassifier,
+    FeatureStats,
     GenerativeMetrics,
     InceptionFeatureExtractor,
     ReferenceStats,
@@ -38,11 +41,15 @@ from ddpm_lightning.metrics import (
     load_feature_extractor,
     metric_name,
     precision_recall,
+    read_adm_reference,
     reference_stats,
+    reference_stats_path,
     save_classifier,
     to_uint8,
     torch_fidelity_weights_path,
     train_clean_classifier,
+    write_adm_reference,
+    write_npz,
 )
 from ddpm_lightning.metrics.features import resize_to, torch_fidelity_inception
 
@@ -216,12 +223,18 @@ def test_reference_stats_are_cached_and_reused(tmp_path):
         assert data["features"].dtype == np.float32 and data["features"].shape == (8, 12)
         assert int(data["n"]) == 8
 
-    # another n is another entry; n above max_features keeps only the statistics
+    # another n is another entry; n above max_features keeps the features of the first max_features images
     big = reference_stats(iter(real.split(4)), **{**kwargs, "n": 9}, max_features=5)
-    assert big.features is None and big.n == 9 and extractor.images == 17
+    assert big.features.shape == (5, 12) and big.n == 9 and extractor.images == 17
     assert len(list((tmp_path / "fid_stats").iterdir())) == 2
+    np.testing.assert_array_equal(big.features, first.features[:5])
+    full = ReferenceStats.from_features(extract_features(CountingFeatures(), real[:9]))
+    np.testing.assert_allclose(big.mu, full.mu, rtol=1e-12)
+    np.testing.assert_allclose(big.sigma, full.sigma, rtol=1e-9, atol=1e-15)
+    GenerativeMetrics(extractor, big, ("fid", "kid", "pr")).compute(images(6, 5))  # KID/PR above max_features
+    none = reference_stats(real, **{**kwargs, "n": 10}, max_features=0)
     with pytest.raises(ValueError, match="need reference features"):
-        GenerativeMetrics(extractor, big, ("fid", "kid"))
+        GenerativeMetrics(extractor, none, ("fid", "kid"))
 
 
 def test_reference_stats_bad_inputs(tmp_path):
@@ -493,3 +506,152 @@ def test_torch_fidelity_weights_equal_fid_helper(two_images, real_features):
     assert extractor.has_logits
     feats, logits = extractor.features_and_logits(two_images)
     assert (feats - real_features).abs().max() < 1e-4 and logits.shape == (2, 1008)
+
+
+# ------------------------------------------------------------------------- scale, sFID, ADM reference batches
+
+
+def test_feature_stats_stream_equals_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((103, 7)) * 3 + 100  # a large mean: the shifted sums keep the precision
+    stats = FeatureStats()
+    for chunk in np.array_split(x, 5):
+        stats.update(chunk)
+    mu, sigma = stats.mean_cov()
+    np.testing.assert_allclose(mu, x.mean(0), rtol=1e-13)
+    np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="dim 3 after dim 7"):
+        stats.update(np.zeros((2, 3)))
+
+
+def test_reference_above_max_features_streams_batches_and_scores(tmp_path):
+    """reference_n > max_features: statistics of all n images, KID/PR on the first max_features, sFID too."""
+    real = images(40, 0, channels=1)
+    extractor = load_feature_extractor("tiny")
+    seen = []
+
+    def batches():
+        for batch in real.split(8):
+            seen.append(len(batch))
+            yield batch
+
+    ref = reference_stats(batches, data_name="toy", split="train", image_size=16, feature_extractor=extractor,
+                          n=40, cache_dir=tmp_path, max_features=12, batch_size=8)
+    assert seen == [8] * 5 and ref.features.shape == (12, 64) and ref.mu_s.shape == (2 * 16 * 16,)
+    scores = GenerativeMetrics(extractor, ref, ("fid", "sfid", "kid", "pr"), kid_subsets=3).compute(real[:20])
+    assert set(scores) == {"fid", "sfid", "kid_mean", "kid_std", "precision", "recall"}
+    assert all(np.isfinite(v) for v in scores.values()) and scores["sfid"] < 50
+    far = GenerativeMetrics(extractor, ref, ("sfid",)).compute(images(20, 1, lo=200))
+    assert far["sfid"] > scores["sfid"]
+
+
+def test_cache_written_without_spatial_statistics_is_recomputed(tmp_path):
+    real = images(10, 0)
+    extractor = load_feature_extractor("tiny")
+    kwargs = dict(data_name="toy", split="train", image_size=16, feature_extractor=extractor, n=10,
+                  cache_dir=tmp_path)
+    ref = reference_stats(real, **kwargs)
+    old = ReferenceStats(ref.mu, ref.sigma, ref.n, None, ref.feature_id)  # an entry of the previous version
+    old.save(reference_stats_path(tmp_path, "toy", "train", 16, ref.feature_id, 10))
+    again = reference_stats(real, **kwargs)
+    assert again.mu_s is not None and again.features.shape == (10, 64)
+
+
+def test_sfid_needs_spatial_features():
+    ref = reference_from(images(6, 0))
+    with pytest.raises(ValueError, match="'sfid' needs spatial features"):
+        GenerativeMetrics(CountingFeatures(), ref, ("sfid",))
+    with pytest.raises(ValueError, match="'sfid' needs reference statistics with mu_s"):
+        GenerativeMetrics(load_feature_extractor("tiny"), reference_from(images(6, 0), load_feature_extractor("tiny")),
+                          ("sfid",))
+
+
+def test_adm_reference_write_read_same_scores(tmp_path):
+    """A reference batch written in the ADM layout re-reads to the same FID/sFID/KID/PR; arr_0 is RGB NHWC."""
+    real = images(30, 0, channels=1)
+    extractor = load_feature_extractor("tiny")
+    ref = reference_stats(real, data_name="toy", split="train", image_size=16, feature_extractor=extractor,
+                          n=30, cache_dir=tmp_path, max_features=20)
+    path = write_adm_reference(tmp_path / "VIRTUAL_toy.npz", ref, iter(real.split(7)), 20, 16)
+    with np.load(path, allow_pickle=False) as data:
+        assert {"mu", "sigma", "mu_s", "sigma_s", "arr_0"} <= set(data.files)
+        assert data["arr_0"].shape == (20, 16, 16, 3) and data["arr_0"].dtype == np.uint8
+        np.testing.assert_array_equal(data["arr_0"][..., 1], real[:20, 0].numpy())
+    back = read_adm_reference(path, extractor, cache_dir=tmp_path)
+    samples = images(12, 3, channels=1)
+    metrics = ("fid", "sfid", "kid", "pr")
+    assert GenerativeMetrics(extractor, back, metrics).compute(samples) == pytest.approx(
+        GenerativeMetrics(extractor, ref, metrics).compute(samples), rel=1e-4, abs=1e-7)
+    with pytest.raises(ValueError, match="computed with feature extractor 'tiny-d64-s0-32px'"):
+        read_adm_reference(path, CountingFeatures())
+    official = tmp_path / "official.npz"
+    np.savez(official, mu=ref.mu, sigma=ref.sigma)
+    with pytest.raises(ValueError, match="needs feature=inception"):
+        read_adm_reference(official, extractor)
+    with pytest.raises(ValueError, match="not an ADM reference batch"):
+        np.savez(tmp_path / "bad.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8))
+        read_adm_reference(tmp_path / "bad.npz", extractor)
+
+
+def test_write_npz_streams_members(tmp_path):
+    chunks = [np.full((3, 2), i, np.uint8) for i in range(4)]
+    write_npz(tmp_path / "a.npz", {"arr_0": ((12, 2), np.uint8, iter(chunks)), "mu": np.arange(3.0)})
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as data:
+        np.testing.assert_array_equal(data["arr_0"], np.concatenate(chunks))
+        np.testing.assert_array_equal(data["mu"], np.arange(3.0))
+    # read as the ADM evaluator streams it: the zip member's .npy header, then the raw bytes
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "a.npz") as archive, archive.open("arr_0.npy") as member:
+        version = np.lib.format.read_magic(member)
+        assert version == (1, 0)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+        assert (shape, fortran, dtype) == ((12, 2), False, np.dtype(np.uint8))
+        np.testing.assert_array_equal(np.frombuffer(member.read(), np.uint8).reshape(shape), np.concatenate(chunks))
+    with pytest.raises(ValueError, match="wrote 6 rows of the 12 announced"):
+        write_npz(tmp_path / "b.npz", {"arr_0": ((12, 2), np.uint8, iter(chunks[:2]))})
+    assert not (tmp_path / "b.npz").exists()
+
+
+SFID_GOLDEN = Path(__file__).parent / "fixtures" / "sfid_spatial_golden.npy"
+
+
+@needs_fid_helper
+def test_sfid_layer_is_the_adm_evaluators_mixed_6_conv():
+    """The spatial tap sits on the tensors the TF graph names ``mixed_6/conv`` (fid-helper keeps TF names)."""
+    graph_state = torch.jit.load(str(fid_helper_weights_path()), map_location="cpu").state_dict()
+    net, _ = torch_fidelity_inception(fid_helper_weights_path(), fold=False)
+    assert SPATIAL_LAYER == "Mixed_6d.branch1x1"
+    tapped = net.get_submodule(SPATIAL_LAYER)
+    torch.testing.assert_close(tapped.conv.weight, graph_state["net.layers.mixed_6.conv.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(tapped.bn.bias, graph_state["net.layers.mixed_6.conv.beta"], rtol=0, atol=0)
+    assert tapped.conv.out_channels == 192 and tapped.conv.kernel_size == (1, 1)
+
+
+@needs_fid_helper
+def test_sfid_spatial_features_golden(real_inception, two_images):
+    """2023 = 17 x 17 x 7 values (NHWC order, first 7 channels) against a vector recorded offline."""
+    out = real_inception.outputs(two_images)
+    assert out["spatial"].shape == (2, 2023) and real_inception.has_spatial
+    golden = torch.from_numpy(np.load(SFID_GOLDEN))
+    assert (out["spatial"][0] - golden).abs().max() < 1e-4
+    net, _ = torch_fidelity_inception(fid_helper_weights_path(), fold=False)  # unfolded BatchNorm: same values
+    captured = {}
+    net.get_submodule(SPATIAL_LAYER).register_forward_hook(lambda m, a, o: captured.setdefault("x", o.clone()))
+    with torch.inference_mode():
+        net(two_images)
+    nhwc = captured["x"][:, :7].permute(0, 2, 3, 1).reshape(2, -1)
+    assert captured["x"].shape == (2, 192, 17, 17) and (nhwc - out["spatial"]).abs().max() < 1e-4
+
+
+def test_cache_without_spatial_statistics_serves_fid_only_runs(tmp_path):
+    real = images(10, 0)
+    extractor = load_feature_extractor("tiny")
+    kwargs = dict(data_name="toy", split="train", image_size=16, feature_extractor=extractor, n=10,
+                  cache_dir=tmp_path)
+    ref = reference_stats(real, **kwargs)
+    ReferenceStats(ref.mu, ref.sigma, ref.n, ref.features, ref.feature_id).save(
+        reference_stats_path(tmp_path, "toy", "train", 16, ref.feature_id, 10))
+    fid_only = reference_stats(lambda: pytest.fail("a FID-only run must not recompute"), **kwargs,
+                               need_spatial=False)
+    assert fid_only.mu_s is None

@@ -8,7 +8,7 @@ in-loop FID for a 50k FID.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,38 +22,73 @@ from ..metrics import (
     cached_clean_classifier,
     load_feature_extractor,
     metric_name,
+    read_adm_reference,
     reference_stats,
     to_uint8,
 )
 from ..modules.guidance import load_classifier_guidance
 from ..sampling import check_sampling_options
 
-OUTPUT_KEYS = {"fid": ("fid",), "kid": ("kid_mean",), "pr": ("precision", "recall"), "is": ("is_mean",),
-               "is_clf": ("is_clf_mean",)}
+CLASSIFIER_IMAGES = 10_000  # is_clf on a source decoded from files trains on this many training images
+OUTPUT_KEYS = {"fid": ("fid",), "sfid": ("sfid",), "kid": ("kid_mean",), "pr": ("precision", "recall"),
+               "is": ("is_mean",), "is_clf": ("is_clf_mean",)}
+
+
+def reference_batches(datamodule, split: str, n: int, chunk: int = 256) -> Iterator[torch.Tensor]:
+    """The first ``n`` images of ``split`` (``reference_images``' order) decoded ``chunk`` at a time."""
+    indices = datamodule.split_indices(split)[:n]
+    for start in range(0, len(indices), chunk):
+        yield datamodule.source.get(indices[start:start + chunk])
+
+
+def classifier_data(datamodule, max_images: int = CLASSIFIER_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels the clean classifier (is_clf) trains on: every training image of an in-memory source,
+    the first ``max_images`` of a source decoded from files (an image folder)."""
+    if datamodule.source.in_memory:
+        return datamodule.train_tensors()
+    n = min(max_images, len(datamodule.split_indices("train")))
+    return datamodule.reference_images("train", n), datamodule.reference_labels("train", n)
 
 
 def make_generative_metrics(datamodule, *, metrics: Sequence[str] = ("fid", "kid", "pr"), feature: str = "inception",
                             weights_path: str | None = None, reference_split: str = "train",
-                            reference_n: int = 2000, cache_dir: str | None = None, classifier_epochs: int = 5,
+                            reference_n: int = 2000, pr_reference_n: int = 10_000, reference: str | None = None,
+                            cache_dir: str | None = None, classifier_epochs: int = 5,
                             batch_size: int = 64, device: str | torch.device = "cpu",
                             progress: bool = False) -> GenerativeMetrics:
-    """GenerativeMetrics for ``datamodule``'s real images (cached statistics, cached clean classifier)."""
+    """GenerativeMetrics for ``datamodule``'s real images (cached statistics, cached clean classifier).
+
+    Statistics (FID, sFID) cover ``reference_n`` images (up to the whole split), streamed; KID and
+    precision/recall use the first ``pr_reference_n`` of them (ADM: 10,000). ``reference``: an ADM evaluator
+    reference batch (``.npz`` with ``mu``/``sigma``/``mu_s``/``sigma_s``/``arr_0``) to score against instead.
+    """
     metrics = tuple(metrics)
+    if pr_reference_n < 0:
+        raise ValueError(f"pr_reference_n must be >= 0, got {pr_reference_n}")
     extractor = load_feature_extractor(feature, weights_path, device=device)
-    available = len(datamodule.split_indices(reference_split))
-    n = min(int(reference_n), available)
-    reference = reference_stats(lambda: datamodule.reference_images(reference_split, n),
-                                data_name=datamodule.name, split=reference_split,
-                                image_size=datamodule.image_size, feature_extractor=extractor, n=n,
-                                cache_dir=cache_dir, batch_size=batch_size, device=device, progress=progress)
+    if datamodule is None and not reference:
+        raise ValueError("scoring needs the data set (data=<name>) or an ADM reference batch (reference=<.npz>)")
+    if reference:
+        ref = read_adm_reference(reference, extractor, cache_dir=cache_dir, batch_size=batch_size, device=device,
+                                 max_features=pr_reference_n, progress=progress)
+    else:
+        available = len(datamodule.split_indices(reference_split))
+        n = min(int(reference_n), available)
+        ref = reference_stats(lambda: reference_batches(datamodule, reference_split, n),
+                              data_name=datamodule.name, split=reference_split,
+                              image_size=datamodule.image_size, feature_extractor=extractor, n=n,
+                              cache_dir=cache_dir, batch_size=batch_size, device=device,
+                              max_features=pr_reference_n, progress=progress, need_spatial="sfid" in metrics)
     classifier = None
     if "is_clf" in metrics:
+        if datamodule is None:
+            raise ValueError("is_clf trains a classifier on the data set: pass data=<name> or drop is_clf")
         if not datamodule.num_classes:
             raise ValueError(f"is_clf needs a labelled data set; {datamodule.name} has no labels: drop is_clf")
-        classifier = cached_clean_classifier(datamodule.train_tensors, data_name=datamodule.name,
+        classifier = cached_clean_classifier(lambda: classifier_data(datamodule), data_name=datamodule.name,
                                              image_size=datamodule.image_size, num_classes=datamodule.num_classes,
                                              cache_dir=cache_dir, epochs=classifier_epochs, device=device)
-    return GenerativeMetrics(extractor, reference, metrics, classifier=classifier, batch_size=batch_size,
+    return GenerativeMetrics(extractor, ref, metrics, classifier=classifier, batch_size=batch_size,
                              device=device, progress=progress)
 
 
@@ -61,9 +96,12 @@ class GenerativeMetricsCallback(pl.Callback):
     """Every ``every_n_val_epochs`` validations (and/or at the end of training) sample ``num_samples`` images
     with the EMA weights and log ``val/<metric>@<n>`` to every logger; ModelCheckpoint can monitor them.
     ``in_loop_num_samples`` (default: ``num_samples``) makes the in-loop scores cheaper than the final ones:
-    e.g. ``val/fid@100`` during training, ``val/fid@500`` at the end.
+    e.g. ``val/fid@100`` during training, ``val/fid@500`` at the end. ``metrics`` as ``GenerativeMetrics``
+    (``sfid`` included); ``reference_n``/``pr_reference_n``/``reference`` as ``make_generative_metrics``.
 
-    Rank 0 samples and scores; the numbers are broadcast so every rank logs the same values. Guidance as in
+    Every rank samples and featurises its share of the indices (per-sample seeds: the images do not depend on
+    the number of ranks), the features are gathered to rank 0, which scores them; the numbers are broadcast
+    so every rank logs the same values. Guidance as in
     ``ddpm-eval``: ``cfg_scale`` (classifier-free) and/or ``classifier_ckpt`` + ``classifier_scale`` (a noisy
     classifier checked against the model's process when training starts).
     """
@@ -74,7 +112,8 @@ class GenerativeMetricsCallback(pl.Callback):
                  cache_dir: str | None = None, classifier_epochs: int = 5, method: str = "ddim",
                  steps: int | str | None = 25, eta: float = 0.0, cfg_scale: float = 0.0,
                  classifier_ckpt: str | None = None, classifier_scale: float = 0.0, batch_size: int = 64,
-                 seed: int = 1234, progress: bool = False, in_loop_num_samples: int | None = None) -> None:
+                 seed: int = 1234, progress: bool = False, in_loop_num_samples: int | None = None,
+                 pr_reference_n: int = 10_000, reference: str | None = None) -> None:
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 for FID, got {num_samples}")
         check_sampling_options(method)
@@ -85,7 +124,8 @@ class GenerativeMetricsCallback(pl.Callback):
         self.every_n_val_epochs = int(every_n_val_epochs)
         self.at_train_end = bool(on_train_end)
         self.metric_kwargs = dict(metrics=tuple(metrics), feature=feature, weights_path=weights_path,
-                                  reference_split=reference_split, reference_n=reference_n, cache_dir=cache_dir,
+                                  reference_split=reference_split, reference_n=reference_n,
+                                  pr_reference_n=pr_reference_n, reference=reference, cache_dir=cache_dir,
                                   classifier_epochs=classifier_epochs, batch_size=batch_size)
         self.sample_kwargs = dict(method=method, steps=steps, eta=eta, cfg_scale=cfg_scale, batch_size=batch_size,
                                   seed=seed)
@@ -107,29 +147,49 @@ class GenerativeMetricsCallback(pl.Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Reference statistics and the clean classifier before training: bad settings fail early."""
+        """Reference statistics and the clean classifier before training (rank 0 fills the caches, the other
+        ranks then read them: every rank featurises its share of the samples): bad settings fail early."""
         if trainer.is_global_zero:
             self._prepare(trainer, pl_module)
+        trainer.strategy.barrier("generative_metrics_prepare")
+        if not trainer.is_global_zero:
+            self._prepare(trainer, pl_module)
 
-    def _scores(self, trainer: pl.Trainer, module: pl.LightningModule, num_samples: int) -> dict[str, float]:
+    def _scores(self, trainer: pl.Trainer, module: pl.LightningModule, num_samples: int) -> dict[str, float] | None:
+        """Every rank samples and featurises its own index range (per-sample seeds: the same images as one
+        process); the features (not the images) are gathered and rank 0 scores them in index order."""
         self._prepare(trainer, module)
         start = time.perf_counter()
         y = "balanced" if getattr(module, "num_classes", None) else "random"
         cond_fn, guidance_classes = self._guidance
         if cond_fn is not None:
             y = "balanced"
-        with trainer.precision_plugin.forward_context():  # sample at the training precision (bf16: 1.8x, same FID)
-            images, _ = module.sample(num_samples, y=y, cond_fn=cond_fn, guidance_num_classes=guidance_classes,
-                                      **self.sample_kwargs)
+        rank, world = trainer.global_rank, trainer.world_size
+        per_rank = -(-num_samples // world)
+        first, last = min(rank * per_rank, num_samples), min((rank + 1) * per_rank, num_samples)
+        parts = []
+        batch = self.sample_kwargs["batch_size"]
+        for index in range(first, last, batch):
+            n = min(batch, last - index)
+            with trainer.precision_plugin.forward_context():  # training precision (bf16: 1.8x, same FID)
+                images, _ = module.sample(n, y=y, cond_fn=cond_fn, guidance_num_classes=guidance_classes,
+                                          first_index=index, **self.sample_kwargs)
+            parts.append(self._scorer.outputs(to_uint8(images)))
         sampled = time.perf_counter()
-        scores = self._scorer.compute(to_uint8(images))
-        rank_zero_info(f"generative metrics @{num_samples}: {scores} (sampling {sampled - start:.0f} s, "
-                       f"scoring {time.perf_counter() - sampled:.0f} s)")
+        if world > 1:
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, parts)
+            parts = [part for rank_parts in gathered for part in rank_parts]
+        if rank != 0:
+            return None
+        scores = self._scorer.score(parts)
+        rank_zero_info(f"generative metrics @{num_samples}: {scores} (sampling + features {sampled - start:.0f} s "
+                       f"on {world} process(es), scoring {time.perf_counter() - sampled:.0f} s)")
         return scores
 
     def _evaluate(self, trainer: pl.Trainer, module: pl.LightningModule, log: bool,
                   num_samples: int) -> dict[str, float]:
-        scores = self._scores(trainer, module, num_samples) if trainer.is_global_zero else None
+        scores = self._scores(trainer, module, num_samples)
         scores = trainer.strategy.broadcast(scores, src=0)
         named = {f"val/{metric_name(key, num_samples)}": float(value) for key, value in scores.items()}
         self.last_results = named

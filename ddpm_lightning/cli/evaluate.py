@@ -1,6 +1,10 @@
-"""ddpm-eval: score a checkpoint (or existing samples) with FID / KID / precision-recall / IS and NLL.
+"""ddpm-eval: score a checkpoint (or existing samples) with FID / sFID / KID / precision-recall / IS and NLL.
 
-Writes ``results.json``, ``grid.png`` and ``samples.npz`` (ADM evaluator layout) into the run folder.
+Writes ``results.json``, ``grid.png`` and ``samples.npz`` (ADM evaluator layout) into the run folder. The
+samples stream to ``<output_dir>/shards`` with their features (``shards.py``): ``devices=N`` shares the
+generation and the feature pass over N processes, rank 0 scores the gathered features, and an interrupted
+run continues when rerun into the same folder. ``reference=<ADM reference batch .npz>`` scores against
+OpenAI's statistics; ``write_reference=<path.npz>`` writes the data set's own batch in that layout.
 """
 
 from __future__ import annotations
@@ -12,13 +16,21 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ..callbacks.generative_metrics import make_generative_metrics
+from ..callbacks.generative_metrics import make_generative_metrics, reference_batches
 from ..config import CONFIG_PATH
-from ..metrics import metric_name, to_uint8
+from ..metrics import FeatureStats, metric_name, write_adm_reference
 from .errors import run_cli
-from .generation import generate, load_model_and_guidance, load_samples, resolve_device, write_json, write_outputs
+from .generation import (
+    generate,
+    keep_finished_shards,
+    load_model_and_guidance,
+    load_samples,
+    resolve_device,
+    write_json,
+)
 from .posthoc_ema import apply_posthoc_ema
 from .required_keys import missing_keys, missing_keys_message
+from .shards import Processes, launch, shard_outputs
 
 NUM_QUARTILES = 4
 
@@ -48,65 +60,100 @@ def negative_log_likelihood(module, images: torch.Tensor, labels: torch.Tensor |
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    out_dir = Path(cfg.output_dir)
+    return keep_finished_shards(out_dir, lambda: _evaluate(cfg, out_dir))
+
+
+def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     missing = missing_keys(cfg)  # also checked by a Hydra callback; here for evaluate() called directly
     if missing:
         raise ValueError(missing_keys_message(missing))
-    if not cfg.ckpt and not cfg.samples:
-        raise ValueError("give ckpt=<a ddpm-train checkpoint> or samples=<an .npz or image folder> to evaluate")
+    if not cfg.ckpt and not cfg.samples and not cfg.get("write_reference"):
+        raise ValueError("give ckpt=<a ddpm-train checkpoint> or samples=<an .npz or image folder> to evaluate "
+                         "(or write_reference=<path.npz> with data=<name>)")
     device = resolve_device(cfg.device)
     metrics = list(cfg.metrics)
     sample_metrics = [m for m in metrics if m != "nll"]
-    out_dir = Path(cfg.output_dir)
-    results: dict = {"ckpt": cfg.ckpt, "samples": cfg.samples, "metrics": {}}
+    results: dict = {"ckpt": cfg.ckpt, "samples": cfg.samples, "reference": cfg.get("reference"), "metrics": {}}
+    procs = launch(int(cfg.get("devices", 1)), device) if cfg.ckpt else Processes(device=device)
     module = None
     if cfg.ckpt:
         guidance = OmegaConf.to_container(cfg.guidance)
-        module, cond_fn, guide_classes, cfg_scale = load_model_and_guidance(cfg.ckpt, guidance, device)
+        module, cond_fn, guide_classes, cfg_scale = load_model_and_guidance(cfg.ckpt, guidance, procs.device)
         if cfg.get("ema_sigma_rel") is not None:  # post-hoc EMA: score the EMA of this length (EDM2)
             results["posthoc_ema"] = apply_posthoc_ema(module, cfg.ckpt, float(cfg.ema_sigma_rel))
         data_cfg = cfg.data if cfg.get("data") else module.run_config.get("data")
-        if not data_cfg:
-            raise ValueError(f"{cfg.ckpt} stores no data config; pass data=<name> for the reference images")
+        if not data_cfg and not cfg.get("reference"):
+            raise ValueError(f"{cfg.ckpt} stores no data config; pass data=<name> for the reference images "
+                             f"(or reference=<an ADM reference batch .npz>)")
         results["guidance"] = guidance
     else:
         if "nll" in metrics:
             raise ValueError("metrics=[nll] needs a model: give ckpt=...")
         if cfg.get("ema_sigma_rel") is not None:
             raise ValueError("ema_sigma_rel=... rebuilds a model's EMA: give ckpt=... (a run with post-hoc EMA)")
-        if not cfg.get("data"):
-            raise ValueError("samples=... needs data=<name> (e.g. data=animal_mnist) for the reference statistics")
-        data_cfg = cfg.data
-    datamodule = instantiate(data_cfg)
+        if not cfg.get("data") and (cfg.get("write_reference") or not cfg.get("reference")):
+            raise ValueError("samples=... and write_reference=... need data=<name> (e.g. data=animal_mnist) for the "
+                             "reference images (or, for samples=, reference=<an ADM reference batch .npz>)")
+        data_cfg = cfg.get("data")
+    datamodule = instantiate(data_cfg) if data_cfg else None  # None: scored against reference= alone
+    if datamodule is None and ("nll" in metrics or "is_clf" in metrics):
+        raise ValueError("metrics nll and is_clf need the data set: pass data=<name> (or drop them)")
 
+    scorer = None
+    if sample_metrics or cfg.get("write_reference"):
+        def build():
+            return make_generative_metrics(
+                datamodule, metrics=sample_metrics or ["fid", "sfid"], feature=cfg.feature,
+                weights_path=cfg.weights_path, reference_split=cfg.reference_split,
+                reference_n=int(cfg.reference_n), pr_reference_n=int(cfg.pr_reference_n),
+                reference=cfg.get("reference"), cache_dir=cfg.cache_dir,
+                classifier_epochs=int(cfg.classifier_epochs), batch_size=int(cfg.batch_size), device=procs.device,
+                progress=procs.rank == 0)
+        if procs.rank == 0:  # rank 0 fills the caches (statistics, clean classifier); the others read them
+            scorer = build()
+        procs.barrier()
+        if procs.rank != 0:
+            scorer = build()
+    if cfg.get("write_reference"):
+        results["reference_written"] = str(_write_reference(cfg, datamodule, scorer))
+        if not cfg.ckpt and not cfg.samples:
+            return _finish(out_dir, results)
+
+    samples_uint8 = labels = None
     if cfg.ckpt and (sample_metrics or not metrics):
-        images, labels, seconds, results["sampling"] = generate(
-            module, num_samples=int(cfg.num_samples), sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
+        num_samples = int(cfg.num_samples)
+        generated = generate(
+            module, out_dir=out_dir, num_samples=num_samples, sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
             clip_denoised=bool(cfg.clip_denoised), y=cfg.y, cond_fn=cond_fn, guidance_num_classes=guide_classes,
             cfg_scale=cfg_scale, batch_size=int(cfg.batch_size), seed=int(cfg.seed), precision=str(cfg.precision),
-            schedule=cfg.get("schedule"))
-        results["outputs"] = write_outputs(out_dir, images, labels)
-        results["sampling_seconds"] = seconds
-        results["samples_per_second"] = len(images) / seconds
-        samples_uint8 = to_uint8(images)
+            schedule=cfg.get("schedule"), shard_size=int(cfg.shard_size), procs=procs,
+            settings={"ckpt": str(cfg.ckpt), "guidance": guidance}, scorer=scorer if sample_metrics else None)
+        if procs.rank != 0:
+            return generated
+        results["sampling"], results["generation"] = generated["sampling"], generated["generation"]
+        results["outputs"] = generated["outputs"]
+        results["sampling_seconds"] = generated["generation"]["seconds"]
+        results["samples_per_second"] = generated["generation"]["samples_per_second"]
+        if sample_metrics:  # shard by shard in index order: the sFID features folded into streamed statistics
+            parts, part_labels = [], []
+            spatial = FeatureStats() if "sfid" in sample_metrics else None
+            for outputs, shard_labels in shard_outputs(out_dir / "shards", num_samples, int(cfg.shard_size),
+                                                       scorer.outputs_id, scorer.outputs,
+                                                       set(scorer.outputs(_probe(module)))):
+                if spatial is not None:
+                    spatial.update(outputs.pop("spatial"))
+                parts.append(outputs)
+                part_labels.append(shard_labels)
+            labels = None if part_labels[0] is None else torch.cat(part_labels)
+            _score(results, scorer, parts, labels, num_samples, spatial)
     elif cfg.samples:
         samples_uint8, labels = load_samples(cfg.samples)
-    if sample_metrics:
-        expected = (datamodule.channels, datamodule.image_size, datamodule.image_size)
-        if tuple(samples_uint8.shape[1:]) != expected:
-            raise ValueError(f"samples are {tuple(samples_uint8.shape[1:])} (C, H, W) but {datamodule.name} images "
-                             f"are {expected}: evaluate against the data set the model was trained on")
-        scorer = make_generative_metrics(datamodule, metrics=sample_metrics, feature=cfg.feature,
-                                         weights_path=cfg.weights_path, reference_split=cfg.reference_split,
-                                         reference_n=int(cfg.reference_n), cache_dir=cfg.cache_dir,
-                                         classifier_epochs=int(cfg.classifier_epochs),
-                                         batch_size=int(cfg.batch_size), device=device, progress=True)
-        scores = scorer.compute(samples_uint8)
-        results["metrics"].update({metric_name(k, len(samples_uint8)): v for k, v in scores.items()})
-        if labels is not None and scorer.classifier is not None:
-            from ..metrics import classify
-
-            predicted = classify(scorer.classifier, samples_uint8).argmax(1)
-            results["metrics"]["class_accuracy"] = float((predicted == labels).float().mean())
+        if sample_metrics:
+            if datamodule is not None:
+                _check_sample_shape(samples_uint8, datamodule)
+            parts = [scorer.outputs(batch) for batch in samples_uint8.split(int(cfg.batch_size))]
+            _score(results, scorer, parts, labels, len(samples_uint8))
     if "nll" in metrics:
         datamodule.setup("validate")
         n = min(int(cfg.nll_images), len(datamodule.split_indices("val")))
@@ -116,6 +163,47 @@ def evaluate(cfg: DictConfig) -> dict:
         results["metrics"].update(negative_log_likelihood(module, real, datamodule.reference_labels("val", n),
                                                           int(cfg.batch_size)))
         results["metrics"]["nll_images"] = n
+    return _finish(out_dir, results)
+
+
+def _probe(module) -> torch.Tensor:
+    """Two blank images of the model's shape: which per-sample outputs the scorer produces."""
+    return torch.zeros(2, *module.image_shape, dtype=torch.uint8)
+
+
+def _check_sample_shape(samples: torch.Tensor, datamodule) -> None:
+    size = (datamodule.image_size, datamodule.image_size)
+    channels_ok = samples.shape[1] == datamodule.channels or (datamodule.channels == 1 and samples.shape[1] == 3)
+    if tuple(samples.shape[2:]) != size or not channels_ok:
+        expected = (datamodule.channels, *size)
+        raise ValueError(f"samples are {tuple(samples.shape[1:])} (C, H, W) but {datamodule.name} images "
+                         f"are {expected}: evaluate against the data set the model was trained on")
+
+
+def _score(results: dict, scorer, parts: list, labels: torch.Tensor | None, n: int,
+           spatial: FeatureStats | None = None) -> None:
+    scores = scorer.score(parts, spatial)
+    results["metrics"].update({metric_name(k, n): v for k, v in scores.items()})
+    if labels is not None and "clf_logits" in parts[0]:
+        predicted = torch.cat([p["clf_logits"] for p in parts]).argmax(1)
+        results["metrics"]["class_accuracy"] = float((predicted == labels).float().mean())
+
+
+def _write_reference(cfg: DictConfig, datamodule, scorer) -> Path:
+    """The data source's reference batch in the ADM evaluator's layout (statistics of reference_n images,
+    arr_0: the first pr_reference_n of them)."""
+    if cfg.get("reference"):
+        raise ValueError("write_reference= writes the data set's own reference batch: drop reference=")
+    path = Path(str(cfg.write_reference)).expanduser()
+    stats = scorer.reference
+    count = min(int(cfg.pr_reference_n), stats.n)
+    write_adm_reference(path, stats, reference_batches(datamodule, cfg.reference_split, count), count,
+                        datamodule.image_size)
+    print(f"reference batch: {path} (statistics of {stats.n} {datamodule.name} images, {count} images in arr_0)")
+    return path
+
+
+def _finish(out_dir: Path, results: dict) -> dict:
     write_json(out_dir / "results.json", results)
     print(f"results: {out_dir / 'results.json'}")
     for key, value in results["metrics"].items():

@@ -1,11 +1,13 @@
-"""Shared by ddpm-sample and ddpm-eval: load a checkpoint, set up guidance, generate, and write the outputs
-(PNG grid, ``.npz`` of uint8 samples in the ADM evaluator's layout: ``arr_0`` NHWC, labels in ``arr_1``)."""
+"""Shared by ddpm-sample and ddpm-eval: load a checkpoint, set up guidance, generate into the run folder's shards
+(``shards.py``: streamed, resumable, shared by processes) and write the outputs (PNG grid, ``samples.npz`` of
+uint8 samples in the ADM evaluator's layout: ``arr_0`` NHWC with 3 channels, labels in ``arr_1``)."""
 
 from __future__ import annotations
 
 import json
 import os
-import time
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +15,20 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..callbacks.sample_grid import save_grid
-from ..metrics import to_uint8
-from ..modules.checkpoint import load_diffusion_module
+from ..modules.checkpoint import load_checkpoint_dict, load_diffusion_module
 from ..modules.guidance import load_classifier_guidance
 from ..sampling import check_sampling_options
+from .shards import (
+    SHARD_NAME,
+    NoSpaceLeft,
+    Processes,
+    assemble,
+    check_disk,
+    check_settings,
+    finished,
+    generate_shards,
+    sigterm_as_interrupt,
+)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -41,8 +52,18 @@ def parse_labels(y: Any) -> int | str | None:
 
 
 def load_model_and_guidance(ckpt: str, guidance: dict[str, Any], device: torch.device):
-    """The diffusion module plus (cond_fn, classifier class count) for classifier guidance, validated."""
-    module = load_diffusion_module(ckpt, map_location=device)
+    """The diffusion module plus (cond_fn, classifier class count) for classifier guidance, validated.
+
+    ``ckpt`` and ``guidance.classifier_ckpt`` may be ``ddpm-train`` checkpoints or official ADM weights
+    converted by ``ddpm-convert-adm`` (its flags give the diffusion settings)."""
+    from .convert_adm import classifier_guidance_from_adm, diffusion_module_from_adm, is_converted_adm
+
+    checkpoint = load_checkpoint_dict(ckpt, map_location="cpu")
+    if is_converted_adm(checkpoint):
+        module = diffusion_module_from_adm(checkpoint, ckpt).to(device)
+    else:
+        del checkpoint
+        module = load_diffusion_module(ckpt, map_location=device)
     classifier_ckpt, scale = guidance.get("classifier_ckpt"), float(guidance.get("scale") or 0.0)
     cfg_scale = float(guidance.get("cfg_scale") or 0.0)
     if cfg_scale < 0:
@@ -50,6 +71,12 @@ def load_model_and_guidance(ckpt: str, guidance: dict[str, Any], device: torch.d
     if cfg_scale and module.null_label is None:
         raise ValueError(f"guidance.cfg_scale={cfg_scale} needs a model trained with label dropout "
                          f"(train.p_uncond > 0); {ckpt} was not")
+    if classifier_ckpt:
+        classifier = load_checkpoint_dict(classifier_ckpt, map_location="cpu")
+        if is_converted_adm(classifier):
+            cond_fn, num_classes = classifier_guidance_from_adm(classifier, scale, dict(module.hparams),
+                                                                classifier_ckpt, map_location=device)
+            return module, cond_fn, num_classes, cfg_scale
     cond_fn, num_classes = load_classifier_guidance(classifier_ckpt, scale, module.hparams, map_location=device)
     return module, cond_fn, num_classes, cfg_scale
 
@@ -70,45 +97,85 @@ def sampling_overrides(sampler: str | None, steps, eta: float | None, schedule: 
     return overrides
 
 
-def generate(module, *, num_samples: int, sampler: str | None, steps, eta: float | None, clip_denoised: bool, y,
-             cond_fn, guidance_num_classes, cfg_scale: float, batch_size: int, seed: int, precision: str = "32",
-             schedule: str | None = None):
-    """Samples in [-1, 1], labels, seconds and the sampler settings used (``sampler``/``steps``/``eta`` None:
-    the checkpoint's own)."""
-    start = time.perf_counter()
-    autocast = (torch.autocast(module.device.type, dtype=torch.bfloat16) if precision == "bf16"
-                else torch.autocast(module.device.type, enabled=False))
+def generate(module, *, out_dir: Path, num_samples: int, sampler: str | None, steps, eta: float | None,
+             clip_denoised: bool, y, cond_fn, guidance_num_classes, cfg_scale: float, batch_size: int, seed: int,
+             precision: str = "32", shard_size: int = 1000, procs: Processes | None = None,
+             settings: dict[str, Any] | None = None, scorer=None, schedule: str | None = None) -> dict[str, Any]:
+    """Generate ``num_samples`` into ``out_dir``'s shards (this process's share, missing ones only), then on
+    rank 0 write ``samples.npz`` and ``grid.png``. ``scorer`` (a ``GenerativeMetrics``): each shard also
+    stores its samples' features. ``sampler``/``steps``/``eta`` None: the checkpoint's own. Returns the
+    sampler settings used, counts, timing and (rank 0) the output paths."""
+    procs = procs or Processes(device=module.device)
     if precision not in ("32", "bf16"):
         raise ValueError(f"precision={precision!r}; allowed: 32, bf16")
+    if num_samples < 1 or shard_size < 1 or batch_size < 1:
+        raise ValueError(f"num_samples, shard_size and batch_size must be >= 1, got {num_samples}, {shard_size}, "
+                         f"{batch_size}")
     overrides = sampling_overrides(sampler, steps, eta, schedule)
     used = {k: v for k, v in module.sampling_options(**overrides).items()
             if k in ("method", "steps", "eta", "schedule")}
-    with autocast:
-        images, labels = module.sample(num_samples, **overrides, clip_denoised=clip_denoised,
-                                       y=parse_labels(y) if labels_allowed(module, cond_fn) else "random",
-                                       cond_fn=cond_fn, guidance_num_classes=guidance_num_classes,
-                                       cfg_scale=cfg_scale, batch_size=batch_size, seed=seed, progress=False)
-    seconds = time.perf_counter() - start
-    rank_zero_info(f"sampled {num_samples} images ({used['method']}, steps={used['steps']}, eta={used['eta']}, "
-                   f"schedule={used['schedule']}) "
-                   f"in {seconds:.1f} s ({num_samples / seconds:.2f} samples/s)")
-    return images, labels, seconds, used
+    labels = parse_labels(y) if labels_allowed(module, cond_fn) else "random"
+    shards = out_dir / "shards"
+    check_settings(shards, {**(settings or {}), "sampling": used, "y": labels, "seed": seed, "precision": precision,
+                            "clip_denoised": clip_denoised, "cfg_scale": cfg_scale, "shard_size": shard_size},
+                   procs.rank)
+    done = sum(end - start for start, end in finished(shards, num_samples, shard_size))
+    budget = check_disk(out_dir, num_samples, done, tuple(module.image_shape), scored=scorer is not None)
+    procs.barrier()
+
+    def sample_fn(n: int, first_index: int):
+        autocast = (torch.autocast(module.device.type, dtype=torch.bfloat16) if precision == "bf16"
+                    else torch.autocast(module.device.type, enabled=False))
+        with autocast:
+            return module.sample(n, **overrides, clip_denoised=clip_denoised, y=labels, cond_fn=cond_fn,
+                                 guidance_num_classes=guidance_num_classes, cfg_scale=cfg_scale, batch_size=n,
+                                 seed=seed, first_index=first_index, progress=False)
+
+    stats = generate_shards(sample_fn, shards=shards, num_samples=num_samples, shard_size=shard_size,
+                            batch_size=batch_size, procs=procs, score_fn=scorer.outputs if scorer else None,
+                            feature_id=scorer.outputs_id if scorer else "")
+    procs.barrier()
+    rank_zero_info(f"sampled {stats['generated']} images ({used['method']}, steps={used['steps']}, "
+                   f"eta={used['eta']}, schedule={used['schedule']}) in {stats['seconds']:.1f} s "
+                   f"({stats['samples_per_second']:.2f} samples/s "
+                   f"on rank {procs.rank} of {procs.world_size}; {stats['skipped']} kept from an earlier run)")
+    result = {"sampling": used, "generation": {**stats, **budget, "world_size": procs.world_size,
+                                               "shard_size": shard_size}}
+    if procs.rank == 0:
+        result["outputs"] = assemble(out_dir, shards, num_samples, shard_size)
+    return result
+
+
+def kept_samples(out_dir: Path) -> int:
+    shards = out_dir / "shards"
+    if not shards.is_dir():
+        return 0
+    total = 0
+    for path in shards.iterdir():
+        match = SHARD_NAME.match(path.name)
+        if match:
+            total += int(match.group(2)) - int(match.group(1))
+    return total
+
+
+def keep_finished_shards(out_dir: Path, fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; Ctrl-C / SIGTERM end in one line and exit code 130, a full disk in one ``error:`` line
+    (exit 1); either way the finished shards stay and a rerun into ``out_dir`` continues from them."""
+    try:
+        with sigterm_as_interrupt():
+            return fn()
+    except KeyboardInterrupt:
+        print(f"interrupted: kept {kept_samples(out_dir)} finished samples in {out_dir / 'shards'}; rerun the "
+              f"same command with hydra.run.dir={out_dir} to continue", file=sys.stderr)
+        sys.exit(130)
+    except NoSpaceLeft as error:
+        print(f"error: {error.strerror}: kept {kept_samples(out_dir)} finished samples in {out_dir / 'shards'}; "
+              f"free space and rerun the same command with hydra.run.dir={out_dir} to continue", file=sys.stderr)
+        sys.exit(1)
 
 
 def labels_allowed(module, cond_fn) -> bool:
     return module.num_classes is not None or cond_fn is not None
-
-
-def write_outputs(out_dir: Path, images: torch.Tensor, labels: torch.Tensor | None, nrow: int | None = None) -> dict:
-    """grid.png (first 100) and samples.npz (ADM layout), both written atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    grid = save_grid(images[:100], out_dir / "grid.png", nrow=nrow or min(10, max(1, int(len(images) ** 0.5))))
-    arr = to_uint8(images).permute(0, 2, 3, 1).numpy()
-    tmp = out_dir / "samples.tmp.npz"
-    payload = {"arr_0": arr} if labels is None else {"arr_0": arr, "arr_1": labels.numpy().astype(np.int64)}
-    np.savez(tmp, **payload)
-    os.replace(tmp, out_dir / "samples.npz")
-    return {"grid": str(grid), "samples": str(out_dir / "samples.npz")}
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -1,4 +1,9 @@
-"""ddpm-sample: generate images from a checkpoint (EMA weights), optionally with classifier(-free) guidance."""
+"""ddpm-sample: generate images from a checkpoint (EMA weights), optionally with classifier(-free) guidance.
+
+Samples stream to ``<output_dir>/shards`` (``shards.py``): ``devices=N`` shares them over N processes
+(Lightning Fabric, or the processes ``torchrun`` started), Ctrl-C keeps the finished shards, and rerunning
+the command with ``hydra.run.dir=<the same folder>`` continues.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +14,34 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import CONFIG_PATH
 from .errors import run_cli
-from .generation import generate, load_model_and_guidance, resolve_device, write_json, write_outputs
+from .generation import generate, keep_finished_shards, load_model_and_guidance, resolve_device, write_json
+from .shards import launch
 
 
 def sample(cfg: DictConfig) -> dict:
-    device = resolve_device(cfg.device)
-    guidance = OmegaConf.to_container(cfg.guidance)
-    module, cond_fn, guide_classes, cfg_scale = load_model_and_guidance(cfg.ckpt, guidance, device)
-    images, labels, seconds, used = generate(
-        module, num_samples=int(cfg.num_samples), sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
-        clip_denoised=bool(cfg.clip_denoised), y=cfg.y, cond_fn=cond_fn, guidance_num_classes=guide_classes,
-        cfg_scale=cfg_scale, batch_size=int(cfg.batch_size), seed=int(cfg.seed), precision=str(cfg.precision),
-        schedule=cfg.get("schedule"))
     out_dir = Path(cfg.output_dir)
-    outputs = write_outputs(out_dir, images, labels)
-    result = {"ckpt": cfg.ckpt, "num_samples": int(cfg.num_samples), "sampling_seconds": seconds,
-              "samples_per_second": int(cfg.num_samples) / seconds, "guidance": guidance, "outputs": outputs,
-              "sampling": used}
+    return keep_finished_shards(out_dir, lambda: _sample(cfg, out_dir))
+
+
+def _sample(cfg: DictConfig, out_dir: Path) -> dict:
+    device = resolve_device(cfg.device)
+    procs = launch(int(cfg.devices), device)
+    guidance = OmegaConf.to_container(cfg.guidance)
+    module, cond_fn, guide_classes, cfg_scale = load_model_and_guidance(cfg.ckpt, guidance, procs.device)
+    generated = generate(
+        module, out_dir=out_dir, num_samples=int(cfg.num_samples), sampler=cfg.sampler, steps=cfg.steps,
+        eta=cfg.eta, clip_denoised=bool(cfg.clip_denoised), y=cfg.y, cond_fn=cond_fn,
+        guidance_num_classes=guide_classes, cfg_scale=cfg_scale, batch_size=int(cfg.batch_size), seed=int(cfg.seed),
+        precision=str(cfg.precision), schedule=cfg.get("schedule"), shard_size=int(cfg.shard_size), procs=procs,
+        settings={"ckpt": str(cfg.ckpt), "guidance": guidance})
+    if procs.rank != 0:
+        return generated
+    gen = generated["generation"]
+    result = {"ckpt": cfg.ckpt, "num_samples": int(cfg.num_samples), "sampling_seconds": gen["seconds"],
+              "samples_per_second": gen["samples_per_second"], "guidance": guidance,
+              "outputs": generated["outputs"], "sampling": generated["sampling"], "generation": gen}
     write_json(out_dir / "sample.json", result)
-    print(f"samples: {outputs['samples']}\ngrid: {outputs['grid']}")
+    print(f"samples: {result['outputs']['samples']}\ngrid: {result['outputs']['grid']}")
     return result
 
 

@@ -24,16 +24,28 @@ from .classifier import (
 from .features import (
     FEATURE_EXTRACTORS,
     RESIZE_MODES,
+    SPATIAL_LAYER,
     InceptionFeatureExtractor,
     TinyFeatureExtractor,
     extract_features,
     feature_extractor_id,
     fid_helper_weights_path,
+    iter_outputs,
     load_feature_extractor,
     torch_fidelity_weights_path,
 )
 from .generative import METRICS, GenerativeMetrics
-from .reference import ReferenceStats, default_cache_dir, reference_stats, reference_stats_path
+from .npz import write_npz
+from .reference import (
+    FeatureStats,
+    ReferenceStats,
+    default_cache_dir,
+    hwc3,
+    read_adm_reference,
+    reference_stats,
+    reference_stats_path,
+    write_adm_reference,
+)
 from .scores import (
     FID_METHODS,
     fid_from_features,
@@ -45,7 +57,8 @@ from .scores import (
 )
 
 __all__ = [
-    "GenerativeMetrics", "METRICS", "ReferenceStats", "reference_stats", "reference_stats_path",
+    "GenerativeMetrics", "METRICS", "ReferenceStats", "reference_stats", "reference_stats_path", "FeatureStats",
+    "read_adm_reference", "write_adm_reference", "hwc3", "write_npz", "iter_outputs", "SPATIAL_LAYER",
     "default_cache_dir", "load_feature_extractor", "InceptionFeatureExtractor", "TinyFeatureExtractor",
     "extract_features", "feature_extractor_id", "fid_helper_weights_path", "torch_fidelity_weights_path",
     "to_uint8", "FEATURE_EXTRACTORS", "RESIZE_MODES", "frechet_distance", "fid_from_features",

@@ -60,6 +60,12 @@ import torch.nn.functional as F
 from torch import nn
 
 FEATURE_EXTRACTORS = ("inception", "tiny")
+# sFID (ADM Table 4/5): the ADM evaluator's ``mixed_6/conv:0`` (the TF graph's 7th mixed block, its 1x1
+# branch after BatchNorm + ReLU, [N, 17, 17, 192]) cut to its first 7 channels and flattened in TF's NHWC
+# order: 17 * 17 * 7 = 2023 dims. In torch-fidelity's layout that block is ``Mixed_6d`` (mixed = 5b,
+# mixed_1 = 5c, mixed_2 = 5d, mixed_3 = 6a, ..., mixed_6 = 6d) and its ``conv`` is ``branch1x1``.
+SPATIAL_LAYER = "Mixed_6d.branch1x1"
+SPATIAL_CHANNELS = 7
 RESIZE_MODES = ("tf1_bilinear", "bilinear", "bilinear_antialias")
 INPUT_FORMATS = ("normalized_299", "uint8")
 TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
@@ -74,6 +80,12 @@ def as_rgb_uint8(images: torch.Tensor) -> torch.Tensor:
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected images of shape [N, C, H, W] with C in (1, 3), got {tuple(images.shape)}")
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+def spatial_features(activation: torch.Tensor, channels: int = SPATIAL_CHANNELS) -> torch.Tensor:
+    """``[N, C, H, W]`` activation -> ``[N, H * W * channels]``: the first ``channels`` channels, flattened in
+    NHWC order (the ADM evaluator's ``spatial[..., :7].reshape(N, -1)``)."""
+    return activation[:, :channels].permute(0, 2, 3, 1).reshape(activation.shape[0], -1).float()
 
 
 def resize_to(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
@@ -103,7 +115,7 @@ class InceptionFeatureExtractor(nn.Module):
 
     def __init__(self, network: nn.Module, *, input_format: str = "normalized_299",
                  resize: str = "tf1_bilinear", has_logits: bool = False,
-                 feature_id: str | None = None) -> None:
+                 feature_id: str | None = None, spatial_layer: str | None = SPATIAL_LAYER) -> None:
         super().__init__()
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"unknown input_format {input_format!r}; allowed: {', '.join(INPUT_FORMATS)}")
@@ -114,14 +126,32 @@ class InceptionFeatureExtractor(nn.Module):
         self.resize = resize
         self.has_logits = has_logits
         self.feature_id = feature_id or f"{feature_extractor_id(network)}/{resize}"
+        self._spatial: torch.Tensor | None = None
+        tap = None
+        if spatial_layer is not None:
+            try:
+                tap = network.get_submodule(spatial_layer)
+            except AttributeError:
+                tap = None
+        self.has_spatial = tap is not None
+        if tap is not None:
+            tap.register_forward_hook(self._keep_spatial)
         self.requires_grad_(False)
         self.eval()
+
+    def _keep_spatial(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._spatial = spatial_features(output)
 
     def train(self, mode: bool = True) -> InceptionFeatureExtractor:
         """Stay in eval mode whatever a parent module asks (BatchNorm statistics must stay frozen)."""
         return super().train(False)
 
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.outputs(images)
+        return out["pool"], out.get("logits")
+
+    def outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``pool`` (2048-d), plus ``logits`` when ``has_logits`` and ``spatial`` (2023-d) when ``has_spatial``."""
         x = as_rgb_uint8(images)
         if self.resize != "tf1_bilinear":  # non-TF modes: resize here and re-quantise (module docstring)
             x = resize_to(x.float(), INCEPTION_SIZE, self.resize).round().clamp(0, 255).to(torch.uint8)
@@ -130,8 +160,12 @@ class InceptionFeatureExtractor(nn.Module):
         else:
             out = self.network((resize_to(x.float(), INCEPTION_SIZE, "tf1_bilinear") - 128) / 128)
         feats, logits = (out[0], out[1]) if isinstance(out, tuple | list) else (out, None)
-        feats = feats.reshape(x.shape[0], -1).float()
-        return feats, (logits.float() if self.has_logits and logits is not None else None)
+        result = {"pool": feats.reshape(x.shape[0], -1).float()}
+        if self.has_logits and logits is not None:
+            result["logits"] = logits.float()
+        if self.has_spatial:
+            result["spatial"], self._spatial = self._spatial, None
+        return result
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.features_and_logits(images)[0]
@@ -160,12 +194,18 @@ class TinyFeatureExtractor(nn.Module):
                 w.copy_(torch.randn(w.shape, generator=gen) * (2 / w[0].numel()) ** 0.5)
                 conv.bias.zero_()
         self.feature_id = f"tiny-d{dim}-s{seed}-{size}px"
+        self.has_spatial = True
         self.requires_grad_(False)
         self.eval()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``pool`` ([N, dim]) and ``spatial``: the first conv's first 2 channels (as sFID does with Inception)."""
         x = resize_to(as_rgb_uint8(images).float(), self.size, "bilinear")
-        return self.net((x - 128) / 128)
+        first = self.net[1](self.net[0]((x - 128) / 128))
+        return {"pool": self.net[2:](first), "spatial": spatial_features(first, 2)}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.outputs(images)["pool"]
 
 
 def fid_helper_weights_path() -> Path | None:
@@ -304,18 +344,30 @@ def _module_device(module: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
+def batch_outputs(extractor: nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One batch through ``extractor``: its ``outputs`` dict when it has one, else ``{"pool": forward}``."""
+    if hasattr(extractor, "outputs"):
+        out = dict(extractor.outputs(batch))
+    elif hasattr(extractor, "features_and_logits"):
+        f, lg = extractor.features_and_logits(batch)
+        out = {"pool": f} if lg is None else {"pool": f, "logits": lg}
+    else:
+        out = {"pool": extractor(batch)}
+    f = out["pool"]
+    if f.dim() != 2 or f.shape[0] != batch.shape[0]:
+        raise ValueError(f"feature extractor must return [N, D] features, got {tuple(f.shape)}")
+    return {k: v.float().cpu() for k, v in out.items()}
+
+
 @torch.inference_mode()
-def extract_features(extractor: nn.Module, images: torch.Tensor | Iterable[torch.Tensor], *,
-                     batch_size: int = 64, device: str | torch.device | None = None,
-                     max_images: int | None = None,
-                     with_logits: bool = False, progress: bool = False, description: str = "features",
-                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
-    """Run ``extractor`` over uint8 images in batches; float32 ``[N, D]`` features on the CPU.
+def iter_outputs(extractor: nn.Module, images: torch.Tensor | Iterable[torch.Tensor], *, batch_size: int = 64,
+                 device: str | torch.device | None = None, max_images: int | None = None, progress: bool = False,
+                 description: str = "features") -> Iterator[dict[str, torch.Tensor]]:
+    """Stream ``batch_outputs`` (float32, CPU) over uint8 images in batches: nothing but one batch is held.
 
     ``images`` is a uint8 tensor ``[N, C, H, W]`` or an iterable of such batches (e.g. over a data set),
-    consumed until ``max_images`` when given. Batches go to ``device`` (default: the extractor's). The
-    module is put in eval mode for the pass and restored after. ``with_logits=True`` also returns the
-    extractor's logits (``None`` if it has none). ``progress=True`` shows a rich progress bar with images/s.
+    consumed until ``max_images`` when given. Batches go to ``device`` (default: the extractor's). The module
+    is in eval mode for the pass and restored after. ``progress=True`` shows a rich bar with images/s.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -323,7 +375,7 @@ def extract_features(extractor: nn.Module, images: torch.Tensor | Iterable[torch
     total = images.shape[0] if isinstance(images, torch.Tensor) else None
     if max_images is not None:
         total = max_images if total is None else min(total, max_images)
-    feats, logits, seen = [], [], 0
+    seen = 0
     was_training = extractor.training
     extractor.eval()
     bar = _Progress(description, total) if progress else None
@@ -334,15 +386,7 @@ def extract_features(extractor: nn.Module, images: torch.Tensor | Iterable[torch
                     break
                 batch = batch[: max_images - seen]
             batch = as_rgb_uint8(batch).to(device, non_blocking=True)
-            if hasattr(extractor, "features_and_logits"):
-                f, lg = extractor.features_and_logits(batch)
-            else:
-                f, lg = extractor(batch), None
-            if f.dim() != 2 or f.shape[0] != batch.shape[0]:
-                raise ValueError(f"feature extractor must return [N, D] features, got {tuple(f.shape)}")
-            feats.append(f.float().cpu())
-            if lg is not None:
-                logits.append(lg.float().cpu())
+            yield batch_outputs(extractor, batch)
             seen += batch.shape[0]
             if bar is not None:
                 bar.advance(batch.shape[0])
@@ -350,6 +394,23 @@ def extract_features(extractor: nn.Module, images: torch.Tensor | Iterable[torch
         extractor.train(was_training)
         if bar is not None:
             bar.close()
+
+
+def extract_features(extractor: nn.Module, images: torch.Tensor | Iterable[torch.Tensor], *,
+                     batch_size: int = 64, device: str | torch.device | None = None,
+                     max_images: int | None = None,
+                     with_logits: bool = False, progress: bool = False, description: str = "features",
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+    """Run ``extractor`` over uint8 images in batches (``iter_outputs``); float32 ``[N, D]`` features on the CPU.
+
+    ``with_logits=True`` also returns the extractor's logits (``None`` if it has none).
+    """
+    feats, logits = [], []
+    for out in iter_outputs(extractor, images, batch_size=batch_size, device=device, max_images=max_images,
+                            progress=progress, description=description):
+        feats.append(out["pool"])
+        if "logits" in out:
+            logits.append(out["logits"])
     if not feats:
         raise ValueError("no images to extract features from")
     out = torch.cat(feats)

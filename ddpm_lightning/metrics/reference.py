@@ -1,9 +1,13 @@
 """Reference statistics of real data: computed once, cached on disk as float64 ``.npz``.
 
 A cache entry is keyed by (data set name, split, image size, feature extractor id, n) and holds ``mu``
-and ``sigma`` in float64, plus the features themselves in float32 when ``n <= max_features`` (KID and
-precision/recall need them). Files are written atomically (temporary file + ``os.replace``) and read
-with ``allow_pickle=False``.
+and ``sigma`` in float64 (and ``mu_s``/``sigma_s`` of the sFID spatial features when the extractor has
+them), accumulated over a stream of batches so that n can be the whole data set (50k+) in bounded memory,
+plus the pool features of the first ``min(n, max_features)`` images in float32 (KID and precision/recall
+use them: the ADM protocol's 10,000-image reference subset). The layout is the ADM evaluator's reference
+batch (``mu``, ``sigma``, ``mu_s``, ``sigma_s``); ``write_adm_reference`` adds its ``arr_0`` images and
+``read_adm_reference`` scores against an official one. Files are written atomically (temporary file +
+``os.replace``) and read with ``allow_pickle=False``.
 """
 
 from __future__ import annotations
@@ -12,14 +16,14 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .features import extract_features, feature_extractor_id
+from .features import feature_extractor_id, iter_outputs
 
 ImageSource = torch.Tensor | Iterable[torch.Tensor]
 
@@ -42,15 +46,54 @@ def atomic_save(path: Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
+class FeatureStats:
+    """Mean and covariance of a stream of feature batches in float64, in bounded memory (D x D sums).
+
+    Sums are taken around the first batch's mean (``shift``) so the covariance keeps its precision. Batching
+    changes the result only by float64 round-off; the same batches in the same order give bit-equal results.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._shift: torch.Tensor | None = None
+        self._sum: torch.Tensor | None = None
+        self._outer: torch.Tensor | None = None
+
+    def update(self, features: torch.Tensor | np.ndarray) -> None:
+        x = torch.as_tensor(features).detach().cpu().double()
+        if x.dim() != 2 or x.shape[0] == 0:
+            raise ValueError(f"expected features [N >= 1, D], got {tuple(x.shape)}")
+        if self._shift is None:
+            self._shift = x.mean(0)
+            self._sum = torch.zeros_like(self._shift)
+            self._outer = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        elif x.shape[1] != self._shift.shape[0]:
+            raise ValueError(f"features of dim {x.shape[1]} after dim {self._shift.shape[0]}")
+        centred = x - self._shift
+        self._sum += centred.sum(0)
+        self._outer += centred.T @ centred
+        self.n += x.shape[0]
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise ValueError(f"need >= 2 feature rows for a covariance, got {self.n}")
+        mean_c = self._sum / self.n
+        cov = (self._outer - self.n * torch.outer(mean_c, mean_c)) / (self.n - 1)
+        return (mean_c + self._shift).numpy(), cov.numpy()
+
+
 @dataclass(frozen=True, eq=False)
 class ReferenceStats:
-    """Float64 mean/covariance of ``n`` reference features, and the float32 features when kept."""
+    """Float64 mean/covariance of ``n`` reference features (``mu_s``/``sigma_s``: the sFID spatial ones), and
+    the float32 pool features of a reference subset (the first ``min(n, max_features)`` images) when kept."""
 
     mu: np.ndarray
     sigma: np.ndarray
     n: int
     features: np.ndarray | None = None
     feature_id: str = ""
+    mu_s: np.ndarray | None = None
+    sigma_s: np.ndarray | None = None
 
     @classmethod
     def from_features(cls, features: torch.Tensor | np.ndarray, *, keep_features: bool = True,
@@ -67,6 +110,8 @@ class ReferenceStats:
                   "n": np.int64(self.n), "feature_id": np.str_(self.feature_id)}
         if self.features is not None:
             arrays["features"] = self.features.astype(np.float32)
+        if self.mu_s is not None:
+            arrays["mu_s"], arrays["sigma_s"] = self.mu_s.astype(np.float64), self.sigma_s.astype(np.float64)
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
@@ -77,9 +122,11 @@ class ReferenceStats:
     @classmethod
     def load(cls, path: str | Path) -> ReferenceStats:
         with np.load(Path(path), allow_pickle=False) as data:
+            spatial = "mu_s" in data.files
             return cls(mu=data["mu"], sigma=data["sigma"], n=int(data["n"]),
                        features=data["features"] if "features" in data.files else None,
-                       feature_id=str(data["feature_id"]))
+                       feature_id=str(data["feature_id"]), mu_s=data["mu_s"] if spatial else None,
+                       sigma_s=data["sigma_s"] if spatial else None)
 
 
 def _slug(text: str) -> str:
@@ -105,30 +152,137 @@ def reference_stats(images: ImageSource | Callable[[], ImageSource], *, data_nam
                     image_size: int, feature_extractor: nn.Module, n: int,
                     cache_dir: str | Path | None = None, batch_size: int = 64,
                     device: str | torch.device | None = None, max_features: int = 10_000,
-                    progress: bool = False) -> ReferenceStats:
+                    progress: bool = False, need_spatial: bool | None = None) -> ReferenceStats:
     """Reference statistics of the first ``n`` real images, from the cache or computed once and cached.
 
-    ``images``: uint8 ``[N, C, H, W]`` tensor, an iterable of such batches (consumed until ``n`` images),
-    or a zero-argument callable returning either (so a cache hit loads no data). The features are kept in
-    the cache file when ``n <= max_features``. The file lives in
-    ``<cache_dir>/fid_stats/<data>-<split>-<size>px-<extractor id>-n<n>.npz``.
+    ``images``: uint8 ``[N, C, H, W]`` tensor, an iterable of such batches (consumed until ``n`` images,
+    one batch at a time: the images are never all held), or a zero-argument callable returning either (so a
+    cache hit loads no data). The pool features of the first ``min(n, max_features)`` images are kept for
+    KID and precision/recall; the statistics cover all ``n``. The file lives in
+    ``<cache_dir>/fid_stats/<data>-<split>-<size>px-<extractor id>-n<n>.npz``; an entry written by an older
+    version is recomputed when it lacks what is asked: fewer kept features, or no spatial statistics while
+    ``need_spatial`` (default: whenever the extractor has spatial features; sFID needs them).
     """
     if n < 2:
         raise ValueError(f"n must be >= 2 reference images, got {n}")
+    if max_features < 0:
+        raise ValueError(f"max_features must be >= 0, got {max_features}")
     fid = feature_extractor_id(feature_extractor)
     path = reference_stats_path(cache_dir, data_name, split, image_size, fid, n)
+    keep = min(n, max_features)
     if path.is_file():
         stats = ReferenceStats.load(path)
         if stats.n != n or stats.feature_id != fid:
             raise ValueError(f"cache file {path} holds n={stats.n}, extractor {stats.feature_id!r}; "
                              f"expected n={n}, {fid!r}: delete it")
-        return stats
+        kept = 0 if stats.features is None else len(stats.features)
+        if need_spatial is None:
+            need_spatial = getattr(feature_extractor, "has_spatial", False)
+        spatial_ok = stats.mu_s is not None or not need_spatial
+        if kept >= keep and spatial_ok:
+            return stats if kept == keep else replace(stats, features=stats.features[:keep])
     source = images() if callable(images) else images
-    feats = extract_features(feature_extractor, _checked(source, image_size), batch_size=batch_size,
-                             device=device, max_images=n, progress=progress,
-                             description=f"reference {data_name}")
-    if feats.shape[0] != n:
-        raise ValueError(f"asked for n={n} images of {data_name}/{split}, got only {feats.shape[0]}")
-    stats = ReferenceStats.from_features(feats, keep_features=n <= max_features, feature_id=fid)
+    pool, spatial, kept_features = FeatureStats(), FeatureStats(), []
+    for out in iter_outputs(feature_extractor, _checked(source, image_size), batch_size=batch_size,
+                            device=device, max_images=n, progress=progress, description=f"reference {data_name}"):
+        pool.update(out["pool"])
+        if "spatial" in out:
+            spatial.update(out["spatial"])
+        room = keep - sum(len(f) for f in kept_features)
+        if room > 0:
+            kept_features.append(out["pool"][:room].numpy())
+    if pool.n != n:
+        raise ValueError(f"asked for n={n} images of {data_name}/{split}, got only {pool.n}")
+    mu, sigma = pool.mean_cov()
+    mu_s, sigma_s = spatial.mean_cov() if spatial.n else (None, None)
+    stats = ReferenceStats(mu=mu, sigma=sigma, n=n, feature_id=fid, mu_s=mu_s, sigma_s=sigma_s,
+                           features=np.concatenate(kept_features).astype(np.float32) if keep else None)
     stats.save(path)
     return stats
+
+
+def _adm_images(arr: np.ndarray, batch: int = 256) -> Iterator[torch.Tensor]:
+    for start in range(0, len(arr), batch):
+        yield torch.from_numpy(np.ascontiguousarray(arr[start:start + batch])).permute(0, 3, 1, 2)
+
+
+def read_adm_reference(path: str | Path, feature_extractor: nn.Module, *, cache_dir: str | Path | None = None,
+                       batch_size: int = 64, device: str | torch.device | None = None,
+                       max_features: int = 10_000, progress: bool = False) -> ReferenceStats:
+    """An ADM evaluator reference batch (``VIRTUAL_imagenet64_labeled.npz``: ``mu``, ``sigma``, ``mu_s``,
+    ``sigma_s``, ``arr_0`` images) as ``ReferenceStats``: its statistics as stored, the pool features of its
+    first ``max_features`` ``arr_0`` images (KID, precision/recall) computed once and cached.
+
+    A file written by ``write_adm_reference`` names its feature extractor (``feature_id``), which must be
+    ``feature_extractor``'s; an official file (no ``feature_id``) needs the FID Inception.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"reference batch {path} does not exist")
+    fid = feature_extractor_id(feature_extractor)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            files = set(data.files)
+            if not {"mu", "sigma"} <= files:
+                raise ValueError(f"reference={path} is not an ADM reference batch: it has {sorted(files)}, "
+                                 f"expected mu, sigma (and mu_s, sigma_s, arr_0)")
+            stored = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "feature_id", "n") if k in files}
+            arr = data["arr_0"] if "arr_0" in files else None
+    except (OSError, EOFError) as error:
+        raise ValueError(f"reference={path} is not a readable .npz ({error})") from None
+    owner = str(stored.get("feature_id", ""))
+    if owner and owner != fid:
+        raise ValueError(f"reference={path} was computed with feature extractor {owner!r}, not {fid!r}")
+    if not owner and not fid.startswith("inception-2015-12-05"):
+        raise ValueError(f"reference={path} is an official ADM batch (TF FID Inception statistics): it needs "
+                         f"feature=inception, not {fid!r}")
+    features = None
+    if arr is not None and max_features > 0:
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3) or arr.shape[1] != arr.shape[2]:
+            raise ValueError(f"reference={path}: arr_0 must be uint8 [N, H, W, 3], got {arr.dtype} {arr.shape}")
+        n = min(len(arr), max_features)
+        subset = reference_stats(lambda: _adm_images(arr[:n]), data_name=f"adm-{path.stem}-{path.stat().st_size}B",
+                                 split="arr_0", image_size=arr.shape[1], feature_extractor=feature_extractor, n=n,
+                                 cache_dir=cache_dir, batch_size=batch_size, device=device, max_features=n,
+                                 progress=progress)
+        features = subset.features
+    spatial = "mu_s" in stored and "sigma_s" in stored
+    return ReferenceStats(mu=stored["mu"].astype(np.float64), sigma=stored["sigma"].astype(np.float64),
+                          n=int(stored["n"]) if "n" in stored else (len(arr) if arr is not None else 0),
+                          features=features, feature_id=fid,
+                          mu_s=stored["mu_s"].astype(np.float64) if spatial else None,
+                          sigma_s=stored["sigma_s"].astype(np.float64) if spatial else None)
+
+
+def write_adm_reference(path: str | Path, stats: ReferenceStats, images: ImageSource, num_images: int,
+                        image_size: int) -> Path:
+    """Write ``stats`` in the ADM evaluator's reference-batch layout: ``mu``, ``sigma``, ``mu_s``, ``sigma_s``
+    (float64), ``arr_0`` (the first ``num_images`` uint8 images, NHWC, 3 channels: 1-channel data repeated),
+    plus ``feature_id`` and ``n`` (ignored by the official evaluator). Streamed, written atomically."""
+    from .npz import write_npz
+
+    if stats.mu_s is None:
+        raise ValueError(f"the reference statistics have no sFID part (feature extractor {stats.feature_id!r} "
+                         f"has no spatial features)")
+
+    def rgb_batches() -> Iterator[np.ndarray]:
+        left = num_images
+        for batch in [images] if isinstance(images, torch.Tensor) else images:
+            if left <= 0:
+                break
+            batch = batch[:left]
+            left -= len(batch)
+            yield hwc3(batch)
+
+    size = (image_size, image_size)
+    arrays = {"mu": stats.mu, "sigma": stats.sigma, "mu_s": stats.mu_s, "sigma_s": stats.sigma_s,
+              "n": np.int64(stats.n), "feature_id": np.str_(stats.feature_id),
+              "arr_0": ((num_images, *size, 3), np.uint8, rgb_batches())}
+    return write_npz(Path(path), arrays)
+
+
+def hwc3(images: torch.Tensor) -> np.ndarray:
+    """uint8 ``[N, C, H, W]`` (C = 1 or 3) -> ``[N, H, W, 3]`` numpy: the ADM evaluator reads 3 channels."""
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected uint8 images [N, 1 or 3, H, W], got {images.dtype} {tuple(images.shape)}")
+    return images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous().cpu().numpy()

@@ -1,0 +1,289 @@
+"""Generation streamed to disk in shards, shared by processes, resumable: the owner of a run's sample files.
+
+Layout of ``<output_dir>`` (``ddpm-sample`` and ``ddpm-eval``)::
+
+    shards/run.json               the generation settings; a rerun with other settings is refused
+    shards/<start>-<end>.npz      samples start..end-1 (global indices): arr_0 uint8 NHWC in the data's
+                                  channels, arr_1 labels, and, when scored, their per-sample features
+                                  (f_pool, f_spatial, f_clf_logits, ...) with feature_id
+    samples.npz                   every sample in the ADM evaluator's layout (uint8 NHWC, 3 channels: 1-channel
+                                  data repeated; labels in arr_1), streamed from the shards
+    grid.png                      the first 100 samples
+
+Shard ``k`` holds the indices ``[k * shard_size, (k + 1) * shard_size)``; process ``r`` of ``w`` generates the
+shards with ``k % w == r``. Per-sample seeds (``sample_images(seed=, first_index=)``: image i and its label
+depend on (seed, i) only) make the files identical for any process count, batch size or interruption. A
+shard is written atomically once finished, so Ctrl-C, SIGTERM or a full disk keep every finished shard,
+and rerunning the same command into the same folder (``hydra.run.dir=<folder>``) generates only the rest.
+Only features travel to rank 0 (through the shard files); it scores them in index order, so the metrics
+are identical for any process count too.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..metrics import to_uint8, write_npz
+
+SHARD_NAME = re.compile(r"^(\d{9})-(\d{9})\.npz$")
+FEATURE_PREFIX = "f_"
+# per-sample feature bytes when scoring with the FID Inception (pool 2048 + spatial 2023 + logits 1008 + slack)
+INCEPTION_FEATURE_BYTES = 4 * (2048 + 2023 + 1008 + 16)
+
+
+class NoSpaceLeft(OSError):
+    """A full disk while writing ``path``: the finished shards are kept."""
+
+
+@dataclass
+class Processes:
+    """This process's place among the generating processes (one, or Lightning Fabric's DDP group)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    fabric: Any = None
+
+    def barrier(self) -> None:
+        if self.fabric is not None:
+            self.fabric.barrier()
+
+
+def launch(devices: int, device: torch.device) -> Processes:
+    """One process, or ``devices`` processes started by Lightning Fabric (``strategy="ddp"``; gloo on CPU).
+
+    Under ``torchrun`` (``LOCAL_WORLD_SIZE`` set) the processes already exist: Fabric joins them, whatever
+    ``devices`` says. Rank 0 is the process the user started.
+    """
+    if int(devices) < 1:
+        raise ValueError(f"devices must be >= 1, got {devices}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if int(devices) == 1 and world == 1:
+        return Processes(device=device)
+    from lightning.fabric import Fabric
+
+    num_nodes = 1
+    if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun
+        devices = int(os.environ["LOCAL_WORLD_SIZE"])
+        num_nodes = max(1, world // devices)
+    accelerator = "cuda" if device.type == "cuda" else "cpu"
+    fabric = Fabric(accelerator=accelerator, devices=int(devices), num_nodes=num_nodes, strategy="ddp")
+    fabric.launch()
+    return Processes(rank=fabric.global_rank, world_size=fabric.world_size, device=fabric.device, fabric=fabric)
+
+
+# ------------------------------------------------------------------------------------------- the files
+def shard_path(shards: Path, start: int, end: int) -> Path:
+    return shards / f"{start:09d}-{end:09d}.npz"
+
+
+def shard_ranges(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]
+
+
+def finished(shards: Path, num_samples: int, shard_size: int) -> list[tuple[int, int]]:
+    return [r for r in shard_ranges(num_samples, shard_size) if shard_path(shards, *r).is_file()]
+
+
+def check_settings(shards: Path, settings: dict[str, Any], rank: int) -> None:
+    """Record the settings (rank 0) or refuse shards made with other ones (a rerun into the same folder)."""
+    path = shards / "run.json"
+    wanted = json.loads(json.dumps(settings, default=str))
+    if path.is_file():
+        have = json.loads(path.read_text())
+        differ = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
+        if differ:
+            raise ValueError(f"{shards} holds samples generated with other settings ({', '.join(differ)}: "
+                             f"{', '.join(f'{have.get(k)!r} there, {wanted.get(k)!r} now' for k in differ)}); "
+                             f"use another output folder or the same settings")
+    elif rank == 0:
+        _atomic(path, lambda tmp: tmp.write_text(json.dumps(wanted, indent=2)))
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file; a full disk becomes ``NoSpaceLeft`` and leaves the old file in place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise NoSpaceLeft(errno.ENOSPC, f"no space left on {path.parent}", str(path)) from None
+        raise
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_shard(path: Path, images: np.ndarray, labels: np.ndarray | None, features: dict[str, torch.Tensor],
+                feature_id: str) -> None:
+    arrays: dict[str, np.ndarray] = {"arr_0": images}
+    if labels is not None:
+        arrays["arr_1"] = labels.astype(np.int64)
+    if features:
+        arrays |= {FEATURE_PREFIX + k: v.numpy() for k, v in features.items()}
+        arrays["feature_id"] = np.str_(feature_id)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    _atomic(path, write)
+
+
+def read_shard(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+# ---------------------------------------------------------------------------------------- the budget
+def check_disk(out_dir: Path, num_samples: int, done: int, shape: tuple[int, int, int], scored: bool) -> dict:
+    """Refuse up front what the disk cannot hold: the shards of the samples still to generate (+ features when
+    scored) and the 3-channel ``samples.npz`` of all of them."""
+    c, h, w = shape
+    per_sample = c * h * w + (INCEPTION_FEATURE_BYTES if scored else 0)
+    need = (num_samples - done) * per_sample + num_samples * 3 * h * w
+    out_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out_dir).free
+    if need > free:
+        raise ValueError(f"num_samples={num_samples} needs ~{_size(need)} of disk in {out_dir} "
+                         f"({per_sample} bytes per sample in shards + {3 * h * w} in samples.npz), "
+                         f"only {_size(free)} free: lower num_samples or free space")
+    return {"disk_needed_bytes": need, "disk_free_bytes": free}
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+# ------------------------------------------------------------------------------------ interruption
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (SLURM preemption, ``kill``) stops generation like Ctrl-C: finished shards stay."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ------------------------------------------------------------------------------------- generation
+def generate_shards(sample_fn: Callable[[int, int], tuple[torch.Tensor, torch.Tensor | None]], *,
+                    shards: Path, num_samples: int, shard_size: int, batch_size: int, procs: Processes,
+                    score_fn: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None,
+                    feature_id: str = "", log: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Generate this process's missing shards: ``sample_fn(n, first_index)`` -> (images in [-1, 1], labels).
+
+    ``score_fn(uint8 batch)`` gives the per-sample features stored with each shard. Progress lines show
+    samples/s and the ETA of this process's part. Returns counts and timing.
+    """
+    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    mine = [r for k, r in enumerate(shard_ranges(num_samples, shard_size)) if k % procs.world_size == procs.rank]
+    todo = [r for r in mine if not shard_path(shards, *r).is_file()]
+    total = sum(end - start for start, end in todo)
+    done, start_time = 0, time.perf_counter()
+    for start, end in todo:
+        images, labels, features = [], [], []
+        for first in range(start, end, batch_size):
+            x, y = sample_fn(min(batch_size, end - first), first)
+            uint8 = to_uint8(x)
+            images.append(uint8.permute(0, 2, 3, 1).contiguous().numpy())
+            if y is not None:
+                labels.append(torch.as_tensor(y).cpu().numpy())
+            if score_fn is not None:
+                features.append(score_fn(uint8))
+        merged = {k: torch.cat([f[k] for f in features]) for k in features[0]} if features else {}
+        write_shard(shard_path(shards, start, end), np.concatenate(images),
+                    np.concatenate(labels) if labels else None, merged, feature_id)
+        done += end - start
+        seconds = time.perf_counter() - start_time
+        rate = done / max(seconds, 1e-9)
+        log(f"[rank {procs.rank}/{procs.world_size}] samples {start}-{end - 1} written: {done}/{total} "
+            f"({rate:.2f} samples/s, ETA {_duration((total - done) / rate)})")
+    seconds = time.perf_counter() - start_time
+    return {"generated": done, "seconds": seconds, "samples_per_second": done / seconds if done else 0.0,
+            "skipped": sum(e - s for s, e in mine) - total}
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+# ---------------------------------------------------------------------------------- rank 0: outputs
+def assemble(out_dir: Path, shards: Path, num_samples: int, shard_size: int) -> dict[str, str]:
+    """``samples.npz`` (ADM layout, 3 channels, streamed shard by shard) and ``grid.png`` of the first 100."""
+    from ..callbacks.sample_grid import save_grid
+
+    ranges = shard_ranges(num_samples, shard_size)
+    first = read_shard(shard_path(shards, *ranges[0]))
+    h, w = first["arr_0"].shape[1:3]
+    has_labels = "arr_1" in first
+
+    def chunks(key: str) -> Iterator[np.ndarray]:
+        for r in ranges:
+            arr = read_shard(shard_path(shards, *r))[key]
+            yield np.repeat(arr, 3, axis=-1) if key == "arr_0" and arr.shape[-1] == 1 else arr
+
+    arrays: dict[str, Any] = {"arr_0": ((num_samples, h, w, 3), np.uint8, chunks("arr_0"))}
+    if has_labels:
+        arrays["arr_1"] = ((num_samples,), np.int64, chunks("arr_1"))
+    try:
+        write_npz(out_dir / "samples.npz", arrays)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise NoSpaceLeft(errno.ENOSPC, f"no space left on {out_dir}", str(out_dir / "samples.npz")) from None
+        raise
+    grid = []
+    for r in ranges:
+        grid.append(read_shard(shard_path(shards, *r))["arr_0"][: 100 - sum(len(g) for g in grid)])
+        if sum(len(g) for g in grid) >= 100:
+            break
+    preview = torch.from_numpy(np.concatenate(grid)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    nrow = min(10, max(1, int(len(preview) ** 0.5)))
+    save_grid(preview, out_dir / "grid.png", nrow=nrow)
+    return {"grid": str(out_dir / "grid.png"), "samples": str(out_dir / "samples.npz"), "shards": str(shards)}
+
+
+def shard_outputs(shards: Path, num_samples: int, shard_size: int, feature_id: str,
+                  score_fn: Callable[[torch.Tensor], dict[str, torch.Tensor]], wanted: set[str],
+                  ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+    """Per shard, in index order: its stored features (computed from its images when missing or made by
+    another extractor, e.g. shards written by ``ddpm-sample``) and its labels."""
+    for r in shard_ranges(num_samples, shard_size):
+        data = read_shard(shard_path(shards, *r))
+        stored = {k[len(FEATURE_PREFIX):]: torch.from_numpy(v) for k, v in data.items()
+                  if k.startswith(FEATURE_PREFIX)}
+        if str(data.get("feature_id", "")) != feature_id or not wanted <= set(stored):
+            stored = score_fn(torch.from_numpy(data["arr_0"]).permute(0, 3, 1, 2).contiguous())
+        labels = torch.from_numpy(data["arr_1"]) if "arr_1" in data else None
+        yield stored, labels
