@@ -147,3 +147,14 @@ def assert_same_curve(reference: dict[int, float], resumed: dict[int, float], rt
     assert sorted(resumed) == sorted(reference), (sorted(reference), sorted(resumed))
     torch.testing.assert_close(torch.tensor([resumed[s] for s in sorted(reference)]),
                                torch.tensor([reference[s] for s in sorted(reference)]), rtol=rtol, atol=1e-6)
+
+
+class InterruptAt(pl.Callback):
+    """Raises KeyboardInterrupt (what Ctrl-C does) after global step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = int(step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt

@@ -13,11 +13,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..callbacks.generative_metrics import make_generative_metrics
+from ..config import CONFIG_PATH
 from ..metrics import metric_name, to_uint8
 from .errors import run_cli
 from .generation import generate, load_model_and_guidance, load_samples, resolve_device, write_json, write_outputs
 from .required_keys import missing_keys, missing_keys_message
-from ..config import CONFIG_PATH
+from .validate import check_command_line
 
 NUM_QUARTILES = 4
 
@@ -123,6 +124,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    check_command_line()  # an unknown option (data=..., experiment=...): one line, before Hydra
     _hydra_main()
 
 

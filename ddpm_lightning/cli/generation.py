@@ -76,6 +76,9 @@ def generate(module, *, num_samples: int, sampler: str | None, steps, eta: float
     if precision not in ("32", "bf16"):
         raise ValueError(f"precision={precision!r}; allowed: 32, bf16")
     overrides = sampling_overrides(sampler, steps, eta)
+    if isinstance(parse_labels(y), int) and not labels_allowed(module, cond_fn):  # never ignored silently
+        raise ValueError(f"y={y}: the model is unconditional (no class labels) and no classifier guides it; "
+                         f"drop y, or give guidance.classifier_ckpt with guidance.scale > 0")
     used = {k: v for k, v in module.sampling_options(**overrides).items() if k in ("method", "steps", "eta")}
     with autocast:
         images, labels = module.sample(num_samples, **overrides, clip_denoised=clip_denoised,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..artifacts import NoSpaceLeft
 from ..reporting import MODES, write_report
 
 
@@ -38,7 +39,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = write_report(args.sweep_dir, out_dir=args.out, metric=args.metric, mode=args.mode,
                               stale_after_s=60.0 * args.stale_after, make_plot=not args.no_plot, title=args.title)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+    except (OSError, ValueError) as error:
+        if isinstance(error, OSError) and error.errno is not None and not isinstance(error, NoSpaceLeft):
+            # the OS's own error: --out is a file, read-only, ...
+            error = f"cannot write the report into {args.out or args.sweep_dir} ({error.strerror}: {error.filename})"
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(result["markdown"])

@@ -51,6 +51,8 @@ def check_folder(path: str | Path, key: str) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as error:
         _exit(f"cannot create the run folder {path} ({error.strerror or error}); set {key} to a writable folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        _exit(f"cannot write into the run folder {path} (read-only); set {key} to a writable folder")
 
 
 def claim(folder: str | Path, key: str = "hydra.run.dir") -> bool:
@@ -63,8 +65,12 @@ def claim(folder: str | Path, key: str = "hydra.run.dir") -> bool:
     folder = Path(folder).resolve()
     if str(folder) in _HELD:
         return False
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise RunFolderRefused(f"cannot write into the run folder {folder} ({error.strerror or error}); "
+                               f"set {key} to a writable folder") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:

@@ -7,9 +7,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from ..config import CONFIG_PATH
 from .errors import run_cli
 from .generation import generate, load_model_and_guidance, resolve_device, write_json, write_outputs
-from ..config import CONFIG_PATH
+from .validate import check_command_line
 
 
 def sample(cfg: DictConfig) -> dict:
@@ -36,6 +37,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    check_command_line()  # an unknown option (data=..., experiment=...): one line, before Hydra
     _hydra_main()
 
 

@@ -7,7 +7,6 @@ the config is known to be good. ``train``, ``build_module``, ... are re-exported
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import hydra
@@ -15,7 +14,7 @@ from omegaconf import DictConfig
 
 from ..config import CONFIG_PATH, register_configs
 from .errors import in_multirun, run_cli
-from .validate import check_group_choices, check_run
+from .validate import check_command_line, check_run
 
 _TRAINING_NAMES = ("train", "build_module", "build_callbacks", "build_loggers", "resolve_checkpoint",
                    "resolve_ckpt_path", "check_same_run", "_wandb_defaults", "_write_summary", "_finish_wandb")
@@ -59,10 +58,7 @@ def missing_objective_message(key: str, metrics: dict[str, float], cfg: DictConf
 
 def main() -> None:
     register_configs()
-    error = check_group_choices(sys.argv[1:])  # before Hydra: one line instead of its config search path
-    if error is not None:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    check_command_line()  # before Hydra: one line naming the allowed options instead of its config search path
     _hydra_main()
 
 

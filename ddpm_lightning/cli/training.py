@@ -136,13 +136,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     check_targets(cfg, allow_any=bool(cfg.get("allow_any_target", False)))
     check_accelerator(cfg.trainer.get("accelerator"))
-    check_run(cfg)
     output_dir = Path(cfg.paths.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ValueError(f"cannot create the run folder {output_dir} ({error.strerror or error}); "
                          f"set hydra.run.dir to a writable folder") from None
+    check_run(cfg)
     claimed = not is_secondary_rank() and claim(output_dir)
     try:
         recorded = _own_run_folder(cfg, output_dir)

@@ -65,8 +65,9 @@ FLOAT_RANGES = {"ema.decay": (0.0, 1.0), "train.p_uncond": (0.0, 1.0), "model.dr
 
 def _suggest(word: str, options: Iterable[str]) -> str:
     """`` (did you mean X?)`` for the closest option (whole name or its last ``_`` part), or ''."""
-    def score(option: str) -> float:
-        return max(difflib.SequenceMatcher(None, word, part).ratio() for part in (option, option.split("_")[-1]))
+    def score(option: str) -> float:  # the whole name wins a tie with another option's last part
+        return max(difflib.SequenceMatcher(None, word, option).ratio(),
+                   0.99 * difflib.SequenceMatcher(None, word, option.split("_")[-1]).ratio())
 
     best = max(options, key=score, default=None)
     return f" (did you mean {best}?)" if best is not None and score(best) >= 0.6 else ""
@@ -220,10 +221,21 @@ def check_memory(cfg: DictConfig, available: int | None = None) -> None:
                      f"lower data.batch_size or data.image_size")
 
 
+STEPS_KEYS = ("sample.steps", "callbacks.sample_grid.steps", "callbacks.generative_metrics.steps")
+
+
 def check_run(cfg: DictConfig) -> None:
-    """Every config check that needs no heavy import (typed keys, numbers, memory)."""
+    """Every ddpm-train config check that needs no heavy import (typed keys, numbers, steps, the cache folder,
+    memory)."""
     check_typed_keys(cfg)
     check_numbers(cfg)
+    for key in STEPS_KEYS:
+        present, value = _select(cfg, key)
+        if present:
+            check_steps(value, key)
+    present, cache = _select(cfg, "paths.cache_dir")
+    if present:
+        check_writable_folder(cache, "paths.cache_dir")
     if cfg.get("objective", "diffusion") == "diffusion":
         check_memory(cfg)
 
@@ -235,6 +247,102 @@ def check_run_deep(cfg: DictConfig) -> None:
         from ..modules.builders import build_diffusion
 
         build_diffusion(OmegaConf.to_container(cfg.diffusion, resolve=True))
+
+
+# --------------------------------------------------------------------------------- ddpm-sample / ddpm-eval
+GENERATION_INTS = {"num_samples": 1, "batch_size": 1, "seed": 0, "nll_images": 1, "reference_n": 1,
+                   "classifier_epochs": 1}
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+
+
+def check_steps(value: Any, key: str = "steps") -> None:
+    """Kept sampler steps: an integer >= 1, a respacing string ("ddim25", "10,15,20"), ``all`` or null."""
+    if value is None or (isinstance(value, str) and not value.strip().lstrip("-").isdigit()):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or int(value) < 1:
+        raise ValueError(f"{key}={value!r}: a sampler needs at least 1 step; give {key}=N (N >= 1), {key}=all "
+                         f"(every one of the T steps) or leave it unset (the checkpoint's own)")
+
+
+def check_writable_folder(path: Any, key: str) -> None:
+    """ValueError when ``path`` (or the nearest existing parent it would be created in) cannot be written."""
+    if path in (None, ""):
+        return
+    folder = Path(str(path)).absolute()
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise ValueError(f"cannot write the {key} folder {folder}: {existing} is a file; set {key} (or "
+                         f"DDPM_CACHE_DIR) to a writable folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write the {key} folder {folder}: {existing} is read-only; set {key} (or "
+                         f"DDPM_CACHE_DIR) to a writable folder")
+
+
+def check_samples_file(path: Any) -> None:
+    """``samples=``: an image folder or a whole ADM-layout ``.npz`` (a zip whose directory reads)."""
+    if path in (None, ""):
+        return
+    import zipfile
+
+    path = Path(str(path))
+    if not path.exists() or path.is_dir():
+        return  # missing: the loader's own message
+    if path.suffix != ".npz":
+        raise ValueError(f"samples={path} is a {path.suffix or 'suffix-less'} file; give an ADM-layout .npz "
+                         f"(arr_0 uint8 NHWC, optional arr_1 labels) or a folder of images")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ValueError(f"samples={path} is not a readable .npz (truncated or not a zip: {error})") from None
+    if "arr_0.npy" not in names:
+        raise ValueError(f"samples={path} has no arr_0 (expected the ADM layout: arr_0 uint8 NHWC, optional arr_1)")
+
+
+def check_generation(cfg: DictConfig, multirun: bool = False) -> None:
+    """The keys of ``ddpm-sample`` / ``ddpm-eval``: counts, steps, device, labels, guidance, files, folders."""
+    for key, minimum in GENERATION_INTS.items():
+        present, value = _select(cfg, key)
+        if present and (not _is_int(value) or value < minimum):
+            raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    check_steps(cfg.get("steps"))
+    device = str(cfg.get("device", "auto"))
+    if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ValueError(f"device={device!r}; allowed: {', '.join(DEVICES)}")
+    y = cfg.get("y")
+    if not (y is None or y in ("random", "balanced") or (_is_int(y) and y >= 0)):
+        raise ValueError(f"y={y!r}; allowed: random, balanced, or a class index >= 0")
+    guidance = cfg.get("guidance") or {}
+    for key in ("scale", "cfg_scale"):
+        value = guidance.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise ValueError(f"guidance.{key} must be a number >= 0, got {value!r}")
+    if guidance.get("classifier_ckpt") and not guidance.get("scale") and not multirun:
+        raise ValueError("guidance.classifier_ckpt is given but guidance.scale=0: the classifier would guide "
+                         "nothing; set guidance.scale > 0 (e.g. guidance.scale=1), or drop guidance.classifier_ckpt")
+    check_samples_file(cfg.get("samples"))
+    check_writable_folder(cfg.get("cache_dir"), "cache_dir")
+
+
+def _check(config_name: str | None, cfg: DictConfig, multirun: bool) -> None:
+    if config_name == "train":
+        check_run_deep(cfg)
+    elif config_name in ("eval", "sample"):
+        check_generation(cfg, multirun=multirun)
+
+
+def _exit(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_command_line(args: list[str] | None = None) -> None:
+    """Exit with one ``error:`` line when the command line names an unknown group option or typed key."""
+    error = check_group_choices(sys.argv[1:] if args is None else args)
+    if error is not None:
+        _exit(error)
 
 
 # ------------------------------------------------------------------------------------------------- sweeps
@@ -252,13 +360,19 @@ def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
-class ValidateSweep(Callback):
-    """Compose and check every job of a multirun before the first one starts (train only)."""
+class CheckConfig(Callback):
+    """``ddpm-sample`` / ``ddpm-eval``: check the config before the run starts. Every command: compose and check
+    every job of a multirun before the first one starts (``ddpm-train`` checks a single run in its task)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if kwargs.get("config_name") in ("eval", "sample"):
+            try:
+                check_generation(config)
+            except ValueError as error:
+                _exit(str(error))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         config_name = kwargs.get("config_name")
-        if config_name != "train" or os.environ.get("DDPM_SKIP_SWEEP_CHECK"):
-            return
         from hydra.core.global_hydra import GlobalHydra
         from hydra.types import RunMode
 
@@ -270,11 +384,9 @@ class ValidateSweep(Callback):
         for number, overrides in enumerate(jobs):
             try:
                 job = hydra.compose_config(config_name, overrides, run_mode=RunMode.RUN)
-                check_run_deep(job)
+                _check(config_name, job, multirun=True)
             except Exception as error:  # noqa: BLE001  every failure here is the user's config
                 from .errors import root_message
 
                 swept = " ".join(o for o in overrides if o not in common)
-                print(f"error: sweep job {number} ({swept}): {root_message(error)}; "
-                      f"no job was started", file=sys.stderr)
-                sys.exit(2)
+                _exit(f"sweep job {number} ({swept}): {root_message(error)}; no job was started")
