@@ -415,3 +415,15 @@ def test_sweep_with_a_bad_option_in_a_later_job_starts_no_job(tmp_path):
         "error: sweep job 1 (diffusion.schedule=cosin): unknown beta schedule 'cosin'; allowed: linear, cosine; "
         "no job was started"]
     assert [p.name for p in sweep.iterdir()] == [".run.lock"]  # no job folder
+
+
+# ------------------------------------------------------------------------------------------- the smoke setting
+def test_debug_fast_trains_and_scores_the_default_experiment(tmp_path):
+    """``ddpm-train experiment=default debug=fast``: no other key needed (callbacks=default is not)."""
+    cfg = compose_run(["experiment=default", "debug=fast"], tmp_path)
+    assert cfg.trainer.max_steps == 3 and cfg.callbacks.generative_metrics.feature == "tiny"
+    metrics = train(cfg)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == 3
+    assert "val/fid@8" in metrics and any(k.startswith("val/kid") for k in metrics), sorted(metrics)
+    assert json.loads((tmp_path / "metrics.json").read_text())["num_samples"] == 8

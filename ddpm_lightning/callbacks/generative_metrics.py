@@ -41,6 +41,8 @@ def make_generative_metrics(datamodule, *, metrics: Sequence[str] = ("fid", "kid
     extractor = load_feature_extractor(feature, weights_path, device=device)
     available = len(datamodule.split_indices(reference_split))
     n = min(int(reference_n), available)
+    rank_zero_info(f"scoring setup: {feature} statistics of {n} real {datamodule.name} images (computed once per "
+                   f"data set, then read from the cache {cache_dir})")  # minutes on CPU the first time: say so
     reference = reference_stats(lambda: datamodule.reference_images(reference_split, n),
                                 data_name=datamodule.name, split=reference_split,
                                 image_size=datamodule.image_size, feature_extractor=extractor, n=n,
@@ -49,6 +51,8 @@ def make_generative_metrics(datamodule, *, metrics: Sequence[str] = ("fid", "kid
     if "is_clf" in metrics:
         if not datamodule.num_classes:
             raise ValueError(f"is_clf needs a labelled data set; {datamodule.name} has no labels: drop is_clf")
+        rank_zero_info(f"scoring setup: clean classifier for is_clf ({classifier_epochs} epochs on "
+                       f"{datamodule.name}, trained once per data set, then read from the cache)")
         classifier = cached_clean_classifier(datamodule.train_tensors, data_name=datamodule.name,
                                              image_size=datamodule.image_size, num_classes=datamodule.num_classes,
                                              cache_dir=cache_dir, epochs=classifier_epochs, device=device)
@@ -100,7 +104,8 @@ class GenerativeMetricsCallback(pl.Callback):
         if self._scorer is None:
             # outside Lightning's inference mode: the clean classifier (is_clf) may need training once
             with torch.inference_mode(False), torch.enable_grad():
-                self._scorer = make_generative_metrics(trainer.datamodule, device=module.device, progress=False,
+                self._scorer = make_generative_metrics(trainer.datamodule, device=module.device,
+                                                       progress=trainer.progress_bar_callback is not None,
                                                        **self.metric_kwargs)
 
     @override
@@ -118,7 +123,7 @@ class GenerativeMetricsCallback(pl.Callback):
             y = "balanced"
         with trainer.precision_plugin.forward_context():  # sample at the training precision (bf16: 1.8x, same FID)
             images, _ = module.sample(num_samples, y=y, cond_fn=cond_fn, guidance_num_classes=guidance_classes,
-                                      **self.sample_kwargs)
+                                      progress=trainer.progress_bar_callback is not None, **self.sample_kwargs)
         sampled = time.perf_counter()
         scores = self._scorer.compute(to_uint8(images))
         rank_zero_info(f"generative metrics @{num_samples}: {scores} (sampling {sampled - start:.0f} s, "
