@@ -427,3 +427,28 @@ def test_debug_fast_trains_and_scores_the_default_experiment(tmp_path):
     assert summary["status"] == "completed" and summary["global_step"] == 3
     assert "val/fid@8" in metrics and any(k.startswith("val/kid") for k in metrics), sorted(metrics)
     assert json.loads((tmp_path / "metrics.json").read_text())["num_samples"] == 8
+
+
+def test_resume_is_exact_with_in_loop_scoring(tmp_path):
+    """Scoring (its setup at fit start, and each in-loop score) must not move the global random state that
+    training draws from, and the in-loop schedule (every 2nd validation) survives a resume."""
+    run = [*[o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))],
+           "trainer.deterministic=true", "trainer.val_check_interval=2",
+           "callbacks.periodic_checkpoint.every_n_train_steps=2", "callbacks=metrics",
+           "callbacks.generative_metrics.every_n_val_epochs=2", "callbacks.generative_metrics.in_loop_num_samples=4",
+           "callbacks.generative_metrics.on_train_end=false"]
+    train(compose_run([*run, "trainer.max_steps=8"], tmp_path / "reference"))
+    train(compose_run([*run, "trainer.max_steps=2"], tmp_path / "resumed"))
+    (tmp_path / "resumed" / "summary.json").unlink()  # as if killed after its step-2 checkpoint (1 validation)
+    train(compose_run([*run, "trainer.max_steps=8", "resume=auto"], tmp_path / "resumed"))
+    assert_same_training(tmp_path / "reference" / "checkpoints" / "last.ckpt",
+                         tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+
+    def scored_steps(run_dir):  # over the csv versions of every attempt
+        steps = set()
+        for path in (run_dir / "csv").glob("version_*/metrics.csv"):
+            with open(path) as handle:
+                steps |= {int(r["step"]) for r in csv.DictReader(handle) if r.get("val/fid@4")}
+        return sorted(steps)
+
+    assert scored_steps(tmp_path / "reference") == scored_steps(tmp_path / "resumed") == [3, 7]

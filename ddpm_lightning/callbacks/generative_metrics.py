@@ -7,16 +7,20 @@ in-loop FID for a 50k FID.
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from .. import artifacts
 from ..metrics import (
     GenerativeMetrics,
     cached_clean_classifier,
@@ -112,7 +116,8 @@ class GenerativeMetricsCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Reference statistics and the clean classifier before training: bad settings fail early."""
         if trainer.is_global_zero:
-            self._prepare(trainer, pl_module)
+            with _global_rng_untouched():  # a resumed run's restored random state stays as saved
+                self._prepare(trainer, pl_module)
 
     def _scores(self, trainer: pl.Trainer, module: pl.LightningModule, num_samples: int) -> dict[str, float]:
         self._prepare(trainer, module)
@@ -132,7 +137,8 @@ class GenerativeMetricsCallback(pl.Callback):
 
     def _evaluate(self, trainer: pl.Trainer, module: pl.LightningModule, log: bool,
                   num_samples: int) -> dict[str, float]:
-        scores = self._scores(trainer, module, num_samples) if trainer.is_global_zero else None
+        with _global_rng_untouched():  # scoring observes training: a resumed run must not see other random numbers
+            scores = self._scores(trainer, module, num_samples) if trainer.is_global_zero else None
         scores = trainer.strategy.broadcast(scores, src=0)
         named = {f"val/{metric_name(key, num_samples)}": float(value) for key, value in scores.items()}
         self.last_results = named
@@ -140,6 +146,14 @@ class GenerativeMetricsCallback(pl.Callback):
             for key, value in named.items():
                 module.log(key, value, on_step=False, on_epoch=True, sync_dist=False)
         return named
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"val_count": self._val_count}  # in-loop scores stay on the same validations after a resume
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._val_count = int(state_dict.get("val_count", 0))
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -158,15 +172,16 @@ class GenerativeMetricsCallback(pl.Callback):
             logger.log_metrics(named, step=trainer.global_step)
             logger.save()
         if trainer.is_global_zero:
-            _write_json(Path(trainer.default_root_dir) / "metrics.json",
-                        {"global_step": trainer.global_step, "num_samples": self.num_samples, **named})
+            artifacts.write_json(Path(trainer.default_root_dir) / artifacts.METRICS_FILE,
+                                 {"global_step": trainer.global_step, "num_samples": self.num_samples, **named})
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    import json
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+@contextmanager
+def _global_rng_untouched() -> Iterator[None]:
+    """Restore the global torch (CPU and CUDA), numpy and Python random states afterwards (KID subsets, ... draw
+    from them), so that training after a score draws the numbers it would have drawn without it."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
+        yield
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)

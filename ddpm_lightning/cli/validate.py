@@ -236,8 +236,9 @@ def check_run(cfg: DictConfig) -> None:
     present, cache = _select(cfg, "paths.cache_dir")
     if present:
         check_writable_folder(cache, "paths.cache_dir")
-    if cfg.get("objective", "diffusion") == "diffusion":
-        check_memory(cfg)
+    present, accelerator = _select(cfg, "trainer.accelerator")
+    if cfg.get("objective", "diffusion") == "diffusion" and present and accelerator == "cpu":
+        check_memory(cfg)  # host memory; a GPU's memory is Lightning's/torch's to report
 
 
 def check_run_deep(cfg: DictConfig) -> None:
