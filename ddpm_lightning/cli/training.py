@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .. import artifacts
+from ..callbacks import GenerativeMetricsCallback, SampleGridCallback
 from ..callbacks.checkpointing import check_checkpoint_fits, find_resume_checkpoint
 from ..callbacks.health import TrainingHealth
 from ..modules import DiffusionModule
@@ -212,15 +213,17 @@ def check_same_run(saved: dict[str, Any] | None, cfg: DictConfig, path: str) -> 
                          f"resume with the checkpoint's settings, or start a new run folder without ckpt_path")
 
 
-def _check_resume_point(checkpoint: dict, cfg: DictConfig, path: str, output_dir: Path) -> None:
+def _check_resume_point(checkpoint: dict, cfg: DictConfig, path: str, output_dir: Path) -> bool:
+    """True when this run's own checkpoint has no training step left (a kill during the final scoring)."""
     step, max_steps = int(checkpoint.get("global_step", 0)), cfg.trainer.get("max_steps")
     if isinstance(max_steps, int) and max_steps >= 0 and step >= max_steps:
         if output_dir.resolve() in Path(path).resolve().parents:
             rank_zero_info(f"{path} is at step {step} >= trainer.max_steps={max_steps}: no training steps left, "
-                           f"finishing the run")
-            return
+                           f"finishing the run (end-of-training samples and scores)")
+            return True
         raise ValueError(f"ckpt_path={path} is at step {step}, trainer.max_steps={max_steps}: nothing to train; "
                          f"raise trainer.max_steps")
+    return False
 
 
 def _check_checkpoint_space(module: torch.nn.Module, cfg: DictConfig, output_dir: Path) -> None:
@@ -238,10 +241,11 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule)
     ckpt_path, checkpoint = resolve_checkpoint(cfg)
+    trained_out = False
     if checkpoint is not None:  # a different architecture fails here in one line, before anything is written
         check_checkpoint_fits(module, checkpoint, ckpt_path)
         check_same_run(checkpoint.get("run_config"), cfg, ckpt_path)
-        _check_resume_point(checkpoint, cfg, ckpt_path, output_dir)
+        trained_out = _check_resume_point(checkpoint, cfg, ckpt_path, output_dir)
         del checkpoint
     if not is_secondary_rank():
         _check_checkpoint_space(module, cfg, output_dir)
@@ -260,6 +264,10 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         raise
     finally:
         _finish_wandb(failed=sys.exc_info()[0] is not None)
+    if trained_out:  # Lightning skips a loop with no step left, and with it on_train_end: the final outputs
+        for callback in trainer.callbacks:
+            if isinstance(callback, (GenerativeMetricsCallback, SampleGridCallback)):
+                callback.on_train_end(trainer, module)
     fit_seconds = time.perf_counter() - start
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     for callback in trainer.callbacks:  # end-of-training scores (FID@n, ...) are not in callback_metrics
