@@ -9,11 +9,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import CONFIG_PATH
 from .errors import run_cli
-from .generation import generate, load_model_and_guidance, resolve_device, write_json, write_outputs
 from .validate import check_command_line
 
 
 def sample(cfg: DictConfig) -> dict:
+    from .generation import generate, load_model_and_guidance, resolve_device, write_json, write_outputs  # torch
+
     device = resolve_device(cfg.device)
     guidance = OmegaConf.to_container(cfg.guidance)
     module, cond_fn, guide_classes, cfg_scale = load_model_and_guidance(cfg.ckpt, guidance, device)
