@@ -1,12 +1,14 @@
 # Two commands do everything on a fresh machine with Python 3.11:
 #   make train   -> the main job (default experiment on the embedded data set)
-#   make test    -> the whole test suite
+#   make test    -> the test suite without the slow tests
+#   make test-all -> everything, with the kill -9 loop at scale (50 random kills of one run, plus chosen points,
+#                    a sweep and a 2-process DDP run)
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test lint bench clean
+.PHONY: install train test test-all lint bench clean
 
 $(STAMP): pyproject.toml requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -22,6 +24,9 @@ train: $(STAMP)
 
 test: $(STAMP)
 	WANDB_MODE=offline $(PY) -m pytest -q -m "not slow" $(ARGS)
+
+test-all: $(STAMP)
+	WANDB_MODE=offline DDPM_KILLS=$${DDPM_KILLS:-50} $(PY) -m pytest -q -s -m "slow or not slow" $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.unet $(ARGS)

@@ -50,15 +50,32 @@ class KillAt(pl.Callback):
 
     ``phase``: ``"train"`` after the optimizer step (before that step's checkpoints), ``"val"`` in the middle of
     validation, ``"save"`` halfway through writing the first checkpoint file at that step whose name contains
-    ``match`` (the first half of the bytes reach the disk, then the process dies).
+    ``match`` (the first half of the bytes reach the disk, then the process dies), ``"score"`` while generated
+    samples are scored at that step for the ``occurrence``-th time (at ``max_steps``: 1 is the in-loop score of
+    the last validation, 2 the final score after training).
     """
 
-    def __init__(self, step: int, phase: str = "train", match: str = "") -> None:
-        if phase not in ("train", "val", "save"):
-            raise ValueError(f"phase={phase!r}; allowed: train, val, save")
+    def __init__(self, step: int, phase: str = "train", match: str = "", occurrence: int = 1) -> None:
+        if phase not in ("train", "val", "save", "score"):
+            raise ValueError(f"phase={phase!r}; allowed: train, val, save, score")
         self.step, self.phase, self.match = int(step), phase, match
+        self.occurrence, self._seen = int(occurrence), 0  # "score": the n-th scoring at that step
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.phase == "score":  # inside the scoring of generated samples (in-loop, or final at max_steps)
+            from ddpm_lightning.metrics.generative import GenerativeMetrics
+
+            compute = GenerativeMetrics.compute
+
+            def killing_compute(metrics, samples):
+                if trainer.global_step == self.step:
+                    self._seen += 1
+                    if self._seen == self.occurrence:
+                        sigkill_self()
+                return compute(metrics, samples)
+
+            GenerativeMetrics.compute = killing_compute
+            return
         if self.phase != "save":
             return
         original = torch.save
@@ -147,3 +164,14 @@ class StopAt(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+class InterruptAt(pl.Callback):
+    """Raises KeyboardInterrupt (what Ctrl-C does) after global step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = int(step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import re
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,32 @@ CASES = [
     Case("output_folder_not_writable", r"cannot create the run folder .*/file\.txt/sub \(Not a directory\)",
          DIGITS, setup=lambda tmp: (tmp / "file.txt").write_text("x") and [],
          output_dir=lambda tmp: tmp / "file.txt" / "sub"),
+    # issue #18: every key is used or refused, counts are integers in range named by key, never rounded/clamped
+    Case("model_key_typo_with_plus", r"^error: model\.chanels is not a model setting \(did you mean model_channels\?\)",
+         [*DIGITS, "+model.chanels=64"]),
+    Case("ckpt_path_is_a_text_file", r"checkpoint .*/notes\.txt is a text file, not a torch checkpoint",
+         setup=lambda tmp: (tmp / "notes.txt").write_text("not a checkpoint\n") and
+         [*DIGITS, f"ckpt_path={tmp / 'notes.txt'}"]),
+    Case("batch_size_zero", r"data\.batch_size must be an integer >= 1, got 0$", [*DIGITS, "data.batch_size=0"]),
+    Case("batch_size_fractional", r"data\.batch_size must be an integer >= 1, got 2\.5$",
+         [*DIGITS, "data.batch_size=2.5"]),
+    Case("limit_negative", r"data\.limit must be an integer >= 1 or null, got -5$", [*DIGITS, "data.limit=-5"]),
+    Case("max_steps_not_a_number", r"trainer\.max_steps must be an integer >= 1 or -1, got 'abc'$",
+         [*DIGITS, "trainer.max_steps=abc"]),
+    Case("max_steps_fractional", r"trainer\.max_steps must be an integer >= 1 or -1, got 2\.5$",
+         [*DIGITS, "trainer.max_steps=2.5"]),
+    Case("val_check_interval_zero", r"trainer\.val_check_interval must be an integer >= 1 \(batches\) or a fraction",
+         [*DIGITS, "trainer.val_check_interval=0"]),
+    Case("ema_decay_above_one", r"ema\.decay must be a number in \[0\.0, 1\.0\), got 1\.5$",
+         [*DIGITS, "ema.decay=1.5"]),
+    Case("sampling_steps_zero", r"sample\.steps=0: a sampler needs at least 1 step; give sample\.steps=N",
+         [*DIGITS, "sample.steps=0"]),
+    Case("grid_steps_negative", r"callbacks\.sample_grid\.steps=-2: a sampler needs at least 1 step",
+         [*DIGITS, "callbacks.sample_grid.steps=-2"]),
+    Case("image_size_that_cannot_fit_in_memory",
+         r"this run needs about [\d.]+ [GT]iB of memory for training activations \(data\.batch_size=8 x "
+         r"data\.image_size=4096 x model\.model_channels=32\), [\d.]+ [MGT]iB is available: lower data\.batch_size",
+         ["data=digits", "data.image_size=4096"]),
 ]
 
 
@@ -166,7 +193,7 @@ def test_bad_input_fails_in_one_clear_line(case, tmp_path, capsys):
 
 
 def test_cases_cover_the_issue_list():
-    assert len(CASES) >= 20
+    assert len(CASES) >= 36
 
 
 # ------------------------------------------------------------------------------------ converted, not fatal
@@ -246,3 +273,96 @@ def test_gpu_trainer_without_a_gpu_fails_in_one_line(tmp_path, capsys, monkeypat
     assert len(err) == 1 and re.match(r"error: trainer\.accelerator=gpu but torch sees no GPU .*drop trainer=gpu",
                                       err[0]), err
     assert not (tmp_path / "run").exists()  # failed before any work
+
+
+# ------------------------------------------------------------------ ddpm-sample / ddpm-eval: checked before work
+GENERATION_CASES = [
+    ("sample", ["steps=0"], r"steps=0: a sampler needs at least 1 step; give steps=N \(N >= 1\), steps=all"),
+    ("eval", ["steps=-3"], r"steps=-3: a sampler needs at least 1 step"),
+    ("sample", ["device=gpu"], r"device='gpu'; allowed: auto, cpu, cuda, cuda:N, mps$"),
+    ("sample", ["y=-1"], r"y=-1; allowed: random, balanced, or a class index >= 0$"),
+    ("eval", ["y=2.5"], r"y=2\.5; allowed: random, balanced"),
+    ("sample", ["num_samples=0"], r"num_samples must be an integer >= 1, got 0$"),
+    ("eval", ["batch_size=2.5"], r"batch_size must be an integer >= 1, got 2\.5$"),
+    ("eval", ["nll_images=-1"], r"nll_images must be an integer >= 1, got -1$"),
+    ("eval", ["guidance.scale=-1"], r"guidance\.scale must be a number >= 0, got -1"),
+    ("sample", ["guidance.classifier_ckpt=clf.ckpt"],
+     r"guidance\.classifier_ckpt is given but guidance\.scale=0: the classifier would guide nothing"),
+    ("eval", ["samples={tmp}/s.npy"], r"samples=.*/s\.npy is a \.npy file; give an ADM-layout \.npz"),
+    ("eval", ["samples={tmp}/half.npz"], r"samples=.*/half\.npz is not a readable \.npz \(truncated or not a zip"),
+    ("eval", ["cache_dir={tmp}/file.txt/cache"], r"cannot write the cache_dir folder .*/file\.txt/cache: .*is a file"),
+]
+
+
+@pytest.mark.parametrize("command,overrides,expected", GENERATION_CASES,
+                         ids=[f"{c}-{o[0].split('=')[0]}-{i}" for i, (c, o, _) in enumerate(GENERATION_CASES)])
+def test_sample_and_eval_inputs_fail_in_one_line_before_any_work(command, overrides, expected, tmp_path, capsys):
+    from ddpm_lightning.cli.validate import CheckConfig
+
+    np.save(tmp_path / "s.npy", np.zeros((2, 8, 8, 1), np.uint8))
+    np.savez(tmp_path / "whole.npz", np.zeros((64, 8, 8, 1), np.uint8))
+    data = (tmp_path / "whole.npz").read_bytes()
+    (tmp_path / "half.npz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "file.txt").write_text("x")
+    cfg = compose_run([o.format(tmp=tmp_path) for o in overrides], tmp_path / "run", config_name=command)
+    with pytest.raises(SystemExit) as exit_info:
+        CheckConfig().on_run_start(cfg, config_name=command)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and re.search(expected, err[0]), err
+
+
+def test_a_class_index_for_an_unconditional_model_is_refused_not_ignored():
+    from types import SimpleNamespace
+
+    from ddpm_lightning.cli.generation import generate
+
+    unconditional = SimpleNamespace(device=torch.device("cpu"), num_classes=None)
+    with pytest.raises(ValueError, match=r"y=3: the model is unconditional .*; drop y, or give guidance\.classifier"):
+        generate(unconditional, num_samples=2, sampler=None, steps=None, eta=None, clip_denoised=True, y=3,
+                 cond_fn=None, guidance_num_classes=None, cfg_scale=0.0, batch_size=2, seed=0)
+
+
+# --------------------------------------------------------------------- the real CLIs: one line, before Hydra
+@pytest.mark.parametrize("module,args,expected", [
+    ("train", ["model=adm_adgn"], r"^error: model=adm_adgn: no such option in model/; allowed: adm, adm_adagn, .*"
+                                  r"\(did you mean adm_adagn\?\)$"),
+    ("train", ["experiment=defualt"], r"^error: experiment=defualt: no such option in experiment/; allowed: .*"
+                                      r"\(did you mean default\?\)$"),
+    ("train", ["-m", "model=adm,adm_adgn"], r"^error: model=adm_adgn: no such option in model/"),
+    ("train", ["+model.chanels=64"],
+     r"^error: model\.chanels is not a model setting \(did you mean model_channels\?\)"),
+    ("cli.evaluate", ["experiment=guidance_swep"], r"^error: experiment=guidance_swep: no such option in "
+                                                   r"experiment/; .*\(did you mean guidance_sweep\?\)$"),
+    ("cli.sample", ["ckpt=x.ckpt", "hydra.run.dir={tmp}/file.txt/out"],
+     r"^error: cannot create the run folder .*/file\.txt/out \(Not a directory\); set hydra\.run\.dir"),
+])
+def test_cli_config_errors_are_one_line_and_exit_2(module, args, expected, tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    result = subprocess.run([sys.executable, "-m", f"ddpm_lightning.{module}", *[a.format(tmp=tmp_path) for a in args]],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300, env=subprocess_env())
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(expected, lines[0]), result.stderr[-2000:]
+
+
+def test_the_entry_points_compose_and_validate_without_importing_torch_or_lightning():
+    """What keeps ``--help`` and config errors fast: Lightning/torch are imported only once work starts."""
+    code = ("import sys; import ddpm_lightning.cli.train, ddpm_lightning.cli.validate, ddpm_lightning.cli.errors, "
+            "ddpm_lightning.cli.run_folder, ddpm_lightning.artifacts; "
+            "print(sorted(m for m in ('torch', 'lightning', 'wandb') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env=subprocess_env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+def test_ctrl_c_during_training_is_one_line_and_exit_130(tmp_path, capsys):
+    cfg = compose_run([*BASE, *DIGITS, "trainer.max_steps=4", "allow_any_target=true",
+                       "+callbacks.interrupt._target_=faults.InterruptAt", "+callbacks.interrupt.step=2"],
+                      tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train, cfg)
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: interrupted (Ctrl-C); resume=auto continues") and "Traceback" not in err

@@ -126,7 +126,7 @@ def test_full_disk_is_one_line_and_keeps_the_finished_shards(tiny_ckpt, tmp_path
     monkeypatch.setattr(shards_module.np, "savez", savez)
     with pytest.raises(SystemExit) as stop:
         sample(compose_run(overrides, tmp_path / "out", config_name="sample"))
-    assert stop.value.code == 1
+    assert stop.value.code == 2
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("[rank ")]
     assert len(err) == 1 and err[0].startswith(f"error: no space left on {tmp_path / 'out' / 'shards'}: kept 2 ")
     assert [p.name for p in (tmp_path / "out" / "shards").glob("*.npz")] == ["000000000-000000002.npz"]

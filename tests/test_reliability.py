@@ -7,7 +7,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import re
 import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -235,3 +238,216 @@ def test_health_rules_with_and_without_a_grad_scaler():
     _health_step(health, float("nan"), 1.0, step=5)
     with pytest.raises(TrainingDiverged, match=r"3 consecutive steps \(5-7\) .*\(4 in total\); stopped, no checkpoint"):
         _health_step(health, float("inf"), 1.0, step=6)
+
+
+# ------------------------------------------------------------------------------- run folders: never lose data
+def _digest(root) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".run.lock"}
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_a_second_run_into_a_folder_in_use_stops_in_one_line_and_changes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(  # another process owns the folder (as a running ddpm-train does)
+        [sys.executable, "-c", "import sys, time; from ddpm_lightning.cli.run_folder import claim; "
+                               f"claim({str(run_dir)!r}); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (run_dir / "keep.txt").write_text("the first run's file")
+        before = _digest(run_dir)
+        result = subprocess.run(train_command(TINY, run_dir), capture_output=True, text=True, env=subprocess_env(),
+                                timeout=300, cwd=tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: run folder {run_dir.resolve()} is in use by another run (pid {holder.pid}); choose another "
+        f"hydra.run.dir, or once that run has stopped continue it with resume=auto"]
+    assert _digest(run_dir) == before  # not even .hydra/ was written
+    assert not (run_dir / ".hydra").exists()
+
+
+def test_a_new_run_into_a_finished_or_unfinished_run_folder_is_refused(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    train(compose_run(TINY, run_dir))
+    finished = _digest(run_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train, compose_run([*TINY, "trainer.max_steps=2"], run_dir))
+    assert exit_info.value.code == 2
+    line = _one_error_line(capsys)
+    assert line == (f"error: run folder {run_dir} holds a finished run (step 4, summary.json); a new run would "
+                    f"overwrite it: choose another hydra.run.dir, or continue it with resume=auto")
+    assert _digest(run_dir) == finished  # last.ckpt, summary.json, logs: all unchanged
+
+    (run_dir / "summary.json").unlink()  # a killed run: checkpoints, no summary
+    unfinished = _digest(run_dir)
+    with pytest.raises(SystemExit):
+        run_cli(train, compose_run(TINY, run_dir))
+    assert "checkpoint(s) of an unfinished run (last.ckpt" in _one_error_line(capsys)
+    assert _digest(run_dir) == unfinished
+
+    # the user says so: resume=auto continues it (at max_steps already: no step, the summary is written again)
+    train(compose_run([*TINY, "resume=auto"], run_dir))
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+def test_resuming_with_another_data_set_or_network_lists_the_differences(tmp_path, capsys):
+    train(compose_run(TINY, tmp_path / "first"))
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    other_data = [*[o for o in TINY if not o.startswith("data.limit")], "data.limit=80", "trainer.max_steps=6"]
+    with pytest.raises(SystemExit):
+        run_cli(train, compose_run([*other_data, f"ckpt_path={last}"], tmp_path / "second"))
+    line = _one_error_line(capsys)
+    assert f"checkpoint {last} was trained with other settings: data.limit=96 in the checkpoint, 80 now" in line
+    with pytest.raises(SystemExit):
+        run_cli(train, compose_run([*TINY, "trainer.max_steps=6", "model.dropout=0.2", "diffusion.schedule=cosine",
+                                    f"ckpt_path={last}"], tmp_path / "third"))
+    line = _one_error_line(capsys)
+    assert "model.dropout=0.1 in the checkpoint, 0.2 now" in line and "diffusion.schedule='linear'" in line
+    with pytest.raises(SystemExit):  # nothing left to train: said, not a silent 0-step "completed" run
+        run_cli(train, compose_run([*TINY, f"ckpt_path={last}"], tmp_path / "fourth"))
+    assert f"ckpt_path={last} is at step 4, trainer.max_steps=4: nothing to train" in _one_error_line(capsys)
+    assert not (tmp_path / "fourth" / "summary.json").exists() or \
+        json.loads((tmp_path / "fourth" / "summary.json").read_text())["status"] == "failed"
+
+
+# ------------------------------------------------------------------------------------------------ full disk
+def test_a_full_disk_keeps_the_previous_file_and_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from ddpm_lightning import artifacts
+
+    path = tmp_path / "summary.json"
+    artifacts.write_json(path, {"status": "completed"})
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(artifacts.NoSpaceLeft, match=f"^no space left on {path}; free some space"):
+        artifacts.write_json(path, {"status": "overwritten"})
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert json.loads(path.read_text()) == {"status": "completed"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]  # no temporary left
+
+    # in a training run: the checkpoint write fails (as on a full disk), the run stops in one line
+    run_dir = tmp_path / "run"
+    cfg = compose_run([*TINY, "trainer.max_steps=2", "callbacks.periodic_checkpoint.every_n_train_steps=1"], run_dir)
+    original = torch.save
+    calls = []
+
+    def save_then_fill_the_disk(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_then_fill_the_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train, cfg)
+    monkeypatch.setattr(torch, "save", original)
+    assert exit_info.value.code == 2
+    line = _one_error_line(capsys)
+    assert re.match(rf"error: no space left on {run_dir}/checkpoints/\S+\.ckpt; free some space", line), line
+    kept = torch.load(run_dir / "checkpoints" / "periodic-step0000001.ckpt", weights_only=True)
+    assert kept["global_step"] == 1  # the step-1 checkpoint is whole
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_checkpoints_that_cannot_fit_are_refused_before_training(tmp_path, monkeypatch, capsys):
+    from ddpm_lightning import artifacts
+
+    monkeypatch.setattr(artifacts, "free_bytes", lambda path: 1000)
+    with pytest.raises(SystemExit):
+        run_cli(train, compose_run(TINY, tmp_path / "run"))
+    line = _one_error_line(capsys)
+    assert re.match(rf"error: no space left on {tmp_path / 'run'} \(the 5 checkpoint\(s\) this run keeps: about "
+                    r"[\d.]+ MiB needed, 1000 B free\); free some space", line), line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------- sweeps survive interruption
+def test_rerunning_a_half_finished_sweep_skips_finished_jobs_and_resumes_the_others(tmp_path):
+    sweep = tmp_path / "sweep"
+    command = train_command(["-m", *[o for o in TINY if not o.startswith("trainer.max_steps")],
+                             "trainer.max_steps=2", "trainer.val_check_interval=2", "optim.lr=1e-3,2e-4",
+                             f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"], tmp_path / "unused")
+    first = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    finished = _digest(sweep / "0")
+    (sweep / "1" / "summary.json").unlink()  # job 1 was killed after its last checkpoint
+    second = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-2000:]
+    output = second.stdout + second.stderr
+    assert f"skipping finished sweep job {sweep / '0'} (step 2)" in output
+    assert re.search(rf"sweep job folder {sweep / '1'} holds \d checkpoint\(s\) of an unfinished run .*: resuming it",
+                     output)
+    assert "resume=auto: resuming from" in output and "last.ckpt (step 2)" in output
+    def results(digest):  # Hydra rewrites its own .hydra/ and appends to train.log; the run's files stay
+        return {k: v for k, v in digest.items() if not k.startswith(".hydra") and k != "train.log"}
+
+    assert results(_digest(sweep / "0")) == results(finished) and "summary.json" in finished
+    resumed = json.loads((sweep / "1" / "summary.json").read_text())
+    assert resumed["status"] == "completed" and resumed["global_step"] == 2
+    assert [float(o.split("=")[1]) for o in resumed["overrides"] if o.startswith("optim.lr=")] == [2e-4]
+
+
+def test_sweep_with_a_bad_option_in_a_later_job_starts_no_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        train_command(["-m", *TINY, "diffusion.schedule=linear,cosin", f"hydra.sweep.dir={sweep}"],
+                      tmp_path / "unused"), capture_output=True, text=True, env=subprocess_env(), timeout=300,
+        cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: sweep job 1 (diffusion.schedule=cosin): unknown beta schedule 'cosin'; allowed: linear, cosine; "
+        "no job was started"]
+    assert [p.name for p in sweep.iterdir()] == [".run.lock"]  # no job folder
+
+
+# ------------------------------------------------------------------------------------------- the smoke setting
+def test_debug_fast_trains_and_scores_the_default_experiment(tmp_path):
+    """``ddpm-train experiment=default debug=fast``: no other key needed (callbacks=default is not)."""
+    cfg = compose_run(["experiment=default", "debug=fast"], tmp_path)
+    assert cfg.trainer.max_steps == 3 and cfg.callbacks.generative_metrics.feature == "tiny"
+    metrics = train(cfg)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == 3
+    assert "val/fid@8" in metrics and any(k.startswith("val/kid") for k in metrics), sorted(metrics)
+    assert json.loads((tmp_path / "metrics.json").read_text())["num_samples"] == 8
+
+
+def test_resume_is_exact_with_in_loop_scoring(tmp_path):
+    """Scoring (its setup at fit start, and each in-loop score) must not move the global random state that
+    training draws from, and the in-loop schedule (every 2nd validation) survives a resume."""
+    run = [*[o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))],
+           "trainer.deterministic=true", "trainer.val_check_interval=2",
+           "callbacks.periodic_checkpoint.every_n_train_steps=2", "callbacks=metrics",
+           "callbacks.generative_metrics.every_n_val_epochs=2", "callbacks.generative_metrics.in_loop_num_samples=4",
+           "callbacks.generative_metrics.on_train_end=false"]
+    train(compose_run([*run, "trainer.max_steps=8"], tmp_path / "reference"))
+    train(compose_run([*run, "trainer.max_steps=2"], tmp_path / "resumed"))
+    (tmp_path / "resumed" / "summary.json").unlink()  # as if killed after its step-2 checkpoint (1 validation)
+    train(compose_run([*run, "trainer.max_steps=8", "resume=auto"], tmp_path / "resumed"))
+    assert_same_training(tmp_path / "reference" / "checkpoints" / "last.ckpt",
+                         tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+
+    def scored_steps(run_dir):  # over the csv versions of every attempt
+        steps = set()
+        for path in (run_dir / "csv").glob("version_*/metrics.csv"):
+            with open(path) as handle:
+                steps |= {int(r["step"]) for r in csv.DictReader(handle) if r.get("val/fid@4")}
+        return sorted(steps)
+
+    assert scored_steps(tmp_path / "reference") == scored_steps(tmp_path / "resumed") == [3, 7]

@@ -17,8 +17,6 @@ that loads, logging every file it skipped and why.
 from __future__ import annotations
 
 import logging
-import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -28,43 +26,19 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from ..artifacts import TMP_PATTERN, atomic_write
 from ..models.state_dict import state_dict_mismatch
 from ..modules.checkpoint import load_checkpoint_dict
 
 log = logging.getLogger(__name__)
 
 LAST_NAME = "last.ckpt"
-TMP_PATTERN = re.compile(r"^\..+\.tmp-\d+$")  # what atomic_torch_save leaves behind when killed
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. folders cannot be opened on this platform
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save(obj)`` to ``path`` so that ``path`` is either its old content or the complete new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
+    """``torch.save(obj)`` to ``path`` so that ``path`` is either its old content or the complete new file
+    (``artifacts.atomic_write``: a full disk is ``NoSpaceLeft`` naming ``path``)."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -7,16 +7,20 @@ in-loop FID for a 50k FID.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from .. import artifacts
 from ..metrics import (
     GenerativeMetrics,
     cached_clean_classifier,
@@ -74,6 +78,8 @@ def make_generative_metrics(datamodule, *, metrics: Sequence[str] = ("fid", "kid
     else:
         available = len(datamodule.split_indices(reference_split))
         n = min(int(reference_n), available)
+        rank_zero_info(f"scoring setup: {feature} statistics of {n} real {datamodule.name} images (computed once per "
+                       f"data set, then read from the cache {cache_dir})")  # minutes on CPU the first time: say so
         ref = reference_stats(lambda: reference_batches(datamodule, reference_split, n),
                               data_name=datamodule.name, split=reference_split,
                               image_size=datamodule.image_size, feature_extractor=extractor, n=n,
@@ -85,6 +91,8 @@ def make_generative_metrics(datamodule, *, metrics: Sequence[str] = ("fid", "kid
             raise ValueError("is_clf trains a classifier on the data set: pass data=<name> or drop is_clf")
         if not datamodule.num_classes:
             raise ValueError(f"is_clf needs a labelled data set; {datamodule.name} has no labels: drop is_clf")
+        rank_zero_info(f"scoring setup: clean classifier for is_clf ({classifier_epochs} epochs on "
+                       f"{datamodule.name}, trained once per data set, then read from the cache)")
         classifier = cached_clean_classifier(lambda: classifier_data(datamodule), data_name=datamodule.name,
                                              image_size=datamodule.image_size, num_classes=datamodule.num_classes,
                                              cache_dir=cache_dir, epochs=classifier_epochs, device=device)
@@ -142,7 +150,8 @@ class GenerativeMetricsCallback(pl.Callback):
         if self._scorer is None:
             # outside Lightning's inference mode: the clean classifier (is_clf) may need training once
             with torch.inference_mode(False), torch.enable_grad():
-                self._scorer = make_generative_metrics(trainer.datamodule, device=module.device, progress=False,
+                self._scorer = make_generative_metrics(trainer.datamodule, device=module.device,
+                                                       progress=trainer.progress_bar_callback is not None,
                                                        **self.metric_kwargs)
 
     @override
@@ -150,10 +159,12 @@ class GenerativeMetricsCallback(pl.Callback):
         """Reference statistics and the clean classifier before training (rank 0 fills the caches, the other
         ranks then read them: every rank featurises its share of the samples): bad settings fail early."""
         if trainer.is_global_zero:
-            self._prepare(trainer, pl_module)
+            with _global_rng_untouched():  # a resumed run's restored random state stays as saved
+                self._prepare(trainer, pl_module)
         trainer.strategy.barrier("generative_metrics_prepare")
         if not trainer.is_global_zero:
-            self._prepare(trainer, pl_module)
+            with _global_rng_untouched():
+                self._prepare(trainer, pl_module)
 
     def _scores(self, trainer: pl.Trainer, module: pl.LightningModule, num_samples: int) -> dict[str, float] | None:
         """Every rank samples and featurises its own index range (per-sample seeds: the same images as one
@@ -189,7 +200,8 @@ class GenerativeMetricsCallback(pl.Callback):
 
     def _evaluate(self, trainer: pl.Trainer, module: pl.LightningModule, log: bool,
                   num_samples: int) -> dict[str, float]:
-        scores = self._scores(trainer, module, num_samples)
+        with _global_rng_untouched():  # scoring observes training: a resumed run must not see other random numbers
+            scores = self._scores(trainer, module, num_samples)
         scores = trainer.strategy.broadcast(scores, src=0)
         named = {f"val/{metric_name(key, num_samples)}": float(value) for key, value in scores.items()}
         self.last_results = named
@@ -197,6 +209,14 @@ class GenerativeMetricsCallback(pl.Callback):
             for key, value in named.items():
                 module.log(key, value, on_step=False, on_epoch=True, sync_dist=False)
         return named
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"val_count": self._val_count}  # in-loop scores stay on the same validations after a resume
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._val_count = int(state_dict.get("val_count", 0))
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -215,15 +235,16 @@ class GenerativeMetricsCallback(pl.Callback):
             logger.log_metrics(named, step=trainer.global_step)
             logger.save()
         if trainer.is_global_zero:
-            _write_json(Path(trainer.default_root_dir) / "metrics.json",
-                        {"global_step": trainer.global_step, "num_samples": self.num_samples, **named})
+            artifacts.write_json(Path(trainer.default_root_dir) / artifacts.METRICS_FILE,
+                                 {"global_step": trainer.global_step, "num_samples": self.num_samples, **named})
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    import json
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+@contextmanager
+def _global_rng_untouched() -> Iterator[None]:
+    """Restore the global torch (CPU and CUDA), numpy and Python random states afterwards (KID subsets, ... draw
+    from them), so that training after a score draws the numbers it would have drawn without it."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
+        yield
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)

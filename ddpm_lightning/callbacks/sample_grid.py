@@ -11,18 +11,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 from typing_extensions import override
 
+from ..artifacts import atomic_write
 from ..sampling import check_sampling_options
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int) -> Path:
-    """Save images in [-1, 1] as one PNG grid (written to a temporary file, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Save images in [-1, 1] as one PNG grid (``artifacts.atomic_write``: the old grid or the whole new one)."""
     grid = make_grid(((images.clamp(-1, 1) + 1) / 2).float().cpu(), nrow=nrow, padding=2, pad_value=0.5)
-    tmp = path.with_suffix(".tmp.png")
-    save_image(grid, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda handle: save_image(grid, handle, format="PNG"))
 
 
 def log_image(trainer: pl.Trainer, key: str, path: Path, step: int) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ..artifacts import NoSpaceLeft, atomic_write
 from ..models import EncoderUNet, UNet, load_adm_state_dict
 from ..models.adm_checkpoint import (
     ADM_CLASSIFIER_DEFAULTS,
@@ -42,6 +43,7 @@ from ..models.adm_checkpoint import (
     KINDS,
     adm_model_config,
 )
+from ..modules.checkpoint import load_checkpoint_dict
 
 PROG = "ddpm-convert-adm"
 
@@ -127,9 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, TypeError) as err:
         _fail(str(err))
     try:
-        state = torch.load(args.input, map_location="cpu", weights_only=True)
+        state = load_checkpoint_dict(args.input)
     except Exception as err:  # any unreadable input: one line, exit 2
-        _fail(f"cannot read ADM checkpoint {args.input}: {type(err).__name__}: {str(err).splitlines()[0]}")
+        _fail(f"cannot read ADM checkpoint {args.input}: {str(err).splitlines()[0]}")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -138,16 +140,12 @@ def main(argv: list[str] | None = None) -> None:
         load_adm_state_dict(model, state, assign=True)
     except ValueError as err:
         _fail(f"{args.input}: {err}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "state_dict": model.state_dict(),
-            "model_class": type(model).__name__,
-            "model_config": config,
-            "adm_flags": flags,
-        },
-        args.output,
-    )
+    converted = {"state_dict": model.state_dict(), "model_class": type(model).__name__, "model_config": config,
+                 "adm_flags": flags}
+    try:
+        atomic_write(args.output, lambda handle: torch.save(converted, handle))  # never a half-written file
+    except OSError as err:
+        _fail(str(err) if isinstance(err, NoSpaceLeft) else f"cannot write {args.output} ({err.strerror or err})")
     print(f"{PROG}: wrote {args.output} ({type(model).__name__}, {model.num_parameters():,} parameters)")
 
 

@@ -1,8 +1,11 @@
-"""One clear line for bad input instead of a traceback (set DDPM_DEBUG=1 to see the traceback)."""
+"""One clear line for bad input instead of a traceback (set HYDRA_FULL_ERROR=1 or DDPM_DEBUG=1 to see it).
+
+Exit codes: 2 bad input (also an unusable folder or a full disk: ``no space left on <path>``), 1 a diverged run,
+130 Ctrl-C. Light imports only: the CLIs use this before Lightning is imported.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -13,10 +16,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException
 from omegaconf.errors import OmegaConfBaseException
 
-from ..callbacks.health import TrainingDiverged
+from .. import artifacts
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-               OmegaConfBaseException, InstantiationException, KeyError)
+               OmegaConfBaseException, InstantiationException, KeyError, artifacts.NoSpaceLeft)
+
+
+def show_traceback() -> bool:
+    """Whether the user asked for tracebacks (``HYDRA_FULL_ERROR=1`` or ``DDPM_DEBUG=1``)."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("DDPM_DEBUG", "") not in ("", "0")
 
 
 class RunFailed(CompactHydraException, RuntimeError):
@@ -35,6 +43,10 @@ def root_message(error: BaseException) -> str:
     """
     while isinstance(error, InstantiationException) and error.__cause__ is not None:
         error = error.__cause__
+    full = artifacts.no_space_error(error)
+    if full is not None:  # a full disk, however deep in a library's write it surfaced
+        return str(full) if isinstance(full, artifacts.NoSpaceLeft) else \
+            str(artifacts.NoSpaceLeft(full.filename or "the output folder's disk"))
     text = str(error).strip().splitlines()
     message = text[0] if text else type(error).__name__
     if isinstance(error, OmegaConfBaseException):
@@ -64,34 +76,52 @@ def record_failure(message: str, kind: str) -> None:
         folder = Path(HydraConfig.get().runtime.output_dir)
         if not folder.is_dir():
             return
-        summary_path = folder / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        summary = artifacts.read_summary(folder) or {}
+        if summary.get("status") == "completed" and kind == "bad input":
+            return  # a run refused before any work (e.g. into a finished run's folder) leaves its files alone
         summary.update(status="failed", error=message, error_kind=kind)
-        (folder / "error.txt").write_text(message + "\n")
-        tmp = folder / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, summary_path)
+        artifacts.write_text(folder / artifacts.ERROR_FILE, message + "\n")
+        artifacts.write_json(folder / artifacts.SUMMARY_FILE, summary)
     except (OSError, ValueError):
         pass
+
+
+def _is_diverged(error: BaseException) -> bool:
+    health = sys.modules.get("ddpm_lightning.callbacks.health")  # loaded once training started, never before
+    return health is not None and isinstance(error, health.TrainingDiverged)
 
 
 def run_cli(fn: Callable[..., Any], *args, **kwargs) -> Any:
     """Run ``fn``; bad input ends in one ``error:`` line and exit code 2, a diverged run in exit code 1.
 
-    Under multirun both become ``RunFailed`` so the sweep goes on. Every failure (unexpected ones too, which
-    keep their traceback) is recorded in the run folder by ``record_failure``.
+    Under multirun both become ``RunFailed`` so the sweep goes on. A full disk anywhere is bad input
+    (``no space left on <path>``); Ctrl-C ends in ``error: interrupted`` and exit code 130. Every failure
+    (unexpected ones too, which keep their traceback) is recorded in the run folder by ``record_failure``,
+    except a refused run folder (it belongs to another run). Imports nothing heavy.
     """
+    from .run_folder import RunFolderRefused
+
     try:
         return fn(*args, **kwargs)
-    except (*USER_ERRORS, TrainingDiverged) as error:
-        if os.environ.get("DDPM_DEBUG"):
+    except KeyboardInterrupt:
+        if show_traceback():
+            raise
+        record_failure("interrupted (Ctrl-C)", "interrupted")
+        print("error: interrupted (Ctrl-C); resume=auto continues a training run from its last checkpoint",
+              file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:
+        diverged = _is_diverged(error)
+        user = isinstance(error, USER_ERRORS) or artifacts.no_space_error(error) is not None
+        if not (diverged or user):
+            record_failure(f"{type(error).__name__}: {root_message(error)}", "crash")
+            raise
+        if show_traceback():
             raise
         message = root_message(error)
-        record_failure(message, "diverged" if isinstance(error, TrainingDiverged) else "bad input")
+        if not isinstance(error, RunFolderRefused):
+            record_failure(message, "diverged" if diverged else "bad input")
         if in_multirun():
             raise RunFailed(message) from None
         print(f"error: {message}", file=sys.stderr)
-        sys.exit(1 if isinstance(error, TrainingDiverged) else 2)
-    except Exception as error:
-        record_failure(f"{type(error).__name__}: {root_message(error)}", "crash")
-        raise
+        sys.exit(1 if diverged else 2)

@@ -31,6 +31,7 @@ from .generation import (
 from .posthoc_ema import apply_posthoc_ema
 from .required_keys import missing_keys, missing_keys_message
 from .shards import Processes, launch, shard_outputs
+from .validate import check_command_line
 
 NUM_QUARTILES = 4
 
@@ -217,6 +218,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    check_command_line()  # an unknown option (data=..., experiment=...): one line, before Hydra
     _hydra_main()
 
 

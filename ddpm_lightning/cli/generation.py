@@ -114,6 +114,9 @@ def generate(module, *, out_dir: Path, num_samples: int, sampler: str | None, st
     overrides = sampling_overrides(sampler, steps, eta, schedule)
     used = {k: v for k, v in module.sampling_options(**overrides).items()
             if k in ("method", "steps", "eta", "schedule")}
+    if isinstance(parse_labels(y), int) and not labels_allowed(module, cond_fn):  # never ignored silently
+        raise ValueError(f"y={y}: the model is unconditional (no class labels) and no classifier guides it; "
+                         f"drop y, or give guidance.classifier_ckpt with guidance.scale > 0")
     labels = parse_labels(y) if labels_allowed(module, cond_fn) else "random"
     shards = out_dir / "shards"
     check_settings(shards, {**(settings or {}), "sampling": used, "y": labels, "seed": seed, "precision": precision,
@@ -169,9 +172,10 @@ def keep_finished_shards(out_dir: Path, fn: Callable[[], Any]) -> Any:
               f"same command with hydra.run.dir={out_dir} to continue", file=sys.stderr)
         sys.exit(130)
     except NoSpaceLeft as error:
-        print(f"error: {error.strerror}: kept {kept_samples(out_dir)} finished samples in {out_dir / 'shards'}; "
-              f"free space and rerun the same command with hydra.run.dir={out_dir} to continue", file=sys.stderr)
-        sys.exit(1)
+        print(f"error: no space left on {error.path}: kept {kept_samples(out_dir)} finished samples in "
+              f"{out_dir / 'shards'}; free space and rerun the same command with hydra.run.dir={out_dir} to continue",
+              file=sys.stderr)
+        sys.exit(2)  # as every CLI's one-line errors
 
 
 def labels_allowed(module, cond_fn) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..artifacts import NoSpaceLeft
 from ..reporting import MODES, SEED_KEYS, TRAINING_SEED_KEYS, write_report
 
 
@@ -50,7 +51,10 @@ def main(argv: list[str] | None = None) -> None:
                               stale_after_s=60.0 * args.stale_after, make_plot=not args.no_plot, title=args.title,
                               seed_keys=[k.strip() for k in args.seed_keys.split(",") if k.strip()],
                               baseline=args.baseline)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+    except (OSError, ValueError) as error:
+        if isinstance(error, OSError) and error.errno is not None and not isinstance(error, NoSpaceLeft):
+            # the OS's own error: --out is a file, read-only, ...
+            error = f"cannot write the report into {args.out or args.sweep_dir} ({error.strerror}: {error.filename})"
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(result["markdown"])

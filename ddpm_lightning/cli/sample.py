@@ -14,16 +14,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import CONFIG_PATH
 from .errors import run_cli
-from .generation import generate, keep_finished_shards, load_model_and_guidance, resolve_device, write_json
-from .shards import launch
+from .validate import check_command_line
 
 
 def sample(cfg: DictConfig) -> dict:
+    from .generation import keep_finished_shards  # torch: imported once the config is checked
+
     out_dir = Path(cfg.output_dir)
     return keep_finished_shards(out_dir, lambda: _sample(cfg, out_dir))
 
 
 def _sample(cfg: DictConfig, out_dir: Path) -> dict:
+    from .generation import generate, load_model_and_guidance, resolve_device, write_json
+    from .shards import launch
+
     device = resolve_device(cfg.device)
     procs = launch(int(cfg.devices), device)
     guidance = OmegaConf.to_container(cfg.guidance)
@@ -51,6 +55,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    check_command_line()  # an unknown option (data=..., experiment=...): one line, before Hydra
     _hydra_main()
 
 

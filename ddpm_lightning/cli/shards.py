@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import artifacts
 from ..metrics import to_uint8, write_npz
 
 SHARD_NAME = re.compile(r"^(\d{9})-(\d{9})\.npz$")
@@ -46,8 +47,7 @@ FEATURE_PREFIX = "f_"
 INCEPTION_FEATURE_BYTES = 4 * (2048 + 2023 + 1008 + 16)
 
 
-class NoSpaceLeft(OSError):
-    """A full disk while writing ``path``: the finished shards are kept."""
+NoSpaceLeft = artifacts.NoSpaceLeft  # a full disk while writing: the finished shards are kept
 
 
 @dataclass
@@ -124,7 +124,7 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     except OSError as error:
         if error.errno == errno.ENOSPC:
-            raise NoSpaceLeft(errno.ENOSPC, f"no space left on {path.parent}", str(path)) from None
+            raise NoSpaceLeft(path.parent) from None
         raise
     finally:
         if tmp.exists():
@@ -261,7 +261,7 @@ def assemble(out_dir: Path, shards: Path, num_samples: int, shard_size: int) -> 
         write_npz(out_dir / "samples.npz", arrays)
     except OSError as error:
         if error.errno == errno.ENOSPC:
-            raise NoSpaceLeft(errno.ENOSPC, f"no space left on {out_dir}", str(out_dir / "samples.npz")) from None
+            raise NoSpaceLeft(out_dir / "samples.npz") from None
         raise
     grid = []
     for r in ranges:

@@ -1,7 +1,18 @@
-"""Thin LightningModules: they wire math, network, optimiser, EMA and logging."""
+"""Thin LightningModules: they wire math, network, optimiser, EMA and logging.
 
-from .builders import build_diffusion, build_unet, learns_sigma
-from .diffusion_module import DiffusionModule
-from .ema import make_ema
+Names load on first use, so ``modules.builders`` (plain torch) is importable without Lightning.
+"""
 
-__all__ = ["DiffusionModule", "build_diffusion", "build_unet", "learns_sigma", "make_ema"]
+from importlib import import_module
+from typing import Any
+
+_NAMES = {"build_diffusion": "builders", "build_unet": "builders", "learns_sigma": "builders",
+          "DiffusionModule": "diffusion_module", "make_ema": "ema"}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NAMES:
+        return getattr(import_module(f"{__name__}.{_NAMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

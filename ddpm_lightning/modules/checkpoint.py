@@ -19,6 +19,12 @@ def load_checkpoint_dict(path: str | Path, map_location: str | torch.device = "c
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_dir():
         raise IsADirectoryError(f"checkpoint {path} is a folder; give the .ckpt file inside it")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not head.startswith((b"PK", b"\x80")):  # neither torch's zip (maybe truncated) nor its legacy pickle
+        kind = "an empty file" if not head else "a text file" if head.isascii() else "not a torch file"
+        raise ValueError(f"checkpoint {path} is {kind}, not a torch checkpoint; give a .ckpt written by ddpm-train "
+                         f"(or ddpm-convert-adm)")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -30,7 +36,7 @@ def load_checkpoint_dict(path: str | Path, map_location: str | torch.device = "c
             raise ValueError(f"checkpoint {path} needs arbitrary pickled objects, which are refused for safety "
                              f"(weights_only=True): {first[:200]}") from None
         raise ValueError(f"checkpoint {path} is corrupt or not a torch checkpoint ({first[:200]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, IndexError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"checkpoint {path} is corrupt or truncated ({first[:200]}); "
                          f"use another checkpoint (e.g. the previous one in the same folder)") from None

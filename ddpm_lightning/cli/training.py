@@ -1,0 +1,306 @@
+"""The work of ddpm-train: ``train(cfg)`` is a plain function returning the final metrics.
+
+The Hydra entry point (``ddpm_lightning.cli.train``) composes and validates before importing this module
+(Lightning). ``train`` owns its run folder (``run_folder.claim``), refuses to overwrite another run's files,
+and inside a sweep skips finished jobs and resumes unfinished ones.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .. import artifacts
+from ..callbacks import GenerativeMetricsCallback, SampleGridCallback
+from ..callbacks.checkpointing import check_checkpoint_fits, find_resume_checkpoint
+from ..callbacks.health import TrainingHealth
+from ..modules import DiffusionModule
+from ..modules.checkpoint import load_checkpoint_dict
+from ..modules.classifier_module import build_classifier_module
+from ..precision import check_accelerator, resolve_precision
+from ..security import check_targets, redact_secrets
+from .errors import in_multirun
+from .run_folder import check_ownership, claim, folder_state, is_secondary_rank, release
+from .validate import check_run
+
+
+def _container(node) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if node is not None else None
+
+
+def build_module(cfg: DictConfig, datamodule) -> DiffusionModule:
+    """The DiffusionModule for this config and data set (sizes and classes come from the data)."""
+    if cfg.get("objective", "diffusion") not in ("diffusion", "classifier"):
+        raise ValueError(f"objective={cfg.objective!r}; allowed: diffusion, classifier")
+    run_config = redact_secrets(_container(cfg))  # stored in checkpoints: no API keys or tokens
+    if cfg.get("objective") == "classifier":
+        return build_classifier_module(run_config, datamodule)
+    return DiffusionModule(
+        model=_container(cfg.model), diffusion=_container(cfg.diffusion), optim=_container(cfg.optim),
+        ema=_container(cfg.ema), image_size=int(datamodule.image_size), channels=int(datamodule.channels),
+        num_classes=datamodule.num_classes, p_uncond=float(cfg.train.p_uncond),
+        timestep_sampler=cfg.train.timestep_sampler, sample=_container(cfg.sample),
+        run_config=run_config)
+
+
+def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[pl.Callback]:
+    """The configured callbacks plus ``TrainingHealth`` (grad norm, non-finite step guard), always on."""
+    nodes = cfg.get("callbacks") or {}
+    callbacks = [instantiate(node) for node in nodes.values() if node is not None and "_target_" in node]
+    if not has_logger:  # LearningRateMonitor refuses a logger-less trainer
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
+    return [*callbacks, TrainingHealth(max_nonfinite_steps=cfg.get("train", {}).get("max_nonfinite_steps", 5))]
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    nodes = cfg.get("logger") or {}
+    loggers = []
+    for name, node in nodes.items():
+        if node is None or "_target_" not in node:
+            continue
+        if name == "wandb":
+            node = _wandb_defaults(node, cfg)
+        loggers.append(instantiate(redact_secrets(_container(node))))  # loggers upload their arguments
+    return loggers
+
+
+def _wandb_defaults(node: DictConfig, cfg: DictConfig) -> DictConfig:
+    """Name W&B runs by their overrides and group them by sweep, when Hydra is running."""
+    node = node.copy()
+    if not HydraConfig.initialized():
+        return node
+    hydra_cfg = HydraConfig.get()
+    overrides = hydra_cfg.job.override_dirname
+    with_flag = OmegaConf.to_container(node, resolve=True)
+    if with_flag.get("name") is None:
+        node.name = overrides or cfg.task_name
+    multirun = hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN"
+    if with_flag.get("group") is None and multirun:  # e.g. ablate_arch-2026-11-25_09-00-00
+        sweep = Path(hydra_cfg.sweep.dir).name
+        node.group = sweep if str(cfg.task_name) in sweep else f"{cfg.task_name}-{sweep}"
+    # the config's tags plus the overrides (W&B allows 64 characters per tag)
+    node.tags = list(dict.fromkeys(str(t)[:64] for t in [*(with_flag.get("tags") or []),
+                                                          *hydra_cfg.overrides.task]))[:64]
+    if with_flag.get("config") is None:  # filter / group runs by override in the W&B UI: overrides.<key>
+        with open_dict(node):
+            node.config = {"overrides": {k.lstrip("+~"): v for k, _, v in
+                                         (o.partition("=") for o in hydra_cfg.overrides.task)}}
+            node._convert_ = "all"  # wandb.init needs a plain dict
+    return node
+
+
+def resolve_checkpoint(cfg: DictConfig) -> tuple[str | None, dict | None]:
+    """The checkpoint to resume from and its content (loaded with ``weights_only=True``), or (None, None).
+
+    ``ckpt_path`` if given (a corrupt file is an error naming it); else with ``resume=auto`` the newest
+    checkpoint of this run folder that loads (``last.ckpt`` first among equally new ones), skipping
+    truncated or corrupt files with a warning.
+    """
+    if cfg.get("ckpt_path"):
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={path} does not exist; give the path of a .ckpt file")
+        return str(path), load_checkpoint_dict(path)
+    if cfg.get("resume") not in (None, "auto"):
+        raise ValueError(f"resume={cfg.resume!r}; allowed: auto, null (use ckpt_path=... for a specific file)")
+    if cfg.get("resume") == "auto":
+        folder = Path(cfg.paths.output_dir) / "checkpoints"
+        found = find_resume_checkpoint(folder)
+        if found is not None:
+            rank_zero_info(f"resume=auto: resuming from {found[0]} (step {found[1].get('global_step')})")
+            return str(found[0]), found[1]
+        rank_zero_info(f"resume=auto: no checkpoint in {folder}, starting from scratch")
+    return None, None
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train the configured run; returns the final logged metrics as floats.
+
+    The run folder (``paths.output_dir``) is owned for the duration (a second run into it is refused); a
+    folder holding another run's files is refused unless this run continues it (``resume=auto``); in a sweep
+    a finished job returns its recorded metrics and an unfinished one resumes.
+    """
+    check_targets(cfg, allow_any=bool(cfg.get("allow_any_target", False)))
+    check_accelerator(cfg.trainer.get("accelerator"))
+    output_dir = Path(cfg.paths.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot create the run folder {output_dir} ({error.strerror or error}); "
+                         f"set hydra.run.dir to a writable folder") from None
+    check_run(cfg)
+    claimed = not is_secondary_rank() and claim(output_dir)
+    try:
+        recorded = _own_run_folder(cfg, output_dir)
+        return recorded if recorded is not None else _train(cfg, output_dir)
+    finally:
+        if claimed:
+            release(output_dir)
+
+
+def _job_overrides() -> list[str]:
+    """This job's command-line overrides as typed (interpolations unresolved, secrets redacted)."""
+    if not HydraConfig.initialized():
+        return []
+    return redact_secrets(OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False))
+
+
+def _own_run_folder(cfg: DictConfig, output_dir: Path) -> dict[str, float] | None:
+    """The recorded metrics of a finished sweep job (skip it); else None, with ``resume=auto`` set for an
+    unfinished sweep job. Outside a sweep, another run's files are refused (``check_ownership``)."""
+    if is_secondary_rank():
+        return None
+    if not in_multirun():
+        check_ownership(output_dir, cfg.get("resume"), cfg.get("ckpt_path"))
+        return None
+    state, what = folder_state(output_dir)
+    if state == "new":
+        return None
+    summary = artifacts.read_summary(output_dir) or {}
+    recorded = summary.get("overrides")
+    if recorded is not None and sorted(recorded) != sorted(_job_overrides()):
+        raise ValueError(f"sweep job folder {output_dir} holds a different job ({' '.join(recorded)}); "
+                         f"re-run the same sweep command there, or choose another hydra.sweep.dir")
+    if state == "finished":
+        rank_zero_info(f"skipping finished sweep job {output_dir} (step {summary.get('global_step')}); "
+                       f"its recorded metrics are returned")
+        return {k: float(v) for k, v in (summary.get("metrics") or {}).items()}
+    if cfg.get("resume") is None and not cfg.get("ckpt_path"):
+        rank_zero_info(f"sweep job folder {output_dir} holds {what}: resuming it (resume=auto)")
+        with open_dict(cfg):
+            cfg.resume = "auto"
+    return None
+
+
+# data-set identity: a resume with another value trains on other data than the checkpoint saw
+DATA_KEYS = ("_target_", "path", "name", "image_size", "fit", "mode", "center_crop", "limit", "val_size", "seed",
+             "num_classes")
+EXECUTION_ONLY = ("compile", "channels_last", "use_checkpoint")  # how the network runs, not what it is
+
+
+def check_same_run(saved: dict[str, Any] | None, cfg: DictConfig, path: str) -> None:
+    """ValueError listing every data-set, network and diffusion setting that differs from the checkpoint's run."""
+    if not isinstance(saved, dict):
+        return
+    current = _container(cfg)
+    differences = []
+    for group, keys in (("data", DATA_KEYS), ("model", None), ("diffusion", None)):
+        old, new = saved.get(group), current.get(group)
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            continue
+        for key in keys or sorted(set(old) | set(new)):
+            if key in EXECUTION_ONLY or (keys is None and (key not in old or key not in new)):
+                continue
+            if old.get(key) != new.get(key):
+                differences.append(f"{group}.{key}={old.get(key)!r} in the checkpoint, {new.get(key)!r} now")
+    if differences:
+        raise ValueError(f"checkpoint {path} was trained with other settings: {'; '.join(differences[:6])}; "
+                         f"resume with the checkpoint's settings, or start a new run folder without ckpt_path")
+
+
+def _check_resume_point(checkpoint: dict, cfg: DictConfig, path: str, output_dir: Path) -> bool:
+    """True when this run's own checkpoint has no training step left (a kill during the final scoring)."""
+    step, max_steps = int(checkpoint.get("global_step", 0)), cfg.trainer.get("max_steps")
+    if isinstance(max_steps, int) and max_steps >= 0 and step >= max_steps:
+        if output_dir.resolve() in Path(path).resolve().parents:
+            rank_zero_info(f"{path} is at step {step} >= trainer.max_steps={max_steps}: no training steps left, "
+                           f"finishing the run (end-of-training samples and scores)")
+            return True
+        raise ValueError(f"ckpt_path={path} is at step {step}, trainer.max_steps={max_steps}: nothing to train; "
+                         f"raise trainer.max_steps")
+    return False
+
+
+def _check_checkpoint_space(module: torch.nn.Module, cfg: DictConfig, output_dir: Path) -> None:
+    """Refuse before training when the checkpoints this run keeps cannot fit on the run folder's disk."""
+    parameters = sum(p.numel() * p.element_size() for p in module.parameters())
+    nodes = [n for n in (cfg.get("callbacks") or {}).values() if n is not None and "ModelCheckpoint" in
+             str(n.get("_target_", ""))]
+    kept = sum(max(int(n.get("save_top_k", 1)), 0) + bool(n.get("save_last")) for n in nodes)
+    # the module's tensors (network + EMA copy) + 2 AdamW moments ~ 2x the module per file, one more being written
+    artifacts.check_space(output_dir, 2 * parameters * (kept + 1), f"the {kept} checkpoint(s) this run keeps")
+
+
+def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg, datamodule)
+    ckpt_path, checkpoint = resolve_checkpoint(cfg)
+    trained_out = False
+    if checkpoint is not None:  # a different architecture fails here in one line, before anything is written
+        check_checkpoint_fits(module, checkpoint, ckpt_path)
+        check_same_run(checkpoint.get("run_config"), cfg, ckpt_path)
+        trained_out = _check_resume_point(checkpoint, cfg, ckpt_path, output_dir)
+        del checkpoint
+    if not is_secondary_rank():
+        _check_checkpoint_space(module, cfg, output_dir)
+    loggers = build_loggers(cfg)
+    precision = resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, has_logger=bool(loggers)),
+                                      logger=loggers or False, precision=precision)
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():  # our sampler resumes mid-epoch exactly (data/sampler.py): not a concern
+            warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch")
+            # the EMA copy stays in eval mode on purpose (evaluated, never trained): not the mistake Lightning fears
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1) after its graceful shutdown
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        _finish_wandb(failed=sys.exc_info()[0] is not None)
+    if trained_out:  # Lightning skips a loop with no step left, and with it on_train_end: the final outputs
+        for callback in trainer.callbacks:
+            if isinstance(callback, (GenerativeMetricsCallback, SampleGridCallback)):
+                callback.on_train_end(trainer, module)
+    fit_seconds = time.perf_counter() - start
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    for callback in trainer.callbacks:  # end-of-training scores (FID@n, ...) are not in callback_metrics
+        metrics.update(getattr(callback, "last_results", None) or {})
+    _write_summary(trainer, output_dir, metrics, train_seconds=round(fit_seconds, 2),
+                   num_parameters=sum(p.numel() for p in getattr(module, "net", module).parameters()),
+                   overrides=_job_overrides())
+    return metrics
+
+
+def _finish_wandb(failed: bool = False) -> None:
+    """End the W&B run: the next job of a sweep in this process starts its own (Lightning would reuse it)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
+@rank_zero_only
+def _write_summary(trainer: pl.Trainer, output_dir: Path, metrics: dict[str, float], **extra: Any) -> None:
+    """``summary.json``: status, steps, ``extra`` (num_parameters, train_seconds = trainer.fit wall time),
+    final metrics and output paths, the job's overrides (a re-run sweep compares them); ``ddpm-report`` reads it."""
+    summary = {"status": "completed", "global_step": trainer.global_step, **extra, "metrics": metrics,
+               "outputs": {}}
+    if trainer.checkpoint_callback is not None and getattr(trainer.checkpoint_callback, "dirpath", None):
+        summary["outputs"]["checkpoints"] = str(trainer.checkpoint_callback.dirpath)
+        if trainer.checkpoint_callback.last_model_path:
+            summary["outputs"]["last_checkpoint"] = trainer.checkpoint_callback.last_model_path
+    for callback in trainer.callbacks:
+        if getattr(callback, "last_path", None):
+            summary["outputs"]["sample_grid"] = str(callback.last_path)
+    for logger in trainer.loggers:
+        if getattr(logger, "log_dir", None):
+            summary["outputs"].setdefault("logs", []).append(str(logger.log_dir))
+    artifacts.write_json(output_dir / artifacts.SUMMARY_FILE, summary)
+    print(f"\nrun folder: {output_dir}")
+    for key, value in summary["outputs"].items():
+        print(f"  {key}: {value}")
+    shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("val/", "train/loss"))}
+    print(f"  metrics: {shown}")

@@ -1,0 +1,393 @@
+"""Check a run config before any work (and before Lightning is imported): every key is used or refused.
+
+* :func:`check_group_choices`: ``model=adm_adgn`` or ``experiment=defualt`` on the command line is one line
+  naming the allowed options (instead of Hydra's config search path), before Hydra composes anything.
+* :func:`check_typed_keys`: a key that is no field of a typed group (``+model.chanels=64``) is refused with
+  the closest field (instead of a ``TypeError`` from the constructor).
+* :func:`check_numbers`: counts and sizes are integers in range, named by key (``data.batch_size=0``,
+  ``trainer.max_steps=abc``, ``data.batch_size=2.5`` are refused, never rounded or clamped).
+* :func:`check_memory`: the training activations estimated from batch x image size x network width must fit
+  the memory available.
+* :class:`ValidateSweep`, a Hydra callback: a multirun composes and checks every job's config (numbers, keys,
+  the diffusion options) before the first job starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from ..config import CONFIG_DIR, schema
+
+TYPED_GROUPS = {"model": schema.ModelConfig, "diffusion": schema.DiffusionConfig, "optim": schema.OptimConfig,
+                "ema": schema.EMAConfig, "train": schema.TrainConfig, "sample": schema.SampleConfig}
+
+# key: (minimum, what else is allowed). Integers only unless a float range is given; None: not set is fine.
+INT_KEYS: dict[str, tuple[int, tuple[Any, ...]]] = {
+    "seed": (0, ()),
+    "trainer.max_steps": (1, (-1,)),
+    "trainer.log_every_n_steps": (1, (None,)),
+    "trainer.accumulate_grad_batches": (1, (None,)),
+    "trainer.num_sanity_val_steps": (-1, (None,)),
+    "trainer.check_val_every_n_epoch": (1, (None,)),
+    "data.batch_size": (1, ()),
+    "data.num_workers": (0, (None,)),
+    "data.image_size": (4, ()),
+    "data.limit": (1, (None,)),
+    "optim.warmup_steps": (0, ()),
+    "sample.batch_size": (1, ()),
+    "train.max_nonfinite_steps": (1, (None,)),
+    "callbacks.sample_grid.num_samples": (1, ()),
+    "callbacks.sample_grid.per_class": (0, (None,)),
+    "callbacks.sample_grid.every_n_steps": (0, (None,)),
+    "callbacks.periodic_checkpoint.every_n_train_steps": (1, (None,)),
+    "callbacks.periodic_checkpoint.save_top_k": (-1, ()),
+    "callbacks.model_checkpoint.save_top_k": (-1, ()),
+    "callbacks.generative_metrics.num_samples": (1, (None,)),
+    "callbacks.generative_metrics.in_loop_num_samples": (0, (None,)),
+    "callbacks.generative_metrics.batch_size": (1, (None,)),
+    "callbacks.generative_metrics.reference_n": (1, (None,)),
+}
+# keys that are an integer count (>= minimum) or a fraction in (0, 1]
+COUNT_OR_FRACTION_KEYS = {"trainer.val_check_interval": 1, "trainer.limit_val_batches": 0,
+                          "trainer.limit_train_batches": 1}
+# floats in [low, high)
+FLOAT_RANGES = {"ema.decay": (0.0, 1.0), "train.p_uncond": (0.0, 1.0), "model.dropout": (0.0, 1.0)}
+
+
+def _suggest(word: str, options: Iterable[str]) -> str:
+    """`` (did you mean X?)`` for the closest option (whole name or its last ``_`` part), or ''."""
+    def score(option: str) -> float:  # the whole name wins a tie with another option's last part
+        return max(difflib.SequenceMatcher(None, word, option).ratio(),
+                   0.99 * difflib.SequenceMatcher(None, word, option.split("_")[-1]).ratio())
+
+    best = max(options, key=score, default=None)
+    return f" (did you mean {best}?)" if best is not None and score(best) >= 0.6 else ""
+
+
+# ---------------------------------------------------------------------------------------- command line
+def group_options(group: str, config_dir: str = CONFIG_DIR) -> list[str] | None:
+    """The options of config group ``group`` (yaml files and ConfigStore entries), or None if it is no group."""
+    folder = Path(config_dir) / group
+    if not folder.is_dir():
+        return None
+    options = {p.stem for p in folder.glob("*.yaml")}
+    from hydra.core.config_store import ConfigStore
+
+    node = ConfigStore.instance().repo
+    for part in group.split("/"):
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    if isinstance(node, dict):
+        options |= {name.removesuffix(".yaml") for name, value in node.items() if not isinstance(value, dict)}
+    return sorted(options)
+
+
+def _values(value: str) -> list[str] | None:
+    """The option names of an override value (``a``, ``a,b``); None for sweep functions we do not expand."""
+    if any(c in value for c in "()[]{}$"):
+        return None
+    return [v.strip().strip("'\"") for v in value.split(",")]
+
+
+def check_group_choices(args: list[str], config_dir: str = CONFIG_DIR) -> str | None:
+    """The error line for the first command-line override that names an unknown group option or typed key."""
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, _, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if key.startswith("hydra") or "@" in key:
+            continue
+        values = _values(value)
+        if "." not in key:
+            options = group_options(key, config_dir)
+            if options is None or values is None:
+                continue
+            for choice in values:
+                if choice not in options and choice not in ("null", ""):
+                    return (f"{key}={choice}: no such option in {key}/; allowed: {', '.join(options)}"
+                            f"{_suggest(choice, options)}")
+        else:
+            group, _, field = key.partition(".")
+            if group in TYPED_GROUPS and "." not in field:
+                fields = [f.name for f in dataclasses.fields(TYPED_GROUPS[group])]
+                if field not in fields:
+                    return _unknown_key_message(group, field, fields)
+    return None
+
+
+def _unknown_key_message(group: str, field: str, fields: list[str]) -> str:
+    return (f"{group}.{field} is not a {group} setting{_suggest(field, fields)}; allowed: "
+            f"{', '.join(fields)}")
+
+
+# --------------------------------------------------------------------------------------- composed config
+def _select(cfg: DictConfig, key: str) -> tuple[bool, Any]:
+    """(present, value) of ``key``; an interpolation that does not resolve counts as absent."""
+    try:
+        missing = object()
+        value = OmegaConf.select(cfg, key, default=missing)
+    except Exception:  # e.g. ${hydra:...} outside a Hydra run: not ours to check here
+        return False, None
+    return value is not missing, value
+
+
+def check_typed_keys(cfg: DictConfig) -> None:
+    for group, schema_class in TYPED_GROUPS.items():
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig):
+            continue
+        fields = [f.name for f in dataclasses.fields(schema_class)]
+        for key in node:
+            if key not in fields:
+                raise ValueError(_unknown_key_message(group, str(key), fields))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """ValueError naming the key for a count that is not an integer in range (floats are never rounded)."""
+    for key, (minimum, extra) in INT_KEYS.items():
+        present, value = _select(cfg, key)
+        if not present or value in extra and (value is None or _is_int(value)):
+            continue
+        if not _is_int(value) or value < minimum:
+            allowed = f"an integer >= {minimum}" + "".join(f" or {e if e is not None else 'null'}" for e in extra)
+            raise ValueError(f"{key} must be {allowed}, got {value!r}")
+    for key, minimum in COUNT_OR_FRACTION_KEYS.items():
+        present, value = _select(cfg, key)
+        if not present or value is None:
+            continue
+        ok = (_is_int(value) and value >= minimum) or (isinstance(value, float) and 0.0 < value <= 1.0)
+        if not ok:
+            raise ValueError(f"{key} must be an integer >= {minimum} (batches) or a fraction in (0, 1], got {value!r}")
+    for key, (low, high) in FLOAT_RANGES.items():
+        present, value = _select(cfg, key)
+        if not present or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+            raise ValueError(f"{key} must be a number in [{low}, {high}), got {value!r}")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (``MemAvailable``), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def training_memory_estimate(cfg: DictConfig) -> int | None:
+    """Bytes of fp32 activations a training step keeps for backward, estimated from the config.
+
+    Per image: every UNet level keeps ~(2 x blocks + 2) feature maps of its width and resolution on the way
+    down and as many on the way up, each saved ~4 times (conv input, norm, activation, residual).
+    """
+    present, size = _select(cfg, "data.image_size")
+    present_b, batch = _select(cfg, "data.batch_size")
+    model = cfg.get("model")
+    if not (present and present_b and _is_int(size) and _is_int(batch)) or not isinstance(model, DictConfig):
+        return None
+    width, blocks = int(model.get("model_channels", 64)), int(model.get("num_res_blocks", 2))
+    mults = list(model.get("channel_mult") or [1])
+    per_image = sum(2 * (2 * blocks + 2) * width * m * (size // 2 ** i) ** 2 for i, m in enumerate(mults))
+    return 4 * 4 * per_image * batch
+
+
+def check_memory(cfg: DictConfig, available: int | None = None) -> None:
+    """ValueError, before any work, when the estimated training memory exceeds what is available."""
+    from ..artifacts import format_bytes
+
+    needed = training_memory_estimate(cfg)
+    available = available_memory() if available is None else available
+    if needed is None or available is None or needed <= available:
+        return
+    raise ValueError(f"this run needs about {format_bytes(needed)} of memory for training activations "
+                     f"(data.batch_size={cfg.data.batch_size} x data.image_size={cfg.data.image_size} x "
+                     f"model.model_channels={cfg.model.model_channels}), {format_bytes(available)} is available: "
+                     f"lower data.batch_size or data.image_size")
+
+
+STEPS_KEYS = ("sample.steps", "callbacks.sample_grid.steps", "callbacks.generative_metrics.steps")
+
+
+def check_run(cfg: DictConfig) -> None:
+    """Every ddpm-train config check that needs no heavy import (typed keys, numbers, steps, the cache folder,
+    memory)."""
+    check_typed_keys(cfg)
+    check_numbers(cfg)
+    for key in STEPS_KEYS:
+        present, value = _select(cfg, key)
+        if present:
+            check_steps(value, key)
+    present, cache = _select(cfg, "paths.cache_dir")
+    if present:
+        check_writable_folder(cache, "paths.cache_dir")
+    present, accelerator = _select(cfg, "trainer.accelerator")
+    if cfg.get("objective", "diffusion") == "diffusion" and present and accelerator == "cpu":
+        check_memory(cfg)  # host memory; a GPU's memory is Lightning's/torch's to report
+
+
+def check_run_deep(cfg: DictConfig) -> None:
+    """``check_run`` plus the diffusion process's own option checks (imports torch, no Lightning)."""
+    check_run(cfg)
+    if isinstance(cfg.get("diffusion"), DictConfig) and cfg.get("objective", "diffusion") == "diffusion":
+        from ..modules.builders import build_diffusion
+
+        build_diffusion(OmegaConf.to_container(cfg.diffusion, resolve=True))
+
+
+# --------------------------------------------------------------------------------- ddpm-sample / ddpm-eval
+GENERATION_INTS = {"num_samples": 1, "batch_size": 1, "seed": 0, "nll_images": 1, "reference_n": 1,
+                   "classifier_epochs": 1}
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+
+
+def check_steps(value: Any, key: str = "steps") -> None:
+    """Kept sampler steps: an integer >= 1, a respacing string ("ddim25", "10,15,20"), ``all`` or null."""
+    if value is None or (isinstance(value, str) and not value.strip().lstrip("-").isdigit()):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or int(value) < 1:
+        raise ValueError(f"{key}={value!r}: a sampler needs at least 1 step; give {key}=N (N >= 1), {key}=all "
+                         f"(every one of the T steps) or leave it unset (the checkpoint's own)")
+
+
+def check_writable_folder(path: Any, key: str) -> None:
+    """ValueError when ``path`` (or the nearest existing parent it would be created in) cannot be written."""
+    if path in (None, ""):
+        return
+    folder = Path(str(path)).absolute()
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise ValueError(f"cannot write the {key} folder {folder}: {existing} is a file; set {key} (or "
+                         f"DDPM_CACHE_DIR) to a writable folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write the {key} folder {folder}: {existing} is read-only; set {key} (or "
+                         f"DDPM_CACHE_DIR) to a writable folder")
+
+
+def check_samples_file(path: Any) -> None:
+    """``samples=``: an image folder or a whole ADM-layout ``.npz`` (a zip whose directory reads)."""
+    if path in (None, ""):
+        return
+    import zipfile
+
+    path = Path(str(path))
+    if not path.exists() or path.is_dir():
+        return  # missing: the loader's own message
+    if path.suffix != ".npz":
+        raise ValueError(f"samples={path} is a {path.suffix or 'suffix-less'} file; give an ADM-layout .npz "
+                         f"(arr_0 uint8 NHWC, optional arr_1 labels) or a folder of images")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ValueError(f"samples={path} is not a readable .npz (truncated or not a zip: {error})") from None
+    if "arr_0.npy" not in names:
+        raise ValueError(f"samples={path} has no arr_0 (expected the ADM layout: arr_0 uint8 NHWC, optional arr_1)")
+
+
+def check_generation(cfg: DictConfig, multirun: bool = False) -> None:
+    """The keys of ``ddpm-sample`` / ``ddpm-eval``: counts, steps, device, labels, guidance, files, folders."""
+    for key, minimum in GENERATION_INTS.items():
+        present, value = _select(cfg, key)
+        if present and (not _is_int(value) or value < minimum):
+            raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    check_steps(cfg.get("steps"))
+    device = str(cfg.get("device", "auto"))
+    if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ValueError(f"device={device!r}; allowed: {', '.join(DEVICES)}")
+    y = cfg.get("y")
+    if not (y is None or y in ("random", "balanced") or (_is_int(y) and y >= 0)):
+        raise ValueError(f"y={y!r}; allowed: random, balanced, or a class index >= 0")
+    guidance = cfg.get("guidance") or {}
+    for key in ("scale", "cfg_scale"):
+        value = guidance.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise ValueError(f"guidance.{key} must be a number >= 0, got {value!r}")
+    if guidance.get("classifier_ckpt") and not guidance.get("scale") and not multirun:
+        raise ValueError("guidance.classifier_ckpt is given but guidance.scale=0: the classifier would guide "
+                         "nothing; set guidance.scale > 0 (e.g. guidance.scale=1), or drop guidance.classifier_ckpt")
+    check_samples_file(cfg.get("samples"))
+    check_writable_folder(cfg.get("cache_dir"), "cache_dir")
+
+
+def _check(config_name: str | None, cfg: DictConfig, multirun: bool) -> None:
+    if config_name == "train":
+        check_run_deep(cfg)
+    elif config_name in ("eval", "sample"):
+        check_generation(cfg, multirun=multirun)
+
+
+def _exit(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_command_line(args: list[str] | None = None) -> None:
+    """Exit with one ``error:`` line when the command line names an unknown group option or typed key."""
+    error = check_group_choices(sys.argv[1:] if args is None else args)
+    if error is not None:
+        _exit(error)
+
+
+# ------------------------------------------------------------------------------------------------- sweeps
+def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
+    """The override lists of every job the basic sweeper will launch; None for other sweepers."""
+    sweeper = OmegaConf.select(config, "hydra.sweeper._target_", default="")
+    if not str(sweeper).endswith("BasicSweeper"):
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    overrides = OverridesParser.create().parse_overrides(arguments)
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+class CheckConfig(Callback):
+    """``ddpm-sample`` / ``ddpm-eval``: check the config before the run starts. Every command: compose and check
+    every job of a multirun before the first one starts (``ddpm-train`` checks a single run in its task)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if kwargs.get("config_name") in ("eval", "sample"):
+            try:
+                check_generation(config)
+            except ValueError as error:
+                _exit(str(error))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        config_name = kwargs.get("config_name")
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.types import RunMode
+
+        jobs = sweep_jobs(config)
+        if not jobs or len(jobs) < 2:
+            return
+        hydra = GlobalHydra.instance().hydra
+        common = set.intersection(*(set(job) for job in jobs))  # name a job by its swept values only
+        for number, overrides in enumerate(jobs):
+            try:
+                job = hydra.compose_config(config_name, overrides, run_mode=RunMode.RUN)
+                _check(config_name, job, multirun=True)
+            except Exception as error:  # noqa: BLE001  every failure here is the user's config
+                from .errors import root_message
+
+                swept = " ".join(o for o in overrides if o not in common)
+                _exit(f"sweep job {number} ({swept}): {root_message(error)}; no job was started")
