@@ -10,6 +10,7 @@ import io
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -147,3 +148,74 @@ def assert_same_curve(reference: dict[int, float], resumed: dict[int, float], rt
     assert sorted(resumed) == sorted(reference), (sorted(reference), sorted(resumed))
     torch.testing.assert_close(torch.tensor([resumed[s] for s in sorted(reference)]),
                                torch.tensor([reference[s] for s in sorted(reference)]), rtol=rtol, atol=1e-6)
+
+
+class DrawRecorder(pl.Callback):
+    """Records this rank's training draws (t, the noise) and, at the end, its weights: ``<path>.rank<r>.pt``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.draws: list[dict] = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        diffusion, original = pl_module.diffusion, pl_module.diffusion.q_sample
+
+        def q_sample(x_start, t, noise=None):
+            if torch.is_grad_enabled():  # training steps (validation runs under no_grad)
+                self.draws.append({"step": trainer.global_step, "t": t.detach().cpu().clone(),
+                                   "noise": noise.detach().cpu().clone()})
+            return original(x_start, t, noise=noise)
+
+        diffusion.q_sample = q_sample
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        weights = {k: v.detach().cpu().clone() for k, v in pl_module.net.state_dict().items()}
+        torch.save({"draws": self.draws, "weights": weights}, f"{self.path}.rank{trainer.global_rank}.pt")
+
+
+class PauseAt(pl.Callback):
+    """Writes ``marker`` and then waits (in Python, up to ``seconds``) at global step ``step`` in ``phase``:
+    ``"train"`` (after the optimizer step), ``"val"`` (in a validation batch), ``"final"`` (``on_train_end``,
+    where the end-of-training scoring runs) or ``"save"`` (halfway through writing a checkpoint file whose
+    name contains ``match``). A test sends a signal once the marker exists."""
+
+    def __init__(self, step: int, phase: str, marker: str, seconds: float = 120.0, match: str = "") -> None:
+        if phase not in ("train", "val", "final", "save"):
+            raise ValueError(f"phase={phase!r}; allowed: train, val, final, save")
+        self.step, self.phase, self.marker, self.seconds, self.match = int(step), phase, Path(marker), seconds, match
+
+    def _pause(self) -> None:
+        self.marker.write_text("paused\n")
+        deadline = time.monotonic() + self.seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.phase != "save":
+            return
+        original = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            name = str(getattr(f, "name", f))
+            if trainer.global_step == self.step and self.match in name and hasattr(f, "write"):
+                buffer = io.BytesIO()
+                original(obj, buffer, *args, **kwargs)
+                data = buffer.getvalue()
+                f.write(data[: len(data) // 2])
+                f.flush()
+                self._pause()
+            return original(obj, f, *args, **kwargs)
+
+        torch.save = save
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.phase == "train" and trainer.global_step == self.step:
+            self._pause()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.phase == "val" and trainer.global_step == self.step:
+            self._pause()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.phase == "final" and trainer.global_step == self.step:
+            self._pause()
