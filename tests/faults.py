@@ -158,6 +158,7 @@ class DrawRecorder(pl.Callback):
         self.draws: list[dict] = []
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self.initial = {k: v.detach().cpu().clone() for k, v in pl_module.net.state_dict().items()}  # before DDP
         diffusion, original = pl_module.diffusion, pl_module.diffusion.q_sample
 
         def q_sample(x_start, t, noise=None):
@@ -170,7 +171,8 @@ class DrawRecorder(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         weights = {k: v.detach().cpu().clone() for k, v in pl_module.net.state_dict().items()}
-        torch.save({"draws": self.draws, "weights": weights}, f"{self.path}.rank{trainer.global_rank}.pt")
+        torch.save({"draws": self.draws, "weights": weights, "initial": self.initial},
+                   f"{self.path}.rank{trainer.global_rank}.pt")
 
 
 class PauseAt(pl.Callback):
@@ -183,8 +185,12 @@ class PauseAt(pl.Callback):
         if phase not in ("train", "val", "final", "save"):
             raise ValueError(f"phase={phase!r}; allowed: train, val, final, save")
         self.step, self.phase, self.marker, self.seconds, self.match = int(step), phase, Path(marker), seconds, match
+        self.paused = False
 
     def _pause(self) -> None:
+        if self.paused:  # once (a step with gradient accumulation ends several batches)
+            return
+        self.paused = True
         self.marker.write_text("paused\n")
         deadline = time.monotonic() + self.seconds
         while time.monotonic() < deadline:

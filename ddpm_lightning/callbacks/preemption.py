@@ -63,6 +63,7 @@ class Preemption(pl.Callback):
         self.requeue_requested: int | None = None  # the signal number, once received
         self.in_batch_loop = False
         self.last_saved_step: int | None = None
+        self.stopped_mid_epoch: int | None = None  # the epoch, when training stopped before its last batch
         self._trainer: pl.Trainer | None = None
         self._previous: dict[int, Any] = {}
         self._wakeup: tuple[int, int, int] | None = None  # (read fd, write fd, previous wakeup fd)
@@ -166,6 +167,17 @@ class Preemption(pl.Callback):
         self._exit_for_requeue(trainer)
 
     @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.stopped_mid_epoch = None
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # runs before the checkpoint callbacks' on_train_epoch_end (they come last)
+        batches = trainer.fit_loop.epoch_loop.batch_progress
+        if not batches.is_last_batch and batches.current.processed < trainer.num_training_batches:
+            self.stopped_mid_epoch = trainer.current_epoch
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.in_batch_loop = False
         if self.last_saved_step != trainer.global_step:
@@ -182,7 +194,8 @@ class Preemption(pl.Callback):
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         self.last_saved_step = trainer.global_step
-        mark_stopped_epoch_unfinished(checkpoint, trainer.num_training_batches)
+        if self.stopped_mid_epoch is not None:
+            mark_stopped_epoch_unfinished(checkpoint, self.stopped_mid_epoch)
 
     def _save_last(self, trainer: pl.Trainer) -> None:
         callback = trainer.checkpoint_callback
@@ -192,15 +205,12 @@ class Preemption(pl.Callback):
         trainer.save_checkpoint(str(Path(folder) / LAST_NAME))
 
 
-def mark_stopped_epoch_unfinished(checkpoint: dict, batches_per_epoch: int | float) -> None:
-    """In a checkpoint written after ``max_steps`` / ``max_time`` stopped training mid-epoch, record that epoch
-    as unfinished (as in any checkpoint written during the epoch), so that a resumed run continues it."""
+def mark_stopped_epoch_unfinished(checkpoint: dict, epoch: int) -> None:
+    """In a checkpoint written after ``max_steps`` / ``max_time`` stopped training in the middle of ``epoch``,
+    record that epoch as started and unfinished, as any checkpoint written during the epoch does, so that a
+    resumed run continues it (Lightning counts it as finished once ``on_train_epoch_end`` ran)."""
     fit_loop = (checkpoint.get("loops") or {}).get("fit_loop")
     if not fit_loop or "epoch_progress" not in fit_loop:
         return
-    batches = fit_loop["epoch_loop.batch_progress"]
-    if batches.get("is_last_batch") or not 0 < batches["current"]["processed"] < batches_per_epoch:
-        return
     for tracker in (fit_loop["epoch_progress"]["total"], fit_loop["epoch_progress"]["current"]):
-        if tracker["processed"] >= tracker["ready"] > 0:
-            tracker["processed"] = tracker["completed"] = tracker["ready"] - 1
+        tracker.update(ready=epoch + 1, started=epoch + 1, processed=epoch, completed=epoch)
