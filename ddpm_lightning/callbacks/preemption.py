@@ -192,6 +192,10 @@ class Preemption(pl.Callback):
             self._trainer = None
 
     @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._uninstall()  # no teardown hook after an exception
+
+    @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         self.last_saved_step = trainer.global_step
         if self.stopped_mid_epoch is not None:
