@@ -61,6 +61,7 @@ class KillAt(pl.Callback):
         self.step, self.phase, self.match = int(step), phase, match
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self.trainer = trainer
         if self.phase != "save":
             return
         original = torch.save
@@ -181,14 +182,17 @@ class PauseAt(pl.Callback):
     where the end-of-training scoring runs) or ``"save"`` (halfway through writing a checkpoint file whose
     name contains ``match``). A test sends a signal once the marker exists."""
 
-    def __init__(self, step: int, phase: str, marker: str, seconds: float = 120.0, match: str = "") -> None:
+    def __init__(self, step: int, phase: str, marker: str, seconds: float = 120.0, match: str = "",
+                 rank: int | None = None) -> None:
         if phase not in ("train", "val", "final", "save"):
             raise ValueError(f"phase={phase!r}; allowed: train, val, final, save")
         self.step, self.phase, self.marker, self.seconds, self.match = int(step), phase, Path(marker), seconds, match
+        self.rank = rank  # None: every rank pauses; else only this one (the others go on, into the next collective)
         self.paused = False
+        self.trainer = None
 
     def _pause(self) -> None:
-        if self.paused:  # once (a step with gradient accumulation ends several batches)
+        if self.paused or (self.rank is not None and self.trainer.global_rank != self.rank):
             return
         self.paused = True
         self.marker.write_text("paused\n")
@@ -197,6 +201,7 @@ class PauseAt(pl.Callback):
             time.sleep(0.05)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self.trainer = trainer
         if self.phase != "save":
             return
         original = torch.save

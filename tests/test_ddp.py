@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,35 @@ def test_resuming_with_the_same_global_batch_on_fewer_processes_continues(requeu
     result = _run([*RUN, "trainer.devices=1", "data.batch_size=16", "trainer.max_steps=4"], run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.load(_ckpt(run_dir, 4), weights_only=True)["global_step"] == 4
+
+
+def _alive(run_dir: Path) -> list[int]:
+    """Processes whose command line names ``run_dir`` (the DDP ranks of that run)."""
+    alive = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(run_dir).encode() in (proc / "cmdline").read_bytes():
+                alive.append(int(proc.name))
+        except OSError:
+            continue
+    return alive
+
+
+def test_sigterm_to_the_first_rank_stops_every_rank_even_one_blocked_in_a_collective(tmp_path):
+    """As ``timeout`` does: SIGTERM to the launched process only. Rank 1 pauses (in Python) while rank 0 waits
+    for it in the gradient all-reduce (in C, where no Python handler runs): both end, with exit code 143."""
+    marker, run_dir = tmp_path / "paused", tmp_path / "run"
+    pause = ["+callbacks.pause._target_=faults.PauseAt", "+callbacks.pause.step=2", "+callbacks.pause.phase=train",
+             f"+callbacks.pause.marker={marker}", "+callbacks.pause.rank=1", "+callbacks.pause.seconds=300"]
+    result, seconds = signal_when_paused(train_command([*RUN, *DDP, *pause], run_dir), marker, signal.SIGTERM)
+    assert result.returncode == 143, result.stderr[-3000:]
+    deadline = time.monotonic() + 30  # a hang guard for rank 1, not a timing assert
+    while _alive(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(run_dir), "a DDP rank outlived the SIGTERM"
+    steps = sorted(torch.load(p, weights_only=True)["global_step"] for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert steps and max(steps) <= 2
+    assert not list((run_dir / "checkpoints").glob(".*.tmp-*"))
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ Signals and exit codes (every rank; ``docs/scaling.md``):
   stops at once in any phase (training, validation, in-loop or final scoring, checkpoint writing) and exits
   with ``143`` (128 + 15). No new checkpoint is written; a checkpoint being written is abandoned (its temporary
   file is removed, the previous complete file stays): ``resume=auto`` continues from the newest complete one.
-  If the process is stuck in a collective (a peer already gone), a watchdog ends it after ``grace_s`` seconds.
+  DDP ranks started by this process get the signal too. If the process is stuck in C code (a collective whose
+  peer is gone), where no Python handler runs, a watchdog thread ends it after ``grace_s`` seconds.
   Lightning's own SIGTERM handler only sets a flag that the batch loop reads; it is replaced while we train.
 - ``SIGUSR1`` / ``SIGUSR2`` (the signal a scheduler sends some time before the limit: ``sbatch
   --signal=USR1@120``, submitit's ``--signal=USR2@<signal_delay_s>``): at the next step boundary, agreed by all
@@ -67,6 +68,7 @@ class Preemption(pl.Callback):
         self._trainer: pl.Trainer | None = None
         self._previous: dict[int, Any] = {}
         self._wakeup: tuple[int, int, int] | None = None  # (read fd, write fd, previous wakeup fd)
+        self._forwarded = False
 
     # ------------------------------------------------------------------ handlers
     def _install(self, signum: int, handler) -> None:
@@ -74,11 +76,18 @@ class Preemption(pl.Callback):
             self._previous[signum] = signal.getsignal(signum)
         signal.signal(signum, handler)
 
+    def _forward(self, signum: int) -> None:
+        """Pass the signal on to the DDP ranks this process started (``timeout`` signals only the first), once."""
+        if self._forwarded:
+            return
+        self._forwarded = True
+        launcher = getattr(getattr(self._trainer, "strategy", None), "launcher", None)
+        if launcher is not None and hasattr(launcher, "kill"):
+            launcher.kill(signum)
+
     def _on_term(self, signum: int, frame) -> None:
         trainer = self._trainer
-        launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
-        if launcher is not None and hasattr(launcher, "kill"):
-            launcher.kill(signum)  # DDP ranks started by this process (``timeout`` signals only the first)
+        self._forward(signum)  # (the watchdog thread has usually done it already)
         if trainer is None or trainer.is_global_zero:
             print(f"received {signal.Signals(signum).name}: stopping now (exit code {TERM_EXIT_CODE}); complete "
                   f"checkpoints are kept, continue with resume=auto", file=sys.stderr, flush=True)
@@ -103,7 +112,8 @@ class Preemption(pl.Callback):
 
     def _start_watchdog(self) -> None:
         """``signal.set_wakeup_fd``: the C-level handler writes the signal number even while the main thread is
-        blocked in C code, where no Python handler can run; a thread then ends the process after ``grace_s``."""
+        blocked in C code, where no Python handler can run; a thread forwards it to the DDP ranks this process
+        started at once and ends the process after ``grace_s``."""
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
         try:
@@ -124,6 +134,7 @@ class Preemption(pl.Callback):
                 if not data:
                     return
                 if signal.SIGTERM in data:
+                    self._forward(signal.SIGTERM)
                     time.sleep(grace)
                     os._exit(TERM_EXIT_CODE)
 
