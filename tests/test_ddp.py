@@ -162,7 +162,6 @@ def test_sigterm_to_the_first_rank_stops_every_rank_even_one_blocked_in_a_collec
     assert not list((run_dir / "checkpoints").glob(".*.tmp-*"))
 
 
-@pytest.mark.slow
 def test_sigkill_under_ddp_then_resume_matches(reference, tmp_path):
     run_dir = tmp_path / "run"
     kill = ["+callbacks.kill._target_=faults.KillAt", "+callbacks.kill.step=4", "+callbacks.kill.phase=train"]

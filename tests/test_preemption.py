@@ -86,3 +86,27 @@ def test_a_stopped_epoch_is_saved_as_unfinished():
     mark_stopped_epoch_unfinished(checkpoint, epoch=0)
     assert checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"] == {
         "ready": 1, "completed": 0, "started": 1, "processed": 0}
+
+
+def test_stops_at_an_epoch_end_and_mid_epoch_resume_exactly(tmp_path):
+    """max_steps at an epoch's last batch (10 batches per epoch), then mid-epoch (13), each time with only the
+    end-of-training checkpoint to resume from: the run ends where an uninterrupted one does, bit for bit."""
+    from run_config import compose_run
+
+    from ddpm_lightning.cli.train import train
+
+    common = [*[o for o in TINY if not o.startswith("trainer.max_steps")], "seed=3", "resume=auto"]
+    every_step = ["callbacks.periodic_checkpoint.every_n_train_steps=1", "callbacks.periodic_checkpoint.save_top_k=-1"]
+    train(compose_run([*common, *every_step, "trainer.max_steps=14"], tmp_path / "full"))
+    for steps in (10, 13):
+        train(compose_run([*common, f"trainer.max_steps={steps}", "trainer.val_check_interval=100"], tmp_path / "part"))
+        last = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)
+        assert last["global_step"] == steps  # written when training ended (no other checkpoint at this step)
+    train(compose_run([*common, *every_step, "trainer.max_steps=14"], tmp_path / "part"))
+    full, part = (torch.load(tmp_path / run / "checkpoints" / "periodic-step0000014.ckpt", weights_only=True)
+                  for run in ("full", "part"))
+    assert full["epoch"] == part["epoch"] == 1
+    for key, value in full["state_dict"].items():
+        assert torch.equal(part["state_dict"][key], value), key
+    key = "epoch_loop.batch_progress"
+    assert full["loops"]["fit_loop"][key] == part["loops"]["fit_loop"][key]

@@ -19,9 +19,10 @@ Signals and exit codes (every rank; ``docs/scaling.md``):
   the checkpoint, so submitit requeues the job as usual. Lightning's own SLURM handler (which saves an
   ``hpc_ckpt`` in the middle of whatever runs) is not installed.
 
-Mid-epoch stops: when ``max_steps`` / ``max_time`` stops training in the middle of an epoch, Lightning counts
-that epoch as finished in checkpoints written afterwards, and a run resumed from them starts a new epoch
-(other data, other random draws). ``on_save_checkpoint`` records such an epoch as unfinished.
+Stops: when ``max_steps`` / ``max_time`` stops training in the middle of an epoch, Lightning counts that epoch
+as finished in checkpoints written afterwards, and a run resumed from them starts a new epoch (other data,
+other random draws); when it stops at an epoch's last batch, checkpoints written afterwards resume one epoch too
+far. ``on_save_checkpoint`` records both as Lightning restores them exactly.
 """
 
 from __future__ import annotations
@@ -211,6 +212,8 @@ class Preemption(pl.Callback):
         self.last_saved_step = trainer.global_step
         if self.stopped_mid_epoch is not None:
             mark_stopped_epoch_unfinished(checkpoint, self.stopped_mid_epoch)
+        else:
+            mark_finished_epoch_as_at_its_end(checkpoint, trainer.num_training_batches)
 
     def _save_last(self, trainer: pl.Trainer) -> None:
         callback = trainer.checkpoint_callback
@@ -229,3 +232,28 @@ def mark_stopped_epoch_unfinished(checkpoint: dict, epoch: int) -> None:
         return
     for tracker in (fit_loop["epoch_progress"]["total"], fit_loop["epoch_progress"]["current"]):
         tracker.update(ready=epoch + 1, started=epoch + 1, processed=epoch, completed=epoch)
+
+
+def mark_finished_epoch_as_at_its_end(checkpoint: dict, batches_per_epoch: int | float) -> None:
+    """A checkpoint written after an epoch's end hooks (at the end of training, when ``max_steps`` fell on the
+    last batch of an epoch) counts that epoch as completed, which Lightning restores as one epoch too many.
+    Record it as the checkpoint written at the end of that last batch records it (which restores exactly)."""
+    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop")
+    if not fit_loop or "epoch_progress" not in fit_loop:
+        return
+    epochs, batches = fit_loop["epoch_progress"], fit_loop["epoch_loop.batch_progress"]
+    done = batches["current"]["processed"]
+    current = epochs["current"]
+    if not (done > 0 and done >= batches_per_epoch and current["completed"] == current["processed"] == current["ready"]
+            and batches["current"]["completed"] == done):
+        return
+    epoch = current["ready"] - 1
+    for tracker in (epochs["total"], epochs["current"]):
+        tracker.update(processed=tracker["ready"] - 1, completed=tracker["ready"] - 1)
+    for tracker in (batches["total"], batches["current"]):
+        tracker["completed"] = tracker["processed"] - 1
+    batches["is_last_batch"] = True
+    state = fit_loop.get("epoch_loop.state_dict") or {}
+    if "_batches_that_stepped" in state:
+        state["_batches_that_stepped"] -= 1  # Lightning adds the last batch again when it restores this stage
+    checkpoint["epoch"] = epoch

@@ -227,7 +227,7 @@ class DiffusionDataModule(LightningDataModule):
                 f"{trainer.world_size} processes (the same global batch), or start a new run folder"
             )
         fit_loop = trainer.fit_loop
-        epoch = fit_loop.epoch_progress.current.processed
+        epoch = fit_loop.epoch_progress.current.completed  # Lightning's current_epoch
         batches = fit_loop.epoch_loop.batch_progress.current.processed
         if batches * self.batch_size >= len(sampler):  # saved at the end of an epoch: Lightning starts the next
             return epoch + 1, 0
