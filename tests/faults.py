@@ -47,6 +47,22 @@ def read_loss_curve(path: str | Path) -> dict[int, float]:
     return curve
 
 
+def write_half(save, obj, f) -> None:
+    """Write the first half of ``obj``'s checkpoint bytes to ``f`` (a path or a file object), flushed to disk."""
+    buffer = io.BytesIO()
+    save(obj, buffer)
+    data = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    if hasattr(f, "write"):
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        return
+    with open(f, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 class KillAt(pl.Callback):
     """SIGKILL the process at global step ``step``.
 
@@ -67,14 +83,8 @@ class KillAt(pl.Callback):
         original = torch.save
 
         def save(obj, f, *args, **kwargs):
-            name = str(getattr(f, "name", f))
-            if trainer.global_step == self.step and self.match in name and hasattr(f, "write"):
-                buffer = io.BytesIO()
-                original(obj, buffer, *args, **kwargs)
-                data = buffer.getvalue()
-                f.write(data[: len(data) // 2])
-                f.flush()
-                os.fsync(f.fileno())
+            if trainer.global_step == self.step and self.match in str(getattr(f, "name", f)):
+                write_half(original, obj, f)
                 sigkill_self()
             return original(obj, f, *args, **kwargs)
 
@@ -207,13 +217,8 @@ class PauseAt(pl.Callback):
         original = torch.save
 
         def save(obj, f, *args, **kwargs):
-            name = str(getattr(f, "name", f))
-            if trainer.global_step == self.step and self.match in name and hasattr(f, "write"):
-                buffer = io.BytesIO()
-                original(obj, buffer, *args, **kwargs)
-                data = buffer.getvalue()
-                f.write(data[: len(data) // 2])
-                f.flush()
+            if trainer.global_step == self.step and self.match in str(getattr(f, "name", f)):
+                write_half(original, obj, f)
                 self._pause()
             return original(obj, f, *args, **kwargs)
 
