@@ -64,12 +64,13 @@ def test_sigterm_stops_the_run_in_every_phase(tmp_path, phase, step, match):
     assert not (tmp_path / "run" / "summary.json").exists()  # the run did not finish: nothing claims it did
 
 
-def test_requeue_signal_during_final_scoring_exits_for_requeue_then_finishes(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2])  # Lightning's / submitit's requeue signal
+def test_requeue_signal_during_final_scoring_exits_for_requeue_then_finishes(tmp_path, signum):
     marker, run_dir = tmp_path / "paused", tmp_path / "run"
-    result, _ = signal_when_paused(train_command([*RUN, *_pause("final", 4, marker)], run_dir), marker,
-                                   signal.SIGUSR1)
+    result, _ = signal_when_paused(train_command([*RUN, *_pause("final", 4, marker)], run_dir), marker, signum)
     assert result.returncode == REQUEUE_EXIT_CODE, result.stderr[-3000:]
-    assert "exiting for requeue (exit code 75)" in result.stderr
+    assert f"received {signal.Signals(signum).name}: checkpoint of step 4 written, exiting for requeue (exit code 75)" \
+        in result.stderr
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 4
     again = subprocess.run(train_command(RUN, run_dir), capture_output=True, text=True, env=subprocess_env(),
