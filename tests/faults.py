@@ -10,6 +10,7 @@ import io
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -45,6 +46,22 @@ def read_loss_curve(path: str | Path) -> dict[int, float]:
     return curve
 
 
+def write_half(save, obj, f) -> None:
+    """Write the first half of ``obj``'s checkpoint bytes to ``f`` (a path or a file object), flushed to disk."""
+    buffer = io.BytesIO()
+    save(obj, buffer)
+    data = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    if hasattr(f, "write"):
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        return
+    with open(f, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 class KillAt(pl.Callback):
     """SIGKILL the process at global step ``step``.
 
@@ -62,33 +79,28 @@ class KillAt(pl.Callback):
         self.occurrence, self._seen = int(occurrence), 0  # "score": the n-th scoring at that step
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self.trainer = trainer
         if self.phase == "score":  # inside the scoring of generated samples (in-loop, or final at max_steps)
             from ddpm_lightning.metrics.generative import GenerativeMetrics
 
-            compute = GenerativeMetrics.compute
+            score = GenerativeMetrics.score
 
-            def killing_compute(metrics, samples):
+            def killing_score(metrics, *args, **kwargs):
                 if trainer.global_step == self.step:
                     self._seen += 1
                     if self._seen == self.occurrence:
                         sigkill_self()
-                return compute(metrics, samples)
+                return score(metrics, *args, **kwargs)
 
-            GenerativeMetrics.compute = killing_compute
+            GenerativeMetrics.score = killing_score
             return
         if self.phase != "save":
             return
         original = torch.save
 
         def save(obj, f, *args, **kwargs):
-            name = str(getattr(f, "name", f))
-            if trainer.global_step == self.step and self.match in name and hasattr(f, "write"):
-                buffer = io.BytesIO()
-                original(obj, buffer, *args, **kwargs)
-                data = buffer.getvalue()
-                f.write(data[: len(data) // 2])
-                f.flush()
-                os.fsync(f.fileno())
+            if trainer.global_step == self.step and self.match in str(getattr(f, "name", f)):
+                write_half(original, obj, f)
                 sigkill_self()
             return original(obj, f, *args, **kwargs)
 
@@ -175,3 +187,77 @@ class InterruptAt(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             raise KeyboardInterrupt
+class DrawRecorder(pl.Callback):
+    """Records this rank's training draws (t, the noise) and, at the end, its weights: ``<path>.rank<r>.pt``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.draws: list[dict] = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.initial = {k: v.detach().cpu().clone() for k, v in pl_module.net.state_dict().items()}  # before DDP
+        diffusion, original = pl_module.diffusion, pl_module.diffusion.q_sample
+
+        def q_sample(x_start, t, noise=None):
+            if torch.is_grad_enabled():  # training steps (validation runs under no_grad)
+                self.draws.append({"step": trainer.global_step, "t": t.detach().cpu().clone(),
+                                   "noise": noise.detach().cpu().clone()})
+            return original(x_start, t, noise=noise)
+
+        diffusion.q_sample = q_sample
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        weights = {k: v.detach().cpu().clone() for k, v in pl_module.net.state_dict().items()}
+        torch.save({"draws": self.draws, "weights": weights, "initial": self.initial},
+                   f"{self.path}.rank{trainer.global_rank}.pt")
+
+
+class PauseAt(pl.Callback):
+    """Writes ``marker`` and then waits (in Python, up to ``seconds``) at global step ``step`` in ``phase``:
+    ``"train"`` (after the optimizer step), ``"val"`` (in a validation batch), ``"final"`` (``on_train_end``,
+    where the end-of-training scoring runs) or ``"save"`` (halfway through writing a checkpoint file whose
+    name contains ``match``). A test sends a signal once the marker exists."""
+
+    def __init__(self, step: int, phase: str, marker: str, seconds: float = 120.0, match: str = "",
+                 rank: int | None = None) -> None:
+        if phase not in ("train", "val", "final", "save"):
+            raise ValueError(f"phase={phase!r}; allowed: train, val, final, save")
+        self.step, self.phase, self.marker, self.seconds, self.match = int(step), phase, Path(marker), seconds, match
+        self.rank = rank  # None: every rank pauses; else only this one (the others go on, into the next collective)
+        self.paused = False
+        self.trainer = None
+
+    def _pause(self) -> None:
+        if self.paused or (self.rank is not None and self.trainer.global_rank != self.rank):
+            return
+        self.paused = True
+        self.marker.write_text("paused\n")
+        deadline = time.monotonic() + self.seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.trainer = trainer
+        if self.phase != "save":
+            return
+        original = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if trainer.global_step == self.step and self.match in str(getattr(f, "name", f)):
+                write_half(original, obj, f)
+                self._pause()
+            return original(obj, f, *args, **kwargs)
+
+        torch.save = save
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.phase == "train" and trainer.global_step == self.step:
+            self._pause()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.phase == "val" and trainer.global_step == self.step:
+            self._pause()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.phase == "final" and trainer.global_step == self.step:
+            self._pause()

@@ -51,8 +51,8 @@ def test_atomic_save_leaves_the_old_checkpoint_when_the_write_dies(tmp_path, mon
     original = torch.save
 
     def dies_halfway(obj, f, *args, **kwargs):
-        f.write(b"PK\x03\x04 half a zip")
-        f.flush()
+        with open(f, "wb") as handle:  # atomic_torch_save passes the temporary file's path
+            handle.write(b"PK\x03\x04 half a zip")
         raise SimulatedKill
 
     monkeypatch.setattr(torch, "save", dies_halfway)

@@ -17,6 +17,7 @@ that loads, logging every file it skipped and why.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from ..artifacts import TMP_PATTERN, atomic_write
+from ..artifacts import TMP_PATTERN, NoSpaceLeft, fsync_folder, no_space_error, temporary_path
 from ..models.state_dict import state_dict_mismatch
 from ..modules.checkpoint import load_checkpoint_dict
 
@@ -37,8 +38,26 @@ LAST_NAME = "last.ckpt"
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save(obj)`` to ``path`` so that ``path`` is either its old content or the complete new file
-    (``artifacts.atomic_write``: a full disk is ``NoSpaceLeft`` naming ``path``)."""
-    atomic_write(path, lambda handle: torch.save(obj, handle))
+    (``artifacts``' temporary name, fsync, rename; a full disk is ``NoSpaceLeft`` naming ``path``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        # a path, not a Python file object: torch writes the bytes itself, so a signal handler that raises (SIGTERM,
+        # callbacks/preemption.py) runs between Python steps, never inside a write, and the exception stays intact
+        torch.save(obj, str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if no_space_error(error) is not None:
+            raise NoSpaceLeft(path) from None
+        raise
+    fsync_folder(path.parent)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

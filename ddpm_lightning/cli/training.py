@@ -24,6 +24,7 @@ from .. import artifacts
 from ..callbacks import GenerativeMetricsCallback, SampleGridCallback
 from ..callbacks.checkpointing import check_checkpoint_fits, find_resume_checkpoint
 from ..callbacks.health import TrainingHealth
+from ..callbacks.preemption import Preemption
 from ..modules import DiffusionModule
 from ..modules.checkpoint import load_checkpoint_dict
 from ..modules.classifier_module import build_classifier_module
@@ -54,12 +55,14 @@ def build_module(cfg: DictConfig, datamodule) -> DiffusionModule:
 
 
 def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[pl.Callback]:
-    """The configured callbacks plus ``TrainingHealth`` (grad norm, non-finite step guard), always on."""
+    """The configured callbacks plus, always on, ``Preemption`` (SIGTERM / requeue signals, exact-resume
+    checkpoints) and ``TrainingHealth`` (grad norm, non-finite step guard)."""
     nodes = cfg.get("callbacks") or {}
     callbacks = [instantiate(node) for node in nodes.values() if node is not None and "_target_" in node]
     if not has_logger:  # LearningRateMonitor refuses a logger-less trainer
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
-    return [*callbacks, TrainingHealth(max_nonfinite_steps=cfg.get("train", {}).get("max_nonfinite_steps", 5))]
+    health = TrainingHealth(max_nonfinite_steps=cfg.get("train", {}).get("max_nonfinite_steps", 5))
+    return [Preemption(), *callbacks, health]
 
 
 def build_loggers(cfg: DictConfig) -> list:

@@ -28,6 +28,7 @@ from ddpm_lightning.data.sources import (
     torchvision_source,
 )
 from ddpm_lightning.data.transforms import FIT_METHODS, FitMethod, ToModelBatch, random_hflip
+from ddpm_lightning.modules.rng import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class DiffusionDataModule(LightningDataModule):
         self._splits: dict[str, Tensor] | None = None
         self.data_train: ImageSubset | None = None
         self.data_val: ImageSubset | None = None
+        self._restored_layout: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------------------------- the source
     def load_source(self) -> ImageSource:
@@ -190,24 +192,68 @@ class DiffusionDataModule(LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        """Shuffled by (training seed, epoch); after a restore it starts where the checkpoint stopped."""
+        """Shuffled by (training seed, epoch) and split over the DDP ranks (``ResumableShuffleSampler``);
+        after a restore it starts where the checkpoint stopped.
+
+        Resuming needs the same global batch (``batch_size`` x processes) as the run that wrote the checkpoint;
+        the split over processes may differ (e.g. 2 x 8 -> 4 x 4): the same images are trained in the same
+        steps, with other per-rank random draws. A different global batch stops with one error line.
+        """
         self.setup("fit")
-        sampler = ResumableShuffleSampler(len(self.data_train), seed=torch.initial_seed())
         trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        self._train_seed = torch.initial_seed()
+        sampler = ResumableShuffleSampler(len(self.data_train), seed=self._train_seed, num_replicas=world,
+                                          rank=rank, batch_size=self.batch_size)
+        if len(sampler) == 0:
+            raise ValueError(
+                f"{self.name}: the training split has {len(self.data_train)} images, fewer than one global batch "
+                f"(data.batch_size={self.batch_size} x {world} processes): lower data.batch_size or data.val_size"
+            )
         if trainer is not None and trainer.global_step > 0:
-            batches_done = trainer.global_step * trainer.accumulate_grad_batches
-            per_epoch = len(self.data_train) // self.batch_size
-            sampler.resume_at(batches_done // per_epoch, (batches_done % per_epoch) * self.batch_size)
+            sampler.resume_at(*self._resume_position(trainer, sampler))
         return self._loader(self.data_train, train=True, sampler=sampler)
+
+    def _resume_position(self, trainer, sampler: ResumableShuffleSampler) -> tuple[int, int]:
+        """(epoch, items consumed by all ranks in it) of the restored training loop."""
+        saved = self._restored_layout or {"world_size": trainer.world_size, "batch_size": self.batch_size}
+        saved_global = int(saved["world_size"]) * int(saved["batch_size"])
+        if saved_global != sampler.global_batch:
+            raise ValueError(
+                f"the checkpoint was trained with a global batch of {saved_global} (data.batch_size="
+                f"{saved['batch_size']} x {saved['world_size']} processes), this run has {sampler.global_batch} "
+                f"(data.batch_size={self.batch_size} x {trainer.world_size}): resume with data.batch_size="
+                f"{saved_global // trainer.world_size if saved_global % trainer.world_size == 0 else '?'} for "
+                f"{trainer.world_size} processes (the same global batch), or start a new run folder"
+            )
+        fit_loop = trainer.fit_loop
+        epoch = fit_loop.epoch_progress.current.completed  # Lightning's current_epoch
+        batches = fit_loop.epoch_loop.batch_progress.current.processed
+        if batches * self.batch_size >= len(sampler):  # saved at the end of an epoch: Lightning starts the next
+            return epoch + 1, 0
+        return epoch, batches * sampler.global_batch
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: the layout of the global batch, checked when resuming."""
+        trainer = getattr(self, "trainer", None)
+        return {"world_size": trainer.world_size if trainer is not None else 1, "batch_size": self.batch_size}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_layout = dict(state_dict)
 
     @override
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        """Random flips of training batches, drawn when the batch is consumed (not when prefetched), so
-        the RNG stream of a resumed run matches an uninterrupted one."""
+        """Random flips of training batches, drawn from a stream of (training seed, rank, epoch, batch): each
+        rank flips its own way, and a resumed run flips as an uninterrupted one."""
         trainer = getattr(self, "trainer", None)
         if self.random_flip and trainer is not None and trainer.training:
             x, y = batch
-            return random_hflip(x), y
+            batch_idx = trainer.fit_loop.epoch_loop.batch_idx + 1  # this batch (its progress is counted next)
+            seed = derive_seed(getattr(self, "_train_seed", 0), "flip", trainer.global_rank, trainer.current_epoch,
+                               batch_idx)
+            return random_hflip(x, generator=torch.Generator().manual_seed(seed)), y
         return batch
 
     @override

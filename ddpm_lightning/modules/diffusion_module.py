@@ -19,9 +19,18 @@ from ..diffusion import IgnoreLabels, UniformSampler, create_named_schedule_samp
 from ..sampling import check_sampling_options, sample_images, sampling_process
 from .builders import build_diffusion, build_optimizer, build_unet, learns_sigma, lr_total_steps
 from .ema import make_ema, make_posthoc_emas
-from .rng import collect_rng_states, restore_rng_states
+from .rng import collect_rng_states, derive_seed, restore_rng_states, seeded_rng
 
 NUM_QUARTILES = 4
+
+
+def check_trains_variance(diffusion: Mapping[str, Any]) -> None:
+    """Refuse training a learned variance with L_simple, which has no variance term (the head would stay at its
+    initial values). OpenAI's reference adds the VB term in that case: that is ``loss_type=hybrid`` here."""
+    if learns_sigma(diffusion) and diffusion.get("loss_type", "simple") == "simple":
+        raise ValueError(f"diffusion.loss_type=simple trains no variance head, but diffusion.var_type="
+                         f"{diffusion.get('var_type')} learns one: use diffusion.loss_type=hybrid (L_simple + "
+                         f"lambda * L_vlb, as ADM) or vlb, or a fixed diffusion.var_type (fixed_small, fixed_large)")
 
 
 class DiffusionModule(pl.LightningModule):
@@ -36,8 +45,14 @@ class DiffusionModule(pl.LightningModule):
         image_size, channels, num_classes: from the data set.
         p_uncond: label-dropout probability (classifier-free guidance); the null label is ``num_classes``.
         timestep_sampler: ``uniform`` or ``loss-second-moment`` (Improved DDPM importance sampling).
+            Its importance weights 1 / (K p(t)) multiply the per-example losses.
         sample: defaults for ``sample()`` (method, steps, eta, schedule, lower_order_final, clip_denoised).
         run_config: the whole resolved run config (plain dict), stored in checkpoints.
+
+    Randomness: every draw of a training step (t, noise, label dropout, network dropout) comes from a stream
+    seeded by (run seed, global rank, epoch, batch index) (``modules/rng.py``): each DDP rank draws its own,
+    reruns and resumed runs draw the same. The run seed is ``torch.initial_seed()`` when training starts, the
+    ``seed`` that ``pl.seed_everything`` set in every process.
     """
 
     def __init__(
@@ -84,6 +99,7 @@ class DiffusionModule(pl.LightningModule):
         self._compiled_for_sampling: dict[int, Any] = {}
         self.quartile_loss = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
         self.quartile_mse = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
+        self.train_seed = torch.initial_seed()
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -103,14 +119,21 @@ class DiffusionModule(pl.LightningModule):
         return {"y": y}
 
     # ------------------------------------------------------------------ training
+    def step_seed(self, batch_idx: int) -> int:
+        """The seed of this rank's draws for batch ``batch_idx`` of the current epoch."""
+        trainer = self._trainer
+        rank, epoch = (trainer.global_rank, trainer.current_epoch) if trainer is not None else (0, 0)
+        return derive_seed(self.train_seed, "train", rank, epoch, batch_idx)
+
     @override
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        t, weights = self.schedule_sampler.sample(x.shape[0], device=x.device)
-        losses = self.diffusion.training_losses(self._train_step_fn, x, t,
-                                                model_kwargs=self._model_kwargs(y, drop_labels=True))
+        with seeded_rng(self.step_seed(batch_idx), x.device):
+            t, weights = self.schedule_sampler.sample(x.shape[0], device=x.device)
+            losses = self.diffusion.training_losses(self._train_step_fn, x, t,
+                                                    model_kwargs=self._model_kwargs(y, drop_labels=True))
         if not isinstance(self.schedule_sampler, UniformSampler):
             all_t = self.all_gather(t).reshape(-1)
             all_losses = self.all_gather(losses["loss"].detach()).reshape(-1)
@@ -226,6 +249,9 @@ class DiffusionModule(pl.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            check_trains_variance(self.hparams.diffusion)
+            self.train_seed = torch.initial_seed()  # pl.seed_everything ran in this process (every DDP rank)
         # ddp_spawn pickles the module through shared memory: give each process its own sampler history.
         self.schedule_sampler.load_state_dict(self.schedule_sampler.state_dict())
 

@@ -1,13 +1,40 @@
-"""RNG states saved in checkpoints so a resumed run draws the same t, noise and dropout as an uninterrupted one.
+"""Randomness of training: per-rank, per-step streams, and the global RNG states saved in checkpoints.
 
-Plain tensors and ints only, so checkpoints still load with ``weights_only=True``.
+Every random draw of a training step (t, the noise, the label-dropout mask, network dropout, the data flips)
+comes from a stream seeded by ``derive_seed(seed, rank, epoch, batch_idx)``: a pure function of the run's seed,
+the process's global rank and the position in training. So under DDP every rank draws its own t and noise
+(a global batch of B x world images sees B x world distinct draws), a rerun with the same seed and world size
+repeats them exactly, and a resumed run needs no RNG state to continue exactly. The initial weights come
+from the global RNG, seeded identically on every rank (``pl.seed_everything``), so they are the same everywhere.
+
+Plain tensors and ints only in checkpoints, so they still load with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+
+
+def derive_seed(seed: int, *keys: int | str) -> int:
+    """A 63-bit seed that depends on ``seed`` and ``keys`` only (stable across processes and versions)."""
+    text = "/".join(str(k) for k in (int(seed), *keys))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+@contextmanager
+def seeded_rng(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
+    """Run the block with the global torch RNG (CPU, and ``device`` if it is a CUDA device) seeded with ``seed``;
+    the global streams outside the block are left as they were."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        torch.manual_seed(seed)
+        yield
 
 
 def collect_rng_states() -> dict:
