@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults import one_torch_thread, subprocess_env, train_command  # noqa: F401  (an autouse fixture)
+from faults import subprocess_env, train_command
 from run_config import TINY, compose_run
 from test_preemption import signal_when_paused
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults import one_torch_thread, subprocess_env, train_command  # noqa: F401  (an autouse fixture)
+from faults import subprocess_env, train_command
 from run_config import TINY
 
 from ddpm_lightning.callbacks.preemption import REQUEUE_EXIT_CODE, TERM_EXIT_CODE, mark_stopped_epoch_unfinished
