@@ -48,7 +48,7 @@ def run_cell(args: argparse.Namespace, method: str, nfe: int, scale: float) -> d
     if folder.exists():  # an interrupted cell: start it again from scratch
         shutil.rmtree(folder)
     sampler, schedule = METHODS[method]
-    command = [shutil.which("ddpm-eval") or "ddpm-eval", f"ckpt={args.ckpt}", f"sampler={sampler}",
+    command = [str(Path(sys.executable).with_name("ddpm-eval")), f"ckpt={args.ckpt}", f"sampler={sampler}",
                f"schedule={schedule}", f"steps={nfe}", f"num_samples={args.num_samples}", "metrics=[fid]",
                f"seed={args.seed}", f"precision={args.precision}", f"batch_size={args.batch_size}",
                f"hydra.run.dir={folder}"]

@@ -170,10 +170,6 @@ DDP = [*BASE, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"t
        "callbacks.periodic_checkpoint.every_n_train_steps=2"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="DDP mid-epoch resume: Lightning's DistributedSamplerWrapper indexes past our resumed "
-                          "sampler (IndexError, ENV.md); fixed by the ddp branch (data/datamodule.py): remove this "
-                          "marker when it lands")
 def test_random_sigkills_of_a_two_process_ddp_run_then_resume_matches(tmp_path):
     reference = _run(train_command(DDP, tmp_path / "reference"), cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
