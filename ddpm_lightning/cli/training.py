@@ -258,8 +258,10 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
             # the EMA copy stays in eval mode on purpose (evaluated, never trained): not the mistake Lightning fears
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    except SystemExit:
-        if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1) after its graceful shutdown
+    except SystemExit as stop:
+        # Lightning turns Ctrl-C into exit(1) after its graceful shutdown; Preemption's exits (143 on SIGTERM,
+        # 75 for requeue) keep their codes
+        if trainer.interrupted and stop.code == 1:
             raise KeyboardInterrupt from None
         raise
     finally:
