@@ -312,15 +312,15 @@ def test_sample_and_eval_inputs_fail_in_one_line_before_any_work(command, overri
     assert len(err) == 1 and err[0].startswith("error: ") and re.search(expected, err[0]), err
 
 
-def test_a_class_index_for_an_unconditional_model_is_refused_not_ignored():
+def test_a_class_index_for_an_unconditional_model_is_refused_not_ignored(tmp_path):
     from types import SimpleNamespace
 
     from ddpm_lightning.cli.generation import generate
 
     unconditional = SimpleNamespace(device=torch.device("cpu"), num_classes=None)
     with pytest.raises(ValueError, match=r"y=3: the model is unconditional .*; drop y, or give guidance\.classifier"):
-        generate(unconditional, num_samples=2, sampler=None, steps=None, eta=None, clip_denoised=True, y=3,
-                 cond_fn=None, guidance_num_classes=None, cfg_scale=0.0, batch_size=2, seed=0)
+        generate(unconditional, out_dir=tmp_path, num_samples=2, sampler=None, steps=None, eta=None,
+                 clip_denoised=True, y=3, cond_fn=None, guidance_num_classes=None, cfg_scale=0.0, batch_size=2, seed=0)
 
 
 # --------------------------------------------------------------------- the real CLIs: one line, before Hydra

@@ -111,12 +111,12 @@ def generate(module, *, out_dir: Path, num_samples: int, sampler: str | None, st
     if num_samples < 1 or shard_size < 1 or batch_size < 1:
         raise ValueError(f"num_samples, shard_size and batch_size must be >= 1, got {num_samples}, {shard_size}, "
                          f"{batch_size}")
-    overrides = sampling_overrides(sampler, steps, eta, schedule)
-    used = {k: v for k, v in module.sampling_options(**overrides).items()
-            if k in ("method", "steps", "eta", "schedule")}
     if isinstance(parse_labels(y), int) and not labels_allowed(module, cond_fn):  # never ignored silently
         raise ValueError(f"y={y}: the model is unconditional (no class labels) and no classifier guides it; "
                          f"drop y, or give guidance.classifier_ckpt with guidance.scale > 0")
+    overrides = sampling_overrides(sampler, steps, eta, schedule)
+    used = {k: v for k, v in module.sampling_options(**overrides).items()
+            if k in ("method", "steps", "eta", "schedule")}
     labels = parse_labels(y) if labels_allowed(module, cond_fn) else "random"
     shards = out_dir / "shards"
     check_settings(shards, {**(settings or {}), "sampling": used, "y": labels, "seed": seed, "precision": precision,

@@ -97,8 +97,9 @@ def _values(value: str) -> list[str] | None:
     return [v.strip().strip("'\"") for v in value.split(",")]
 
 
-def check_group_choices(args: list[str], config_dir: str = CONFIG_DIR) -> str | None:
-    """The error line for the first command-line override that names an unknown group option or typed key."""
+def check_group_choices(args: list[str], config_dir: str = CONFIG_DIR, typed_keys: bool = True) -> str | None:
+    """The error line for the first command-line override that names an unknown group option or (with
+    ``typed_keys``: ddpm-train's config, whose groups have schemas) an unknown typed key."""
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             continue
@@ -117,7 +118,7 @@ def check_group_choices(args: list[str], config_dir: str = CONFIG_DIR) -> str | 
                             f"{_suggest(choice, options)}")
         else:
             group, _, field = key.partition(".")
-            if group in TYPED_GROUPS and "." not in field:
+            if typed_keys and group in TYPED_GROUPS and "." not in field:
                 fields = [f.name for f in dataclasses.fields(TYPED_GROUPS[group])]
                 if field not in fields:
                     return _unknown_key_message(group, field, fields)
@@ -339,9 +340,10 @@ def _exit(message: str) -> None:
     sys.exit(2)
 
 
-def check_command_line(args: list[str] | None = None) -> None:
-    """Exit with one ``error:`` line when the command line names an unknown group option or typed key."""
-    error = check_group_choices(sys.argv[1:] if args is None else args)
+def check_command_line(args: list[str] | None = None, typed_keys: bool = True) -> None:
+    """Exit with one ``error:`` line when the command line names an unknown group option or (``typed_keys``,
+    ddpm-train) an unknown typed key; ddpm-eval/-sample have their own flat keys, checked by Hydra."""
+    error = check_group_choices(sys.argv[1:] if args is None else args, typed_keys=typed_keys)
     if error is not None:
         _exit(error)
 

@@ -131,7 +131,7 @@ class InceptionFeatureExtractor(nn.Module):
         if spatial_layer is not None:
             try:
                 tap = network.get_submodule(spatial_layer)
-            except AttributeError:
+            except (AttributeError, RuntimeError):  # no such layer; TorchScript modules have no get_submodule
                 tap = None
         self.has_spatial = tap is not None
         if tap is not None:
