@@ -34,10 +34,6 @@ from ..modules.guidance import load_classifier_guidance
 from ..sampling import check_sampling_options
 
 CLASSIFIER_IMAGES = 10_000  # is_clf on a source decoded from files trains on this many training images
-OUTPUT_KEYS = {"fid": ("fid",), "sfid": ("sfid",), "kid": ("kid_mean",), "pr": ("precision", "recall"),
-               "is": ("is_mean",), "is_clf": ("is_clf_mean",)}
-
-
 def reference_batches(datamodule, split: str, n: int, chunk: int = 256) -> Iterator[torch.Tensor]:
     """The first ``n`` images of ``split`` (``reference_images``' order) decoded ``chunk`` at a time."""
     indices = datamodule.split_indices(split)[:n]

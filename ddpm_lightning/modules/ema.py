@@ -12,7 +12,6 @@ tensors and primitives only (``torch.load(..., weights_only=True)``) and are wri
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -52,13 +51,19 @@ class EMAUpdate:
             weight = 1.0 - torch.clamp((1.0 + n) / (10.0 + n), max=self.decay)
         else:
             weight = torch.tensor(1.0 - self.decay, device=device)
-        floats = [(e, p) for e, p in zip(ema_params, params, strict=True) if e.is_floating_point()]
-        if floats:
-            ema_f, cur_f = zip(*floats, strict=True)
-            torch._foreach_lerp_(list(ema_f), list(cur_f), weight.to(ema_f[0].dtype))
-        for e, p in zip(ema_params, params, strict=True):
-            if not e.is_floating_point():
-                e.copy_(p)
+        lerp_parameters(ema_params, params, weight)
+
+
+def lerp_parameters(ema_params: list[torch.Tensor], params: list[torch.Tensor], weight: torch.Tensor) -> None:
+    """``ema += weight * (param - ema)`` for the floating-point tensors (one fused foreach call); integer
+    buffers (BatchNorm counters, ...) are copied."""
+    floats = [(e, p) for e, p in zip(ema_params, params, strict=True) if e.is_floating_point()]
+    if floats:
+        ema_f, cur_f = zip(*floats, strict=True)
+        torch._foreach_lerp_(list(ema_f), list(cur_f), weight.to(ema_f[0].dtype))
+    for e, p in zip(ema_params, params, strict=True):
+        if not e.is_floating_point():
+            e.copy_(p)
 
 
 def make_ema(net: nn.Module, decay: float = 0.9999, warmup: bool = True) -> AveragedModel:
@@ -67,13 +72,6 @@ def make_ema(net: nn.Module, decay: float = 0.9999, warmup: bool = True) -> Aver
     ema.requires_grad_(False)
     ema.eval()
     return ema
-
-
-def copy_for_inference(module: nn.Module) -> nn.Module:
-    """A detached eval-mode copy (used where the caller must not see later training updates)."""
-    clone = copy.deepcopy(module)
-    clone.requires_grad_(False)
-    return clone.eval()
 
 
 # ---------------------------------------------------------------------------------------------- post-hoc EMA
@@ -92,13 +90,7 @@ class PowerEMAUpdate:
         device = ema_params[0].device
         t = torch.as_tensor(num_averaged, device=device) + 1
         weight = power_ema_weight(t, self.gamma)  # a tensor: no host-device sync per step
-        floats = [(e, p) for e, p in zip(ema_params, params, strict=True) if e.is_floating_point()]
-        if floats:
-            ema_f, cur_f = zip(*floats, strict=True)
-            torch._foreach_lerp_(list(ema_f), list(cur_f), weight.to(ema_f[0].dtype))
-        for e, p in zip(ema_params, params, strict=True):
-            if not e.is_floating_point():
-                e.copy_(p)
+        lerp_parameters(ema_params, params, weight)
 
 
 def make_power_ema(net: nn.Module, sigma_rel: float) -> AveragedModel:
