@@ -88,8 +88,11 @@ def test_sigint_keeps_finished_shards_and_a_rerun_continues_byte_equal(tiny_ckpt
     cache = tmp_path / "cache"
     out = tmp_path / "cut"
     env = {**os.environ, "WANDB_MODE": "offline", "DDPM_CACHE_DIR": str(cache)}
+    # SIGINT back to its default in the child: a shell's background job (CI started with `&`) inherits it ignored,
+    # and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "ddpm_lightning.cli.sample", *args, f"hydra.run.dir={out}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (out / "shards").is_dir() and len(list((out / "shards").glob("*-*.npz"))) >= 2:
