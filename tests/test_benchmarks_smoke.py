@@ -125,3 +125,28 @@ def test_default_exp_benchmark_config_is_the_default_experiment():
     assert repr(common.build_ours(bench)) == repr(trained)
     assert common.num_parameters(common.build_ours(bench)) == common.num_parameters(trained)
     assert bench.batch_size == cfg.data.batch_size
+
+
+def test_fid_vs_nfe_table_reads_finished_cells_and_skips_them(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import fid_vs_nfe
+
+    cell = fid_vs_nfe.cell_dir(tmp_path, "dpm++2m", 10, 0.0)
+    cell.mkdir(parents=True)
+    (cell / "results.json").write_text(json.dumps({"metrics": {"fid@500": 56.14}, "bench_wall_s": 71.0}))
+    guided = fid_vs_nfe.cell_dir(tmp_path, "ddpm", 10, 2.0)
+    guided.mkdir(parents=True)
+    (guided / "results.json").write_text(json.dumps({"metrics": {"fid@500": 49.0}, "bench_wall_s": 80.0}))
+    table = fid_vs_nfe.table(tmp_path, [0.0, 2.0], [10, 15])
+    assert "| dpm++2m | 56.1 (71 s) | - |" in table and "| ddpm | 49.0 (80 s) | - |" in table
+    assert "classifier guidance s=2" in table
+
+    def no_eval(*args, **kwargs):
+        raise AssertionError("a finished cell must not be run again")
+
+    monkeypatch.setattr(fid_vs_nfe.subprocess, "run", no_eval)
+    args = fid_vs_nfe.argparse.Namespace(out=tmp_path, ckpt="x.ckpt")
+    assert fid_vs_nfe.run_cell(args, "dpm++2m", 10, 0.0)["metrics"]["fid@500"] == 56.14
+    with pytest.raises(SystemExit):
+        fid_vs_nfe.main(["--out", str(tmp_path), "--methods", "dpm++9m", "--table"])
