@@ -62,6 +62,20 @@ def write_half(save, obj, f) -> None:
         os.fsync(handle.fileno())
 
 
+def interrupt_torch_save(trainer, step: int, match: str, interrupt) -> None:
+    """Patch ``torch.save``: at global step ``step``, the first save to a file whose name contains ``match``
+    writes half of its bytes, then calls ``interrupt`` (a SIGKILL, a pause for a signal)."""
+    original = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if trainer.global_step == step and match in str(getattr(f, "name", f)):
+            write_half(original, obj, f)
+            interrupt()
+        return original(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
 class KillAt(pl.Callback):
     """SIGKILL the process at global step ``step``.
 
@@ -96,15 +110,7 @@ class KillAt(pl.Callback):
             return
         if self.phase != "save":
             return
-        original = torch.save
-
-        def save(obj, f, *args, **kwargs):
-            if trainer.global_step == self.step and self.match in str(getattr(f, "name", f)):
-                write_half(original, obj, f)
-                sigkill_self()
-            return original(obj, f, *args, **kwargs)
-
-        torch.save = save
+        interrupt_torch_save(trainer, self.step, self.match, sigkill_self)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.phase == "train" and trainer.global_step == self.step:
@@ -240,15 +246,7 @@ class PauseAt(pl.Callback):
         self.trainer = trainer
         if self.phase != "save":
             return
-        original = torch.save
-
-        def save(obj, f, *args, **kwargs):
-            if trainer.global_step == self.step and self.match in str(getattr(f, "name", f)):
-                write_half(original, obj, f)
-                self._pause()
-            return original(obj, f, *args, **kwargs)
-
-        torch.save = save
+        interrupt_torch_save(trainer, self.step, self.match, self._pause)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.phase == "train" and trainer.global_step == self.step:
