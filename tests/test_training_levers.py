@@ -317,10 +317,11 @@ def test_ablate_levers_rows_compose_and_each_turns_one_lever(tmp_path):
     rows = sweep["+lever"].split(",")
     assert sweep["seed"] == "0,1,2" and rows[0] == "baseline"
     base = compose_run(["experiment=default"], tmp_path)
-    changed = {}
+    changed, trainers = {}, []
     for row in rows:
         cfg = compose_run(["experiment=ablate_levers", f"+lever={row}"], tmp_path)
-        assert cfg.model == base.model and cfg.trainer.max_time == base.trainer.max_time  # the default job
+        assert cfg.model == base.model and cfg.data == base.data  # the default job
+        trainers.append(cfg.trainer)
         build_diffusion(OmegaConf.to_container(cfg.diffusion, resolve=True))
         changed[row] = {f"{group}.{k}" for group in ("diffusion", "optim")
                         for k, v in cfg[group].items() if v != base[group][k]}
@@ -328,6 +329,9 @@ def test_ablate_levers_rows_compose_and_each_turns_one_lever(tmp_path):
     assert changed["min_snr"] == {"diffusion.loss_weighting"} and changed["immiscible"] == {"diffusion.immiscible"}
     assert changed["lr_cosine"] == {"optim.lr_schedule"} and changed["p2"] == {"diffusion.loss_weighting"}
     assert changed["input_perturbation"] == {"diffusion.input_perturbation"}
+    # every arm trains the same pinned step budget (the LR rows decay to it), validated and scored once at the end
+    assert all(t == trainers[0] for t in trainers) and trainers[0].max_steps < base.trainer.max_steps
+    assert trainers[0].val_check_interval == trainers[0].max_steps
 
 
 @pytest.mark.parametrize("mean_type", TARGETS)
