@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ..artifacts import write_json
 from ..callbacks.generative_metrics import make_generative_metrics, reference_batches
 from ..config import CONFIG_PATH
 from ..metrics import FeatureStats, metric_name, write_adm_reference
@@ -26,7 +27,6 @@ from .generation import (
     load_model_and_guidance,
     load_samples,
     resolve_device,
-    write_json,
 )
 from .posthoc_ema import apply_posthoc_ema
 from .required_keys import missing_keys, missing_keys_message
@@ -205,7 +205,7 @@ def _write_reference(cfg: DictConfig, datamodule, scorer) -> Path:
 
 
 def _finish(out_dir: Path, results: dict) -> dict:
-    write_json(out_dir / "results.json", results)
+    write_json(out_dir / "results.json", results, default=str)
     print(f"results: {out_dir / 'results.json'}")
     for key, value in results["metrics"].items():
         print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")

@@ -22,11 +22,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .. import artifacts
 from ..callbacks import GenerativeMetricsCallback, SampleGridCallback
-from ..callbacks.checkpointing import check_checkpoint_fits, find_resume_checkpoint
 from ..callbacks.health import TrainingHealth
 from ..callbacks.preemption import Preemption
 from ..modules import DiffusionModule
-from ..modules.checkpoint import load_checkpoint_dict
+from ..modules.checkpoint import check_checkpoint_fits, check_same_run, find_resume_checkpoint, load_checkpoint_dict
 from ..modules.classifier_module import build_classifier_module
 from ..precision import check_accelerator, resolve_precision
 from ..security import check_targets, redact_secrets
@@ -185,32 +184,6 @@ def _own_run_folder(cfg: DictConfig, output_dir: Path) -> dict[str, float] | Non
     return None
 
 
-# data-set identity: a resume with another value trains on other data than the checkpoint saw
-DATA_KEYS = ("_target_", "path", "name", "image_size", "fit", "mode", "center_crop", "limit", "val_size", "seed",
-             "num_classes")
-EXECUTION_ONLY = ("compile", "channels_last", "use_checkpoint")  # how the network runs, not what it is
-
-
-def check_same_run(saved: dict[str, Any] | None, cfg: DictConfig, path: str) -> None:
-    """ValueError listing every data-set, network and diffusion setting that differs from the checkpoint's run."""
-    if not isinstance(saved, dict):
-        return
-    current = _container(cfg)
-    differences = []
-    for group, keys in (("data", DATA_KEYS), ("model", None), ("diffusion", None)):
-        old, new = saved.get(group), current.get(group)
-        if not isinstance(old, dict) or not isinstance(new, dict):
-            continue
-        for key in keys or sorted(set(old) | set(new)):
-            if key in EXECUTION_ONLY or (keys is None and (key not in old or key not in new)):
-                continue
-            if old.get(key) != new.get(key):
-                differences.append(f"{group}.{key}={old.get(key)!r} in the checkpoint, {new.get(key)!r} now")
-    if differences:
-        raise ValueError(f"checkpoint {path} was trained with other settings: {'; '.join(differences[:6])}; "
-                         f"resume with the checkpoint's settings, or start a new run folder without ckpt_path")
-
-
 def _check_resume_point(checkpoint: dict, cfg: DictConfig, path: str, output_dir: Path) -> bool:
     """True when this run's own checkpoint has no training step left (a kill during the final scoring)."""
     step, max_steps = int(checkpoint.get("global_step", 0)), cfg.trainer.get("max_steps")
@@ -242,7 +215,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     trained_out = False
     if checkpoint is not None:  # a different architecture fails here in one line, before anything is written
         check_checkpoint_fits(module, checkpoint, ckpt_path)
-        check_same_run(checkpoint.get("run_config"), cfg, ckpt_path)
+        check_same_run(checkpoint.get("run_config"), _container(cfg), ckpt_path)
         trained_out = _check_resume_point(checkpoint, cfg, ckpt_path, output_dir)
         del checkpoint
     if not is_secondary_rank():
