@@ -28,6 +28,7 @@ METRICS_FILE = "metrics.json"  # end-of-training scores (GenerativeMetricsCallba
 RESULTS_FILE = "results.json"  # ddpm-eval's scores
 SAMPLE_FILE = "sample.json"  # ddpm-sample's settings and outputs
 ERROR_FILE = "error.txt"  # the one-line message of a failed run
+SNAPSHOT_DIR = "posthoc_ema"  # post-hoc EMA snapshots of a run (``ema.posthoc_sigma_rels``)
 LOCK_FILE = ".run.lock"  # held by the process that owns a run (or sweep) folder
 TMP_PATTERN = re.compile(r"^\..+\.tmp-\d+$")  # what a write killed before its os.replace leaves behind
 

@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 from run_config import TINY, compose_run
 
-from ddpm_lightning.callbacks.generative_metrics import make_generative_metrics
 from ddpm_lightning.cli import shards as shards_module
 from ddpm_lightning.cli.sample import sample
 from ddpm_lightning.cli.train import train
 from ddpm_lightning.data import ImageFolderDataModule
+from ddpm_lightning.metrics import make_generative_metrics
 
 EVAL = ["steps=2", "feature=tiny", "reference_n=40", "pr_reference_n=24", "shard_size=2", "batch_size=2",
         "metrics=[fid,sfid,kid,pr,is_clf]", "classifier_epochs=1"]

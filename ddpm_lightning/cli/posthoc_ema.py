@@ -13,8 +13,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ..artifacts import atomic_torch_save, write_json
-from ..callbacks.posthoc_ema import SNAPSHOT_DIR
+from ..artifacts import SNAPSHOT_DIR, atomic_torch_save, write_json
 from ..config import CONFIG_PATH
 from ..modules.checkpoint import load_checkpoint_dict
 from ..modules.ema import list_snapshots, reconstruct_ema

@@ -39,6 +39,7 @@ import torch
 
 from .. import artifacts
 from ..metrics import to_uint8, write_npz
+from ..sampling import save_grid
 
 SHARD_NAME = re.compile(r"^(\d{9})-(\d{9})\.npz$")
 FEATURE_PREFIX = "f_"
@@ -224,8 +225,6 @@ def _duration(seconds: float) -> str:
 # ---------------------------------------------------------------------------------- rank 0: outputs
 def assemble(out_dir: Path, shards: Path, num_samples: int, shard_size: int) -> dict[str, str]:
     """``samples.npz`` (ADM layout, 3 channels, streamed shard by shard) and ``grid.png`` of the first 100."""
-    from ..callbacks.sample_grid import save_grid
-
     ranges = shard_ranges(num_samples, shard_size)
     first = read_shard(shard_path(shards, *ranges[0]))
     h, w = first["arr_0"].shape[1:3]

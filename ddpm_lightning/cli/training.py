@@ -24,6 +24,7 @@ from .. import artifacts
 from ..callbacks import GenerativeMetricsCallback, SampleGridCallback
 from ..callbacks.health import TrainingHealth
 from ..callbacks.preemption import Preemption
+from ..loggers import build_loggers, finish_wandb
 from ..modules import DiffusionModule
 from ..modules.checkpoint import check_checkpoint_fits, check_same_run, find_resume_checkpoint, load_checkpoint_dict
 from ..modules.classifier_module import build_classifier_module
@@ -62,43 +63,6 @@ def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[pl.Callbac
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     health = TrainingHealth(max_nonfinite_steps=cfg.get("train", {}).get("max_nonfinite_steps", 5))
     return [Preemption(), *callbacks, health]
-
-
-def build_loggers(cfg: DictConfig) -> list:
-    nodes = cfg.get("logger") or {}
-    loggers = []
-    for name, node in nodes.items():
-        if node is None or "_target_" not in node:
-            continue
-        if name == "wandb":
-            node = _wandb_defaults(node, cfg)
-        loggers.append(instantiate(redact_secrets(_container(node))))  # loggers upload their arguments
-    return loggers
-
-
-def _wandb_defaults(node: DictConfig, cfg: DictConfig) -> DictConfig:
-    """Name W&B runs by their overrides and group them by sweep, when Hydra is running."""
-    node = node.copy()
-    if not HydraConfig.initialized():
-        return node
-    hydra_cfg = HydraConfig.get()
-    overrides = hydra_cfg.job.override_dirname
-    with_flag = OmegaConf.to_container(node, resolve=True)
-    if with_flag.get("name") is None:
-        node.name = overrides or cfg.task_name
-    multirun = hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN"
-    if with_flag.get("group") is None and multirun:  # e.g. ablate_arch-2026-11-25_09-00-00
-        sweep = Path(hydra_cfg.sweep.dir).name
-        node.group = sweep if str(cfg.task_name) in sweep else f"{cfg.task_name}-{sweep}"
-    # the config's tags plus the overrides (W&B allows 64 characters per tag)
-    node.tags = list(dict.fromkeys(str(t)[:64] for t in [*(with_flag.get("tags") or []),
-                                                          *hydra_cfg.overrides.task]))[:64]
-    if with_flag.get("config") is None:  # filter / group runs by override in the W&B UI: overrides.<key>
-        with open_dict(node):
-            node.config = {"overrides": {k.lstrip("+~"): v for k, _, v in
-                                         (o.partition("=") for o in hydra_cfg.overrides.task)}}
-            node._convert_ = "all"  # wandb.init needs a plain dict
-    return node
 
 
 def resolve_checkpoint(cfg: DictConfig) -> tuple[str | None, dict | None]:
@@ -238,7 +202,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
             raise KeyboardInterrupt from None
         raise
     finally:
-        _finish_wandb(failed=sys.exc_info()[0] is not None)
+        finish_wandb(failed=sys.exc_info()[0] is not None)
     if trained_out:  # Lightning skips a loop with no step left, and with it on_train_end: the final outputs
         for callback in trainer.callbacks:
             if isinstance(callback, (GenerativeMetricsCallback, SampleGridCallback)):
@@ -251,13 +215,6 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
                    num_parameters=sum(p.numel() for p in getattr(module, "net", module).parameters()),
                    overrides=_job_overrides())
     return metrics
-
-
-def _finish_wandb(failed: bool = False) -> None:
-    """End the W&B run: the next job of a sweep in this process starts its own (Lightning would reuse it)."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish(exit_code=1 if failed else 0)
 
 
 @rank_zero_only
