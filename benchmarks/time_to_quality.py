@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from ddpm_lightning.callbacks.sample_grid import save_grid
 from ddpm_lightning.cli.compose import compose_run
 from ddpm_lightning.data import AnimalMNISTDataModule
 from ddpm_lightning.data.transforms import random_hflip, to_uint8
@@ -29,6 +28,7 @@ from ddpm_lightning.metrics import (
     reference_stats,
 )
 from ddpm_lightning.modules.checkpoint import load_diffusion_module
+from ddpm_lightning.sampling import save_grid
 
 
 def fid_of(scorer: GenerativeMetrics, images_uint8: torch.Tensor) -> float:

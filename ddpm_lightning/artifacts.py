@@ -1,13 +1,15 @@
 """Run artifacts: the one owner of run-file names, atomic writes, the free-space check and reading them back.
 
 Every file a run leaves for a later reader (``summary.json``, ``metrics.json``, ``results.json``,
-``error.txt``, checkpoints, sample archives) is written through :func:`atomic_write`: the bytes go to a hidden
+``error.txt``, checkpoints, sample archives, reports, cached statistics) is written through :func:`atomic_write`
+(or :func:`atomic_write_path` for writers that take a file name): the bytes go to a hidden
 ``.<name>.tmp-<pid>`` next to the target, are fsync'ed, then ``os.replace``d onto it (atomic within a folder
 on POSIX), so a reader sees the old file or the complete new one, never half of either. A write that fails
 (a full disk, a kill) leaves the previous file; a full disk becomes :class:`NoSpaceLeft`, whose message is
 the one line the CLIs print: ``no space left on <path>``.
 
-No torch, Lightning or Hydra here: the CLIs import this before any heavy import.
+No torch (but inside :func:`atomic_torch_save`), Lightning or Hydra here: the CLIs import this before any heavy
+import.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ METRICS_FILE = "metrics.json"  # end-of-training scores (GenerativeMetricsCallba
 RESULTS_FILE = "results.json"  # ddpm-eval's scores
 SAMPLE_FILE = "sample.json"  # ddpm-sample's settings and outputs
 ERROR_FILE = "error.txt"  # the one-line message of a failed run
+SNAPSHOT_DIR = "posthoc_ema"  # post-hoc EMA snapshots of a run (``ema.posthoc_sigma_rels``)
 LOCK_FILE = ".run.lock"  # held by the process that owns a run (or sweep) folder
 TMP_PATTERN = re.compile(r"^\..+\.tmp-\d+$")  # what a write killed before its os.replace leaves behind
 
@@ -77,14 +80,26 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
 
     Any failure removes the temporary and leaves ``path`` as it was; a full disk raises :class:`NoSpaceLeft`.
     """
+    def write_file(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            write(handle)
+
+    return atomic_write_path(path, write_file)
+
+
+def atomic_write_path(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """:func:`atomic_write` for writers that take a file name (``torch.save(obj, str(tmp))``, ``zipfile``):
+    ``write(tmp)`` fills the temporary, which is then fsync'ed and renamed onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
@@ -95,6 +110,16 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
     return path
 
 
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (checkpoints, EMA snapshots, classifiers); torch is imported here,
+    on first use, so this module stays light."""
+    import torch
+
+    # a path, not a Python file object: torch writes the bytes itself, so a signal handler that raises (SIGTERM,
+    # callbacks/preemption.py) runs between Python steps, never inside a write, and the exception stays intact
+    return atomic_write_path(path, lambda tmp: torch.save(obj, str(tmp)))
+
+
 def write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, lambda handle: handle.write(data))
 
@@ -103,8 +128,9 @@ def write_text(path: str | Path, text: str) -> Path:
     return write_bytes(path, text.encode())
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2) + "\n")
+def write_json(path: str | Path, obj: Any, default: Callable[[Any], Any] | None = None) -> Path:
+    """``obj`` as indented JSON; ``default`` as ``json.dumps``' (e.g. ``str`` for paths and devices)."""
+    return write_text(path, json.dumps(obj, indent=2, default=default) + "\n")
 
 
 def read_json(path: str | Path) -> dict[str, Any] | None:

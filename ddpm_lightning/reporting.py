@@ -22,6 +22,7 @@ parser for the expected jobs, matplotlib (a Figure, no pyplot) only when plottin
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import math
@@ -34,10 +35,9 @@ from typing import Any
 
 import yaml
 
-SUMMARY_FILE = "summary.json"
-METRICS_FILE = "metrics.json"
-EVAL_RESULTS_FILE = "results.json"  # ddpm-eval
-ERROR_FILE = "error.txt"
+from .artifacts import ERROR_FILE, METRICS_FILE, SUMMARY_FILE, atomic_write, write_text
+from .artifacts import RESULTS_FILE as EVAL_RESULTS_FILE  # ddpm-eval
+
 STATUSES = ("completed", "failed", "running", "incomplete")
 MODES = ("min", "max")
 # the direction of every metric the reports know, by name without the stage prefix and the sample count; a name
@@ -777,6 +777,12 @@ def to_markdown(table: SweepTable, title: str | None = None, aggregate: Aggregat
     return "\n".join(lines) + "\n"
 
 
+def _save_figure(fig, path: str | Path) -> Path:
+    """``fig`` at ``path`` (its suffix gives the format), written atomically."""
+    path = Path(path)
+    return atomic_write(path, lambda handle: fig.savefig(handle, dpi=120, format=path.suffix.lstrip(".") or "png"))
+
+
 def write_csv(table: SweepTable, path: str | Path, aggregate: Aggregate | None = None) -> Path:
     """Every run (every per-seed value) with every scalar metric (one column each), its overrides, status and
     row (its overrides minus the seeds); ``best`` is 1 for the best run, or with seed axes for the runs of the best
@@ -787,7 +793,7 @@ def write_csv(table: SweepTable, path: str | Path, aggregate: Aggregate | None =
                "train_seconds", "global_step", *metrics, "overrides", "folder"]
     row_of = {id(run): group for group in (aggregate.groups if aggregate else []) for run in group.runs}
     best_row = aggregate.groups[aggregate.best] if aggregate and aggregate.best is not None else None
-    with open(path, "w", newline="") as handle:
+    with io.StringIO(newline="") as handle:  # csv's \r\n line ends kept as they are
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for i, run in enumerate(table.runs):
@@ -801,7 +807,7 @@ def write_csv(table: SweepTable, path: str | Path, aggregate: Aggregate | None =
                              "train_seconds": run.train_seconds, "global_step": run.global_step,
                              **{k: run.metrics.get(k, "") for k in metrics},
                              "overrides": " ".join(run.overrides), "folder": str(run.folder)})
-    return path
+        return write_text(path, handle.getvalue())
 
 
 SUMMARY_COLUMNS = ("row", "metric", "mode", "n", "mean", "std", "ci_low", "ci_high", "sampling_std", "seeds_done",
@@ -813,7 +819,7 @@ def write_summary_csv(aggregate: Aggregate, path: str | Path) -> Path:
     """One line per row and metric: the statistics over seeds, the paired difference against the baseline and its
     verdict (empty for the baseline itself and for metrics without verdicts)."""
     path = Path(path)
-    with open(path, "w", newline="") as handle:
+    with io.StringIO(newline="") as handle:  # csv's \r\n line ends kept as they are
         writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS)
         writer.writeheader()
         for i, group in enumerate(aggregate.groups):
@@ -836,7 +842,7 @@ def write_summary_csv(aggregate: Aggregate, path: str | Path) -> Path:
                     "verdict": paired.verdict if judged else "",
                     "best": int(i == aggregate.best and metric == aggregate.metric),
                     "tied_with_best": int(i in aggregate.tied and metric == aggregate.metric)})
-    return path
+        return write_text(path, handle.getvalue())
 
 
 def plot(table: SweepTable, path: str | Path, metrics: Sequence[str] | None = None) -> Path:
@@ -873,9 +879,7 @@ def plot(table: SweepTable, path: str | Path, metrics: Sequence[str] | None = No
     axes[0][0].set_yticklabels(labels, fontsize=8)
     fig.suptitle(table.sweep_dir.name, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_rows(aggregate: Aggregate, path: str | Path, title: str = "", metrics: Sequence[str] | None = None) -> Path:
@@ -911,9 +915,7 @@ def plot_rows(aggregate: Aggregate, path: str | Path, title: str = "", metrics: 
     axes[0][0].set_yticklabels(labels, fontsize=8)
     fig.suptitle(f"{title}: dots = {aggregate.unit_kind}s; ★ best, ≈ tied with it", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save_figure(fig, path)
 
 
 def guidance_key(table: SweepTable) -> str | None:
@@ -971,9 +973,7 @@ def plot_tradeoff(table: SweepTable, path: str | Path, key: str, aggregate: Aggr
     axes[2].set_title("class accuracy of the samples", fontsize=10)
     fig.suptitle(f"{table.sweep_dir.name}: {key}" + (" (means over seeds)" if aggregate else ""), fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save_figure(fig, path)
 
 
 def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, metric: str | None = None,
@@ -993,7 +993,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, metri
     out_dir = Path(out_dir) if out_dir is not None else Path(sweep_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(table, title, aggregate=rows, missing=missing)
-    (out_dir / "report.md").write_text(markdown)
+    write_text(out_dir / "report.md", markdown)
     paths = {"markdown": out_dir / "report.md", "csv": write_csv(table, out_dir / "report.csv", rows)}
     if rows is not None:
         paths["summary_csv"] = write_summary_csv(rows, out_dir / "report_summary.csv")

@@ -13,8 +13,8 @@ from ddpm_lightning.diffusion import (
     make_beta_schedule,
     timestep_quartile,
 )
-from ddpm_lightning.modules.checkpoint import load_diffusion_module
-from ddpm_lightning.modules.classifier_module import ClassifierModule, load_classifier_module
+from ddpm_lightning.modules.checkpoint import load_classifier_module, load_diffusion_module
+from ddpm_lightning.modules.classifier_module import ClassifierModule
 from ddpm_lightning.modules.guidance import guidance_info
 from ddpm_lightning.sampling import sample_images
 

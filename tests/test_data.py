@@ -95,7 +95,7 @@ def test_reference_images_deterministic(animal):
     assert torch.equal(animal.reference_images("train", 20)[:8], ref)
     assert animal.reference_labels("train", 8).shape == (8,)
     assert animal.reference_key("train", 8) != animal.reference_key("val", 8)
-    images, labels = animal.val_tensors()
+    images, labels = animal.reference_images("val"), animal.reference_labels("val")  # the whole split
     assert images.shape == (1000, 1, 32, 32) and labels.shape == (1000,)
     with pytest.raises(ValueError, match="asked for 2000 val reference images"):
         animal.reference_images("val", 2000)

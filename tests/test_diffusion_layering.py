@@ -41,3 +41,44 @@ def test_layering_check_detects_a_leak():
     """The check itself works: a module that imports omegaconf is reported, and blamed, not its predecessor."""
     leaks = _leaks("ddpm_lightning.diffusion", "omegaconf")
     assert leaks["ddpm_lightning.diffusion"] == [] and "omegaconf" in leaks["omegaconf"]
+
+
+# The CLIs take shared helpers from their owners (checkpoints: modules/checkpoint.py, grids: sampling/, scoring:
+# metrics/, run files: artifacts.py), never from callbacks/; only the Trainer's own wiring imports callbacks.
+CALLBACK_USERS = {"training.py"}  # builds the Trainer: Preemption, TrainingHealth, the configured callbacks
+
+
+def _imported_modules(path):
+    """Every module a file imports (top level or inside functions), relative imports resolved in the package."""
+    import ast
+    from pathlib import Path
+
+    package = "ddpm_lightning." + ".".join(Path(path).parent.relative_to(Path(path).parents[1]).parts)
+    names = []
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(part for part in (base, node.module) if part)
+            names += [module] + [f"{module}.{alias.name}" for alias in node.names]
+    return names
+
+
+def test_the_clis_import_no_helpers_from_callbacks():
+    from pathlib import Path
+
+    import ddpm_lightning.cli
+
+    cli_dir = Path(ddpm_lightning.cli.__file__).parent
+    offenders = {path.name: [m for m in _imported_modules(path) if m.startswith("ddpm_lightning.callbacks")]
+                 for path in sorted(cli_dir.glob("*.py")) if path.name not in CALLBACK_USERS}
+    assert {name: found for name, found in offenders.items() if found} == {}
+    assert "ddpm_lightning.callbacks" in _imported_modules(cli_dir / "training.py")  # the check sees imports
+
+
+def test_import_check_resolves_relative_imports(tmp_path):
+    package = tmp_path / "ddpm_lightning" / "cli"
+    package.mkdir(parents=True)
+    (package / "x.py").write_text("def f():\n    from ..callbacks.sample_grid import save_grid\n")
+    assert "ddpm_lightning.callbacks.sample_grid.save_grid" in _imported_modules(package / "x.py")

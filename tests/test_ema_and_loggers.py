@@ -1,10 +1,14 @@
-"""EMA through AveragedModel (plain and warm-up decay) and the W&B mode fallback."""
+"""EMA through AveragedModel (plain and warm-up decay), the W&B mode fallback and the loggers built from a config."""
+
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
-from ddpm_lightning.loggers import resolve_wandb_mode, wandb_key_configured
+from ddpm_lightning.loggers import build_loggers, finish_wandb, resolve_wandb_mode, wandb_key_configured
 from ddpm_lightning.modules.ema import make_ema
 
 
@@ -57,6 +61,28 @@ def test_wandb_mode_falls_back_offline_without_key(monkeypatch, tmp_path):
     assert resolve_wandb_mode(None) == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert resolve_wandb_mode(None) == "disabled"
+
+
+def test_loggers_get_their_arguments_with_secrets_redacted(monkeypatch):
+    """Loggers upload their arguments: a secret-looking key or a secret environment value never reaches them."""
+    key = "k" * 40
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    cfg = OmegaConf.create({"logger": {
+        "plain": {"_target_": "builtins.dict", "project": "p", "api_key": "abc", "notes": f"key={key}"},
+        "off": None, "no_target": {"project": "q"}}})
+    assert build_loggers(cfg) == [{"project": "p", "api_key": "<redacted>", "notes": "key=<redacted:WANDB_API_KEY>"}]
+
+
+@pytest.mark.parametrize(("failed", "exit_code"), [(False, 0), (True, 1)])
+def test_finish_wandb_ends_the_run_with_the_outcome(monkeypatch, failed, exit_code):
+    finished = []
+    fake = SimpleNamespace(run=object(), finish=lambda exit_code: finished.append(exit_code))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    finish_wandb(failed=failed)
+    assert finished == [exit_code]
+    fake.run = None  # no run (W&B not configured): nothing to end
+    finish_wandb(failed=failed)
+    assert finished == [exit_code]
 
 
 def test_tensorboard_logger_writes_events(tmp_path):

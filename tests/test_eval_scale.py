@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 from run_config import TINY, compose_run
 
-from ddpm_lightning.callbacks.generative_metrics import make_generative_metrics
 from ddpm_lightning.cli import shards as shards_module
 from ddpm_lightning.cli.sample import sample
 from ddpm_lightning.cli.train import train
 from ddpm_lightning.data import ImageFolderDataModule
+from ddpm_lightning.metrics import make_generative_metrics
 
 EVAL = ["steps=2", "feature=tiny", "reference_n=40", "pr_reference_n=24", "shard_size=2", "batch_size=2",
         "metrics=[fid,sfid,kid,pr,is_clf]", "classifier_epochs=1"]
@@ -106,7 +106,7 @@ def test_sigint_keeps_finished_shards_and_a_rerun_continues_byte_equal(tiny_ckpt
     assert last.startswith("interrupted: kept ") and "Traceback" not in stderr
     kept = sorted(p.name for p in (out / "shards").glob("*-*.npz"))
     assert 2 <= len(kept) < 60 and not (out / "samples.npz").exists()
-    assert not list((out / "shards").glob(".*.tmp"))
+    assert not list((out / "shards").glob(".*.tmp*"))
 
     resumed = _run("sample", *args, out=out, cache=cache)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -133,7 +133,7 @@ def test_full_disk_is_one_line_and_keeps_the_finished_shards(tiny_ckpt, tmp_path
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("[rank ")]
     assert len(err) == 1 and err[0].startswith(f"error: no space left on {tmp_path / 'out' / 'shards'}: kept 2 ")
     assert [p.name for p in (tmp_path / "out" / "shards").glob("*.npz")] == ["000000000-000000002.npz"]
-    assert not list((tmp_path / "out" / "shards").glob(".*.tmp"))
+    assert not list((tmp_path / "out" / "shards").glob(".*.tmp*"))
 
     monkeypatch.setattr(shards_module.np, "savez", real_savez)  # space freed: the rerun continues
     result = sample(compose_run(overrides, tmp_path / "out", config_name="sample"))

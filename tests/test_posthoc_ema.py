@@ -107,7 +107,7 @@ def test_reconstruction_matches_directly_tracked_emas(tmp_path):
     # snapshots: tensors and primitives only, nothing half-written left behind
     payload = torch.load(tmp_path / "snapshot-0000010.pt", weights_only=True)
     assert payload["step"] == 10 and payload["sigma_rels"] == pytest.approx([0.05, 0.10])
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
 def test_reconstruction_of_a_tracked_profile_is_exact():

@@ -25,15 +25,12 @@ from faults import (
 from hydra.utils import instantiate
 from run_config import TINY, compose_run
 
-from ddpm_lightning.callbacks.checkpointing import (
-    AtomicCheckpointIO,
-    atomic_torch_save,
-    find_resume_checkpoint,
-    remove_stale_temporaries,
-)
+from ddpm_lightning.artifacts import atomic_torch_save
+from ddpm_lightning.callbacks.checkpointing import AtomicCheckpointIO
 from ddpm_lightning.callbacks.health import TrainingDiverged, TrainingHealth
 from ddpm_lightning.cli.errors import run_cli
 from ddpm_lightning.cli.train import build_callbacks, train
+from ddpm_lightning.modules.checkpoint import find_resume_checkpoint, remove_stale_temporaries
 
 
 class SimulatedKill(BaseException):
@@ -86,7 +83,7 @@ def test_resume_auto_skips_truncated_and_foreign_files_newest_first(tmp_path, ca
     atomic_torch_save({"not": "a training checkpoint"}, folder / "notes.ckpt")
     good = (folder / "periodic-step0000004.ckpt").read_bytes()
     (folder / "last.ckpt").write_bytes(good[: len(good) // 2])  # e.g. a non-atomic copy that was cut short
-    with caplog.at_level(logging.WARNING, logger="ddpm_lightning.callbacks.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="ddpm_lightning.modules.checkpoint"):
         path, checkpoint = find_resume_checkpoint(folder)
     assert path.name == "periodic-step0000004.ckpt" and checkpoint["global_step"] == 4
     assert "last.ckpt" in caplog.text and "corrupt or truncated" in caplog.text

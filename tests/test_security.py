@@ -12,11 +12,10 @@ import torch
 from omegaconf import OmegaConf
 from run_config import TINY, compose_run
 
-from ddpm_lightning.callbacks.checkpointing import find_resume_checkpoint
 from ddpm_lightning.cli.errors import run_cli
 from ddpm_lightning.cli.train import train
 from ddpm_lightning.data.sources import load_npz
-from ddpm_lightning.modules.checkpoint import load_checkpoint_dict, load_diffusion_module
+from ddpm_lightning.modules.checkpoint import find_resume_checkpoint, load_checkpoint_dict, load_diffusion_module
 from ddpm_lightning.security import check_targets, iter_targets, redact_secrets, target_allowed
 
 FAKE_KEY = "f" * 8 + "0123456789abcdef0123456789abcdef"  # 40 characters, the length of a W&B key

@@ -286,7 +286,7 @@ def test_wandb_names_groups_and_tags_a_sweep_job(tmp_path):
     from hydra.types import RunMode
     from omegaconf import open_dict
 
-    from ddpm_lightning.cli.train import _wandb_defaults
+    from ddpm_lightning.loggers import wandb_defaults
 
     long_override = "paths.data_dir=/" + "x" * 80
     cfg = _compose_hydra(["experiment=ablate_loss", "logger=many", "diffusion=vlb", long_override])
@@ -295,7 +295,7 @@ def test_wandb_names_groups_and_tags_a_sweep_job(tmp_path):
         cfg.hydra.sweep.dir = str(tmp_path / "2026-01-01_00-00-00")
         cfg.hydra.job.override_dirname = "diffusion=vlb"
     HydraConfig.instance().set_config(cfg)
-    node = OmegaConf.to_container(_wandb_defaults(cfg.logger.wandb, cfg))
+    node = OmegaConf.to_container(wandb_defaults(cfg.logger.wandb, cfg))
     assert node["group"] == "ablate_loss-2026-01-01_00-00-00" and node["name"] == "diffusion=vlb"
     assert node["tags"][:2] == ["ablate_loss", "animal_mnist"]  # the experiment's tags, then the overrides
     assert "diffusion=vlb" in node["tags"] and all(len(tag) <= 64 for tag in node["tags"])

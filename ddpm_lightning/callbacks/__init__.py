@@ -1,6 +1,6 @@
 """Lightning callbacks: sample grids and generative metrics."""
 
-from .generative_metrics import GenerativeMetricsCallback, make_generative_metrics
-from .sample_grid import SampleGridCallback, save_grid
+from .generative_metrics import GenerativeMetricsCallback
+from .sample_grid import SampleGridCallback
 
-__all__ = ["SampleGridCallback", "save_grid", "GenerativeMetricsCallback", "make_generative_metrics"]
+__all__ = ["SampleGridCallback", "GenerativeMetricsCallback"]

@@ -21,79 +21,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from .. import artifacts
-from ..metrics import (
-    GenerativeMetrics,
-    cached_clean_classifier,
-    load_feature_extractor,
-    metric_name,
-    read_adm_reference,
-    reference_stats,
-    to_uint8,
-)
+from ..metrics import GenerativeMetrics, make_generative_metrics, metric_name, to_uint8
 from ..modules.guidance import load_classifier_guidance
 from ..sampling import check_sampling_options
-
-CLASSIFIER_IMAGES = 10_000  # is_clf on a source decoded from files trains on this many training images
-def reference_batches(datamodule, split: str, n: int, chunk: int = 256) -> Iterator[torch.Tensor]:
-    """The first ``n`` images of ``split`` (``reference_images``' order) decoded ``chunk`` at a time."""
-    indices = datamodule.split_indices(split)[:n]
-    for start in range(0, len(indices), chunk):
-        yield datamodule.source.get(indices[start:start + chunk])
-
-
-def classifier_data(datamodule, max_images: int = CLASSIFIER_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images and labels the clean classifier (is_clf) trains on: every training image of an in-memory source,
-    the first ``max_images`` of a source decoded from files (an image folder)."""
-    if datamodule.source.in_memory:
-        return datamodule.train_tensors()
-    n = min(max_images, len(datamodule.split_indices("train")))
-    return datamodule.reference_images("train", n), datamodule.reference_labels("train", n)
-
-
-def make_generative_metrics(datamodule, *, metrics: Sequence[str] = ("fid", "kid", "pr"), feature: str = "inception",
-                            weights_path: str | None = None, reference_split: str = "train",
-                            reference_n: int = 2000, pr_reference_n: int = 10_000, reference: str | None = None,
-                            cache_dir: str | None = None, classifier_epochs: int = 5,
-                            batch_size: int = 64, device: str | torch.device = "cpu",
-                            progress: bool = False) -> GenerativeMetrics:
-    """GenerativeMetrics for ``datamodule``'s real images (cached statistics, cached clean classifier).
-
-    Statistics (FID, sFID) cover ``reference_n`` images (up to the whole split), streamed; KID and
-    precision/recall use the first ``pr_reference_n`` of them (ADM: 10,000). ``reference``: an ADM evaluator
-    reference batch (``.npz`` with ``mu``/``sigma``/``mu_s``/``sigma_s``/``arr_0``) to score against instead.
-    """
-    metrics = tuple(metrics)
-    if pr_reference_n < 0:
-        raise ValueError(f"pr_reference_n must be >= 0, got {pr_reference_n}")
-    extractor = load_feature_extractor(feature, weights_path, device=device)
-    if datamodule is None and not reference:
-        raise ValueError("scoring needs the data set (data=<name>) or an ADM reference batch (reference=<.npz>)")
-    if reference:
-        ref = read_adm_reference(reference, extractor, cache_dir=cache_dir, batch_size=batch_size, device=device,
-                                 max_features=pr_reference_n, progress=progress)
-    else:
-        available = len(datamodule.split_indices(reference_split))
-        n = min(int(reference_n), available)
-        rank_zero_info(f"scoring setup: {feature} statistics of {n} real {datamodule.name} images (computed once per "
-                       f"data set, then read from the cache {cache_dir})")  # minutes on CPU the first time: say so
-        ref = reference_stats(lambda: reference_batches(datamodule, reference_split, n),
-                              data_name=datamodule.name, split=reference_split,
-                              image_size=datamodule.image_size, feature_extractor=extractor, n=n,
-                              cache_dir=cache_dir, batch_size=batch_size, device=device,
-                              max_features=pr_reference_n, progress=progress, need_spatial="sfid" in metrics)
-    classifier = None
-    if "is_clf" in metrics:
-        if datamodule is None:
-            raise ValueError("is_clf trains a classifier on the data set: pass data=<name> or drop is_clf")
-        if not datamodule.num_classes:
-            raise ValueError(f"is_clf needs a labelled data set; {datamodule.name} has no labels: drop is_clf")
-        rank_zero_info(f"scoring setup: clean classifier for is_clf ({classifier_epochs} epochs on "
-                       f"{datamodule.name}, trained once per data set, then read from the cache)")
-        classifier = cached_clean_classifier(lambda: classifier_data(datamodule), data_name=datamodule.name,
-                                             image_size=datamodule.image_size, num_classes=datamodule.num_classes,
-                                             cache_dir=cache_dir, epochs=classifier_epochs, device=device)
-    return GenerativeMetrics(extractor, ref, metrics, classifier=classifier, batch_size=batch_size,
-                             device=device, progress=progress)
 
 
 class GenerativeMetricsCallback(pl.Callback):
@@ -148,7 +78,7 @@ class GenerativeMetricsCallback(pl.Callback):
             with torch.inference_mode(False), torch.enable_grad():
                 self._scorer = make_generative_metrics(trainer.datamodule, device=module.device,
                                                        progress=trainer.progress_bar_callback is not None,
-                                                       **self.metric_kwargs)
+                                                       log=rank_zero_info, **self.metric_kwargs)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -39,12 +39,13 @@ from typing import Any
 import lightning.pytorch as pl
 from typing_extensions import override
 
+from ..modules.checkpoint import LAST_NAME
+
 log = logging.getLogger(__name__)
 
 TERM_EXIT_CODE = 128 + signal.SIGTERM  # 143: what a shell reports for a process ended by SIGTERM
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: an exact-resume checkpoint was written; run again with resume=auto
 REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
-LAST_NAME = "last.ckpt"
 
 
 class Preemption(pl.Callback):

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torchvision.utils import make_grid, save_image
 from typing_extensions import override
 
-from ..artifacts import atomic_write
-from ..sampling import check_sampling_options
-
-
-def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int) -> Path:
-    """Save images in [-1, 1] as one PNG grid (``artifacts.atomic_write``: the old grid or the whole new one)."""
-    grid = make_grid(((images.clamp(-1, 1) + 1) / 2).float().cpu(), nrow=nrow, padding=2, pad_value=0.5)
-    return atomic_write(path, lambda handle: save_image(grid, handle, format="PNG"))
+from ..sampling import check_sampling_options, save_grid
 
 
 def log_image(trainer: pl.Trainer, key: str, path: Path, step: int) -> None:

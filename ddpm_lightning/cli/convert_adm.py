@@ -17,7 +17,8 @@ rebuild with ``UNet(**ckpt["model_config"]).load_state_dict(ckpt["state_dict"])`
 flags that do not fit the checkpoint) print one line and exit with status 2.
 
 ``ddpm-sample`` / ``ddpm-eval ckpt=<converted UNet>`` and ``guidance.classifier_ckpt=<converted classifier>``
-take the output directly: ``diffusion_module_from_adm`` / ``classifier_guidance_from_adm`` rebuild the
+take the output directly: ``diffusion_module_from_adm`` / ``classifier_guidance_from_adm`` (the checkpoint owner,
+``modules/checkpoint.py``) rebuild the
 diffusion process from the stored ADM flags (``noise_schedule``, ``diffusion_steps``, ``learn_sigma`` ->
 learned-range variance, else ADM's fixed-large; ``predict_xstart``; ``timestep_respacing`` as the default
 sampling steps, else all of them, with ADM's ancestral sampler) and the class count from the model.
@@ -151,68 +152,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def is_converted_adm(checkpoint: dict[str, Any]) -> bool:
-    """Whether a loaded checkpoint dict is the output of ``ddpm-convert-adm``."""
-    return {"state_dict", "model_class", "model_config", "adm_flags"} <= set(checkpoint)
-
-
-def adm_diffusion_config(flags: dict[str, Any]) -> dict[str, Any]:
-    """ADM's diffusion flags -> our ``diffusion`` config (guided_diffusion's ``create_gaussian_diffusion``)."""
-    if flags.get("rescale_timesteps"):
-        raise ValueError("ADM flag rescale_timesteps=True is not supported (the published checkpoints use False)")
-    learn_sigma = bool(flags.get("learn_sigma", False))
-    config = {"schedule": str(flags.get("noise_schedule", "linear")),
-              "num_timesteps": int(flags.get("diffusion_steps", 1000)),
-              "mean_type": "x0" if flags.get("predict_xstart") else "eps",
-              "var_type": "learned_range" if learn_sigma else "fixed_large",
-              "loss_type": "vlb" if flags.get("use_kl") else ("hybrid" if learn_sigma else "simple")}
-    return config
-
-
-def diffusion_module_from_adm(checkpoint: dict[str, Any], path: str | Path = "checkpoint"):
-    """A ``DiffusionModule`` (net and EMA net holding the official weights) from a converted UNet checkpoint."""
-    from ..modules import DiffusionModule
-
-    if checkpoint["model_class"] != "UNet":
-        raise ValueError(f"{path} is a converted ADM {checkpoint['model_class']} (a classifier?), not a diffusion "
-                         f"model: give it as guidance.classifier_ckpt")
-    config, flags = dict(checkpoint["model_config"]), dict(checkpoint["adm_flags"])
-    num_classes = config.pop("num_classes", None)
-    image_size, channels = int(config.pop("image_size")), int(config.pop("in_channels"))
-    config.pop("out_channels", None)
-    respacing = str(flags.get("timestep_respacing") or "")
-    module = DiffusionModule(
-        model={**config, "class_cond": num_classes is not None}, diffusion=adm_diffusion_config(flags),
-        optim={}, ema={}, image_size=image_size, channels=channels, num_classes=num_classes,
-        sample={"method": "ddpm", "steps": respacing or None},
-        run_config={"adm_flags": flags, "converted_from": "ddpm-convert-adm"})
-    try:
-        module.net.load_state_dict(checkpoint["state_dict"])
-        module.ema_net.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        lines = [line.strip() for line in str(error).splitlines()]
-        detail = next((line for line in lines if "size mismatch" in line or "Missing" in line), str(error)[:200])
-        raise ValueError(f"{path} does not fit its own model_config: {detail}") from None
-    return module.eval()
-
-
-def classifier_guidance_from_adm(checkpoint: dict[str, Any], scale: float, diffusion_hparams: dict[str, Any],
-                                 path: str | Path = "checkpoint", map_location: str | torch.device = "cpu"):
-    """``(cond_fn, class count)`` guiding with a converted official classifier (checked against the model)."""
-    from ..diffusion import build_guidance
-    from ..modules.guidance import guidance_info
-
-    if checkpoint["model_class"] != "EncoderUNet":
-        raise ValueError(f"guidance.classifier_ckpt={path} is a converted ADM {checkpoint['model_class']}, "
-                         f"not a classifier")
-    config, flags = checkpoint["model_config"], checkpoint["adm_flags"]
-    net = EncoderUNet(**config)
-    net.load_state_dict(checkpoint["state_dict"])
-    net = net.to(map_location).eval()
-    info = {"num_timesteps": int(flags.get("diffusion_steps", 1000)), "schedule": str(flags.get("noise_schedule",
-            "linear")), "image_size": int(config["image_size"]), "channels": int(config["in_channels"]),
-            "num_classes": int(config["out_channels"])}
-    cond_fn = build_guidance(net, scale, classifier_info=info, diffusion_info=guidance_info(diffusion_hparams))
-    return cond_fn, info["num_classes"]

@@ -14,11 +14,12 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-from ..callbacks.generative_metrics import make_generative_metrics, reference_batches
+from ..artifacts import write_json
 from ..config import CONFIG_PATH
-from ..metrics import FeatureStats, metric_name, write_adm_reference
+from ..metrics import FeatureStats, make_generative_metrics, metric_name, reference_batches, write_adm_reference
 from .errors import run_cli
 from .generation import (
     generate,
@@ -26,7 +27,6 @@ from .generation import (
     load_model_and_guidance,
     load_samples,
     resolve_device,
-    write_json,
 )
 from .posthoc_ema import apply_posthoc_ema
 from .required_keys import missing_keys, missing_keys_message
@@ -110,7 +110,7 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
                 reference_n=int(cfg.reference_n), pr_reference_n=int(cfg.pr_reference_n),
                 reference=cfg.get("reference"), cache_dir=cfg.cache_dir,
                 classifier_epochs=int(cfg.classifier_epochs), batch_size=int(cfg.batch_size), device=procs.device,
-                progress=procs.rank == 0)
+                progress=procs.rank == 0, log=rank_zero_info)
         if procs.rank == 0:  # rank 0 fills the caches (statistics, clean classifier); the others read them
             scorer = build()
         procs.barrier()
@@ -205,7 +205,7 @@ def _write_reference(cfg: DictConfig, datamodule, scorer) -> Path:
 
 
 def _finish(out_dir: Path, results: dict) -> dict:
-    write_json(out_dir / "results.json", results)
+    write_json(out_dir / "results.json", results, default=str)
     print(f"results: {out_dir / 'results.json'}")
     for key, value in results["metrics"].items():
         print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")

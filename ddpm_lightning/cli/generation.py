@@ -4,8 +4,6 @@ uint8 samples in the ADM evaluator's layout: ``arr_0`` NHWC with 3 channels, lab
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +13,13 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..modules.checkpoint import load_checkpoint_dict, load_diffusion_module
+from ..modules.checkpoint import (
+    classifier_guidance_from_adm,
+    diffusion_module_from_adm,
+    is_converted_adm,
+    load_checkpoint_dict,
+    load_diffusion_module,
+)
 from ..modules.guidance import load_classifier_guidance
 from ..sampling import check_sampling_options
 from .shards import (
@@ -56,8 +60,6 @@ def load_model_and_guidance(ckpt: str, guidance: dict[str, Any], device: torch.d
 
     ``ckpt`` and ``guidance.classifier_ckpt`` may be ``ddpm-train`` checkpoints or official ADM weights
     converted by ``ddpm-convert-adm`` (its flags give the diffusion settings)."""
-    from .convert_adm import classifier_guidance_from_adm, diffusion_module_from_adm, is_converted_adm
-
     checkpoint = load_checkpoint_dict(ckpt, map_location="cpu")
     if is_converted_adm(checkpoint):
         module = diffusion_module_from_adm(checkpoint, ckpt).to(device)
@@ -180,13 +182,6 @@ def keep_finished_shards(out_dir: Path, fn: Callable[[], Any]) -> Any:
 
 def labels_allowed(module, cond_fn) -> bool:
     return module.num_classes is not None or cond_fn is not None
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def load_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -11,15 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..callbacks.posthoc_ema import SNAPSHOT_DIR
+from ..artifacts import SNAPSHOT_DIR, atomic_torch_save, write_json
 from ..config import CONFIG_PATH
 from ..modules.checkpoint import load_checkpoint_dict
 from ..modules.ema import list_snapshots, reconstruct_ema
 from .errors import run_cli
-from .generation import write_json
 
 EMA_PREFIX = "ema.module."
 COARSE_FIT = 0.02  # profile L2 error above which the CLI suggests more snapshots
@@ -44,7 +42,7 @@ def apply_posthoc_ema(module, ckpt: str | Path, sigma_rel: float, snapshots: str
     (default: the checkpoint's step, see ``snapshot_step``); its summary."""
     folder = snapshots_folder(ckpt, snapshots)
     if step is None:
-        step = snapshot_step(folder, torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True), None)
+        step = snapshot_step(folder, load_checkpoint_dict(ckpt, mmap=True), None)
     state, info = reconstruct_ema(folder, sigma_rel, step=step)
     module.ema.module.load_state_dict({k: v.to(module.device) for k, v in state.items()})
     return info
@@ -53,8 +51,6 @@ def apply_posthoc_ema(module, ckpt: str | Path, sigma_rel: float, snapshots: str
 def write_posthoc_checkpoint(ckpt: str | Path, sigma_rel: float, out_path: str | Path,
                              snapshots: str | Path | None = None, step: int | None = None) -> dict[str, Any]:
     """``ckpt`` with its EMA weights replaced by the power EMA of length ``sigma_rel``, written atomically."""
-    import os
-
     checkpoint = load_checkpoint_dict(ckpt)
     state_dict = checkpoint.get("state_dict") or {}
     if not any(k.startswith(EMA_PREFIX) for k in state_dict):
@@ -70,12 +66,7 @@ def write_posthoc_checkpoint(ckpt: str | Path, sigma_rel: float, out_path: str |
     for key, value in ema_state.items():
         state_dict[EMA_PREFIX + key] = value
     checkpoint["posthoc_ema"] = info
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, out_path)
-    return {**info, "ckpt": str(out_path)}
+    return {**info, "ckpt": str(atomic_torch_save(checkpoint, out_path))}
 
 
 def posthoc_ema(cfg: DictConfig) -> dict[str, Any]:
@@ -100,7 +91,7 @@ def posthoc_ema(cfg: DictConfig) -> dict[str, Any]:
                   f"~50 per run give <~5e-3 for sigma_rel 0.03-0.2)")
     summary = {"source_ckpt": str(cfg.ckpt), "snapshots": str(snapshots_folder(cfg.ckpt, cfg.snapshots)),
                "results": results}
-    write_json(out_dir / "posthoc_ema.json", summary)
+    write_json(out_dir / "posthoc_ema.json", summary, default=str)
     return summary
 
 

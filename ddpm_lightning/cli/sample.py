@@ -25,7 +25,8 @@ def sample(cfg: DictConfig) -> dict:
 
 
 def _sample(cfg: DictConfig, out_dir: Path) -> dict:
-    from .generation import generate, load_model_and_guidance, resolve_device, write_json
+    from ..artifacts import write_json
+    from .generation import generate, load_model_and_guidance, resolve_device
     from .shards import launch
 
     device = resolve_device(cfg.device)
@@ -44,7 +45,7 @@ def _sample(cfg: DictConfig, out_dir: Path) -> dict:
     result = {"ckpt": cfg.ckpt, "num_samples": int(cfg.num_samples), "sampling_seconds": gen["seconds"],
               "samples_per_second": gen["samples_per_second"], "guidance": guidance,
               "outputs": generated["outputs"], "sampling": generated["sampling"], "generation": gen}
-    write_json(out_dir / "sample.json", result)
+    write_json(out_dir / "sample.json", result, default=str)
     print(f"samples: {result['outputs']['samples']}\ngrid: {result['outputs']['grid']}")
     return result
 

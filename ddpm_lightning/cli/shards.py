@@ -21,7 +21,6 @@ are identical for any process count too.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -40,6 +39,7 @@ import torch
 
 from .. import artifacts
 from ..metrics import to_uint8, write_npz
+from ..sampling import save_grid
 
 SHARD_NAME = re.compile(r"^(\d{9})-(\d{9})\.npz$")
 FEATURE_PREFIX = "f_"
@@ -112,23 +112,7 @@ def check_settings(shards: Path, settings: dict[str, Any], rank: int) -> None:
                              f"{', '.join(f'{have.get(k)!r} there, {wanted.get(k)!r} now' for k in differ)}); "
                              f"use another output folder or the same settings")
     elif rank == 0:
-        _atomic(path, lambda tmp: tmp.write_text(json.dumps(wanted, indent=2)))
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file; a full disk becomes ``NoSpaceLeft`` and leaves the old file in place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as error:
-        if error.errno == errno.ENOSPC:
-            raise NoSpaceLeft(path.parent) from None
-        raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        artifacts.write_text(path, json.dumps(wanted, indent=2))
 
 
 def write_shard(path: Path, images: np.ndarray, labels: np.ndarray | None, features: dict[str, torch.Tensor],
@@ -140,11 +124,10 @@ def write_shard(path: Path, images: np.ndarray, labels: np.ndarray | None, featu
         arrays |= {FEATURE_PREFIX + k: v.numpy() for k, v in features.items()}
         arrays["feature_id"] = np.str_(feature_id)
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    _atomic(path, write)
+    try:
+        artifacts.atomic_write(path, lambda handle: np.savez(handle, **arrays))
+    except NoSpaceLeft:  # named by its folder: the message goes on to count the shards kept there
+        raise NoSpaceLeft(path.parent) from None
 
 
 def read_shard(path: Path) -> dict[str, np.ndarray]:
@@ -242,8 +225,6 @@ def _duration(seconds: float) -> str:
 # ---------------------------------------------------------------------------------- rank 0: outputs
 def assemble(out_dir: Path, shards: Path, num_samples: int, shard_size: int) -> dict[str, str]:
     """``samples.npz`` (ADM layout, 3 channels, streamed shard by shard) and ``grid.png`` of the first 100."""
-    from ..callbacks.sample_grid import save_grid
-
     ranges = shard_ranges(num_samples, shard_size)
     first = read_shard(shard_path(shards, *ranges[0]))
     h, w = first["arr_0"].shape[1:3]
@@ -257,12 +238,7 @@ def assemble(out_dir: Path, shards: Path, num_samples: int, shard_size: int) -> 
     arrays: dict[str, Any] = {"arr_0": ((num_samples, h, w, 3), np.uint8, chunks("arr_0"))}
     if has_labels:
         arrays["arr_1"] = ((num_samples,), np.int64, chunks("arr_1"))
-    try:
-        write_npz(out_dir / "samples.npz", arrays)
-    except OSError as error:
-        if error.errno == errno.ENOSPC:
-            raise NoSpaceLeft(out_dir / "samples.npz") from None
-        raise
+    write_npz(out_dir / "samples.npz", arrays)  # a full disk: NoSpaceLeft naming samples.npz
     grid = []
     for r in ranges:
         grid.append(read_shard(shard_path(shards, *r))["arr_0"][: 100 - sum(len(g) for g in grid)])

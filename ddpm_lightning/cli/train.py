@@ -16,8 +16,7 @@ from ..config import CONFIG_PATH, register_configs
 from .errors import in_multirun, run_cli
 from .validate import check_command_line, check_run
 
-_TRAINING_NAMES = ("train", "build_module", "build_callbacks", "build_loggers", "resolve_checkpoint",
-                   "check_same_run", "_wandb_defaults", "_write_summary", "_finish_wandb")
+_TRAINING_NAMES = ("train", "build_module", "build_callbacks", "resolve_checkpoint", "_write_summary")
 
 
 def __getattr__(name: str) -> Any:

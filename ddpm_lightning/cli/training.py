@@ -22,11 +22,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .. import artifacts
 from ..callbacks import GenerativeMetricsCallback, SampleGridCallback
-from ..callbacks.checkpointing import check_checkpoint_fits, find_resume_checkpoint
 from ..callbacks.health import TrainingHealth
 from ..callbacks.preemption import Preemption
+from ..loggers import build_loggers, finish_wandb
 from ..modules import DiffusionModule
-from ..modules.checkpoint import load_checkpoint_dict
+from ..modules.checkpoint import check_checkpoint_fits, check_same_run, find_resume_checkpoint, load_checkpoint_dict
 from ..modules.classifier_module import build_classifier_module
 from ..precision import check_accelerator, resolve_precision
 from ..security import check_targets, redact_secrets
@@ -63,43 +63,6 @@ def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[pl.Callbac
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     health = TrainingHealth(max_nonfinite_steps=cfg.get("train", {}).get("max_nonfinite_steps", 5))
     return [Preemption(), *callbacks, health]
-
-
-def build_loggers(cfg: DictConfig) -> list:
-    nodes = cfg.get("logger") or {}
-    loggers = []
-    for name, node in nodes.items():
-        if node is None or "_target_" not in node:
-            continue
-        if name == "wandb":
-            node = _wandb_defaults(node, cfg)
-        loggers.append(instantiate(redact_secrets(_container(node))))  # loggers upload their arguments
-    return loggers
-
-
-def _wandb_defaults(node: DictConfig, cfg: DictConfig) -> DictConfig:
-    """Name W&B runs by their overrides and group them by sweep, when Hydra is running."""
-    node = node.copy()
-    if not HydraConfig.initialized():
-        return node
-    hydra_cfg = HydraConfig.get()
-    overrides = hydra_cfg.job.override_dirname
-    with_flag = OmegaConf.to_container(node, resolve=True)
-    if with_flag.get("name") is None:
-        node.name = overrides or cfg.task_name
-    multirun = hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN"
-    if with_flag.get("group") is None and multirun:  # e.g. ablate_arch-2026-11-25_09-00-00
-        sweep = Path(hydra_cfg.sweep.dir).name
-        node.group = sweep if str(cfg.task_name) in sweep else f"{cfg.task_name}-{sweep}"
-    # the config's tags plus the overrides (W&B allows 64 characters per tag)
-    node.tags = list(dict.fromkeys(str(t)[:64] for t in [*(with_flag.get("tags") or []),
-                                                          *hydra_cfg.overrides.task]))[:64]
-    if with_flag.get("config") is None:  # filter / group runs by override in the W&B UI: overrides.<key>
-        with open_dict(node):
-            node.config = {"overrides": {k.lstrip("+~"): v for k, _, v in
-                                         (o.partition("=") for o in hydra_cfg.overrides.task)}}
-            node._convert_ = "all"  # wandb.init needs a plain dict
-    return node
 
 
 def resolve_checkpoint(cfg: DictConfig) -> tuple[str | None, dict | None]:
@@ -185,32 +148,6 @@ def _own_run_folder(cfg: DictConfig, output_dir: Path) -> dict[str, float] | Non
     return None
 
 
-# data-set identity: a resume with another value trains on other data than the checkpoint saw
-DATA_KEYS = ("_target_", "path", "name", "image_size", "fit", "mode", "center_crop", "limit", "val_size", "seed",
-             "num_classes")
-EXECUTION_ONLY = ("compile", "channels_last", "use_checkpoint")  # how the network runs, not what it is
-
-
-def check_same_run(saved: dict[str, Any] | None, cfg: DictConfig, path: str) -> None:
-    """ValueError listing every data-set, network and diffusion setting that differs from the checkpoint's run."""
-    if not isinstance(saved, dict):
-        return
-    current = _container(cfg)
-    differences = []
-    for group, keys in (("data", DATA_KEYS), ("model", None), ("diffusion", None)):
-        old, new = saved.get(group), current.get(group)
-        if not isinstance(old, dict) or not isinstance(new, dict):
-            continue
-        for key in keys or sorted(set(old) | set(new)):
-            if key in EXECUTION_ONLY or (keys is None and (key not in old or key not in new)):
-                continue
-            if old.get(key) != new.get(key):
-                differences.append(f"{group}.{key}={old.get(key)!r} in the checkpoint, {new.get(key)!r} now")
-    if differences:
-        raise ValueError(f"checkpoint {path} was trained with other settings: {'; '.join(differences[:6])}; "
-                         f"resume with the checkpoint's settings, or start a new run folder without ckpt_path")
-
-
 def _check_resume_point(checkpoint: dict, cfg: DictConfig, path: str, output_dir: Path) -> bool:
     """True when this run's own checkpoint has no training step left (a kill during the final scoring)."""
     step, max_steps = int(checkpoint.get("global_step", 0)), cfg.trainer.get("max_steps")
@@ -242,7 +179,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     trained_out = False
     if checkpoint is not None:  # a different architecture fails here in one line, before anything is written
         check_checkpoint_fits(module, checkpoint, ckpt_path)
-        check_same_run(checkpoint.get("run_config"), cfg, ckpt_path)
+        check_same_run(checkpoint.get("run_config"), _container(cfg), ckpt_path)
         trained_out = _check_resume_point(checkpoint, cfg, ckpt_path, output_dir)
         del checkpoint
     if not is_secondary_rank():
@@ -265,7 +202,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
             raise KeyboardInterrupt from None
         raise
     finally:
-        _finish_wandb(failed=sys.exc_info()[0] is not None)
+        finish_wandb(failed=sys.exc_info()[0] is not None)
     if trained_out:  # Lightning skips a loop with no step left, and with it on_train_end: the final outputs
         for callback in trainer.callbacks:
             if isinstance(callback, (GenerativeMetricsCallback, SampleGridCallback)):
@@ -278,13 +215,6 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
                    num_parameters=sum(p.numel() for p in getattr(module, "net", module).parameters()),
                    overrides=_job_overrides())
     return metrics
-
-
-def _finish_wandb(failed: bool = False) -> None:
-    """End the W&B run: the next job of a sweep in this process starts its own (Lightning would reuse it)."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish(exit_code=1 if failed else 0)
 
 
 @rank_zero_only

@@ -298,24 +298,17 @@ class DiffusionDataModule(LightningDataModule):
             f"-seed{self.seed}-val{self.val_size}-limit{self.limit}"
         )
 
-    def _tensors(self, split: Split) -> tuple[Tensor, Tensor | None]:
-        if not self.source.in_memory:
-            raise TypeError(
-                f"{self.name} is decoded from files, not held in memory; use reference_images(split, n) "
-                "with a bounded n instead"
-            )
-        return self.reference_images(split), self.reference_labels(split)
-
     def train_tensors(self) -> tuple[Tensor, Tensor | None]:
         """All training images (uint8 ``[N, C, H, W]``) and labels (``None`` if unlabelled).
 
         Only for sources held in memory (``TypeError`` otherwise).
         """
-        return self._tensors("train")
-
-    def val_tensors(self) -> tuple[Tensor, Tensor | None]:
-        """All validation images and labels, as ``train_tensors``."""
-        return self._tensors("val")
+        if not self.source.in_memory:
+            raise TypeError(
+                f"{self.name} is decoded from files, not held in memory; use reference_images(split, n) "
+                "with a bounded n instead"
+            )
+        return self.reference_images("train"), self.reference_labels("train")
 
 
 class AnimalMNISTDataModule(DiffusionDataModule):

@@ -21,6 +21,7 @@ from .classifier import (
     save_classifier,
     train_clean_classifier,
 )
+from .factory import make_generative_metrics, reference_batches
 from .features import (
     FEATURE_EXTRACTORS,
     RESIZE_MODES,
@@ -57,7 +58,8 @@ from .scores import (
 )
 
 __all__ = [
-    "GenerativeMetrics", "METRICS", "ReferenceStats", "reference_stats", "reference_stats_path", "FeatureStats",
+    "GenerativeMetrics", "METRICS", "make_generative_metrics", "reference_batches",
+    "ReferenceStats", "reference_stats", "reference_stats_path", "FeatureStats",
     "read_adm_reference", "write_adm_reference", "hwc3", "write_npz", "iter_outputs", "SPATIAL_LAYER",
     "default_cache_dir", "load_feature_extractor", "InceptionFeatureExtractor", "TinyFeatureExtractor",
     "extract_features", "feature_extractor_id", "fid_helper_weights_path", "torch_fidelity_weights_path",

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .reference import _slug, atomic_save, default_cache_dir
+from ..artifacts import atomic_torch_save
+from .reference import _slug, default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def save_classifier(model: CleanClassifier, path: str | Path, *, data_name: str,
         "num_classes": int(model.config["num_classes"]),
         "val_accuracy": float(model.val_accuracy),
     }
-    atomic_save(Path(path), lambda tmp: torch.save(payload, tmp))
+    atomic_torch_save(payload, path)
 
 
 def load_classifier(path: str | Path, *, device: str | torch.device = "cpu") -> CleanClassifier:

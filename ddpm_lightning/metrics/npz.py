@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifacts import atomic_write_path
+
 # a member given as (shape, dtype, chunks): chunks are arrays whose rows concatenate to ``shape``
 Streamed = tuple[tuple[int, ...], np.dtype | type, Iterable[np.ndarray]]
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray | np.generic | Streamed]) -> Path:
     """Write ``arrays`` (plain arrays or ``Streamed`` triples) to ``path`` through a temporary file."""
-    from .reference import atomic_save
-
     def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
             for name, value in arrays.items():
@@ -30,8 +30,7 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray | np.generic | Streamed])
                     else:
                         np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
 
-    atomic_save(Path(path), write)
-    return Path(path)
+    return atomic_write_path(path, write)
 
 
 def _write_streamed(member, name: str, shape: tuple[int, ...], dtype, chunks: Iterable[np.ndarray]) -> None:

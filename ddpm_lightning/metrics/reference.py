@@ -6,15 +6,14 @@ them), accumulated over a stream of batches so that n can be the whole data set 
 plus the pool features of the first ``min(n, max_features)`` images in float32 (KID and precision/recall
 use them: the ADM protocol's 10,000-image reference subset). The layout is the ADM evaluator's reference
 batch (``mu``, ``sigma``, ``mu_s``, ``sigma_s``); ``write_adm_reference`` adds its ``arr_0`` images and
-``read_adm_reference`` scores against an official one. Files are written atomically (temporary file +
-``os.replace``) and read with ``allow_pickle=False``.
+``read_adm_reference`` scores against an official one. Files are written atomically (``artifacts.atomic_write``)
+and read with ``allow_pickle=False``.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..artifacts import atomic_write
 from .features import feature_extractor_id, iter_outputs
 
 ImageSource = torch.Tensor | Iterable[torch.Tensor]
@@ -31,19 +31,6 @@ ImageSource = torch.Tensor | Iterable[torch.Tensor]
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/ddpm_lightning`` (``~/.cache/ddpm_lightning`` when unset)."""
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ddpm_lightning"
-
-
-def atomic_save(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then move it into place atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class FeatureStats:
@@ -113,11 +100,7 @@ class ReferenceStats:
         if self.mu_s is not None:
             arrays["mu_s"], arrays["sigma_s"] = self.mu_s.astype(np.float64), self.sigma_s.astype(np.float64)
 
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-
-        atomic_save(Path(path), write)
+        atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
     @classmethod
     def load(cls, path: str | Path) -> ReferenceStats:

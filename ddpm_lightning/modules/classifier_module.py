@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,9 +22,7 @@ from typing_extensions import override
 
 from ..diffusion import NUM_QUARTILES, quartile_means
 from ..models import EncoderUNet
-from ..models.state_dict import state_dict_mismatch
 from .builders import build_diffusion, build_optimizer, lr_total_steps
-from .checkpoint import load_checkpoint_dict
 from .ema import make_ema
 from .guidance import guidance_info
 from .rng import collect_rng_states, restore_rng_states
@@ -211,30 +208,3 @@ def build_classifier_module(run_config: Mapping[str, Any], datamodule) -> Classi
         ema=run_config.get("ema"), image_size=int(datamodule.image_size), channels=int(datamodule.channels),
         num_classes=datamodule.num_classes, max_t=None if max_t is None else int(max_t),
         run_config=run_config)
-
-
-def load_classifier_module(path: str | Path, map_location: str | torch.device = "cpu") -> ClassifierModule:
-    """A ClassifierModule (EMA included) rebuilt from its Lightning checkpoint alone (``weights_only``).
-
-    Missing file: FileNotFoundError; corrupt, pickle-requiring or diffusion checkpoints: ValueError.
-    """
-    checkpoint = load_checkpoint_dict(path, map_location)
-    hparams = checkpoint.get("hyper_parameters")
-    if not hparams or "state_dict" not in checkpoint:
-        raise ValueError(f"checkpoint {path} is not a ddpm_lightning checkpoint "
-                         f"(no hyper_parameters/state_dict)")
-    if "classifier" not in hparams:
-        kind = "a diffusion model checkpoint" if "model" in hparams else "an unknown checkpoint"
-        raise ValueError(f"checkpoint {path} is {kind}, not a noisy classifier; train one with "
-                         f"`ddpm-train experiment=classifier_default`")
-    try:
-        module = ClassifierModule(**hparams)
-    except TypeError as error:
-        raise ValueError(f"checkpoint {path} does not fit its own classifier config: {str(error)[:200]}") from None
-    problem = state_dict_mismatch(module.state_dict(), checkpoint["state_dict"])
-    if problem:
-        raise ValueError(f"checkpoint {path} does not fit its own classifier config: {problem}")
-    module.load_state_dict(checkpoint["state_dict"])
-    module.run_config = checkpoint.get("run_config", {})  # not on_load_checkpoint: keep the caller's RNG
-    return module.to(map_location).eval()
-

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from ..artifacts import atomic_torch_save
 from ..diffusion.posthoc_ema import (
     combine_state_dicts,
     gamma_to_sigma_rel,
@@ -131,12 +132,7 @@ def save_snapshot(folder: str | Path, emas: nn.ModuleList, global_step: int) -> 
                "sigma_rels": [gamma_to_sigma_rel(g) for g in gammas],
                "ema": [{k: v.detach().cpu().clone() for k, v in ema.module.state_dict().items()} for ema in emas]}
     path = folder / f"snapshot-{step:07d}.pt"
-    tmp = folder / f".{path.name}.tmp"
-    torch.save(payload, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_torch_save(payload, path)
 
 
 def _load_snapshot(path: Path, mmap: bool = True) -> dict[str, Any]:

@@ -35,7 +35,7 @@ def load_classifier_guidance(classifier_ckpt: str | Path | None, scale: float, d
     ``(None, None)`` without a checkpoint at scale 0; a scale > 0 without a checkpoint, or a classifier trained
     for another process (T, schedule, image size, channels, classes), is a ValueError before any sampling.
     """
-    from .classifier_module import load_classifier_module  # it imports guidance_info from here
+    from .checkpoint import load_classifier_module  # ClassifierModule imports guidance_info from here
 
     if not classifier_ckpt:
         build_guidance(None, scale)  # scale 0: None; scale > 0: the clear "needs a classifier" error

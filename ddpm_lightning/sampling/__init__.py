@@ -1,5 +1,6 @@
 """Sampling without Lightning: ``sample_images`` over any network and GaussianDiffusion."""
 
+from .grid import save_grid
 from .sample import (
     SAMPLE_METHODS,
     SAMPLE_SCHEDULES,
@@ -12,4 +13,4 @@ from .sample import (
 
 __all__ = ["sample_images", "sampling_process", "sample_loop", "ClassifierFreeGuidance", "SAMPLE_METHODS",
            "SAMPLE_SCHEDULES",
-           "check_sampling_options"]
+           "check_sampling_options", "save_grid"]
