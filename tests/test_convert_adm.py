@@ -178,7 +178,7 @@ def test_converted_official_weights_sample_and_guide_through_the_cli(tmp_path):
     assert (hp.diffusion["schedule"], hp.diffusion["var_type"], hp.diffusion["num_timesteps"]) == \
         ("cosine", "learned_range", 1000)
     assert module.num_classes == 1000 and classes == 1000 and cond_fn is not None
-    assert module.sampling_options()["method"] == "ddpm" and module.sampling_options()["steps"] == "4"
+    assert module.sample_settings.method == "ddpm" and module.sample_settings.steps == "4"
     x, t, y = torch.randn(1, 3, 64, 64), torch.tensor([500]), torch.tensor([7])
     with torch.no_grad():
         assert torch.equal(module.ema_net(x, t, y), unet(x, t, y))  # the official weights, unchanged

@@ -23,7 +23,7 @@ from typing_extensions import override
 from .. import artifacts
 from ..metrics import GenerativeMetrics, make_generative_metrics, metric_name, to_uint8
 from ..modules.guidance import load_classifier_guidance
-from ..sampling import check_sampling_options
+from ..sampling import sampling_overrides
 
 
 class GenerativeMetricsCallback(pl.Callback):
@@ -32,6 +32,8 @@ class GenerativeMetricsCallback(pl.Callback):
     ``in_loop_num_samples`` (default: ``num_samples``) makes the in-loop scores cheaper than the final ones:
     e.g. ``val/fid@100`` during training, ``val/fid@500`` at the end. ``metrics`` as ``GenerativeMetrics``
     (``sfid`` included); ``reference_n``/``pr_reference_n``/``reference`` as ``make_generative_metrics``.
+    ``method``/``steps``/``eta``: None samples with the run's own (``sample:``), ``steps="all"`` with every
+    one of the T steps.
 
     Every rank samples and featurises its share of the indices (per-sample seeds: the images do not depend on
     the number of ranks), the features are gathered to rank 0, which scores them; the numbers are broadcast
@@ -43,14 +45,13 @@ class GenerativeMetricsCallback(pl.Callback):
     def __init__(self, num_samples: int = 500, every_n_val_epochs: int = 0, on_train_end: bool = True,
                  metrics: Sequence[str] = ("fid", "kid", "pr"), feature: str = "inception",
                  weights_path: str | None = None, reference_split: str = "train", reference_n: int = 2000,
-                 cache_dir: str | None = None, classifier_epochs: int = 5, method: str = "ddim",
-                 steps: int | str | None = 25, eta: float = 0.0, cfg_scale: float = 0.0,
+                 cache_dir: str | None = None, classifier_epochs: int = 5, method: str | None = None,
+                 steps: int | str | None = None, eta: float | None = None, cfg_scale: float = 0.0,
                  classifier_ckpt: str | None = None, classifier_scale: float = 0.0, batch_size: int = 64,
                  seed: int = 1234, progress: bool = False, in_loop_num_samples: int | None = None,
                  pr_reference_n: int = 10_000, reference: str | None = None) -> None:
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 for FID, got {num_samples}")
-        check_sampling_options(method)
         self.num_samples = int(num_samples)
         self.in_loop_num_samples = int(in_loop_num_samples or num_samples)
         if self.in_loop_num_samples < 2:
@@ -61,7 +62,7 @@ class GenerativeMetricsCallback(pl.Callback):
                                   reference_split=reference_split, reference_n=reference_n,
                                   pr_reference_n=pr_reference_n, reference=reference, cache_dir=cache_dir,
                                   classifier_epochs=classifier_epochs, batch_size=batch_size)
-        self.sample_kwargs = dict(method=method, steps=steps, eta=eta, cfg_scale=cfg_scale, batch_size=batch_size,
+        self.sample_kwargs = dict(sampling_overrides(method, steps, eta), cfg_scale=cfg_scale, batch_size=batch_size,
                                   seed=seed)
         self.classifier_ckpt, self.classifier_scale = classifier_ckpt, float(classifier_scale)
         self._guidance: tuple[Any, int | None] | None = None  # (cond_fn, classifier classes), loaded once

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from ..sampling import check_sampling_options, save_grid
+from ..sampling import sampling_overrides, save_grid
 
 
 def log_image(trainer: pl.Trainer, key: str, path: Path, step: int) -> None:
@@ -27,19 +27,20 @@ class SampleGridCallback(pl.Callback):
     """Every ``every_n_steps`` optimizer steps (and at the end of training), sample a grid with the EMA.
 
     Class-conditional models get one row per class (``per_class`` images each); the initial noise is
-    fixed by ``seed`` so grids are comparable across steps.
+    fixed by ``seed`` so grids are comparable across steps. ``method``/``steps``/``eta``: None samples with
+    the run's own (``sample:``), ``steps="all"`` with every one of the T steps.
     """
 
     def __init__(self, every_n_steps: int = 1000, num_samples: int = 64, per_class: int = 8,
-                 method: str = "ddim", steps: int | str | None = 25, eta: float = 0.0, seed: int = 0,
-                 dirname: str = "samples", on_train_end: bool = True) -> None:
+                 method: str | None = None, steps: int | str | None = None, eta: float | None = None,
+                 seed: int = 0, dirname: str = "samples", on_train_end: bool = True) -> None:
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0 (0 disables periodic grids), got {every_n_steps}")
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.per_class = per_class
-        check_sampling_options(method)
-        self.method, self.steps, self.eta, self.seed = method, steps, eta, seed
+        self.sampling = sampling_overrides(method, steps, eta)
+        self.seed = seed
         self.dirname = dirname
         self.at_train_end = on_train_end
         self.last_path: Path | None = None
@@ -53,8 +54,7 @@ class SampleGridCallback(pl.Callback):
             labels, n = "random", self.num_samples
             nrow = max(1, int(n ** 0.5))
         with trainer.precision_plugin.forward_context():  # at the training precision, as the metrics sample
-            images, _ = module.sample(n, method=self.method, steps=self.steps, eta=self.eta, seed=self.seed,
-                                      y=labels if num_classes else "random")
+            images, _ = module.sample(n, **self.sampling, seed=self.seed, y=labels if num_classes else "random")
         out_dir = Path(trainer.default_root_dir) / self.dirname
         path = save_grid(images, out_dir / f"{tag}.png", nrow=nrow)
         log_image(trainer, "samples/grid", path, trainer.global_step)

@@ -4,6 +4,7 @@ uint8 samples in the ADM evaluator's layout: ``arr_0`` NHWC with 3 channels, lab
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from ..modules.checkpoint import (
     load_diffusion_module,
 )
 from ..modules.guidance import load_classifier_guidance
-from ..sampling import check_sampling_options
+from ..sampling import sampling_overrides
 from .shards import (
     SHARD_NAME,
     NoSpaceLeft,
@@ -83,22 +84,6 @@ def load_model_and_guidance(ckpt: str, guidance: dict[str, Any], device: torch.d
     return module, cond_fn, num_classes, cfg_scale
 
 
-def sampling_overrides(sampler: str | None, steps, eta: float | None, schedule: str | None = None) -> dict[str, Any]:
-    """Command-line sampler settings; null keeps the checkpoint's own (its training config's ``sample``),
-    ``steps=all`` runs every one of the T steps."""
-    check_sampling_options(sampler, schedule)
-    overrides: dict[str, Any] = {}
-    if sampler is not None:
-        overrides["method"] = str(sampler)
-    if schedule is not None:
-        overrides["schedule"] = str(schedule)
-    if steps is not None:
-        overrides["steps"] = None if str(steps) == "all" else steps
-    if eta is not None:
-        overrides["eta"] = float(eta)
-    return overrides
-
-
 def generate(module, *, out_dir: Path, num_samples: int, sampler: str | None, steps, eta: float | None,
              clip_denoised: bool, y, cond_fn, guidance_num_classes, cfg_scale: float, batch_size: int, seed: int,
              precision: str = "32", shard_size: int = 1000, procs: Processes | None = None,
@@ -116,9 +101,9 @@ def generate(module, *, out_dir: Path, num_samples: int, sampler: str | None, st
     if isinstance(parse_labels(y), int) and not labels_allowed(module, cond_fn):  # never ignored silently
         raise ValueError(f"y={y}: the model is unconditional (no class labels) and no classifier guides it; "
                          f"drop y, or give guidance.classifier_ckpt with guidance.scale > 0")
-    overrides = sampling_overrides(sampler, steps, eta, schedule)
-    used = {k: v for k, v in module.sampling_options(**overrides).items()
-            if k in ("method", "steps", "eta", "schedule")}
+    overrides = sampling_overrides(sampler, steps, eta, schedule)  # null: the checkpoint's own sample settings
+    chosen = dataclasses.replace(module.sample_settings, **overrides)
+    used = {k: getattr(chosen, k) for k in ("method", "steps", "eta", "schedule")}
     labels = parse_labels(y) if labels_allowed(module, cond_fn) else "random"
     shards = out_dir / "shards"
     check_settings(shards, {**(settings or {}), "sampling": used, "y": labels, "seed": seed, "precision": precision,

@@ -2,15 +2,16 @@
 
 Groups whose implementation users swap (data, trainer, logger, callbacks, hydra launcher) are free-form
 ``_target_`` nodes; the rest are typed here. Allowed string values are checked where they are used
-(GaussianDiffusion, samplers) with messages that list them.
+(GaussianDiffusion, samplers) with messages that list them. The defaults here are those of the default
+composition (``conf/train.yaml``; ``tests/test_config_defaults.py`` keeps both equal). Plain dataclasses with
+no import beyond the standard library: the pure-torch ``sampling`` package takes its defaults from
+``SampleConfig``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-
-from hydra.core.config_store import ConfigStore
 
 
 @dataclass
@@ -20,7 +21,7 @@ class ModelConfig:
     model_channels: int = 64
     num_res_blocks: int = 2
     attention_resolutions: list[int] = field(default_factory=lambda: [16])
-    dropout: float = 0.0
+    dropout: float = 0.1
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
     num_heads: int = 1
     num_head_channels: int = -1
@@ -56,11 +57,11 @@ class DiffusionConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
+    lr: float = 2e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    warmup_steps: int = 0
+    warmup_steps: int = 100
     lr_schedule: str = "constant"  # after warm-up: constant | cosine | linear (decay to 0 at trainer.max_steps)
     fused: Any = None  # None: torch's default (foreach); true: fused kernel
 
@@ -83,6 +84,10 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
+    """The sampler settings, and their one set of defaults: the run config's ``sample:`` group (keys = these
+    fields), ``DiffusionModule.sample_settings``, ``sample_images``' keyword defaults; the callbacks and the
+    CLIs override them (``sampling.sampling_overrides``)."""
+
     method: str = "ddim"  # ddpm | ddim | dpm++2m | dpm++3m | dpm++2m-sde | unipc
     steps: Any = 25  # network calls: int; with schedule=adm also "ddim25", "250", "10,15,20", or null for all T
     eta: float = 0.0  # DDIM only
@@ -117,4 +122,6 @@ class RunConfig:
 
 
 def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
     ConfigStore.instance().store(name="run_schema", node=RunConfig)

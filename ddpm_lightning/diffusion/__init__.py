@@ -1,5 +1,6 @@
 """Gaussian diffusion math in pure torch (no Lightning, Hydra, OmegaConf or wandb)."""
 
+from .factory import create_diffusion
 from .gaussian_diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, GaussianDiffusion
 from .likelihood import (
     approx_standard_normal_cdf,
@@ -20,7 +21,7 @@ from .timestep_samplers import (
 LossAwareSampler = LossSecondMomentResampler
 
 __all__ = [
-    "GaussianDiffusion", "make_beta_schedule", "space_timesteps", "respace_betas", "normal_kl",
+    "GaussianDiffusion", "create_diffusion", "make_beta_schedule", "space_timesteps", "respace_betas", "normal_kl",
     "discretized_gaussian_log_likelihood", "approx_standard_normal_cdf", "mean_flat",
     "ScheduleSampler", "UniformSampler", "LossSecondMomentResampler", "LossAwareSampler",
     "create_named_schedule_sampler", "MEAN_TYPES", "VAR_TYPES", "LOSS_TYPES", "SCHEDULES", "SAMPLERS",

@@ -53,11 +53,12 @@ import warnings
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import fidelity_adapter
 
 FEATURE_EXTRACTORS = ("inception", "tiny")
 # sFID (ADM Table 4/5): the ADM evaluator's ``mixed_6/conv:0`` (the TF graph's 7th mixed block, its 1x1
@@ -95,9 +96,7 @@ def resize_to(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     if x.shape[-2:] == (size, size):
         return x
     if mode == "tf1_bilinear":
-        from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
-
-        return interpolate_bilinear_2d_like_tensorflow1x(x, size=(size, size), align_corners=False)
+        return fidelity_adapter.resize_tf1_bilinear(x, size)
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                          antialias=mode == "bilinear_antialias")
 
@@ -268,16 +267,11 @@ def torch_fidelity_inception(path: Path, *, fold: bool = True) -> tuple[nn.Modul
 
     ``path`` is torch-fidelity's state dict or fid-helper's TorchScript export. Returns the network and
     whether its logits are real (the TorchScript file has no classifier layer)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as tfi
-
-    # built empty (its constructor would download, or torch.load with weights_only=False), then filled here
-    with mock.patch.object(tfi, "load_state_dict_from_url", return_value={}), \
-            mock.patch.object(tfi.FeatureExtractorInceptionV3, "load_state_dict"):
-        net = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
+    net = fidelity_adapter.inception_v3()  # built empty, filled here from a weights_only load
     has_logits = not _is_torchscript(path)
     state = (torch.load(path, map_location="cpu", weights_only=True) if has_logits
              else fid_helper_tensors_for_torch_fidelity(path, net))
-    nn.Module.load_state_dict(net, state, strict=True)
+    net.load_state_dict(state, strict=True)
     net = net.eval()
     return (fold_batch_norms(net) if fold else net), has_logits
 

@@ -1,8 +1,7 @@
 """Scores on features: FID, KID, improved precision/recall, Inception Score, and metric names.
 
 KID, precision/recall and IS are torch-fidelity's implementations applied to features we already hold
-(``kid_features_to_metric``, ``prc_features_to_metric``, ``isc_features_to_metric``), so the feature pass
-is shared and reference features come from the cache.
+(through ``fidelity_adapter``), so the feature pass is shared and reference features come from the cache.
 """
 
 from __future__ import annotations
@@ -12,6 +11,8 @@ import warnings
 import numpy as np
 import scipy.linalg
 import torch
+
+from . import fidelity_adapter
 
 FID_METHODS = ("sqrtm", "eigh")
 Features = torch.Tensor | np.ndarray
@@ -100,15 +101,11 @@ def kernel_inception_distance(gen_features: Features, ref_features: Features, *,
 
     The subset size is ``min(subset_size, n_gen, n_ref)``: with few samples every subset is the full set.
     """
-    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
-
     gen, ref = _as_features(gen_features, "gen_features"), _as_features(ref_features, "ref_features")
     size = min(subset_size, gen.shape[0], ref.shape[0])
     if size < 2:
         raise ValueError(f"KID needs >= 2 samples on each side, got {gen.shape[0]} and {ref.shape[0]}")
-    out = kid_features_to_metric(gen, ref, kid_subsets=subsets, kid_subset_size=size, rng_seed=seed,
-                                 verbose=False)
-    return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
+    return fidelity_adapter.kid(gen, ref, subsets=subsets, subset_size=size, seed=seed)
 
 
 def precision_recall(gen_features: Features, ref_features: Features, *,
@@ -117,15 +114,11 @@ def precision_recall(gen_features: Features, ref_features: Features, *,
 
     Precision: share of generated samples inside some reference sample's k-NN ball; recall: the converse.
     """
-    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
-
     gen, ref = _as_features(gen_features, "gen_features"), _as_features(ref_features, "ref_features")
     if min(gen.shape[0], ref.shape[0]) < k + 1:
         raise ValueError(f"precision/recall with k={k} needs >= {k + 1} samples on each side, "
                          f"got {gen.shape[0]} and {ref.shape[0]}")
-    out = prc_features_to_metric(gen, ref, prc_neighborhood=k, prc_batch_size=batch_size, save_cpu_ram=False,
-                                 verbose=False)
-    return out[KEY_METRIC_PRECISION], out[KEY_METRIC_RECALL]
+    return fidelity_adapter.precision_recall(gen, ref, k=k, batch_size=batch_size)
 
 
 def inception_score(logits: Features, *, splits: int = 10, seed: int = 0) -> tuple[float, float]:
@@ -133,13 +126,10 @@ def inception_score(logits: Features, *, splits: int = 10, seed: int = 0) -> tup
 
     ``logits`` are unnormalised class scores (log-probabilities work too), softmaxed in float64.
     """
-    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
-
     lg = _as_features(logits, "logits").double()
     if not 1 <= splits <= lg.shape[0]:
         raise ValueError(f"splits must be in [1, N={lg.shape[0]}], got {splits}")
-    out = isc_features_to_metric(lg, splits=splits, shuffle=True, rng_seed=seed)
-    return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
+    return fidelity_adapter.inception_score(lg, splits=splits, seed=seed)
 
 
 def metric_name(name: str, n: int) -> str:

@@ -3,40 +3,28 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
 
-from ..diffusion import GaussianDiffusion, make_beta_schedule, space_timesteps
+from ..config.schema import DiffusionConfig
+from ..diffusion import GaussianDiffusion, create_diffusion
 
-DIFFUSION_KEYS = ("schedule", "num_timesteps", "mean_type", "var_type", "loss_type", "hybrid_lambda",
-                  "rescale_vlb", "timestep_respacing")
-# the training levers (issue #22): GaussianDiffusion arguments of the same names, all off by default
-LEVER_KEYS = ("loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma", "input_perturbation", "immiscible")
+#: the ``diffusion:`` config keys: ``create_diffusion``'s parameters
+DIFFUSION_KEYS = tuple(inspect.signature(create_diffusion).parameters)
 MODEL_EXTRA_KEYS = ("class_cond", "compile", "channels_last")
 
 
 def learns_sigma(diffusion_cfg: Mapping[str, Any]) -> bool:
-    return diffusion_cfg.get("var_type", "fixed_small") in ("learned", "learned_range")
+    return diffusion_cfg.get("var_type", DiffusionConfig.var_type) in ("learned", "learned_range")
 
 
 def build_diffusion(cfg: Mapping[str, Any]) -> GaussianDiffusion:
-    unknown = set(cfg) - set(DIFFUSION_KEYS) - set(LEVER_KEYS)
+    unknown = set(cfg) - set(DIFFUSION_KEYS)
     if unknown:
-        raise ValueError(f"unknown diffusion keys {sorted(unknown)}; allowed: "
-                         f"{', '.join(DIFFUSION_KEYS + LEVER_KEYS)}")
-    num_timesteps = int(cfg.get("num_timesteps", 1000))
-    respacing = cfg.get("timestep_respacing")
-    return GaussianDiffusion(
-        make_beta_schedule(cfg.get("schedule", "linear"), num_timesteps),
-        mean_type=cfg.get("mean_type", "eps"),
-        var_type=cfg.get("var_type", "fixed_small"),
-        loss_type=cfg.get("loss_type", "simple"),
-        hybrid_lambda=float(cfg.get("hybrid_lambda", 0.001)),
-        rescale_vlb=bool(cfg.get("rescale_vlb", False)),
-        use_timesteps=space_timesteps(num_timesteps, respacing) if respacing else None,
-        **{k: cfg[k] for k in LEVER_KEYS if k in cfg},
-    )
+        raise ValueError(f"unknown diffusion keys {sorted(unknown)}; allowed: {', '.join(DIFFUSION_KEYS)}")
+    return create_diffusion(**cfg)
 
 
 def build_unet(model_cfg: Mapping[str, Any], *, image_size: int, channels: int, num_classes: int | None,

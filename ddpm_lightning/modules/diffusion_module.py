@@ -6,6 +6,7 @@ is ``ddpm_lightning.sampling``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,8 +16,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from ..config.schema import DiffusionConfig, SampleConfig
 from ..diffusion import IgnoreLabels, UniformSampler, create_named_schedule_sampler
-from ..sampling import check_sampling_options, sample_images, sampling_process
+from ..sampling import sample_images, sampling_process
 from .builders import build_diffusion, build_optimizer, build_unet, learns_sigma, lr_total_steps
 from .ema import make_ema, make_posthoc_emas
 from .rng import collect_rng_states, derive_seed, restore_rng_states, seeded_rng
@@ -27,7 +29,7 @@ NUM_QUARTILES = 4
 def check_trains_variance(diffusion: Mapping[str, Any]) -> None:
     """Refuse training a learned variance with L_simple, which has no variance term (the head would stay at its
     initial values). OpenAI's reference adds the VB term in that case: that is ``loss_type=hybrid`` here."""
-    if learns_sigma(diffusion) and diffusion.get("loss_type", "simple") == "simple":
+    if learns_sigma(diffusion) and diffusion.get("loss_type", DiffusionConfig.loss_type) == "simple":
         raise ValueError(f"diffusion.loss_type=simple trains no variance head, but diffusion.var_type="
                          f"{diffusion.get('var_type')} learns one: use diffusion.loss_type=hybrid (L_simple + "
                          f"lambda * L_vlb, as ADM) or vlb, or a fixed diffusion.var_type (fixed_small, fixed_large)")
@@ -46,7 +48,8 @@ class DiffusionModule(pl.LightningModule):
         p_uncond: label-dropout probability (classifier-free guidance); the null label is ``num_classes``.
         timestep_sampler: ``uniform`` or ``loss-second-moment`` (Improved DDPM importance sampling).
             Its importance weights 1 / (K p(t)) multiply the per-example losses.
-        sample: defaults for ``sample()`` (method, steps, eta, schedule, lower_order_final, clip_denoised).
+        sample: ``sample()``'s settings (``SampleConfig`` fields; the missing ones keep its defaults), as
+            ``sample_settings``.
         run_config: the whole resolved run config (plain dict), stored in checkpoints.
 
     Randomness: every draw of a training step (t, noise, label dropout, network dropout) comes from a stream
@@ -89,10 +92,10 @@ class DiffusionModule(pl.LightningModule):
         self.posthoc_ema = make_posthoc_emas(self.net, ema.get("posthoc_sigma_rels"),  # EDM2 power EMAs
                                              int(ema.get("posthoc_every_n_steps", 0)))
         self.schedule_sampler = create_named_schedule_sampler(timestep_sampler, self.diffusion.num_timesteps)
-        self.sample_defaults = dict(sample or {})
-        check_sampling_options(self.sample_defaults.get("method"), self.sample_defaults.get("schedule"))
-        options = self.sampling_options()  # a bad method/steps/schedule combination fails before training
-        sampling_process(self.diffusion, options["method"], options["steps"], options["schedule"])
+        fields = {f.name for f in dataclasses.fields(SampleConfig)}
+        self.sample_settings = SampleConfig(**{k: v for k, v in (sample or {}).items() if k in fields})
+        settings = self.sample_settings  # a bad method/steps/schedule combination fails before training
+        sampling_process(self.diffusion, settings.method, settings.steps, settings.schedule)
         self.compile = bool(model.get("compile", False))
         # Kept out of the module tree so the compiled wrappers add no duplicate keys to the state dict.
         object.__setattr__(self, "_train_step_fn", torch.compile(self.net) if self.compile else self.net)
@@ -192,22 +195,14 @@ class DiffusionModule(pl.LightningModule):
         self.log("val/mse", losses["mse"].mean(), batch_size=x.shape[0], sync_dist=True)
 
     # ------------------------------------------------------------------ sampling
-    def sampling_options(self, **overrides) -> dict[str, Any]:
-        """The sampler settings ``sample`` uses: library defaults < the run's ``sample`` config < ``overrides``."""
-        options = {"method": "ddim", "steps": 25, "eta": 0.0, "schedule": "adm", "lower_order_final": True,
-                   "clip_denoised": True, "batch_size": 64}
-        options.update({k: v for k, v in self.sample_defaults.items() if k in options})
-        options.update(overrides)
-        return options
-
     def sample(self, num_samples: int, *, use_ema: bool = True, cond_fn=None,
                guidance_num_classes: int | None = None, **overrides) -> tuple[torch.Tensor, Any]:
-        """Images in [-1, 1] (CPU) and their labels, with the module's sampling defaults + ``overrides``.
+        """Images in [-1, 1] (CPU) and their labels: ``sample_images`` with ``sample_settings`` + ``overrides``.
 
         ``cond_fn``: classifier guidance; for an unconditional network the labels it guides towards are
         drawn over ``guidance_num_classes`` (the classifier's classes) and hidden from the network.
         """
-        options = self.sampling_options(**overrides)
+        options = {**dataclasses.asdict(self.sample_settings), **overrides}
         net = self.ema_net if use_ema else self.net
         num_classes = self.num_classes
         model = self._for_sampling(net)

@@ -8,9 +8,9 @@ from .sample import (
     check_sampling_options,
     sample_images,
     sample_loop,
+    sampling_overrides,
     sampling_process,
 )
 
 __all__ = ["sample_images", "sampling_process", "sample_loop", "ClassifierFreeGuidance", "SAMPLE_METHODS",
-           "SAMPLE_SCHEDULES",
-           "check_sampling_options", "save_grid"]
+           "SAMPLE_SCHEDULES", "check_sampling_options", "sampling_overrides", "save_grid"]

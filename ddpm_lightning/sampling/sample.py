@@ -5,11 +5,12 @@ with per-sample seeds (image i depends on (seed, i) only)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from ..config.schema import SampleConfig
 from ..diffusion import GaussianDiffusion
 from ..diffusion.noise import LABEL_STREAM, PerSampleNoise
 from ..diffusion.samplers import SOLVER_SCHEDULES, solver_timesteps
@@ -55,6 +56,23 @@ def check_sampling_options(method: str | None = None, schedule: str | None = Non
         raise ValueError(f"unknown sampling schedule {schedule!r}; allowed: {', '.join(SAMPLE_SCHEDULES)}")
 
 
+def sampling_overrides(method: str | None = None, steps: Any = None, eta: float | None = None,
+                       schedule: str | None = None) -> dict[str, Any]:
+    """Sampler settings that replace a run's own (``SampleConfig``), checked: None keeps the run's,
+    ``steps="all"`` runs every one of the T steps."""
+    check_sampling_options(method, schedule)
+    overrides: dict[str, Any] = {}
+    if method is not None:
+        overrides["method"] = str(method)
+    if schedule is not None:
+        overrides["schedule"] = str(schedule)
+    if steps is not None:
+        overrides["steps"] = None if str(steps) == "all" else steps
+    if eta is not None:
+        overrides["eta"] = float(eta)
+    return overrides
+
+
 def sampling_process(diffusion: GaussianDiffusion, method: str, steps: int | str | None,
                      schedule: str = "adm") -> GaussianDiffusion:
     """The respaced process a sampler walks: its K kept steps are the network calls.
@@ -82,8 +100,8 @@ def sampling_process(diffusion: GaussianDiffusion, method: str, steps: int | str
     return diffusion.respace(str(steps) if isinstance(steps, int) else steps)
 
 
-def sample_loop(process: GaussianDiffusion, method: str, model, shape, *, eta: float = 0.0,
-                lower_order_final: bool = True, **kwargs) -> torch.Tensor:
+def sample_loop(process: GaussianDiffusion, method: str, model, shape, *, eta: float = SampleConfig.eta,
+                lower_order_final: bool = SampleConfig.lower_order_final, **kwargs) -> torch.Tensor:
     """Run ``method``'s loop on ``process`` (kwargs: noise, clip_denoised, cond_fn, model_kwargs, device,
     progress, noise_sampler); returns x_0."""
     if method == "ddpm":
@@ -104,18 +122,18 @@ def sample_images(
     num_samples: int,
     shape: tuple[int, int, int],
     *,
-    method: Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"] = "ddim",
-    steps: int | str | None = 25,
-    eta: float = 0.0,
-    schedule: Literal["adm", "uniform", "logsnr", "karras", "trailing"] = "adm",
-    lower_order_final: bool = True,
-    clip_denoised: bool = True,
+    method: Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"] = SampleConfig.method,
+    steps: int | str | None = SampleConfig.steps,
+    eta: float = SampleConfig.eta,
+    schedule: Literal["adm", "uniform", "logsnr", "karras", "trailing"] = SampleConfig.schedule,
+    lower_order_final: bool = SampleConfig.lower_order_final,
+    clip_denoised: bool = SampleConfig.clip_denoised,
     num_classes: int | None = None,
     y: torch.Tensor | int | str | None = "random",
     cfg_scale: float = 0.0,
     null_label: int | None = None,
     cond_fn: Callable[..., torch.Tensor] | None = None,
-    batch_size: int = 64,
+    batch_size: int = SampleConfig.batch_size,
     seed: int | None = 0,
     first_index: int = 0,
     device: torch.device | str | None = None,
