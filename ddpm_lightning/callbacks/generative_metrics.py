@@ -34,9 +34,9 @@ from ..modules.guidance import load_classifier_guidance
 from ..sampling import check_sampling_options
 
 CLASSIFIER_IMAGES = 10_000  # is_clf on a source decoded from files trains on this many training images
-def reference_batches(datamodule, split: str, n: int, chunk: int = 256) -> Iterator[torch.Tensor]:
-    """The first ``n`` images of ``split`` (``reference_images``' order) decoded ``chunk`` at a time."""
-    indices = datamodule.split_indices(split)[:n]
+def reference_batches(datamodule, split: str, n: int, chunk: int = 256, start: int = 0) -> Iterator[torch.Tensor]:
+    """Images ``start..n-1`` of ``split`` (``reference_images``' order) decoded ``chunk`` at a time."""
+    indices = datamodule.split_indices(split)[start:n]
     for start in range(0, len(indices), chunk):
         yield datamodule.source.get(indices[start:start + chunk])
 
@@ -55,12 +55,16 @@ def make_generative_metrics(datamodule, *, metrics: Sequence[str] = ("fid", "kid
                             reference_n: int = 2000, pr_reference_n: int = 10_000, reference: str | None = None,
                             cache_dir: str | None = None, classifier_epochs: int = 5,
                             batch_size: int = 64, device: str | torch.device = "cpu",
-                            progress: bool = False) -> GenerativeMetrics:
+                            progress: bool = False, rank: int = 0, world_size: int = 1) -> GenerativeMetrics:
     """GenerativeMetrics for ``datamodule``'s real images (cached statistics, cached clean classifier).
 
     Statistics (FID, sFID) cover ``reference_n`` images (up to the whole split), streamed; KID and
     precision/recall use the first ``pr_reference_n`` of them (ADM: 10,000). ``reference``: an ADM evaluator
     reference batch (``.npz`` with ``mu``/``sigma``/``mu_s``/``sigma_s``/``arr_0``) to score against instead.
+
+    Under ``torch.distributed`` (``world_size`` > 1) every rank calls this at once: the reference feature pass
+    is shared by the ranks (``reference_stats``: the same statistics as one process, no rank idle at a
+    barrier for the whole pass), the clean classifier (is_clf) is trained by rank 0 and read by the others.
     """
     metrics = tuple(metrics)
     if pr_reference_n < 0:
@@ -70,7 +74,7 @@ def make_generative_metrics(datamodule, *, metrics: Sequence[str] = ("fid", "kid
         raise ValueError("scoring needs the data set (data=<name>) or an ADM reference batch (reference=<.npz>)")
     if reference:
         ref = read_adm_reference(reference, extractor, cache_dir=cache_dir, batch_size=batch_size, device=device,
-                                 max_features=pr_reference_n, progress=progress)
+                                 max_features=pr_reference_n, progress=progress, rank=rank, world_size=world_size)
     else:
         available = len(datamodule.split_indices(reference_split))
         n = min(int(reference_n), available)
@@ -80,7 +84,10 @@ def make_generative_metrics(datamodule, *, metrics: Sequence[str] = ("fid", "kid
                               data_name=datamodule.name, split=reference_split,
                               image_size=datamodule.image_size, feature_extractor=extractor, n=n,
                               cache_dir=cache_dir, batch_size=batch_size, device=device,
-                              max_features=pr_reference_n, progress=progress, need_spatial="sfid" in metrics)
+                              max_features=pr_reference_n, progress=progress, need_spatial="sfid" in metrics,
+                              image_range=lambda start, end: reference_batches(datamodule, reference_split, end,
+                                                                               start=start),
+                              rank=rank, world_size=world_size)
     classifier = None
     if "is_clf" in metrics:
         if datamodule is None:
@@ -89,9 +96,17 @@ def make_generative_metrics(datamodule, *, metrics: Sequence[str] = ("fid", "kid
             raise ValueError(f"is_clf needs a labelled data set; {datamodule.name} has no labels: drop is_clf")
         rank_zero_info(f"scoring setup: clean classifier for is_clf ({classifier_epochs} epochs on "
                        f"{datamodule.name}, trained once per data set, then read from the cache)")
-        classifier = cached_clean_classifier(lambda: classifier_data(datamodule), data_name=datamodule.name,
-                                             image_size=datamodule.image_size, num_classes=datamodule.num_classes,
-                                             cache_dir=cache_dir, epochs=classifier_epochs, device=device)
+        def clean_classifier():
+            return cached_clean_classifier(lambda: classifier_data(datamodule), data_name=datamodule.name,
+                                           image_size=datamodule.image_size, num_classes=datamodule.num_classes,
+                                           cache_dir=cache_dir, epochs=classifier_epochs, device=device)
+
+        if rank == 0:  # rank 0 trains it once (cached), the other ranks then read the cache
+            classifier = clean_classifier()
+        if world_size > 1:
+            torch.distributed.barrier()
+        if rank != 0:
+            classifier = clean_classifier()
     return GenerativeMetrics(extractor, ref, metrics, classifier=classifier, batch_size=batch_size,
                              device=device, progress=progress)
 
@@ -148,19 +163,16 @@ class GenerativeMetricsCallback(pl.Callback):
             with torch.inference_mode(False), torch.enable_grad():
                 self._scorer = make_generative_metrics(trainer.datamodule, device=module.device,
                                                        progress=trainer.progress_bar_callback is not None,
+                                                       rank=trainer.global_rank, world_size=trainer.world_size,
                                                        **self.metric_kwargs)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Reference statistics and the clean classifier before training (rank 0 fills the caches, the other
-        ranks then read them: every rank featurises its share of the samples): bad settings fail early."""
-        if trainer.is_global_zero:
-            with _global_rng_untouched():  # a resumed run's restored random state stays as saved
-                self._prepare(trainer, pl_module)
-        trainer.strategy.barrier("generative_metrics_prepare")
-        if not trainer.is_global_zero:
-            with _global_rng_untouched():
-                self._prepare(trainer, pl_module)
+        """Reference statistics and the clean classifier before training, on every rank at once (the ranks share
+        the reference feature pass; rank 0 trains the clean classifier, the others read its cache): bad
+        settings fail early."""
+        with _global_rng_untouched():  # a resumed run's restored random state stays as saved
+            self._prepare(trainer, pl_module)
 
     def _scores(self, trainer: pl.Trainer, module: pl.LightningModule, num_samples: int) -> dict[str, float] | None:
         """Every rank samples and featurises its own index range (per-sample seeds: the same images as one
