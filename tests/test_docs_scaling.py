@@ -257,6 +257,11 @@ def _run_generation(tool: str, argv: list[str], root: Path, number: int) -> None
 # every section with a runnable command; each takes seconds (section 3, two DDP processes: ~30 s)
 @pytest.mark.parametrize("section", [s for s in SECTIONS if any(not c.skip for c in COMMANDS if c.section == s)])
 def test_section_runs_at_small_size(section, tiny_ckpt, tmp_path, monkeypatch):
+    for key in list(os.environ):  # what in-process DDP runs set (MASTER_PORT, LOCAL_RANK, ...) is undone after
+        monkeypatch.setenv(key, os.environ[key])
+    for key in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path / "cache"))
     stand_ins = {**_stand_ins(tmp_path, tiny_ckpt), **_stand_in_paths(tmp_path)}

@@ -108,8 +108,14 @@ def launch(devices: int, device: torch.device) -> Processes:
     from lightning.fabric import Fabric
 
     num_nodes = 1
-    starter = "LOCAL_RANK" not in os.environ  # not a process started by torchrun or by us
+    # the process the user started (not torchrun's, not one Fabric started: those have WORLD_SIZE > 1); what an
+    # earlier one-process Lightning run in this process left in the environment (LOCAL_RANK=0, WORLD_SIZE=1, a
+    # closed MASTER_PORT) would make Fabric wait for processes nobody starts: cleared, restored by close()
+    starter = world <= 1 and "LOCAL_WORLD_SIZE" not in os.environ
     saved = {key: os.environ.get(key) for key in _LAUNCH_ENV} if starter else None
+    if starter:
+        for key in _LAUNCH_ENV:
+            os.environ.pop(key, None)
     if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun
         devices = int(os.environ["LOCAL_WORLD_SIZE"])
         num_nodes = max(1, world // devices)
