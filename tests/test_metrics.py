@@ -267,7 +267,8 @@ def test_extract_features_eval_mode_and_restore():
     probe = Probe().train()
     feats = extract_features(probe, [images(3, 0), images(4, 1, channels=3)], batch_size=2, max_images=6,
                              progress=True)
-    assert feats.shape == (6, 12) and probe.training and probe.calls == 4
+    # batches of exactly 2 across the source's batches (3 + 4 images): [2, 2, 2] up to max_images
+    assert feats.shape == (6, 12) and probe.training and probe.calls == 3
 
 
 # ---------------------------------------------------------------------------------------------- pipeline

@@ -79,19 +79,16 @@ class GenerativeMetricsCallback(pl.Callback):
             with torch.inference_mode(False), torch.enable_grad():
                 self._scorer = make_generative_metrics(trainer.datamodule, device=module.device,
                                                        progress=trainer.progress_bar_callback is not None,
-                                                       log=rank_zero_info, **self.metric_kwargs)
+                                                       log=rank_zero_info, rank=trainer.global_rank,
+                                                       world_size=trainer.world_size, **self.metric_kwargs)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Reference statistics and the clean classifier before training (rank 0 fills the caches, the other
-        ranks then read them: every rank featurises its share of the samples): bad settings fail early."""
-        if trainer.is_global_zero:
-            with _global_rng_untouched():  # a resumed run's restored random state stays as saved
-                self._prepare(trainer, pl_module)
-        trainer.strategy.barrier("generative_metrics_prepare")
-        if not trainer.is_global_zero:
-            with _global_rng_untouched():
-                self._prepare(trainer, pl_module)
+        """Reference statistics and the clean classifier before training, on every rank at once (the ranks share
+        the reference feature pass; rank 0 trains the clean classifier, the others read its cache): bad
+        settings fail early."""
+        with _global_rng_untouched():  # a resumed run's restored random state stays as saved
+            self._prepare(trainer, pl_module)
 
     def _scores(self, trainer: pl.Trainer, module: pl.LightningModule, num_samples: int) -> dict[str, float] | None:
         """Every rank samples and featurises its own index range (per-sample seeds: the same images as one

@@ -25,7 +25,7 @@ from .generation import (
     generate,
     keep_finished_shards,
     load_model_and_guidance,
-    load_samples,
+    open_samples,
     resolve_device,
 )
 from .posthoc_ema import apply_posthoc_ema
@@ -103,25 +103,19 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
 
     scorer = None
     if sample_metrics or cfg.get("write_reference"):
-        def build():
-            return make_generative_metrics(
-                datamodule, metrics=sample_metrics or ["fid", "sfid"], feature=cfg.feature,
-                weights_path=cfg.weights_path, reference_split=cfg.reference_split,
-                reference_n=int(cfg.reference_n), pr_reference_n=int(cfg.pr_reference_n),
-                reference=cfg.get("reference"), cache_dir=cfg.cache_dir,
-                classifier_epochs=int(cfg.classifier_epochs), batch_size=int(cfg.batch_size), device=procs.device,
-                progress=procs.rank == 0, log=rank_zero_info)
-        if procs.rank == 0:  # rank 0 fills the caches (statistics, clean classifier); the others read them
-            scorer = build()
-        procs.barrier()
-        if procs.rank != 0:
-            scorer = build()
+        # every process at once: they share the reference feature pass (the statistics of one process)
+        scorer = make_generative_metrics(
+            datamodule, metrics=sample_metrics or ["fid", "sfid"], feature=cfg.feature,
+            weights_path=cfg.weights_path, reference_split=cfg.reference_split,
+            reference_n=int(cfg.reference_n), pr_reference_n=int(cfg.pr_reference_n),
+            reference=cfg.get("reference"), cache_dir=cfg.cache_dir,
+            classifier_epochs=int(cfg.classifier_epochs), batch_size=int(cfg.batch_size), device=procs.device,
+            progress=procs.rank == 0, log=rank_zero_info, rank=procs.rank, world_size=procs.world_size)
     if cfg.get("write_reference"):
         results["reference_written"] = str(_write_reference(cfg, datamodule, scorer))
         if not cfg.ckpt and not cfg.samples:
             return _finish(out_dir, results)
 
-    samples_uint8 = labels = None
     if cfg.ckpt and (sample_metrics or not metrics):
         num_samples = int(cfg.num_samples)
         generated = generate(
@@ -149,12 +143,18 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
             labels = None if part_labels[0] is None else torch.cat(part_labels)
             _score(results, scorer, parts, labels, num_samples, spatial)
     elif cfg.samples:
-        samples_uint8, labels = load_samples(cfg.samples)
+        source = open_samples(cfg.samples)
+        labels = source.labels
         if sample_metrics:
             if datamodule is not None:
-                _check_sample_shape(samples_uint8, datamodule)
-            parts = [scorer.outputs(batch) for batch in samples_uint8.split(int(cfg.batch_size))]
-            _score(results, scorer, parts, labels, len(samples_uint8))
+                _check_sample_shape(source.shape, datamodule)
+            parts, spatial = [], (FeatureStats() if "sfid" in sample_metrics else None)
+            for batch in source.batches(int(cfg.batch_size)):  # one batch of images in memory at a time
+                outputs = scorer.outputs(batch)
+                if spatial is not None:
+                    spatial.update(outputs.pop("spatial"))
+                parts.append(outputs)
+            _score(results, scorer, parts, labels, source.count, spatial)
     if "nll" in metrics:
         datamodule.setup("validate")
         n = min(int(cfg.nll_images), len(datamodule.split_indices("val")))
@@ -172,12 +172,12 @@ def _probe(module) -> torch.Tensor:
     return torch.zeros(2, *module.image_shape, dtype=torch.uint8)
 
 
-def _check_sample_shape(samples: torch.Tensor, datamodule) -> None:
+def _check_sample_shape(shape: tuple[int, int, int], datamodule) -> None:
     size = (datamodule.image_size, datamodule.image_size)
-    channels_ok = samples.shape[1] == datamodule.channels or (datamodule.channels == 1 and samples.shape[1] == 3)
-    if tuple(samples.shape[2:]) != size or not channels_ok:
+    channels_ok = shape[0] == datamodule.channels or (datamodule.channels == 1 and shape[0] == 3)
+    if tuple(shape[1:]) != size or not channels_ok:
         expected = (datamodule.channels, *size)
-        raise ValueError(f"samples are {tuple(samples.shape[1:])} (C, H, W) but {datamodule.name} images "
+        raise ValueError(f"samples are {tuple(shape)} (C, H, W) but {datamodule.name} images "
                          f"are {expected}: evaluate against the data set the model was trained on")
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..metrics.npz import iter_npz_rows, npz_member
 from ..modules.checkpoint import (
     classifier_guidance_from_adm,
     diffusion_module_from_adm,
@@ -30,6 +33,7 @@ from .shards import (
     assemble,
     check_disk,
     check_settings,
+    close_processes,
     finished,
     generate_shards,
     sigterm_as_interrupt,
@@ -150,7 +154,8 @@ def kept_samples(out_dir: Path) -> int:
 
 def keep_finished_shards(out_dir: Path, fn: Callable[[], Any]) -> Any:
     """Run ``fn``; Ctrl-C / SIGTERM end in one line and exit code 130, a full disk in one ``error:`` line
-    (exit 1); either way the finished shards stay and a rerun into ``out_dir`` continues from them."""
+    (exit 1); either way the finished shards stay and a rerun into ``out_dir`` continues from them. The
+    processes ``devices=N`` started end with the run (the next job of a multirun starts its own)."""
     try:
         with sigterm_as_interrupt():
             return fn()
@@ -163,39 +168,77 @@ def keep_finished_shards(out_dir: Path, fn: Callable[[], Any]) -> Any:
               f"{out_dir / 'shards'}; free space and rerun the same command with hydra.run.dir={out_dir} to continue",
               file=sys.stderr)
         sys.exit(2)  # as every CLI's one-line errors
+    finally:
+        close_processes()
 
 
 def labels_allowed(module, cond_fn) -> bool:
     return module.num_classes is not None or cond_fn is not None
 
 
-def load_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """uint8 [N, C, H, W] samples from an ADM-layout .npz (arr_0 NHWC) or an image folder."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+@dataclass
+class SampleSource:
+    """Samples to score, read a batch at a time (``batches``): an ADM-layout ``.npz`` (``arr_0`` uint8 NHWC,
+    optional labels ``arr_1``) streamed from its zip member, or an image folder decoded file by file. Only
+    the labels are held; a 50k x 256 x 256 x 3 file is scored in the memory of one batch."""
+
+    path: Path
+    count: int
+    shape: tuple[int, int, int]  # C, H, W
+    labels: torch.Tensor | None
+    files: list[Path] | None = None  # an image folder's images, in sorted order
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """uint8 ``[n <= batch_size, C, H, W]`` batches in index order."""
+        if self.files is None:
+            for chunk in iter_npz_rows(self.path, "arr_0", batch_size):
+                yield torch.from_numpy(chunk.copy()).permute(0, 3, 1, 2).contiguous()
+            return
+        for start in range(0, self.count, batch_size):
+            arrays = [_read_image(f) for f in self.files[start:start + batch_size]]
+            shapes = {a.shape for a in arrays}
+            if len(shapes) > 1 or next(iter(shapes)) != (*self.shape[1:], self.shape[0]):
+                raise ValueError(f"samples folder {self.path}: images of other sizes or modes "
+                                 f"({sorted(shapes)} after {(*self.shape[1:], self.shape[0])})")
+            yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def _read_image(file: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(file) as image:
+        arr = np.asarray(image.convert("L" if image.mode in ("L", "I;16", "1") else "RGB"))
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def open_samples(path: str | Path) -> SampleSource:
+    """``samples=``: an ADM-layout .npz (arr_0 NHWC, read in batches) or an image folder (decoded lazily)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"samples={path} does not exist")
     if path.is_dir():
-        from PIL import Image
-
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"samples folder {path} holds no images")
-        arrays = []
-        for file in files:
-            with Image.open(file) as image:
-                arrays.append(np.asarray(image.convert("L" if image.mode in ("L", "I;16", "1") else "RGB")))
-        arr = np.stack(arrays)
-        arr = arr[..., None] if arr.ndim == 3 else arr
-        return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), None
+        h, w, c = _read_image(files[0]).shape
+        return SampleSource(path=path, count=len(files), shape=(c, h, w), labels=None, files=files)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if "arr_0" not in data:
-                raise ValueError(f"{path} has no arr_0 (expected the ADM layout: arr_0 uint8 NHWC, optional arr_1)")
-            arr = data["arr_0"]
-            labels = data["arr_1"] if "arr_1" in data.files else None
-    except (OSError, EOFError) as error:
+        shape, dtype = npz_member(path, "arr_0")
+        with zipfile.ZipFile(path) as archive:
+            has_labels = "arr_1.npy" in archive.namelist()
+        labels = None
+        if has_labels:
+            labels = np.concatenate(list(iter_npz_rows(path, "arr_1", 1 << 20)) or [np.zeros(0, np.int64)])
+    except KeyError:
+        raise ValueError(f"{path} has no arr_0 (expected the ADM layout: arr_0 uint8 NHWC, optional arr_1)") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(f"{path} is not a readable .npz ({error})") from None
-    if arr.dtype != np.uint8 or arr.ndim != 4:
-        raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, C], got {arr.dtype} {arr.shape}")
-    images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
-    return images, None if labels is None else torch.from_numpy(labels.astype(np.int64))
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3):
+        raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, C], got {dtype} {shape}")
+    if labels is not None and len(labels) != shape[0]:
+        raise ValueError(f"{path}: arr_1 holds {len(labels)} labels for {shape[0]} samples")
+    return SampleSource(path=path, count=shape[0], shape=(shape[3], shape[1], shape[2]),
+                        labels=None if labels is None else torch.from_numpy(labels.astype(np.int64)))

@@ -59,16 +59,46 @@ class Processes:
     device: torch.device = torch.device("cpu")
     fabric: Any = None
 
+    saved_env: dict[str, str | None] | None = None  # what launch() changed in os.environ (the starting process)
+
     def barrier(self) -> None:
         if self.fabric is not None:
             self.fabric.barrier()
+
+    def close(self, wait_s: float = 120.0) -> None:
+        """End the process group (and, in the process that started the others, wait for them and restore the
+        environment), so that the next job of a Hydra multirun starts its own processes."""
+        if self.fabric is None:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        launcher = getattr(self.fabric.strategy, "launcher", None)
+        deadline = time.monotonic() + wait_s
+        for child in getattr(launcher, "procs", []):
+            try:
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - a stuck child must not keep the sweep waiting
+                child.kill()
+        if self.saved_env is not None:
+            for key, value in self.saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        self.fabric = None
+
+
+_ACTIVE: list[Processes] = []
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
 def launch(devices: int, device: torch.device) -> Processes:
     """One process, or ``devices`` processes started by Lightning Fabric (``strategy="ddp"``; gloo on CPU).
 
     Under ``torchrun`` (``LOCAL_WORLD_SIZE`` set) the processes already exist: Fabric joins them, whatever
-    ``devices`` says. Rank 0 is the process the user started.
+    ``devices`` says. Rank 0 is the process the user started. Inside a Hydra multirun (``-m``) the other
+    processes run this job alone (its overrides, its folder), not the sweep again; ``close_processes`` (called
+    when the run ends) ends them, so that the next job starts its own.
     """
     if int(devices) < 1:
         raise ValueError(f"devices must be >= 1, got {devices}")
@@ -78,13 +108,58 @@ def launch(devices: int, device: torch.device) -> Processes:
     from lightning.fabric import Fabric
 
     num_nodes = 1
+    # the process the user started (not torchrun's, not one Fabric started: those have WORLD_SIZE > 1); what an
+    # earlier one-process Lightning run in this process left in the environment (LOCAL_RANK=0, WORLD_SIZE=1, a
+    # closed MASTER_PORT) would make Fabric wait for processes nobody starts: cleared, restored by close()
+    starter = world <= 1 and "LOCAL_WORLD_SIZE" not in os.environ
+    saved = {key: os.environ.get(key) for key in _LAUNCH_ENV} if starter else None
+    if starter:
+        for key in _LAUNCH_ENV:
+            os.environ.pop(key, None)
     if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun
         devices = int(os.environ["LOCAL_WORLD_SIZE"])
         num_nodes = max(1, world // devices)
     accelerator = "cuda" if device.type == "cuda" else "cpu"
     fabric = Fabric(accelerator=accelerator, devices=int(devices), num_nodes=num_nodes, strategy="ddp")
-    fabric.launch()
-    return Processes(rank=fabric.global_rank, world_size=fabric.world_size, device=fabric.device, fabric=fabric)
+    with _multirun_job_command():
+        fabric.launch()
+    procs = Processes(rank=fabric.global_rank, world_size=fabric.world_size, device=fabric.device, fabric=fabric,
+                      saved_env=saved)
+    _ACTIVE.append(procs)
+    return procs
+
+
+def close_processes() -> None:
+    """``Processes.close`` for every group ``launch`` started in this process."""
+    while _ACTIVE:
+        _ACTIVE.pop().close()
+
+
+@contextmanager
+def _multirun_job_command() -> Iterator[None]:
+    """While Fabric starts the other ranks of a Hydra multirun job: the command line it re-runs is this job's
+    (its overrides, run mode, its folder as ``hydra.run.dir``) instead of the whole sweep's ``-m`` line."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+        from omegaconf import open_dict, read_write
+    except ImportError:  # pragma: no cover - hydra is a dependency
+        yield
+        return
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        yield
+        return
+    hydra_cfg = HydraConfig.get()
+    argv, run_dir = sys.argv, hydra_cfg.run.dir
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        with read_write(hydra_cfg), open_dict(hydra_cfg):
+            hydra_cfg.run.dir = run_dir
 
 
 # ------------------------------------------------------------------------------------------- the files

@@ -20,9 +20,9 @@ from .reference import read_adm_reference, reference_stats
 log = logging.getLogger(__name__)
 
 CLASSIFIER_IMAGES = 10_000  # is_clf on a source decoded from files trains on this many training images
-def reference_batches(datamodule, split: str, n: int, chunk: int = 256) -> Iterator[torch.Tensor]:
-    """The first ``n`` images of ``split`` (``reference_images``' order) decoded ``chunk`` at a time."""
-    indices = datamodule.split_indices(split)[:n]
+def reference_batches(datamodule, split: str, n: int, chunk: int = 256, start: int = 0) -> Iterator[torch.Tensor]:
+    """Images ``start..n-1`` of ``split`` (``reference_images``' order) decoded ``chunk`` at a time."""
+    indices = datamodule.split_indices(split)[start:n]
     for start in range(0, len(indices), chunk):
         yield datamodule.source.get(indices[start:start + chunk])
 
@@ -41,13 +41,18 @@ def make_generative_metrics(datamodule, *, metrics: Sequence[str] = ("fid", "kid
                             reference_n: int = 2000, pr_reference_n: int = 10_000, reference: str | None = None,
                             cache_dir: str | None = None, classifier_epochs: int = 5,
                             batch_size: int = 64, device: str | torch.device = "cpu",
-                            progress: bool = False, log: Callable[[str], Any] = log.info) -> GenerativeMetrics:
+                            progress: bool = False, log: Callable[[str], Any] = log.info, rank: int = 0,
+                            world_size: int = 1) -> GenerativeMetrics:
     """GenerativeMetrics for ``datamodule``'s real images (cached statistics, cached clean classifier).
 
     Statistics (FID, sFID) cover ``reference_n`` images (up to the whole split), streamed; KID and
     precision/recall use the first ``pr_reference_n`` of them (ADM: 10,000). ``reference``: an ADM evaluator
     reference batch (``.npz`` with ``mu``/``sigma``/``mu_s``/``sigma_s``/``arr_0``) to score against instead.
     ``log`` says what is computed the first time (minutes on CPU): Lightning's ``rank_zero_info`` under DDP.
+
+    Under ``torch.distributed`` (``world_size`` > 1) every rank calls this at once: the reference feature pass
+    is shared by the ranks (``reference_stats``: the same statistics as one process, no rank idle at a
+    barrier for the whole pass), the clean classifier (is_clf) is trained by rank 0 and read by the others.
     """
     metrics = tuple(metrics)
     if pr_reference_n < 0:
@@ -57,7 +62,7 @@ def make_generative_metrics(datamodule, *, metrics: Sequence[str] = ("fid", "kid
         raise ValueError("scoring needs the data set (data=<name>) or an ADM reference batch (reference=<.npz>)")
     if reference:
         ref = read_adm_reference(reference, extractor, cache_dir=cache_dir, batch_size=batch_size, device=device,
-                                 max_features=pr_reference_n, progress=progress)
+                                 max_features=pr_reference_n, progress=progress, rank=rank, world_size=world_size)
     else:
         available = len(datamodule.split_indices(reference_split))
         n = min(int(reference_n), available)
@@ -67,7 +72,10 @@ def make_generative_metrics(datamodule, *, metrics: Sequence[str] = ("fid", "kid
                               data_name=datamodule.name, split=reference_split,
                               image_size=datamodule.image_size, feature_extractor=extractor, n=n,
                               cache_dir=cache_dir, batch_size=batch_size, device=device,
-                              max_features=pr_reference_n, progress=progress, need_spatial="sfid" in metrics)
+                              max_features=pr_reference_n, progress=progress, need_spatial="sfid" in metrics,
+                              image_range=lambda start, end: reference_batches(datamodule, reference_split, end,
+                                                                               start=start),
+                              rank=rank, world_size=world_size)
     classifier = None
     if "is_clf" in metrics:
         if datamodule is None:
@@ -76,8 +84,17 @@ def make_generative_metrics(datamodule, *, metrics: Sequence[str] = ("fid", "kid
             raise ValueError(f"is_clf needs a labelled data set; {datamodule.name} has no labels: drop is_clf")
         log(f"scoring setup: clean classifier for is_clf ({classifier_epochs} epochs on "
             f"{datamodule.name}, trained once per data set, then read from the cache)")
-        classifier = cached_clean_classifier(lambda: classifier_data(datamodule), data_name=datamodule.name,
-                                             image_size=datamodule.image_size, num_classes=datamodule.num_classes,
-                                             cache_dir=cache_dir, epochs=classifier_epochs, device=device)
+
+        def clean_classifier():
+            return cached_clean_classifier(lambda: classifier_data(datamodule), data_name=datamodule.name,
+                                           image_size=datamodule.image_size, num_classes=datamodule.num_classes,
+                                           cache_dir=cache_dir, epochs=classifier_epochs, device=device)
+
+        if rank == 0:  # rank 0 trains it once (cached), the other ranks then read the cache
+            classifier = clean_classifier()
+        if world_size > 1:
+            torch.distributed.barrier()
+        if rank != 0:
+            classifier = clean_classifier()
     return GenerativeMetrics(extractor, ref, metrics, classifier=classifier, batch_size=batch_size,
                              device=device, progress=progress)

@@ -324,11 +324,36 @@ def feature_extractor_id(module: nn.Module) -> str:
 
 
 def _batches(images: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Batches of exactly ``batch_size`` images (the last one shorter) whatever the source's own batching: the
+    images at the same indices always share a batch (a pass split over processes sees the same batches)."""
     if isinstance(images, torch.Tensor):
         yield from images.split(batch_size)
-    else:
-        for batch in images:
-            yield from batch.split(batch_size)
+        return
+    pending: list[torch.Tensor] = []
+    held = 0
+    for batch in images:
+        if held:  # complete the pending batch first
+            take = min(batch_size - held, len(batch))
+            pending.append(batch[:take])
+            held += take
+            batch = batch[take:]
+            if held < batch_size:
+                continue
+            yield _cat(pending)
+            pending, held = [], 0
+        whole = len(batch) - len(batch) % batch_size
+        if whole:
+            yield from batch[:whole].split(batch_size)
+        if whole < len(batch):
+            pending, held = [batch[whole:]], len(batch) - whole
+    if held:
+        yield _cat(pending)
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    if len({tuple(p.shape[1:]) for p in parts}) > 1:  # 1- and 3-channel batches of one source: all as RGB
+        parts = [as_rgb_uint8(p) for p in parts]
+    return torch.cat(parts)
 
 
 def _module_device(module: nn.Module) -> torch.device:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..artifacts import atomic_write
 from .features import feature_extractor_id, iter_outputs
+from .npz import iter_npz_rows, npz_member
 
 ImageSource = torch.Tensor | Iterable[torch.Tensor]
 
@@ -135,7 +137,9 @@ def reference_stats(images: ImageSource | Callable[[], ImageSource], *, data_nam
                     image_size: int, feature_extractor: nn.Module, n: int,
                     cache_dir: str | Path | None = None, batch_size: int = 64,
                     device: str | torch.device | None = None, max_features: int = 10_000,
-                    progress: bool = False, need_spatial: bool | None = None) -> ReferenceStats:
+                    progress: bool = False, need_spatial: bool | None = None,
+                    image_range: Callable[[int, int], ImageSource] | None = None, rank: int = 0,
+                    world_size: int = 1, chunk: int = 1024) -> ReferenceStats:
     """Reference statistics of the first ``n`` real images, from the cache or computed once and cached.
 
     ``images``: uint8 ``[N, C, H, W]`` tensor, an iterable of such batches (consumed until ``n`` images,
@@ -145,6 +149,13 @@ def reference_stats(images: ImageSource | Callable[[], ImageSource], *, data_nam
     ``<cache_dir>/fid_stats/<data>-<split>-<size>px-<extractor id>-n<n>.npz``; an entry written by an older
     version is recomputed when it lacks what is asked: fewer kept features, or no spatial statistics while
     ``need_spatial`` (default: whenever the extractor has spatial features; sFID needs them).
+
+    Several processes (``world_size`` > 1, ``torch.distributed`` initialised; every rank calls this with the
+    same arguments): rank 0's cache decides for all. On a miss the feature pass is shared: the images are cut
+    into blocks of ``chunk`` (rounded up to a multiple of ``batch_size``) read with ``image_range(start, end)``,
+    rank r featurises blocks k with k % world_size == r, and rank 0 folds the gathered features block by block
+    in index order, batch by batch: the float64 statistics are bit-equal to one process's (same batches, same
+    order) and no process waits for the whole pass at one collective. Every rank returns the statistics.
     """
     if n < 2:
         raise ValueError(f"n must be >= 2 reference images, got {n}")
@@ -153,45 +164,115 @@ def reference_stats(images: ImageSource | Callable[[], ImageSource], *, data_nam
     fid = feature_extractor_id(feature_extractor)
     path = reference_stats_path(cache_dir, data_name, split, image_size, fid, n)
     keep = min(n, max_features)
-    if path.is_file():
-        stats = ReferenceStats.load(path)
-        if stats.n != n or stats.feature_id != fid:
-            raise ValueError(f"cache file {path} holds n={stats.n}, extractor {stats.feature_id!r}; "
-                             f"expected n={n}, {fid!r}: delete it")
-        kept = 0 if stats.features is None else len(stats.features)
-        if need_spatial is None:
-            need_spatial = getattr(feature_extractor, "has_spatial", False)
-        spatial_ok = stats.mu_s is not None or not need_spatial
-        if kept >= keep and spatial_ok:
-            return stats if kept == keep else replace(stats, features=stats.features[:keep])
-    source = images() if callable(images) else images
-    pool, spatial, kept_features = FeatureStats(), FeatureStats(), []
-    for out in iter_outputs(feature_extractor, _checked(source, image_size), batch_size=batch_size,
-                            device=device, max_images=n, progress=progress, description=f"reference {data_name}"):
-        pool.update(out["pool"])
+    if need_spatial is None:
+        need_spatial = getattr(feature_extractor, "has_spatial", False)
+    cached = _cached(path, n, fid, keep, need_spatial) if rank == 0 else None
+    if world_size > 1:
+        cached = _broadcast(cached)
+        if cached is not None:
+            return cached
+        if image_range is None:  # no random access to the images: rank 0 computes, the others receive
+            stats = _compute(images, data_name=data_name, image_size=image_size, extractor=feature_extractor, n=n,
+                             keep=keep, fid=fid, path=path, batch_size=batch_size, device=device,
+                             progress=progress) if rank == 0 else None
+            return _broadcast(stats)
+        return _broadcast(_compute_sharded(
+            image_range, data_name=data_name, image_size=image_size, extractor=feature_extractor, n=n, keep=keep,
+            fid=fid, path=path, batch_size=batch_size, device=device, progress=progress, rank=rank,
+            world_size=world_size, chunk=chunk))
+    if cached is not None:
+        return cached
+    return _compute(images, data_name=data_name, image_size=image_size, extractor=feature_extractor, n=n, keep=keep,
+                    fid=fid, path=path, batch_size=batch_size, device=device, progress=progress)
+
+
+def _cached(path: Path, n: int, fid: str, keep: int, need_spatial: bool) -> ReferenceStats | None:
+    if not path.is_file():
+        return None
+    stats = ReferenceStats.load(path)
+    if stats.n != n or stats.feature_id != fid:
+        raise ValueError(f"cache file {path} holds n={stats.n}, extractor {stats.feature_id!r}; "
+                         f"expected n={n}, {fid!r}: delete it")
+    kept = 0 if stats.features is None else len(stats.features)
+    spatial_ok = stats.mu_s is not None or not need_spatial
+    if kept >= keep and spatial_ok:
+        return stats if kept == keep else replace(stats, features=stats.features[:keep])
+    return None
+
+
+def _broadcast(value):
+    """Rank 0's ``value`` on every rank (``torch.distributed``)."""
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class _Accumulator:
+    """Streamed float64 statistics of pool (+ spatial) features and the first ``keep`` pool features."""
+
+    def __init__(self, keep: int) -> None:
+        self.pool, self.spatial, self.keep, self.kept = FeatureStats(), FeatureStats(), keep, []
+
+    def update(self, out: dict[str, torch.Tensor]) -> None:
+        self.pool.update(out["pool"])
         if "spatial" in out:
-            spatial.update(out["spatial"])
-        room = keep - sum(len(f) for f in kept_features)
+            self.spatial.update(out["spatial"])
+        room = self.keep - sum(len(f) for f in self.kept)
         if room > 0:
-            kept_features.append(out["pool"][:room].numpy())
-    if pool.n != n:
-        raise ValueError(f"asked for n={n} images of {data_name}/{split}, got only {pool.n}")
-    mu, sigma = pool.mean_cov()
-    mu_s, sigma_s = spatial.mean_cov() if spatial.n else (None, None)
-    stats = ReferenceStats(mu=mu, sigma=sigma, n=n, feature_id=fid, mu_s=mu_s, sigma_s=sigma_s,
-                           features=np.concatenate(kept_features).astype(np.float32) if keep else None)
-    stats.save(path)
-    return stats
+            self.kept.append(out["pool"][:room].numpy())
+
+    def result(self, n: int, fid: str, path: Path, what: str) -> ReferenceStats:
+        if self.pool.n != n:
+            raise ValueError(f"asked for n={n} images of {what}, got only {self.pool.n}")
+        mu, sigma = self.pool.mean_cov()
+        mu_s, sigma_s = self.spatial.mean_cov() if self.spatial.n else (None, None)
+        stats = ReferenceStats(mu=mu, sigma=sigma, n=n, feature_id=fid, mu_s=mu_s, sigma_s=sigma_s,
+                               features=np.concatenate(self.kept).astype(np.float32) if self.keep else None)
+        stats.save(path)
+        return stats
 
 
-def _adm_images(arr: np.ndarray, batch: int = 256) -> Iterator[torch.Tensor]:
-    for start in range(0, len(arr), batch):
-        yield torch.from_numpy(np.ascontiguousarray(arr[start:start + batch])).permute(0, 3, 1, 2)
+def _compute(images, *, data_name: str, image_size: int, extractor: nn.Module, n: int, keep: int, fid: str,
+             path: Path, batch_size: int, device, progress: bool) -> ReferenceStats:
+    source = images() if callable(images) else images
+    acc = _Accumulator(keep)
+    for out in iter_outputs(extractor, _checked(source, image_size), batch_size=batch_size, device=device,
+                            max_images=n, progress=progress, description=f"reference {data_name}"):
+        acc.update(out)
+    return acc.result(n, fid, path, f"{data_name}/{path.name}")
+
+
+def _compute_sharded(image_range: Callable[[int, int], ImageSource], *, data_name: str, image_size: int,
+                     extractor: nn.Module, n: int, keep: int, fid: str, path: Path, batch_size: int, device,
+                     progress: bool, rank: int, world_size: int, chunk: int) -> ReferenceStats | None:
+    chunk = -(-max(chunk, batch_size) // batch_size) * batch_size  # whole batches: one process's batches
+    blocks = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    acc = _Accumulator(keep) if rank == 0 else None
+    for first in range(0, len(blocks), world_size):
+        mine = first + rank
+        outs: list[dict[str, torch.Tensor]] = []
+        if mine < len(blocks):
+            start, end = blocks[mine]
+            outs = list(iter_outputs(extractor, _checked(image_range(start, end), image_size),
+                                     batch_size=batch_size, device=device, max_images=end - start,
+                                     progress=progress and rank == 0,
+                                     description=f"reference {data_name} (rank 0 of {world_size})"))
+            if sum(len(o["pool"]) for o in outs) != end - start:
+                raise ValueError(f"asked for images {start}..{end - 1} of {data_name}, got "
+                                 f"{sum(len(o['pool']) for o in outs)}")
+        gathered: list | None = [None] * world_size if rank == 0 else None
+        torch.distributed.gather_object(outs, gathered, dst=0)
+        if rank == 0:
+            for block_outs in gathered:  # ranks in order = blocks in index order
+                for out in block_outs:
+                    acc.update(out)
+    return acc.result(n, fid, path, f"{data_name}/{path.name}") if rank == 0 else None
 
 
 def read_adm_reference(path: str | Path, feature_extractor: nn.Module, *, cache_dir: str | Path | None = None,
                        batch_size: int = 64, device: str | torch.device | None = None,
-                       max_features: int = 10_000, progress: bool = False) -> ReferenceStats:
+                       max_features: int = 10_000, progress: bool = False, rank: int = 0,
+                       world_size: int = 1) -> ReferenceStats:
     """An ADM evaluator reference batch (``VIRTUAL_imagenet64_labeled.npz``: ``mu``, ``sigma``, ``mu_s``,
     ``sigma_s``, ``arr_0`` images) as ``ReferenceStats``: its statistics as stored, the pool features of its
     first ``max_features`` ``arr_0`` images (KID, precision/recall) computed once and cached.
@@ -210,8 +291,8 @@ def read_adm_reference(path: str | Path, feature_extractor: nn.Module, *, cache_
                 raise ValueError(f"reference={path} is not an ADM reference batch: it has {sorted(files)}, "
                                  f"expected mu, sigma (and mu_s, sigma_s, arr_0)")
             stored = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "feature_id", "n") if k in files}
-            arr = data["arr_0"] if "arr_0" in files else None
-    except (OSError, EOFError) as error:
+        shape, dtype = npz_member(path, "arr_0") if "arr_0" in files else (None, None)  # arr_0: streamed
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(f"reference={path} is not a readable .npz ({error})") from None
     owner = str(stored.get("feature_id", ""))
     if owner and owner != fid:
@@ -220,18 +301,23 @@ def read_adm_reference(path: str | Path, feature_extractor: nn.Module, *, cache_
         raise ValueError(f"reference={path} is an official ADM batch (TF FID Inception statistics): it needs "
                          f"feature=inception, not {fid!r}")
     features = None
-    if arr is not None and max_features > 0:
-        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3) or arr.shape[1] != arr.shape[2]:
-            raise ValueError(f"reference={path}: arr_0 must be uint8 [N, H, W, 3], got {arr.dtype} {arr.shape}")
-        n = min(len(arr), max_features)
-        subset = reference_stats(lambda: _adm_images(arr[:n]), data_name=f"adm-{path.stem}-{path.stat().st_size}B",
-                                 split="arr_0", image_size=arr.shape[1], feature_extractor=feature_extractor, n=n,
+    if shape is not None and max_features > 0:
+        if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or shape[1] != shape[2]:
+            raise ValueError(f"reference={path}: arr_0 must be uint8 [N, H, W, 3], got {dtype} {shape}")
+        n = min(shape[0], max_features)
+
+        def image_range(start: int, end: int) -> Iterator[torch.Tensor]:
+            for rows in iter_npz_rows(path, "arr_0", 256, start, end):
+                yield torch.from_numpy(rows.copy()).permute(0, 3, 1, 2)
+
+        subset = reference_stats(lambda: image_range(0, n), data_name=f"adm-{path.stem}-{path.stat().st_size}B",
+                                 split="arr_0", image_size=shape[1], feature_extractor=feature_extractor, n=n,
                                  cache_dir=cache_dir, batch_size=batch_size, device=device, max_features=n,
-                                 progress=progress)
+                                 progress=progress, image_range=image_range, rank=rank, world_size=world_size)
         features = subset.features
     spatial = "mu_s" in stored and "sigma_s" in stored
     return ReferenceStats(mu=stored["mu"].astype(np.float64), sigma=stored["sigma"].astype(np.float64),
-                          n=int(stored["n"]) if "n" in stored else (len(arr) if arr is not None else 0),
+                          n=int(stored["n"]) if "n" in stored else (shape[0] if shape is not None else 0),
                           features=features, feature_id=fid,
                           mu_s=stored["mu_s"].astype(np.float64) if spatial else None,
                           sigma_s=stored["sigma_s"].astype(np.float64) if spatial else None)
