@@ -26,6 +26,7 @@ METRICS_FILE = "metrics.json"  # end-of-training scores (GenerativeMetricsCallba
 RESULTS_FILE = "results.json"  # ddpm-eval's scores
 SAMPLE_FILE = "sample.json"  # ddpm-sample's settings and outputs
 ERROR_FILE = "error.txt"  # the one-line message of a failed run
+POSTHOC_EMA_DIR = "posthoc_ema"  # a run's post-hoc EMA snapshots (callbacks/posthoc_ema.py)
 LOCK_FILE = ".run.lock"  # held by the process that owns a run (or sweep) folder
 TMP_PATTERN = re.compile(r"^\..+\.tmp-\d+$")  # what a write killed before its os.replace leaves behind
 

@@ -346,15 +346,42 @@ def test_cli_config_errors_are_one_line_and_exit_2(module, args, expected, tmp_p
     assert len(lines) == 1 and re.search(expected, lines[0]), result.stderr[-2000:]
 
 
-def test_the_entry_points_compose_and_validate_without_importing_torch_or_lightning():
-    """What keeps ``--help`` and config errors fast: Lightning/torch are imported only once work starts."""
-    code = ("import sys; import ddpm_lightning.cli.train, ddpm_lightning.cli.validate, ddpm_lightning.cli.errors, "
-            "ddpm_lightning.cli.run_folder, ddpm_lightning.artifacts; "
-            "print(sorted(m for m in ('torch', 'lightning', 'wandb') if m in sys.modules))")
+# (console entry module, argv): --help, and a config error each command checks before any work
+ENTRY_POINTS = [
+    ("train", ["--help"]), ("train", ["data.batch_size=0"]), ("train", ["model=adm_adgn"]),
+    ("sample", ["--help"]), ("sample", ["ckpt=x.ckpt", "num_samples=0"]),
+    ("evaluate", ["--help"]), ("evaluate", ["ckpt=x.ckpt", "steps=0"]), ("evaluate", ["experiment=guidance_swep"]),
+    ("report", ["--help"]), ("report", ["--stale-after", "abc", "x"]),
+    ("convert_adm", ["--help"]), ("convert_adm", ["in.pt", "out.pt", "--kind", "classifier", "--num_channels", "3"]),
+    ("posthoc_ema", ["--help"]), ("posthoc_ema", ["ckpt=x.ckpt", "sigma_rels=[abc]"]),
+]
+
+
+def test_every_console_script_is_a_cli_module():
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    modules = {target.split(":")[0].rsplit(".", 1)[-1] for target in scripts.values()}
+    assert modules == {module for module, _ in ENTRY_POINTS}
+
+
+@pytest.mark.parametrize("module,argv", ENTRY_POINTS, ids=[f"{m}-{a[0]}" for m, a in ENTRY_POINTS])
+def test_help_and_config_errors_import_neither_torch_nor_lightning(module, argv, tmp_path):
+    """What keeps ``--help`` and config errors fast in every CLI: torch/Lightning are imported only once work
+    starts (the argument parsing, Hydra composition and config checks run in a fresh interpreter here)."""
+    code = (f"import importlib, sys; sys.argv = ['ddpm', *{argv!r}]\n"
+            f"try:\n    importlib.import_module('ddpm_lightning.cli.{module}').main()\n"
+            "except SystemExit as exit:\n    code = exit.code\nelse:\n    code = 0\n"
+            "heavy = sorted(m for m in ('torch', 'lightning', 'wandb') if m in sys.modules)\n"
+            "print(f'\\nexit={code} heavy={heavy}')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env=subprocess_env())
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "[]"
+                            cwd=tmp_path, env=subprocess_env())
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    expected_code = 0 if argv == ["--help"] else 2
+    assert result.stdout.strip().splitlines()[-1] == f"exit={expected_code} heavy=[]", \
+        result.stdout[-1000:] + result.stderr[-2000:]
+    if expected_code:
+        assert "error:" in result.stderr.strip().splitlines()[-1]
 
 
 def test_ctrl_c_during_training_is_one_line_and_exit_130(tmp_path, capsys):

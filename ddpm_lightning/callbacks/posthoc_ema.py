@@ -11,9 +11,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 from typing_extensions import override
 
+from ..artifacts import POSTHOC_EMA_DIR as SNAPSHOT_DIR
 from ..modules.ema import save_snapshot
-
-SNAPSHOT_DIR = "posthoc_ema"
 
 
 class PostHocEMASnapshots(pl.Callback):

@@ -29,13 +29,9 @@ import argparse
 import ast
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..artifacts import NoSpaceLeft, atomic_write
-from ..models import EncoderUNet, UNet, load_adm_state_dict
-from ..models.adm_checkpoint import (
+from ..adm_flags import (
     ADM_CLASSIFIER_DEFAULTS,
     ADM_DIFFUSION_DEFAULTS,
     ADM_MODEL_DEFAULTS,
@@ -43,7 +39,9 @@ from ..models.adm_checkpoint import (
     KINDS,
     adm_model_config,
 )
-from ..modules.checkpoint import load_checkpoint_dict
+
+if TYPE_CHECKING:
+    import torch
 
 PROG = "ddpm-convert-adm"
 
@@ -123,7 +121,16 @@ def _resolve(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, A
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        kind, flags, config = _resolve(args)
+        kind, flags, config = _resolve(args)  # --help and flag errors answer before torch is imported
+    except (ValueError, TypeError) as err:
+        _fail(str(err))
+    import torch
+
+    from ..artifacts import NoSpaceLeft, atomic_write
+    from ..models import EncoderUNet, UNet, load_adm_state_dict
+    from ..modules.checkpoint import load_checkpoint_dict
+
+    try:
         with torch.device("meta"):
             model = (EncoderUNet if kind == "classifier" else UNet)(**config)
     except (ValueError, TypeError) as err:
@@ -202,6 +209,7 @@ def classifier_guidance_from_adm(checkpoint: dict[str, Any], scale: float, diffu
                                  path: str | Path = "checkpoint", map_location: str | torch.device = "cpu"):
     """``(cond_fn, class count)`` guiding with a converted official classifier (checked against the model)."""
     from ..diffusion import build_guidance
+    from ..models import EncoderUNet
     from ..modules.guidance import guidance_info
 
     if checkpoint["model_class"] != "EncoderUNet":

@@ -11,15 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..callbacks.posthoc_ema import SNAPSHOT_DIR
+from ..artifacts import POSTHOC_EMA_DIR as SNAPSHOT_DIR
 from ..config import CONFIG_PATH
-from ..modules.checkpoint import load_checkpoint_dict
-from ..modules.ema import list_snapshots, reconstruct_ema
 from .errors import run_cli
-from .generation import write_json
+
+# torch and Lightning are imported inside the functions, once the config is checked (a fast --help)
 
 EMA_PREFIX = "ema.module."
 COARSE_FIT = 0.02  # profile L2 error above which the CLI suggests more snapshots
@@ -32,6 +30,8 @@ def snapshots_folder(ckpt: str | Path, snapshots: str | Path | None = None) -> P
 
 def snapshot_step(folder: Path, checkpoint: dict[str, Any], step: int | None) -> int:
     """``step``, or the last snapshot at or before the checkpoint's own step (its EMA's point in the run)."""
+    from ..modules.ema import list_snapshots
+
     if step is not None:
         return int(step)
     ckpt_step = checkpoint.get("global_step")
@@ -42,6 +42,10 @@ def apply_posthoc_ema(module, ckpt: str | Path, sigma_rel: float, snapshots: str
                       step: int | None = None) -> dict[str, Any]:
     """Replace ``module``'s EMA weights by the reconstructed power EMA of length ``sigma_rel`` at ``step``
     (default: the checkpoint's step, see ``snapshot_step``); its summary."""
+    import torch
+
+    from ..modules.ema import reconstruct_ema
+
     folder = snapshots_folder(ckpt, snapshots)
     if step is None:
         step = snapshot_step(folder, torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True), None)
@@ -54,6 +58,11 @@ def write_posthoc_checkpoint(ckpt: str | Path, sigma_rel: float, out_path: str |
                              snapshots: str | Path | None = None, step: int | None = None) -> dict[str, Any]:
     """``ckpt`` with its EMA weights replaced by the power EMA of length ``sigma_rel``, written atomically."""
     import os
+
+    import torch
+
+    from ..modules.checkpoint import load_checkpoint_dict
+    from ..modules.ema import reconstruct_ema
 
     checkpoint = load_checkpoint_dict(ckpt)
     state_dict = checkpoint.get("state_dict") or {}
@@ -86,6 +95,8 @@ def posthoc_ema(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"sigma_rels={values!r}; give numbers in (0, 0.2887], e.g. sigma_rels=[0.05,0.1]") from None
     if not sigma_rels:
         raise ValueError("sigma_rels is empty; give the EMA lengths to reconstruct, e.g. sigma_rels=[0.05,0.1]")
+    from .generation import write_json
+
     out_dir = Path(cfg.output_dir)
     step = None if cfg.step is None else int(cfg.step)
     results = []
