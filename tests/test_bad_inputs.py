@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from faults import subprocess_env, train_command
+from hydra import initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from PIL import Image
@@ -24,6 +25,7 @@ from run_config import TINY, compose_run
 from ddpm_lightning.cli.errors import run_cli
 from ddpm_lightning.cli.generation import load_model_and_guidance
 from ddpm_lightning.cli.train import build_module, train
+from ddpm_lightning.config import CONFIG_DIR
 from ddpm_lightning.diffusion import GaussianDiffusion, build_guidance, make_beta_schedule
 
 BASE = [o for o in TINY if not o.startswith(("data=", "data.image_size="))]  # cases pick their data set
@@ -291,6 +293,10 @@ GENERATION_CASES = [
     ("eval", ["samples={tmp}/s.npy"], r"samples=.*/s\.npy is a \.npy file; give an ADM-layout \.npz"),
     ("eval", ["samples={tmp}/half.npz"], r"samples=.*/half\.npz is not a readable \.npz \(truncated or not a zip"),
     ("eval", ["cache_dir={tmp}/file.txt/cache"], r"cannot write the cache_dir folder .*/file\.txt/cache: .*is a file"),
+    ("sample", ["ckpt={tmp}/missing.ckpt"], r"checkpoint .*/missing\.ckpt does not exist$"),
+    ("eval", ["ckpt={tmp}/file.txt"], r"checkpoint .*/file\.txt is a text file, not a torch checkpoint"),
+    ("sample", ["ckpt={tmp}/fake.ckpt", "guidance.classifier_ckpt={tmp}", "guidance.scale=1"],
+     r"checkpoint .* is a folder; give the \.ckpt file inside it$"),
 ]
 
 
@@ -304,12 +310,52 @@ def test_sample_and_eval_inputs_fail_in_one_line_before_any_work(command, overri
     data = (tmp_path / "whole.npz").read_bytes()
     (tmp_path / "half.npz").write_bytes(data[: len(data) // 2])
     (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "fake.ckpt").write_bytes(b"PK\x03\x04")  # looks like torch's zip to the checks before torch
     cfg = compose_run([o.format(tmp=tmp_path) for o in overrides], tmp_path / "run", config_name=command)
     with pytest.raises(SystemExit) as exit_info:
         CheckConfig().on_run_start(cfg, config_name=command)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and re.search(expected, err[0]), err
+
+
+# a classifier in a sweep: scale-0 rows are the unguided baseline, but some job must guide with it
+GUIDED = ["ckpt={tmp}/fake.ckpt", "guidance.classifier_ckpt={tmp}/fake.ckpt"]
+SWEEP_GUIDANCE_CASES = [
+    ("sample", [*GUIDED, "seed=0,1"], "scales: 0"),
+    ("sample", GUIDED, "scales: 0"),  # a one-job multirun
+    ("eval", [*GUIDED, "guidance.scale=0,0.0"], "scales: 0"),
+    ("eval", [*GUIDED, "experiment=guidance_sweep", "guidance.scale=0"], "scales: 0"),  # the command line wins
+    ("eval", [*GUIDED, "experiment=guidance_sweep"], None),  # 0,0.5,...,8: the baseline row is allowed
+    ("sample", [*GUIDED, "guidance.scale=0,1"], None),
+]
+
+
+@pytest.mark.parametrize("command,overrides,scales", SWEEP_GUIDANCE_CASES,
+                         ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(SWEEP_GUIDANCE_CASES)])
+def test_a_classifier_no_sweep_job_guides_with_is_refused_before_any_job(command, overrides, scales, tmp_path,
+                                                                         capsys):
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    from ddpm_lightning.cli.validate import CheckConfig
+
+    (tmp_path / "fake.ckpt").write_bytes(b"PK\x03\x04")
+    overrides = [o.format(tmp=tmp_path) for o in overrides]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):  # as `ddpm-<command> -m ...` composes
+        config = GlobalHydra.instance().hydra.compose_config(command, overrides, run_mode=RunMode.MULTIRUN)
+        if scales is None:
+            CheckConfig().on_multirun_start(config, config_name=command)
+            assert capsys.readouterr().err == ""
+            return
+        with pytest.raises(SystemExit) as exit_info:
+            CheckConfig().on_multirun_start(config, config_name=command)
+    GlobalHydra.instance().clear()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: guidance.classifier_ckpt is given but no job of the sweep has guidance.scale > 0 "
+                   f"({scales}): the classifier would guide nothing; sweep guidance.scale over values > 0 (e.g. "
+                   f"guidance.scale=0,1,2), or drop guidance.classifier_ckpt; no job was started"]
 
 
 def test_a_class_index_for_an_unconditional_model_is_refused_not_ignored(tmp_path):

@@ -326,6 +326,12 @@ def check_generation(cfg: DictConfig, multirun: bool = False) -> None:
                          "nothing; set guidance.scale > 0 (e.g. guidance.scale=1), or drop guidance.classifier_ckpt")
     check_samples_file(cfg.get("samples"))
     check_writable_folder(cfg.get("cache_dir"), "cache_dir")
+    for key in ("ckpt", "guidance.classifier_ckpt"):  # a wrong path answers before torch is imported
+        present, path = _select(cfg, key)
+        if present and path not in (None, ""):
+            from ..artifacts import check_checkpoint_file
+
+            check_checkpoint_file(str(path))
 
 
 def _check(config_name: str | None, cfg: DictConfig, multirun: bool) -> None:
@@ -371,7 +377,7 @@ class CheckConfig(Callback):
         if kwargs.get("config_name") in ("eval", "sample"):
             try:
                 check_generation(config)
-            except ValueError as error:
+            except (ValueError, OSError) as error:  # OSError: a checkpoint path that is missing or a folder
                 _exit(str(error))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -380,16 +386,39 @@ class CheckConfig(Callback):
         from hydra.types import RunMode
 
         jobs = sweep_jobs(config)
-        if not jobs or len(jobs) < 2:
+        generation = config_name in ("eval", "sample")
+        if not jobs or (len(jobs) < 2 and not generation):
             return
         hydra = GlobalHydra.instance().hydra
         common = set.intersection(*(set(job) for job in jobs))  # name a job by its swept values only
+        composed = []
         for number, overrides in enumerate(jobs):
             try:
                 job = hydra.compose_config(config_name, overrides, run_mode=RunMode.RUN)
                 _check(config_name, job, multirun=True)
+                composed.append(job)
             except Exception as error:  # noqa: BLE001  every failure here is the user's config
                 from .errors import root_message
 
                 swept = " ".join(o for o in overrides if o not in common)
                 _exit(f"sweep job {number} ({swept}): {root_message(error)}; no job was started")
+        if generation:
+            try:
+                check_sweep_guidance(composed)
+            except ValueError as error:
+                _exit(str(error))
+
+
+def check_sweep_guidance(jobs: list[DictConfig]) -> None:
+    """A sweep may keep ``guidance.scale=0`` rows next to a classifier (the unguided baseline of a guidance
+    sweep), but a classifier that no job guides with is refused, as in a single run."""
+    def guidance(job: DictConfig, key: str) -> Any:
+        return _select(job, f"guidance.{key}")[1]
+
+    with_classifier = [job for job in jobs if guidance(job, "classifier_ckpt")]
+    if with_classifier and not any(guidance(job, "scale") for job in with_classifier):
+        scales = sorted({float(guidance(job, "scale") or 0) for job in with_classifier})
+        raise ValueError(f"guidance.classifier_ckpt is given but no job of the sweep has guidance.scale > 0 "
+                         f"(scales: {', '.join(f'{s:g}' for s in scales)}): the classifier would guide nothing; "
+                         f"sweep guidance.scale over values > 0 (e.g. guidance.scale=0,1,2), or drop "
+                         f"guidance.classifier_ckpt; no job was started")
