@@ -136,7 +136,8 @@ def generate(module, *, out_dir: Path, num_samples: int, sampler: str | None, st
 
     stats = generate_shards(sample_fn, shards=shards, num_samples=num_samples, shard_size=shard_size,
                             batch_size=batch_size, procs=procs, score_fn=scorer.outputs if scorer else None,
-                            feature_id=scorer.outputs_id if scorer else "")
+                            feature_id=scorer.outputs_id if scorer else "",
+                            calls_per_batch=network_calls_per_batch(module, used))
     procs.barrier()
     rank_zero_info(f"sampled {stats['generated']} images ({used['method']}, steps={used['steps']}, "
                    f"eta={used['eta']}, schedule={used['schedule']}) in {stats['seconds']:.1f} s "
@@ -147,6 +148,21 @@ def generate(module, *, out_dir: Path, num_samples: int, sampler: str | None, st
     if procs.rank == 0:
         result["outputs"] = assemble(out_dir, shards, num_samples, shard_size)
     return result
+
+
+def network_calls_per_batch(module, used: dict[str, Any]) -> int | None:
+    """The network calls one batch takes: the sampler's kept steps (classifier-free guidance runs each on a
+    doubled batch, classifier guidance adds a classifier gradient); None where the module cannot say."""
+    diffusion = getattr(module, "diffusion", None)
+    if diffusion is None:
+        return None
+    from ..sampling.sample import sampling_process
+
+    try:
+        steps = sampling_process(diffusion, used["method"], used["steps"], used["schedule"]).num_timesteps
+    except (ValueError, KeyError, AttributeError):
+        return None
+    return int(steps)
 
 
 def kept_samples(out_dir: Path) -> int:
