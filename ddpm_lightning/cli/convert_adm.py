@@ -39,6 +39,7 @@ from ..adm_flags import (
     KINDS,
     adm_model_config,
 )
+from ..artifacts import check_checkpoint_file
 
 if TYPE_CHECKING:
     import torch
@@ -124,6 +125,12 @@ def main(argv: list[str] | None = None) -> None:
         kind, flags, config = _resolve(args)  # --help and flag errors answer before torch is imported
     except (ValueError, TypeError) as err:
         _fail(str(err))
+    try:  # missing, a folder, empty or text: one line before torch is imported
+        check_checkpoint_file(args.input)
+    except (OSError, ValueError) as err:
+        reason = str(err).split(";")[0].replace(f"checkpoint {args.input} ", "it ")
+        _fail(f"cannot read ADM checkpoint {args.input}: {reason}; give an official guided-diffusion checkpoint "
+              f"(e.g. 64x64_diffusion.pt)")
     import torch
 
     from ..artifacts import NoSpaceLeft, atomic_write

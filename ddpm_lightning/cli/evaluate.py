@@ -82,7 +82,7 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     from ..metrics import FeatureStats
     from .generation import generate, load_model_and_guidance, load_samples, resolve_device
     from .posthoc_ema import apply_posthoc_ema
-    from .shards import Processes, launch, shard_outputs
+    from .shards import Processes, check_disk, finished, launch, shard_outputs
 
     device = resolve_device(cfg.device)
     metrics = list(cfg.metrics)
@@ -100,6 +100,10 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
             raise ValueError(f"{cfg.ckpt} stores no data config; pass data=<name> for the reference images "
                              f"(or reference=<an ADM reference batch .npz>)")
         results["guidance"] = guidance
+        if sample_metrics or not metrics:  # the disk, before minutes of scoring setup (statistics, classifier)
+            num_samples, shard_size = int(cfg.num_samples), int(cfg.shard_size)
+            done = sum(end - start for start, end in finished(out_dir / "shards", num_samples, shard_size))
+            check_disk(out_dir, num_samples, done, tuple(module.image_shape), scored=bool(sample_metrics))
     else:
         if "nll" in metrics:
             raise ValueError("metrics=[nll] needs a model: give ckpt=...")

@@ -215,7 +215,8 @@ def generate_shards(sample_fn: Callable[[int, int], tuple[torch.Tensor, torch.Te
     calls = None if calls_per_batch is None else batches * calls_per_batch
     if total:
         log(f"[rank {procs.rank}/{procs.world_size}] generating {total} samples ({sum(e - s for s, e in mine) - total} "
-            f"kept from an earlier run): {batches} batch{'' if batches == 1 else 'es'} of <= {batch_size}"
+            f"kept from an earlier run): {batches} batch{'' if batches == 1 else 'es'} of <= "
+            f"{min(batch_size, shard_size)}"
             + ("" if calls is None else f" x {calls_per_batch} network calls = {calls} network calls"))
     done, start_time = 0, time.perf_counter()
     for start, end in todo:
