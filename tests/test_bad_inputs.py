@@ -294,6 +294,12 @@ GENERATION_CASES = [
     ("eval", ["samples={tmp}/half.npz"], r"samples=.*/half\.npz is not a readable \.npz \(truncated or not a zip"),
     ("eval", ["cache_dir={tmp}/file.txt/cache"], r"cannot write the cache_dir folder .*/file\.txt/cache: .*is a file"),
     ("sample", ["ckpt={tmp}/missing.ckpt"], r"checkpoint .*/missing\.ckpt does not exist$"),
+    ("sample", ["sampler=ddpmm"], r"sampler='ddpmm'; allowed: ddpm, ddim, dpm\+\+2m, .*unipc \(did you mean ddpm\?\)$"),
+    ("sample", ["schedule=karas"], r"schedule='karas'; allowed: adm, uniform, logsnr, karras, trailing \(did you mean"),
+    ("sample", ["precision=16"], r"precision=16; allowed: 32, bf16"),
+    ("eval", ["metrics=[fid,fidd]"], r"metrics: unknown fidd \(did you mean fid\?\); allowed: fid, sfid, kid, pr, is, "
+                                     r"is_clf, nll$"),
+    ("eval", ["feature=incepton"], r"feature='incepton'; allowed: inception, tiny \(did you mean inception\?\)$"),
     ("eval", ["ckpt={tmp}/file.txt"], r"checkpoint .*/file\.txt is a text file, not a torch checkpoint"),
     ("sample", ["ckpt={tmp}/fake.ckpt", "guidance.classifier_ckpt={tmp}", "guidance.scale=1"],
      r"checkpoint .* is a folder; give the \.ckpt file inside it$"),
@@ -358,6 +364,16 @@ def test_a_classifier_no_sweep_job_guides_with_is_refused_before_any_job(command
                    f"guidance.scale=0,1,2), or drop guidance.classifier_ckpt; no job was started"]
 
 
+def test_the_names_checked_before_torch_are_the_libraries_own():
+    from ddpm_lightning.cli import validate
+    from ddpm_lightning.metrics.features import FEATURE_EXTRACTORS
+    from ddpm_lightning.metrics.generative import METRICS
+    from ddpm_lightning.sampling.sample import SAMPLE_METHODS, SAMPLE_SCHEDULES
+
+    assert validate.SAMPLE_METHODS == SAMPLE_METHODS and validate.SAMPLE_SCHEDULES == SAMPLE_SCHEDULES
+    assert (*METRICS, "nll") == validate.EVAL_METRICS and validate.FEATURE_EXTRACTORS == FEATURE_EXTRACTORS
+
+
 def test_a_class_index_for_an_unconditional_model_is_refused_not_ignored(tmp_path):
     from types import SimpleNamespace
 
@@ -380,6 +396,15 @@ def test_a_class_index_for_an_unconditional_model_is_refused_not_ignored(tmp_pat
      r"^error: model\.chanels is not a model setting \(did you mean model_channels\?\)"),
     ("cli.evaluate", ["experiment=guidance_swep"], r"^error: experiment=guidance_swep: no such option in "
                                                    r"experiment/; .*\(did you mean guidance_sweep\?\)$"),
+    ("cli.sample", ["ckpt=x.ckpt", "+foo=1"], r"^error: foo is not a ddpm-sample setting; allowed: batch_size, ckpt"),
+    ("cli.sample", ["ckpt=x.ckpt", "num_sample=3"],
+     r"^error: num_sample is not a ddpm-sample setting \(did you mean num_samples\?\); allowed: "),
+    ("cli.sample", ["ckpt=x.ckpt", "data=digits"], r"^error: data is not a ddpm-sample setting; allowed: "),
+    ("cli.evaluate", ["guidance.scal=2"],
+     r"^error: guidance\.scal is not a guidance setting \(did you mean scale\?\); allowed: cfg_scale, "),
+    ("train", ["lr=1e-4"], r"^error: lr is not a ddpm-train setting; allowed: allow_any_target, callbacks, "),
+    ("cli.posthoc_ema", ["ckpt=x.ckpt", "sigma_rel=0.1"],
+     r"^error: sigma_rel is not a ddpm-posthoc-ema setting \(did you mean sigma_rels\?\)"),
     ("cli.sample", ["ckpt=x.ckpt", "hydra.run.dir={tmp}/file.txt/out"],
      r"^error: cannot create the run folder .*/file\.txt/out \(Not a directory\); set hydra\.run\.dir"),
 ])

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..artifacts import POSTHOC_EMA_DIR as SNAPSHOT_DIR
 from ..config import CONFIG_PATH
 from .errors import run_cli
+from .validate import check_command_line
 
 # torch and Lightning are imported inside the functions, once the config is checked (a fast --help)
 
@@ -121,6 +122,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    check_command_line(typed_keys=False, config_name="posthoc_ema")  # an unknown key: one line, before Hydra
     _hydra_main()
 
 

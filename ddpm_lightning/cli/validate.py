@@ -97,9 +97,34 @@ def _values(value: str) -> list[str] | None:
     return [v.strip().strip("'\"") for v in value.split(",")]
 
 
-def check_group_choices(args: list[str], config_dir: str = CONFIG_DIR, typed_keys: bool = True) -> str | None:
-    """The error line for the first command-line override that names an unknown group option or (with
-    ``typed_keys``: ddpm-train's config, whose groups have schemas) an unknown typed key."""
+PROGRAMS = {"train": "ddpm-train", "sample": "ddpm-sample", "eval": "ddpm-eval", "posthoc_ema": "ddpm-posthoc-ema"}
+
+
+def known_keys(config_name: str, config_dir: str = CONFIG_DIR) -> tuple[list[str], dict[str, list[str]]]:
+    """The top-level keys a command's primary config (``conf/<config_name>.yaml``) accepts: its own keys, its
+    config groups and ``hydra`` (for ``train`` also the schema's fields); and the keys of its untyped
+    sections (``guidance``, ``sample`` of ddpm-sample/-eval)."""
+    primary = OmegaConf.to_container(OmegaConf.load(Path(config_dir) / f"{config_name}.yaml"), resolve=False)
+    keys = {str(k) for k in primary if k != "defaults"} | {"hydra"}
+    for entry in primary.get("defaults") or []:
+        if isinstance(entry, dict):
+            keys |= {str(k).split("@")[-1].lstrip("/").split("/")[0] for k in entry}
+    sections = {}
+    if config_name == "train":  # a typed schema; +lever=... adds any group
+        keys |= {f.name for f in dataclasses.fields(schema.RunConfig)}
+        keys |= {p.name for p in Path(config_dir).iterdir() if p.is_dir() and not p.name.startswith("_")}
+    else:
+        sections = {str(k): sorted(str(f) for f in v) for k, v in primary.items()
+                    if isinstance(v, dict) and k not in ("hydra", "defaults")}
+    return sorted(keys - {"_self_"}), sections
+
+
+def check_group_choices(args: list[str], config_dir: str = CONFIG_DIR, typed_keys: bool = True,
+                        config_name: str | None = None) -> str | None:
+    """The error line for the first command-line override that names a key the command does not have (with
+    ``config_name``), an unknown group option or (with ``typed_keys``: ddpm-train's config, whose groups have
+    schemas) an unknown typed key."""
+    keys, sections = known_keys(config_name, config_dir) if config_name else (None, {})
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             continue
@@ -107,6 +132,12 @@ def check_group_choices(args: list[str], config_dir: str = CONFIG_DIR, typed_key
         key = key.lstrip("+~")
         if key.startswith("hydra") or "@" in key:
             continue
+        head, _, rest = key.partition(".")
+        if keys is not None and head not in keys:
+            program = PROGRAMS.get(config_name, config_name)
+            return f"{head} is not a {program} setting{_suggest(head, keys)}; allowed: {', '.join(keys)}"
+        if head in sections and rest and rest.split(".")[0] not in sections[head]:
+            return _unknown_key_message(head, rest.split(".")[0], sections[head])
         values = _values(value)
         if "." not in key:
             options = group_options(key, config_dir)
@@ -255,6 +286,12 @@ def check_run_deep(cfg: DictConfig) -> None:
 GENERATION_INTS = {"num_samples": 1, "batch_size": 1, "seed": 0, "nll_images": 1, "reference_n": 1,
                    "classifier_epochs": 1}
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+# the names the torch side accepts, here to answer before torch is imported (a test keeps them equal)
+SAMPLE_METHODS = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc")  # sampling.SAMPLE_METHODS
+SAMPLE_SCHEDULES = ("adm", "uniform", "logsnr", "karras", "trailing")  # sampling.sample.SAMPLE_SCHEDULES
+EVAL_METRICS = ("fid", "sfid", "kid", "pr", "is", "is_clf", "nll")  # metrics.generative.METRICS + nll
+FEATURE_EXTRACTORS = ("inception", "tiny")  # metrics.features.FEATURE_EXTRACTORS
+PRECISIONS = ("32", "bf16")
 
 
 def check_steps(value: Any, key: str = "steps") -> None:
@@ -310,6 +347,18 @@ def check_generation(cfg: DictConfig, multirun: bool = False) -> None:
         if present and (not _is_int(value) or value < minimum):
             raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
     check_steps(cfg.get("steps"))
+    for key, allowed in (("sampler", SAMPLE_METHODS), ("schedule", SAMPLE_SCHEDULES), ("feature", FEATURE_EXTRACTORS),
+                         ("precision", PRECISIONS)):
+        present, value = _select(cfg, key)
+        if present and value is not None and str(value) not in allowed:
+            raise ValueError(f"{key}={value!r}; allowed: {', '.join(allowed)}{_suggest(str(value), allowed)}")
+    present, metrics = _select(cfg, "metrics")
+    if present and metrics is not None:
+        names = list(metrics) if OmegaConf.is_list(metrics) else [metrics]
+        unknown = [str(m) for m in names if str(m) not in EVAL_METRICS]
+        if unknown:
+            raise ValueError(f"metrics: unknown {', '.join(unknown)}{_suggest(unknown[0], EVAL_METRICS)}; allowed: "
+                             f"{', '.join(EVAL_METRICS)}")
     device = str(cfg.get("device", "auto"))
     if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise ValueError(f"device={device!r}; allowed: {', '.join(DEVICES)}")
@@ -346,10 +395,12 @@ def _exit(message: str) -> None:
     sys.exit(2)
 
 
-def check_command_line(args: list[str] | None = None, typed_keys: bool = True) -> None:
-    """Exit with one ``error:`` line when the command line names an unknown group option or (``typed_keys``,
-    ddpm-train) an unknown typed key; ddpm-eval/-sample have their own flat keys, checked by Hydra."""
-    error = check_group_choices(sys.argv[1:] if args is None else args, typed_keys=typed_keys)
+def check_command_line(args: list[str] | None = None, typed_keys: bool = True, config_name: str = "train") -> None:
+    """Exit with one ``error:`` line when the command line names a key the command does not have
+    (``+foo=1`` would be ignored, ``foo=1`` is Hydra's 6 lines), an unknown group option or (``typed_keys``,
+    ddpm-train) an unknown typed key."""
+    error = check_group_choices(sys.argv[1:] if args is None else args, typed_keys=typed_keys,
+                                config_name=config_name)
     if error is not None:
         _exit(error)
 
