@@ -347,11 +347,14 @@ def check_generation(cfg: DictConfig, multirun: bool = False) -> None:
         if present and (not _is_int(value) or value < minimum):
             raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
     check_steps(cfg.get("steps"))
-    for key, allowed in (("sampler", SAMPLE_METHODS), ("schedule", SAMPLE_SCHEDULES), ("feature", FEATURE_EXTRACTORS),
-                         ("precision", PRECISIONS)):
+    for key, what, allowed in (("sampler", "unknown sampling method", SAMPLE_METHODS),
+                               ("schedule", "unknown sampling schedule", SAMPLE_SCHEDULES),
+                               ("feature", "unknown feature extractor", FEATURE_EXTRACTORS),
+                               ("precision", "precision=", PRECISIONS)):  # the library's own messages
         present, value = _select(cfg, key)
         if present and value is not None and str(value) not in allowed:
-            raise ValueError(f"{key}={value!r}; allowed: {', '.join(allowed)}{_suggest(str(value), allowed)}")
+            shown = f"{what}{value!r}" if what.endswith("=") else f"{what} {str(value)!r}"
+            raise ValueError(f"{shown}; allowed: {', '.join(allowed)}{_suggest(str(value), allowed)}")
     present, metrics = _select(cfg, "metrics")
     if present and metrics is not None:
         names = list(metrics) if OmegaConf.is_list(metrics) else [metrics]
