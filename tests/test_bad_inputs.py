@@ -146,6 +146,10 @@ CASES = [
          [*DIGITS, "trainer.max_steps=abc"]),
     Case("max_steps_fractional", r"trainer\.max_steps must be an integer >= 1 or -1, got 2\.5$",
          [*DIGITS, "trainer.max_steps=2.5"]),
+    Case("max_epochs_not_a_number", r"trainer\.max_epochs must be an integer >= 1 or -1 or null, got 'abc'$",
+         [*DIGITS, "trainer.max_epochs=abc"]),
+    Case("max_time_not_a_duration", r"trainer\.max_time='abc'; give DD:HH:MM:SS \(e\.g\. trainer\.max_time=00:01:30:00",
+         [*DIGITS, "trainer.max_time=abc"]),
     Case("val_check_interval_zero", r"trainer\.val_check_interval must be an integer >= 1 \(batches\) or a fraction",
          [*DIGITS, "trainer.val_check_interval=0"]),
     Case("ema_decay_above_one", r"ema\.decay must be a number in \[0\.0, 1\.0\), got 1\.5$",
@@ -299,6 +303,11 @@ GENERATION_CASES = [
     ("sample", ["schedule=karas"],
      r"unknown sampling schedule 'karas'; allowed: adm, uniform, logsnr, karras, trailing \(did you mean"),
     ("sample", ["precision=16"], r"precision=16; allowed: 32, bf16"),
+    ("sample", ["eta=-1"], r"eta must be a number >= 0 \(DDIM's stochasticity: 0 deterministic, 1 as DDPM\), got -1$"),
+    ("eval", ["eta=0.5", "sampler=ddpm"],
+     r"eta=0\.5 is DDIM's; sampler=ddpm does not use it: drop eta, or give sampler=ddim$"),
+    ("sample", ["devices=0"], r"devices must be an integer >= 1, got 0$"),
+    ("eval", ["shard_size=0"], r"shard_size must be an integer >= 1, got 0$"),
     ("eval", ["metrics=[fid,fidd]"], r"metrics: unknown fidd \(did you mean fid\?\); allowed: fid, sfid, kid, pr, is, "
                                      r"is_clf, nll$"),
     ("eval", ["feature=incepton"],
@@ -365,6 +374,20 @@ def test_a_classifier_no_sweep_job_guides_with_is_refused_before_any_job(command
     assert err == [f"error: guidance.classifier_ckpt is given but no job of the sweep has guidance.scale > 0 "
                    f"({scales}): the classifier would guide nothing; sweep guidance.scale over values > 0 (e.g. "
                    f"guidance.scale=0,1,2), or drop guidance.classifier_ckpt; no job was started"]
+
+
+def test_eta_for_a_checkpoint_whose_own_sampler_is_not_ddim_is_refused_not_ignored(tmp_path):
+    from types import SimpleNamespace
+
+    from ddpm_lightning.cli.generation import generate
+
+    options = {"method": "ddpm", "steps": 10, "eta": 0.0, "schedule": "adm"}
+    module = SimpleNamespace(device=torch.device("cpu"), num_classes=None,
+                             sampling_options=lambda **overrides: {**options, **overrides, "method": "ddpm"})
+    expected = r"eta=0\.5 is DDIM's; the sampler ddpm \(the checkpoint's own sample\.method\) does not use it"
+    with pytest.raises(ValueError, match=expected + r": drop eta, or give sampler=ddim"):
+        generate(module, out_dir=tmp_path, num_samples=2, sampler=None, steps=None, eta=0.5, clip_denoised=True,
+                 y=None, cond_fn=None, guidance_num_classes=None, cfg_scale=0.0, batch_size=2, seed=0)
 
 
 def test_the_names_checked_before_torch_are_the_libraries_own():

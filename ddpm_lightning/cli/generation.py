@@ -117,6 +117,9 @@ def generate(module, *, out_dir: Path, num_samples: int, sampler: str | None, st
     overrides = sampling_overrides(sampler, steps, eta, schedule)
     used = {k: v for k, v in module.sampling_options(**overrides).items()
             if k in ("method", "steps", "eta", "schedule")}
+    if eta is not None and used["method"] != "ddim":  # never ignored silently
+        raise ValueError(f"eta={eta} is DDIM's; the sampler {used['method']} (the checkpoint's own sample.method) does "
+                         f"not use it: drop eta, or give sampler=ddim")
     labels = parse_labels(y) if labels_allowed(module, cond_fn) else "random"
     shards = out_dir / "shards"
     check_settings(shards, {**(settings or {}), "sampling": used, "y": labels, "seed": seed, "precision": precision,

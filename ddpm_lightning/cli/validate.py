@@ -34,6 +34,9 @@ TYPED_GROUPS = {"model": schema.ModelConfig, "diffusion": schema.DiffusionConfig
 INT_KEYS: dict[str, tuple[int, tuple[Any, ...]]] = {
     "seed": (0, ()),
     "trainer.max_steps": (1, (-1,)),
+    "trainer.max_epochs": (1, (-1, None)),
+    "trainer.min_epochs": (0, (None,)),
+    "trainer.min_steps": (0, (None,)),
     "trainer.log_every_n_steps": (1, (None,)),
     "trainer.accumulate_grad_batches": (1, (None,)),
     "trainer.num_sanity_val_steps": (-1, (None,)),
@@ -211,6 +214,17 @@ def check_numbers(cfg: DictConfig) -> None:
             raise ValueError(f"{key} must be a number in [{low}, {high}), got {value!r}")
 
 
+def check_max_time(cfg: DictConfig) -> None:
+    """``trainer.max_time``: null, "DD:HH:MM:SS" or a dict of days/hours/minutes/seconds (Lightning's Timer)."""
+    present, value = _select(cfg, "trainer.max_time")
+    if not present or value is None or isinstance(value, DictConfig):
+        return
+    parts = str(value).split(":")
+    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts) or isinstance(value, bool):
+        raise ValueError(f"trainer.max_time={value!r}; give DD:HH:MM:SS (e.g. trainer.max_time=00:01:30:00 for 90 "
+                         f"minutes) or null")
+
+
 def available_memory() -> int | None:
     """Bytes of memory available to a new allocation (``MemAvailable``), or None where unknown."""
     try:
@@ -265,6 +279,7 @@ def check_run(cfg: DictConfig) -> None:
         present, value = _select(cfg, key)
         if present:
             check_steps(value, key)
+    check_max_time(cfg)
     present, cache = _select(cfg, "paths.cache_dir")
     if present:
         check_writable_folder(cache, "paths.cache_dir")
@@ -284,7 +299,7 @@ def check_run_deep(cfg: DictConfig) -> None:
 
 # --------------------------------------------------------------------------------- ddpm-sample / ddpm-eval
 GENERATION_INTS = {"num_samples": 1, "batch_size": 1, "seed": 0, "nll_images": 1, "reference_n": 1,
-                   "classifier_epochs": 1}
+                   "classifier_epochs": 1, "shard_size": 1, "devices": 1, "pr_reference_n": 1}
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 # the names the torch side accepts, here to answer before torch is imported (a test keeps them equal)
 SAMPLE_METHODS = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc")  # sampling.SAMPLE_METHODS
@@ -362,6 +377,14 @@ def check_generation(cfg: DictConfig, multirun: bool = False) -> None:
         if unknown:
             raise ValueError(f"metrics: unknown {', '.join(unknown)}{_suggest(unknown[0], EVAL_METRICS)}; allowed: "
                              f"{', '.join(EVAL_METRICS)}")
+    present, eta = _select(cfg, "eta")
+    if present and eta is not None:
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
+            raise ValueError(f"eta must be a number >= 0 (DDIM's stochasticity: 0 deterministic, 1 as DDPM), "
+                             f"got {eta!r}")
+        sampler = cfg.get("sampler")
+        if sampler is not None and sampler != "ddim":
+            raise ValueError(f"eta={eta} is DDIM's; sampler={sampler} does not use it: drop eta, or give sampler=ddim")
     device = str(cfg.get("device", "auto"))
     if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise ValueError(f"device={device!r}; allowed: {', '.join(DEVICES)}")
