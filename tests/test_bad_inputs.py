@@ -307,6 +307,12 @@ GENERATION_CASES = [
     ("eval", ["eta=0.5", "sampler=ddpm"],
      r"eta=0\.5 is DDIM's; sampler=ddpm does not use it: drop eta, or give sampler=ddim$"),
     ("sample", ["devices=0"], r"devices must be an integer >= 1, got 0$"),
+    ("eval", ["samples={tmp}/empty", "data=digits"], r"samples folder .*/empty holds no images \(\.png, \.jpg"),
+    ("eval", ["reference={tmp}/file.txt"], r"reference=.*/file\.txt is a \.txt file; give an ADM reference batch"),
+    ("eval", ["reference={tmp}/missing.npz"], r"reference=.*/missing\.npz does not exist; give an ADM reference batch"),
+    ("eval", ["reference={tmp}/whole.npz"],
+     r"reference=.*/whole\.npz is not an ADM reference batch: it has \['arr_0'\], expected mu, sigma"),
+    ("eval", ["reference_split=tset"], r"reference_split='tset'; allowed: train, val$"),
     ("eval", ["shard_size=0"], r"shard_size must be an integer >= 1, got 0$"),
     ("eval", ["metrics=[fid,fidd]"], r"metrics: unknown fidd \(did you mean fid\?\); allowed: fid, sfid, kid, pr, is, "
                                      r"is_clf, nll$"),
@@ -329,6 +335,7 @@ def test_sample_and_eval_inputs_fail_in_one_line_before_any_work(command, overri
     (tmp_path / "half.npz").write_bytes(data[: len(data) // 2])
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "fake.ckpt").write_bytes(b"PK\x03\x04")  # looks like torch's zip to the checks before torch
+    (tmp_path / "empty" / "notes").mkdir(parents=True)
     cfg = compose_run([o.format(tmp=tmp_path) for o in overrides], tmp_path / "run", config_name=command)
     with pytest.raises(SystemExit) as exit_info:
         CheckConfig().on_run_start(cfg, config_name=command)
@@ -388,6 +395,16 @@ def test_eta_for_a_checkpoint_whose_own_sampler_is_not_ddim_is_refused_not_ignor
     with pytest.raises(ValueError, match=expected + r": drop eta, or give sampler=ddim"):
         generate(module, out_dir=tmp_path, num_samples=2, sampler=None, steps=None, eta=0.5, clip_denoised=True,
                  y=None, cond_fn=None, guidance_num_classes=None, cfg_scale=0.0, batch_size=2, seed=0)
+
+
+def test_report_refuses_a_stale_time_that_is_not_positive(capsys):
+    from ddpm_lightning.cli.report import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["sweep", "--stale-after", "-5"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "ddpm-report: error: --stale-after must be > 0 minutes, got -5"
 
 
 def test_the_names_checked_before_torch_are_the_libraries_own():

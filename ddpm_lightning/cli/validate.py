@@ -334,25 +334,52 @@ def check_writable_folder(path: Any, key: str) -> None:
                          f"DDPM_CACHE_DIR) to a writable folder")
 
 
-def check_samples_file(path: Any) -> None:
-    """``samples=``: an image folder or a whole ADM-layout ``.npz`` (a zip whose directory reads)."""
-    if path in (None, ""):
-        return
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # what load_samples reads from a folder
+
+
+def _npz_names(path: Path, key: str, layout: str) -> list[str]:
+    """The arrays of an ``.npz`` (a zip whose directory reads), or ValueError naming ``key``."""
     import zipfile
 
-    path = Path(str(path))
-    if not path.exists() or path.is_dir():
-        return  # missing: the loader's own message
     if path.suffix != ".npz":
-        raise ValueError(f"samples={path} is a {path.suffix or 'suffix-less'} file; give an ADM-layout .npz "
-                         f"(arr_0 uint8 NHWC, optional arr_1 labels) or a folder of images")
+        raise ValueError(f"{key}={path} is a {path.suffix or 'suffix-less'} file; give {layout}")
     try:
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
+            return archive.namelist()
     except (zipfile.BadZipFile, OSError) as error:
-        raise ValueError(f"samples={path} is not a readable .npz (truncated or not a zip: {error})") from None
+        raise ValueError(f"{key}={path} is not a readable .npz (truncated or not a zip: {error})") from None
+
+
+def check_samples_file(path: Any) -> None:
+    """``samples=``: a folder with images or a whole ADM-layout ``.npz`` (a zip whose directory reads)."""
+    if path in (None, ""):
+        return
+    path = Path(str(path))
+    if not path.exists():
+        return  # missing: the loader's own message
+    if path.is_dir():
+        if next((p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES), None) is None:
+            raise ValueError(f"samples folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        return
+    names = _npz_names(path, "samples", "an ADM-layout .npz (arr_0 uint8 NHWC, optional arr_1 labels) or a folder "
+                                        "of images")
     if "arr_0.npy" not in names:
         raise ValueError(f"samples={path} has no arr_0 (expected the ADM layout: arr_0 uint8 NHWC, optional arr_1)")
+
+
+def check_reference_file(path: Any) -> None:
+    """``reference=``: an ADM evaluator reference batch (``.npz`` with mu, sigma; optional mu_s, sigma_s, arr_0)."""
+    if path in (None, ""):
+        return
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise ValueError(f"reference={path} " + ("is a folder" if path.is_dir() else "does not exist")
+                         + "; give an ADM reference batch .npz (e.g. VIRTUAL_imagenet64_labeled.npz)")
+    names = {n.removesuffix(".npy") for n in _npz_names(path, "reference", "an ADM reference batch .npz (mu, "
+                                                                              "sigma, mu_s, sigma_s, arr_0)")}
+    if not {"mu", "sigma"} <= names:
+        raise ValueError(f"reference={path} is not an ADM reference batch: it has {sorted(names)}, expected mu, "
+                         f"sigma (and mu_s, sigma_s, arr_0)")
 
 
 def check_generation(cfg: DictConfig, multirun: bool = False) -> None:
@@ -400,6 +427,10 @@ def check_generation(cfg: DictConfig, multirun: bool = False) -> None:
         raise ValueError("guidance.classifier_ckpt is given but guidance.scale=0: the classifier would guide "
                          "nothing; set guidance.scale > 0 (e.g. guidance.scale=1), or drop guidance.classifier_ckpt")
     check_samples_file(cfg.get("samples"))
+    check_reference_file(cfg.get("reference"))
+    split = cfg.get("reference_split")
+    if split is not None and split not in ("train", "val"):
+        raise ValueError(f"reference_split={split!r}; allowed: train, val")
     check_writable_folder(cfg.get("cache_dir"), "cache_dir")
     for key in ("ckpt", "guidance.classifier_ckpt"):  # a wrong path answers before torch is imported
         present, path = _select(cfg, key)
