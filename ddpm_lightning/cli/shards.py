@@ -230,7 +230,8 @@ def generate_shards(sample_fn: Callable[[int, int], tuple[torch.Tensor, torch.Te
             if score_fn is not None:
                 features.append(score_fn(uint8))
             if first == todo[0][0]:  # the first batch times the rest (it includes any warm-up: an upper bound)
-                log(estimate_line(time.perf_counter() - start_time, len(uint8), total, calls))
+                log(f"[rank {procs.rank}/{procs.world_size}] "
+                    + estimate_line(time.perf_counter() - start_time, len(uint8), total, calls))
         merged = {k: torch.cat([f[k] for f in features]) for k in features[0]} if features else {}
         write_shard(shard_path(shards, start, end), np.concatenate(images),
                     np.concatenate(labels) if labels else None, merged, feature_id)
