@@ -419,6 +419,9 @@ def check_generation(cfg: DictConfig, multirun: bool = False) -> None:
     if not (y is None or y in ("random", "balanced") or (_is_int(y) and y >= 0)):
         raise ValueError(f"y={y!r}; allowed: random, balanced, or a class index >= 0")
     guidance = cfg.get("guidance") or {}
+    if not isinstance(guidance, DictConfig):
+        raise ValueError(f"guidance={guidance!r}: guidance is a group of keys; set guidance.scale=..., "
+                         f"guidance.cfg_scale=... or guidance.classifier_ckpt=...")
     for key in ("scale", "cfg_scale"):
         value = guidance.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
@@ -456,10 +459,37 @@ def check_command_line(args: list[str] | None = None, typed_keys: bool = True, c
     """Exit with one ``error:`` line when the command line names a key the command does not have
     (``+foo=1`` would be ignored, ``foo=1`` is Hydra's 6 lines), an unknown group option or (``typed_keys``,
     ddpm-train) an unknown typed key."""
-    error = check_group_choices(sys.argv[1:] if args is None else args, typed_keys=typed_keys,
-                                config_name=config_name)
+    args = sys.argv[1:] if args is None else args
+    error = check_group_choices(args, typed_keys=typed_keys, config_name=config_name)
+    if error is None:
+        error = composition_error(args, config_name)
     if error is not None:
         _exit(error)
+
+
+def composition_error(args: list[str], config_name: str, config_dir: str = CONFIG_DIR) -> str | None:
+    """One line for an override Hydra cannot merge (``optim.lr=fast``, ``tags=abc``: a value of the wrong type),
+    found by composing the config once before Hydra does (which would print 6 lines and exit 1). Command lines
+    with flags (``-m``, ``--help``, ``--cfg``) are left to Hydra; a multirun checks each job itself."""
+    if any(arg.startswith("-") for arg in args):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            compose(config_name, overrides=list(args))
+    except (ConfigCompositionException, OmegaConfBaseException) as error:
+        from .errors import root_message
+
+        cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else None
+        text = str(error).strip().splitlines()
+        override = text[0].removeprefix("Error merging override ") if text and cause is not None else ""
+        return f"{override}: {root_message(cause)}" if override else root_message(error)
+    except Exception:  # noqa: BLE001  anything else (e.g. a resolver that needs a running app): Hydra's to report
+        return None
+    return None
 
 
 # ------------------------------------------------------------------------------------------------- sweeps
