@@ -449,6 +449,8 @@ def test_a_class_index_for_an_unconditional_model_is_refused_not_ignored(tmp_pat
     ("train", ["optim.lr=fast"],
      r"^error: optim\.lr=fast: Value 'fast' of type 'str' could not be converted to Float \(full_key: optim\.lr\)$"),
     ("train", ["tags=abc"], r"^error: tags=abc: Invalid value assigned: str is not a ListConfig, list or tuple"),
+    ("train", ["experiment=guidance_sweep"], r"^error: In 'experiment/guidance_sweep': ConfigKeyError raised while "
+                                             r"composing config: Key 'required_keys' not in 'RunConfig' \(full_key"),
     ("cli.sample", ["ckpt=x.ckpt", "guidance=3"],
      r"^error: guidance=3: guidance is a group of keys; set guidance\.scale"),
     ("cli.posthoc_ema", ["ckpt=x.ckpt", "sigma_rel=0.1"],

@@ -484,9 +484,12 @@ def composition_error(args: list[str], config_name: str, config_dir: str = CONFI
         from .errors import root_message
 
         cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else None
-        text = str(error).strip().splitlines()
-        override = text[0].removeprefix("Error merging override ") if text and cause is not None else ""
-        return f"{override}: {root_message(cause)}" if override else root_message(error)
+        text = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        if cause is not None and text[0].startswith("Error merging override "):
+            return f"{text[0].removeprefix('Error merging override ')}: {root_message(cause)}"
+        head = f"{text[0]} {text[1]}" if text[0].endswith(":") and len(text) > 1 else text[0]
+        key = next((line for line in text if line.startswith("full_key:")), "")
+        return f"{head} ({key})" if key else head
     except Exception:  # noqa: BLE001  anything else (e.g. a resolver that needs a running app): Hydra's to report
         return None
     return None
