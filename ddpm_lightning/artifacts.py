@@ -147,6 +147,23 @@ def read_summary(folder: str | Path) -> dict[str, Any] | None:
     return read_json(Path(folder) / SUMMARY_FILE)
 
 
+def check_checkpoint_file(path: str | Path) -> Path:
+    """A file that can be a torch checkpoint (torch's zip or legacy pickle), by its first bytes; missing, a
+    folder, empty or text raise the one-line error ``load_checkpoint_dict`` gives (no torch needed)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {path} is a folder; give the .ckpt file inside it")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not head.startswith((b"PK", b"\x80")):  # neither torch's zip (maybe truncated) nor its legacy pickle
+        kind = "an empty file" if not head else "a text file" if head.isascii() else "not a torch file"
+        raise ValueError(f"checkpoint {path} is {kind}, not a torch checkpoint; give a .ckpt written by ddpm-train "
+                         f"(or ddpm-convert-adm)")
+    return path
+
+
 def free_bytes(path: str | Path) -> int:
     """Free bytes on the file system holding ``path`` (its nearest existing parent)."""
     path = Path(path).absolute()

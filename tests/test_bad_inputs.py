@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from faults import subprocess_env, train_command
+from hydra import initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from PIL import Image
@@ -24,6 +25,7 @@ from run_config import TINY, compose_run
 from ddpm_lightning.cli.errors import run_cli
 from ddpm_lightning.cli.generation import load_model_and_guidance
 from ddpm_lightning.cli.train import build_module, train
+from ddpm_lightning.config import CONFIG_DIR
 from ddpm_lightning.diffusion import GaussianDiffusion, build_guidance, make_beta_schedule
 
 BASE = [o for o in TINY if not o.startswith(("data=", "data.image_size="))]  # cases pick their data set
@@ -144,6 +146,10 @@ CASES = [
          [*DIGITS, "trainer.max_steps=abc"]),
     Case("max_steps_fractional", r"trainer\.max_steps must be an integer >= 1 or -1, got 2\.5$",
          [*DIGITS, "trainer.max_steps=2.5"]),
+    Case("max_epochs_not_a_number", r"trainer\.max_epochs must be an integer >= 1 or -1 or null, got 'abc'$",
+         [*DIGITS, "trainer.max_epochs=abc"]),
+    Case("max_time_not_a_duration", r"trainer\.max_time='abc'; give DD:HH:MM:SS \(e\.g\. trainer\.max_time=00:01:30:00",
+         [*DIGITS, "trainer.max_time=abc"]),
     Case("val_check_interval_zero", r"trainer\.val_check_interval must be an integer >= 1 \(batches\) or a fraction",
          [*DIGITS, "trainer.val_check_interval=0"]),
     Case("ema_decay_above_one", r"ema\.decay must be a number in \[0\.0, 1\.0\), got 1\.5$",
@@ -291,6 +297,30 @@ GENERATION_CASES = [
     ("eval", ["samples={tmp}/s.npy"], r"samples=.*/s\.npy is a \.npy file; give an ADM-layout \.npz"),
     ("eval", ["samples={tmp}/half.npz"], r"samples=.*/half\.npz is not a readable \.npz \(truncated or not a zip"),
     ("eval", ["cache_dir={tmp}/file.txt/cache"], r"cannot write the cache_dir folder .*/file\.txt/cache: .*is a file"),
+    ("sample", ["ckpt={tmp}/missing.ckpt"], r"checkpoint .*/missing\.ckpt does not exist$"),
+    ("sample", ["sampler=ddpmm"],
+     r"unknown sampling method 'ddpmm'; allowed: ddpm, ddim, dpm\+\+2m, .*unipc \(did you mean ddpm\?\)$"),
+    ("sample", ["schedule=karas"],
+     r"unknown sampling schedule 'karas'; allowed: adm, uniform, logsnr, karras, trailing \(did you mean"),
+    ("sample", ["precision=16"], r"precision=16; allowed: 32, bf16"),
+    ("sample", ["eta=-1"], r"eta must be a number >= 0 \(DDIM's stochasticity: 0 deterministic, 1 as DDPM\), got -1$"),
+    ("eval", ["eta=0.5", "sampler=ddpm"],
+     r"eta=0\.5 is DDIM's; sampler=ddpm does not use it: drop eta, or give sampler=ddim$"),
+    ("sample", ["devices=0"], r"devices must be an integer >= 1, got 0$"),
+    ("eval", ["samples={tmp}/empty", "data=digits"], r"samples folder .*/empty holds no images \(\.png, \.jpg"),
+    ("eval", ["reference={tmp}/file.txt"], r"reference=.*/file\.txt is a \.txt file; give an ADM reference batch"),
+    ("eval", ["reference={tmp}/missing.npz"], r"reference=.*/missing\.npz does not exist; give an ADM reference batch"),
+    ("eval", ["reference={tmp}/whole.npz"],
+     r"reference=.*/whole\.npz is not an ADM reference batch: it has \['arr_0'\], expected mu, sigma"),
+    ("eval", ["reference_split=tset"], r"reference_split='tset'; allowed: train, val$"),
+    ("eval", ["shard_size=0"], r"shard_size must be an integer >= 1, got 0$"),
+    ("eval", ["metrics=[fid,fidd]"], r"metrics: unknown fidd \(did you mean fid\?\); allowed: fid, sfid, kid, pr, is, "
+                                     r"is_clf, nll$"),
+    ("eval", ["feature=incepton"],
+     r"unknown feature extractor 'incepton'; allowed: inception, tiny \(did you mean inception\?\)$"),
+    ("eval", ["ckpt={tmp}/file.txt"], r"checkpoint .*/file\.txt is a text file, not a torch checkpoint"),
+    ("sample", ["ckpt={tmp}/fake.ckpt", "guidance.classifier_ckpt={tmp}", "guidance.scale=1"],
+     r"checkpoint .* is a folder; give the \.ckpt file inside it$"),
 ]
 
 
@@ -304,12 +334,87 @@ def test_sample_and_eval_inputs_fail_in_one_line_before_any_work(command, overri
     data = (tmp_path / "whole.npz").read_bytes()
     (tmp_path / "half.npz").write_bytes(data[: len(data) // 2])
     (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "fake.ckpt").write_bytes(b"PK\x03\x04")  # looks like torch's zip to the checks before torch
+    (tmp_path / "empty" / "notes").mkdir(parents=True)
     cfg = compose_run([o.format(tmp=tmp_path) for o in overrides], tmp_path / "run", config_name=command)
     with pytest.raises(SystemExit) as exit_info:
         CheckConfig().on_run_start(cfg, config_name=command)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and re.search(expected, err[0]), err
+
+
+# a classifier in a sweep: scale-0 rows are the unguided baseline, but some job must guide with it
+GUIDED = ["ckpt={tmp}/fake.ckpt", "guidance.classifier_ckpt={tmp}/fake.ckpt"]
+SWEEP_GUIDANCE_CASES = [
+    ("sample", [*GUIDED, "seed=0,1"], "scales: 0"),
+    ("sample", GUIDED, "scales: 0"),  # a one-job multirun
+    ("eval", [*GUIDED, "guidance.scale=0,0.0"], "scales: 0"),
+    ("eval", [*GUIDED, "experiment=guidance_sweep", "guidance.scale=0"], "scales: 0"),  # the command line wins
+    ("eval", [*GUIDED, "experiment=guidance_sweep"], None),  # 0,0.5,...,8: the baseline row is allowed
+    ("sample", [*GUIDED, "guidance.scale=0,1"], None),
+]
+
+
+@pytest.mark.parametrize("command,overrides,scales", SWEEP_GUIDANCE_CASES,
+                         ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(SWEEP_GUIDANCE_CASES)])
+def test_a_classifier_no_sweep_job_guides_with_is_refused_before_any_job(command, overrides, scales, tmp_path,
+                                                                         capsys):
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    from ddpm_lightning.cli.validate import CheckConfig
+
+    (tmp_path / "fake.ckpt").write_bytes(b"PK\x03\x04")
+    overrides = [o.format(tmp=tmp_path) for o in overrides]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):  # as `ddpm-<command> -m ...` composes
+        config = GlobalHydra.instance().hydra.compose_config(command, overrides, run_mode=RunMode.MULTIRUN)
+        if scales is None:
+            CheckConfig().on_multirun_start(config, config_name=command)
+            assert capsys.readouterr().err == ""
+            return
+        with pytest.raises(SystemExit) as exit_info:
+            CheckConfig().on_multirun_start(config, config_name=command)
+    GlobalHydra.instance().clear()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: guidance.classifier_ckpt is given but no job of the sweep has guidance.scale > 0 "
+                   f"({scales}): the classifier would guide nothing; sweep guidance.scale over values > 0 (e.g. "
+                   f"guidance.scale=0,1,2), or drop guidance.classifier_ckpt; no job was started"]
+
+
+def test_eta_for_a_checkpoint_whose_own_sampler_is_not_ddim_is_refused_not_ignored(tmp_path):
+    from types import SimpleNamespace
+
+    from ddpm_lightning.cli.generation import generate
+    from ddpm_lightning.config.schema import SampleConfig
+
+    module = SimpleNamespace(device=torch.device("cpu"), num_classes=None,
+                             sample_settings=SampleConfig(method="ddpm", steps=10, eta=0.0, schedule="adm"))
+    expected = r"eta=0\.5 is DDIM's; the sampler ddpm \(the checkpoint's own sample\.method\) does not use it"
+    with pytest.raises(ValueError, match=expected + r": drop eta, or give sampler=ddim"):
+        generate(module, out_dir=tmp_path, num_samples=2, sampler=None, steps=None, eta=0.5, clip_denoised=True,
+                 y=None, cond_fn=None, guidance_num_classes=None, cfg_scale=0.0, batch_size=2, seed=0)
+
+
+def test_report_refuses_a_stale_time_that_is_not_positive(capsys):
+    from ddpm_lightning.cli.report import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["sweep", "--stale-after", "-5"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "ddpm-report: error: --stale-after must be > 0 minutes, got -5"
+
+
+def test_the_names_checked_before_torch_are_the_libraries_own():
+    from ddpm_lightning.cli import validate
+    from ddpm_lightning.metrics.features import FEATURE_EXTRACTORS
+    from ddpm_lightning.metrics.generative import METRICS
+    from ddpm_lightning.sampling.sample import SAMPLE_METHODS, SAMPLE_SCHEDULES
+
+    assert validate.SAMPLE_METHODS == SAMPLE_METHODS and validate.SAMPLE_SCHEDULES == SAMPLE_SCHEDULES
+    assert (*METRICS, "nll") == validate.EVAL_METRICS and validate.FEATURE_EXTRACTORS == FEATURE_EXTRACTORS
 
 
 def test_a_class_index_for_an_unconditional_model_is_refused_not_ignored(tmp_path):
@@ -334,6 +439,22 @@ def test_a_class_index_for_an_unconditional_model_is_refused_not_ignored(tmp_pat
      r"^error: model\.chanels is not a model setting \(did you mean model_channels\?\)"),
     ("cli.evaluate", ["experiment=guidance_swep"], r"^error: experiment=guidance_swep: no such option in "
                                                    r"experiment/; .*\(did you mean guidance_sweep\?\)$"),
+    ("cli.sample", ["ckpt=x.ckpt", "+foo=1"], r"^error: foo is not a ddpm-sample setting; allowed: batch_size, ckpt"),
+    ("cli.sample", ["ckpt=x.ckpt", "num_sample=3"],
+     r"^error: num_sample is not a ddpm-sample setting \(did you mean num_samples\?\); allowed: "),
+    ("cli.sample", ["ckpt=x.ckpt", "data=digits"], r"^error: data is not a ddpm-sample setting; allowed: "),
+    ("cli.evaluate", ["guidance.scal=2"],
+     r"^error: guidance\.scal is not a guidance setting \(did you mean scale\?\); allowed: cfg_scale, "),
+    ("train", ["lr=1e-4"], r"^error: lr is not a ddpm-train setting; allowed: allow_any_target, callbacks, "),
+    ("train", ["optim.lr=fast"],
+     r"^error: optim\.lr=fast: Value 'fast' of type 'str' could not be converted to Float \(full_key: optim\.lr\)$"),
+    ("train", ["tags=abc"], r"^error: tags=abc: Invalid value assigned: str is not a ListConfig, list or tuple"),
+    ("train", ["experiment=guidance_sweep"], r"^error: In 'experiment/guidance_sweep': ConfigKeyError raised while "
+                                             r"composing config: Key 'required_keys' not in 'RunConfig' \(full_key"),
+    ("cli.sample", ["ckpt=x.ckpt", "guidance=3"],
+     r"^error: guidance=3: guidance is a group of keys; set guidance\.scale"),
+    ("cli.posthoc_ema", ["ckpt=x.ckpt", "sigma_rel=0.1"],
+     r"^error: sigma_rel is not a ddpm-posthoc-ema setting \(did you mean sigma_rels\?\)"),
     ("cli.sample", ["ckpt=x.ckpt", "hydra.run.dir={tmp}/file.txt/out"],
      r"^error: cannot create the run folder .*/file\.txt/out \(Not a directory\); set hydra\.run\.dir"),
 ])
@@ -346,15 +467,42 @@ def test_cli_config_errors_are_one_line_and_exit_2(module, args, expected, tmp_p
     assert len(lines) == 1 and re.search(expected, lines[0]), result.stderr[-2000:]
 
 
-def test_the_entry_points_compose_and_validate_without_importing_torch_or_lightning():
-    """What keeps ``--help`` and config errors fast: Lightning/torch are imported only once work starts."""
-    code = ("import sys; import ddpm_lightning.cli.train, ddpm_lightning.cli.validate, ddpm_lightning.cli.errors, "
-            "ddpm_lightning.cli.run_folder, ddpm_lightning.artifacts; "
-            "print(sorted(m for m in ('torch', 'lightning', 'wandb') if m in sys.modules))")
+# (console entry module, argv): --help, and a config error each command checks before any work
+ENTRY_POINTS = [
+    ("train", ["--help"]), ("train", ["data.batch_size=0"]), ("train", ["model=adm_adgn"]),
+    ("sample", ["--help"]), ("sample", ["ckpt=x.ckpt", "num_samples=0"]),
+    ("evaluate", ["--help"]), ("evaluate", ["ckpt=x.ckpt", "steps=0"]), ("evaluate", ["experiment=guidance_swep"]),
+    ("report", ["--help"]), ("report", ["--stale-after", "abc", "x"]),
+    ("convert_adm", ["--help"]), ("convert_adm", ["in.pt", "out.pt", "--kind", "classifier", "--num_channels", "3"]),
+    ("posthoc_ema", ["--help"]), ("posthoc_ema", ["ckpt=x.ckpt", "sigma_rels=[abc]"]),
+]
+
+
+def test_every_console_script_is_a_cli_module():
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    modules = {target.split(":")[0].rsplit(".", 1)[-1] for target in scripts.values()}
+    assert modules == {module for module, _ in ENTRY_POINTS}
+
+
+@pytest.mark.parametrize("module,argv", ENTRY_POINTS, ids=[f"{m}-{a[0]}" for m, a in ENTRY_POINTS])
+def test_help_and_config_errors_import_neither_torch_nor_lightning(module, argv, tmp_path):
+    """What keeps ``--help`` and config errors fast in every CLI: torch/Lightning are imported only once work
+    starts (the argument parsing, Hydra composition and config checks run in a fresh interpreter here)."""
+    code = (f"import importlib, sys; sys.argv = ['ddpm', *{argv!r}]\n"
+            f"try:\n    importlib.import_module('ddpm_lightning.cli.{module}').main()\n"
+            "except SystemExit as exit:\n    code = exit.code\nelse:\n    code = 0\n"
+            "heavy = sorted(m for m in ('torch', 'lightning', 'wandb') if m in sys.modules)\n"
+            "print(f'\\nexit={code} heavy={heavy}')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env=subprocess_env())
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "[]"
+                            cwd=tmp_path, env=subprocess_env())
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    expected_code = 0 if argv == ["--help"] else 2
+    assert result.stdout.strip().splitlines()[-1] == f"exit={expected_code} heavy=[]", \
+        result.stdout[-1000:] + result.stderr[-2000:]
+    if expected_code:
+        assert "error:" in result.stderr.strip().splitlines()[-1]
 
 
 def test_ctrl_c_during_training_is_one_line_and_exit_130(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,11 @@ def test_sample_cli_class_and_outputs(tiny_ckpt, tmp_path):
     meta = json.loads((tmp_path / "out" / "sample.json").read_text())
     assert meta["samples_per_second"] > 0
     assert meta["sampling"]["method"] == "ddpm" and meta["sampling"]["steps"] == 2
+    # the work before it starts, then the time it will take, timed on the first batch
+    assert "generating 5 samples (0 kept from an earlier run): 1 batch of <= 64 x 2 network calls = 2 network " \
+           "calls" in result.stderr
+    assert re.search(r"estimated time: ~\d+\.\d min for 5 samples \(2 network calls; the first 5 took "
+                     r"\d+\.\d s\)", result.stderr), result.stderr[-2000:]
 
 
 def test_eval_samples_with_the_checkpoints_own_sampler_unless_told(tiny_ckpt, tmp_path):

@@ -137,6 +137,20 @@ def test_missing_file_exit_2(tmp_path, capsys):
     assert err.startswith("ddpm-convert-adm: error: cannot read ADM checkpoint") and "\n" not in err
 
 
+@pytest.mark.parametrize("content,reason", [(b"hello\n", "it is a text file, not a torch checkpoint"),
+                                            (b"", "it is an empty file, not a torch checkpoint"),
+                                            (None, "it is a folder")])
+def test_not_a_checkpoint_is_one_line_before_torch(content, reason, tmp_path, capsys):
+    path = tmp_path / "in.pt"
+    path.mkdir() if content is None else path.write_bytes(content)
+    with pytest.raises(SystemExit) as exc:
+        main([str(path), str(tmp_path / "out.pt"), "--preset", "imagenet64"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"ddpm-convert-adm: error: cannot read ADM checkpoint {path}: {reason}; give an official guided-diffusion "
+        f"checkpoint (e.g. 64x64_diffusion.pt)")
+
+
 def test_wrong_kind_flags_and_bad_config_exit_2(official_file, tmp_path, capsys):
     path, _ = official_file
     for extra in (["--classifier_depth", "2"], ["--config", "nonsense=1"]):

@@ -16,11 +16,10 @@ import torch
 from hydra.utils import instantiate
 from run_config import TINY, compose_run
 
-from ddpm_lightning.callbacks.generative_metrics import make_generative_metrics
 from ddpm_lightning.cli.evaluate import evaluate
 from ddpm_lightning.cli.generation import open_samples
 from ddpm_lightning.cli.train import train
-from ddpm_lightning.metrics import GenerativeMetrics, metric_name, write_npz
+from ddpm_lightning.metrics import GenerativeMetrics, make_generative_metrics, metric_name, write_npz
 from ddpm_lightning.metrics.npz import iter_npz_rows, npz_member
 
 DIGITS = ["data=digits", "data.image_size=16", "data.limit=96"]

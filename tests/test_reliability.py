@@ -448,3 +448,15 @@ def test_resume_is_exact_with_in_loop_scoring(tmp_path):
         return sorted(steps)
 
     assert scored_steps(tmp_path / "reference") == scored_steps(tmp_path / "resumed") == [3, 7]
+
+
+def test_training_says_its_work_and_estimated_time_in_the_first_steps(tmp_path, caplog):
+    """Before work: the steps x batch and max_time; after a few timed steps: ``estimated time:`` (no timing
+    asserted, only that the lines are there)."""
+    caplog.set_level(logging.INFO)
+    train(compose_run([*TINY, "logger=none", "trainer.max_time=00:01:00:00"], tmp_path))
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("training: 4 optimizer steps x batch 8; trainer.max_time stops it after 60.0 min")
+               for line in lines), lines
+    assert any(re.match(r"estimated time: ~\d+\.\d min for 4 optimizer steps \(\d+\.\d\d s/step over steps 1-4",
+                        line) for line in lines), lines

@@ -32,11 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..artifacts import NoSpaceLeft, atomic_write
-from ..models import EncoderUNet, UNet, load_adm_state_dict
-from ..models.adm_checkpoint import (
+from ..adm_flags import (
     ADM_CLASSIFIER_DEFAULTS,
     ADM_DIFFUSION_DEFAULTS,
     ADM_MODEL_DEFAULTS,
@@ -44,7 +40,7 @@ from ..models.adm_checkpoint import (
     KINDS,
     adm_model_config,
 )
-from ..modules.checkpoint import load_checkpoint_dict
+from ..artifacts import check_checkpoint_file
 
 PROG = "ddpm-convert-adm"
 
@@ -124,7 +120,22 @@ def _resolve(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, A
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        kind, flags, config = _resolve(args)
+        kind, flags, config = _resolve(args)  # --help and flag errors answer before torch is imported
+    except (ValueError, TypeError) as err:
+        _fail(str(err))
+    try:  # missing, a folder, empty or text: one line before torch is imported
+        check_checkpoint_file(args.input)
+    except (OSError, ValueError) as err:
+        reason = str(err).split(";")[0].replace(f"checkpoint {args.input} ", "it ")
+        _fail(f"cannot read ADM checkpoint {args.input}: {reason}; give an official guided-diffusion checkpoint "
+              f"(e.g. 64x64_diffusion.pt)")
+    import torch
+
+    from ..artifacts import NoSpaceLeft, atomic_write
+    from ..models import EncoderUNet, UNet, load_adm_state_dict
+    from ..modules.checkpoint import load_checkpoint_dict
+
+    try:
         with torch.device("meta"):
             model = (EncoderUNet if kind == "classifier" else UNet)(**config)
     except (ValueError, TypeError) as err:

@@ -10,36 +10,37 @@ OpenAI's statistics; ``write_reference=<path.npz>`` writes the data set's own ba
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import torch
-from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-from ..artifacts import write_json
 from ..config import CONFIG_PATH
-from ..metrics import FeatureStats, make_generative_metrics, metric_name, reference_batches, write_adm_reference
 from .errors import run_cli
-from .generation import (
-    generate,
-    keep_finished_shards,
-    load_model_and_guidance,
-    open_samples,
-    resolve_device,
-)
-from .posthoc_ema import apply_posthoc_ema
 from .required_keys import missing_keys, missing_keys_message
-from .shards import Processes, launch, shard_outputs
 from .validate import check_command_line
+
+if TYPE_CHECKING:  # torch, Lightning and the metrics are imported once the config is checked (a fast --help)
+    import torch
+
+    from ..metrics import FeatureStats
 
 NUM_QUARTILES = 4
 
 
-@torch.no_grad()
 def negative_log_likelihood(module, images: torch.Tensor, labels: torch.Tensor | None,
                             batch_size: int) -> dict[str, float]:
     """Exact VLB in bits/dim (full T-step loop) on held-out images, with its prior / decoder / quartile parts."""
+    import torch
+
+    with torch.no_grad():
+        return _negative_log_likelihood(module, images, labels, batch_size)
+
+
+def _negative_log_likelihood(module, images: torch.Tensor, labels: torch.Tensor | None,
+                             batch_size: int) -> dict[str, float]:
+    import torch
+
     diffusion, net = module.diffusion, module.ema_net
     totals, priors, decoders, quartiles = [], [], [], []
     steps = diffusion.num_timesteps
@@ -61,6 +62,8 @@ def negative_log_likelihood(module, images: torch.Tensor, labels: torch.Tensor |
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    from .generation import keep_finished_shards
+
     out_dir = Path(cfg.output_dir)
     return keep_finished_shards(out_dir, lambda: _evaluate(cfg, out_dir))
 
@@ -72,6 +75,15 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     if not cfg.ckpt and not cfg.samples and not cfg.get("write_reference"):
         raise ValueError("give ckpt=<a ddpm-train checkpoint> or samples=<an .npz or image folder> to evaluate "
                          "(or write_reference=<path.npz> with data=<name>)")
+    import torch
+    from hydra.utils import instantiate
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from ..metrics import FeatureStats, make_generative_metrics
+    from .generation import generate, load_model_and_guidance, open_samples, resolve_device
+    from .posthoc_ema import apply_posthoc_ema
+    from .shards import Processes, check_disk, finished, launch, shard_outputs
+
     device = resolve_device(cfg.device)
     metrics = list(cfg.metrics)
     sample_metrics = [m for m in metrics if m != "nll"]
@@ -88,6 +100,10 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
             raise ValueError(f"{cfg.ckpt} stores no data config; pass data=<name> for the reference images "
                              f"(or reference=<an ADM reference batch .npz>)")
         results["guidance"] = guidance
+        if sample_metrics or not metrics:  # the disk, before minutes of scoring setup (statistics, classifier)
+            num_samples, shard_size = int(cfg.num_samples), int(cfg.shard_size)
+            done = sum(end - start for start, end in finished(out_dir / "shards", num_samples, shard_size))
+            check_disk(out_dir, num_samples, done, tuple(module.image_shape), scored=bool(sample_metrics))
     else:
         if "nll" in metrics:
             raise ValueError("metrics=[nll] needs a model: give ckpt=...")
@@ -169,6 +185,8 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
 
 def _probe(module) -> torch.Tensor:
     """Two blank images of the model's shape: which per-sample outputs the scorer produces."""
+    import torch
+
     return torch.zeros(2, *module.image_shape, dtype=torch.uint8)
 
 
@@ -183,6 +201,10 @@ def _check_sample_shape(shape: tuple[int, int, int], datamodule) -> None:
 
 def _score(results: dict, scorer, parts: list, labels: torch.Tensor | None, n: int,
            spatial: FeatureStats | None = None) -> None:
+    import torch
+
+    from ..metrics import metric_name
+
     scores = scorer.score(parts, spatial)
     results["metrics"].update({metric_name(k, n): v for k, v in scores.items()})
     if labels is not None and "clf_logits" in parts[0]:
@@ -193,6 +215,8 @@ def _score(results: dict, scorer, parts: list, labels: torch.Tensor | None, n: i
 def _write_reference(cfg: DictConfig, datamodule, scorer) -> Path:
     """The data source's reference batch in the ADM evaluator's layout (statistics of reference_n images,
     arr_0: the first pr_reference_n of them)."""
+    from ..metrics import reference_batches, write_adm_reference
+
     if cfg.get("reference"):
         raise ValueError("write_reference= writes the data set's own reference batch: drop reference=")
     path = Path(str(cfg.write_reference)).expanduser()
@@ -205,6 +229,8 @@ def _write_reference(cfg: DictConfig, datamodule, scorer) -> Path:
 
 
 def _finish(out_dir: Path, results: dict) -> dict:
+    from ..artifacts import write_json
+
     write_json(out_dir / "results.json", results, default=str)
     print(f"results: {out_dir / 'results.json'}")
     for key, value in results["metrics"].items():
@@ -218,7 +244,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    check_command_line(typed_keys=False)  # an unknown option (data=..., experiment=...): one line, before Hydra
+    check_command_line(typed_keys=False, config_name="eval")  # an unknown key or option: one line, before Hydra
     _hydra_main()
 
 

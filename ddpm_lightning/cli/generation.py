@@ -38,6 +38,7 @@ from .shards import (
     generate_shards,
     sigterm_as_interrupt,
 )
+from .validate import IMAGE_SUFFIXES
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -108,6 +109,9 @@ def generate(module, *, out_dir: Path, num_samples: int, sampler: str | None, st
     overrides = sampling_overrides(sampler, steps, eta, schedule)  # null: the checkpoint's own sample settings
     chosen = dataclasses.replace(module.sample_settings, **overrides)
     used = {k: getattr(chosen, k) for k in ("method", "steps", "eta", "schedule")}
+    if eta is not None and used["method"] != "ddim":  # never ignored silently
+        raise ValueError(f"eta={eta} is DDIM's; the sampler {used['method']} (the checkpoint's own sample.method) does "
+                         f"not use it: drop eta, or give sampler=ddim")
     labels = parse_labels(y) if labels_allowed(module, cond_fn) else "random"
     shards = out_dir / "shards"
     check_settings(shards, {**(settings or {}), "sampling": used, "y": labels, "seed": seed, "precision": precision,
@@ -127,7 +131,8 @@ def generate(module, *, out_dir: Path, num_samples: int, sampler: str | None, st
 
     stats = generate_shards(sample_fn, shards=shards, num_samples=num_samples, shard_size=shard_size,
                             batch_size=batch_size, procs=procs, score_fn=scorer.outputs if scorer else None,
-                            feature_id=scorer.outputs_id if scorer else "")
+                            feature_id=scorer.outputs_id if scorer else "",
+                            calls_per_batch=network_calls_per_batch(module, used))
     procs.barrier()
     rank_zero_info(f"sampled {stats['generated']} images ({used['method']}, steps={used['steps']}, "
                    f"eta={used['eta']}, schedule={used['schedule']}) in {stats['seconds']:.1f} s "
@@ -138,6 +143,21 @@ def generate(module, *, out_dir: Path, num_samples: int, sampler: str | None, st
     if procs.rank == 0:
         result["outputs"] = assemble(out_dir, shards, num_samples, shard_size)
     return result
+
+
+def network_calls_per_batch(module, used: dict[str, Any]) -> int | None:
+    """The network calls one batch takes: the sampler's kept steps (classifier-free guidance runs each on a
+    doubled batch, classifier guidance adds a classifier gradient); None where the module cannot say."""
+    diffusion = getattr(module, "diffusion", None)
+    if diffusion is None:
+        return None
+    from ..sampling.sample import sampling_process
+
+    try:
+        steps = sampling_process(diffusion, used["method"], used["steps"], used["schedule"]).num_timesteps
+    except (ValueError, KeyError, AttributeError):
+        return None
+    return int(steps)
 
 
 def kept_samples(out_dir: Path) -> int:
@@ -174,9 +194,6 @@ def keep_finished_shards(out_dir: Path, fn: Callable[[], Any]) -> Any:
 
 def labels_allowed(module, cond_fn) -> bool:
     return module.num_classes is not None or cond_fn is not None
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 @dataclass

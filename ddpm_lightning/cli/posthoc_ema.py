@@ -15,9 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..artifacts import SNAPSHOT_DIR, atomic_torch_save, write_json
 from ..config import CONFIG_PATH
-from ..modules.checkpoint import load_checkpoint_dict
-from ..modules.ema import list_snapshots, reconstruct_ema
 from .errors import run_cli
+from .validate import check_command_line
+
+# torch and Lightning are imported inside the functions, once the config is checked (a fast --help)
 
 EMA_PREFIX = "ema.module."
 COARSE_FIT = 0.02  # profile L2 error above which the CLI suggests more snapshots
@@ -30,6 +31,8 @@ def snapshots_folder(ckpt: str | Path, snapshots: str | Path | None = None) -> P
 
 def snapshot_step(folder: Path, checkpoint: dict[str, Any], step: int | None) -> int:
     """``step``, or the last snapshot at or before the checkpoint's own step (its EMA's point in the run)."""
+    from ..modules.ema import list_snapshots
+
     if step is not None:
         return int(step)
     ckpt_step = checkpoint.get("global_step")
@@ -40,6 +43,9 @@ def apply_posthoc_ema(module, ckpt: str | Path, sigma_rel: float, snapshots: str
                       step: int | None = None) -> dict[str, Any]:
     """Replace ``module``'s EMA weights by the reconstructed power EMA of length ``sigma_rel`` at ``step``
     (default: the checkpoint's step, see ``snapshot_step``); its summary."""
+    from ..modules.checkpoint import load_checkpoint_dict
+    from ..modules.ema import reconstruct_ema
+
     folder = snapshots_folder(ckpt, snapshots)
     if step is None:
         step = snapshot_step(folder, load_checkpoint_dict(ckpt, mmap=True), None)
@@ -51,6 +57,9 @@ def apply_posthoc_ema(module, ckpt: str | Path, sigma_rel: float, snapshots: str
 def write_posthoc_checkpoint(ckpt: str | Path, sigma_rel: float, out_path: str | Path,
                              snapshots: str | Path | None = None, step: int | None = None) -> dict[str, Any]:
     """``ckpt`` with its EMA weights replaced by the power EMA of length ``sigma_rel``, written atomically."""
+    from ..modules.checkpoint import load_checkpoint_dict
+    from ..modules.ema import reconstruct_ema
+
     checkpoint = load_checkpoint_dict(ckpt)
     state_dict = checkpoint.get("state_dict") or {}
     if not any(k.startswith(EMA_PREFIX) for k in state_dict):
@@ -101,6 +110,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    check_command_line(typed_keys=False, config_name="posthoc_ema")  # an unknown key: one line, before Hydra
     _hydra_main()
 
 

@@ -41,7 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the row the others are compared with, e.g. model=ddpm_base (default: the first row)")
     parser.add_argument("--title", default=None, help="title of the markdown report")
     parser.add_argument("--no-plot", action="store_true", help="skip report.png")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.stale_after <= 0:
+        parser.error(f"--stale-after must be > 0 minutes, got {args.stale_after:g}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

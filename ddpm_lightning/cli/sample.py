@@ -56,7 +56,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    check_command_line(typed_keys=False)  # an unknown option (data=..., experiment=...): one line, before Hydra
+    check_command_line(typed_keys=False, config_name="sample")  # an unknown key or option: one line, before Hydra
     _hydra_main()
 
 

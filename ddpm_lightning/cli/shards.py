@@ -256,16 +256,26 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def generate_shards(sample_fn: Callable[[int, int], tuple[torch.Tensor, torch.Tensor | None]], *,
                     shards: Path, num_samples: int, shard_size: int, batch_size: int, procs: Processes,
                     score_fn: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None,
-                    feature_id: str = "", log: Callable[[str], None] | None = None) -> dict[str, float]:
+                    feature_id: str = "", log: Callable[[str], None] | None = None,
+                    calls_per_batch: int | None = None) -> dict[str, float]:
     """Generate this process's missing shards: ``sample_fn(n, first_index)`` -> (images in [-1, 1], labels).
 
-    ``score_fn(uint8 batch)`` gives the per-sample features stored with each shard. Progress lines show
-    samples/s and the ETA of this process's part. Returns counts and timing.
+    ``score_fn(uint8 batch)`` gives the per-sample features stored with each shard. Before the loop a line
+    gives the work (batches x ``calls_per_batch`` network calls); after the first batch, ``estimated time:``
+    from its timing; then progress lines show samples/s and the ETA of this process's part. Returns counts
+    and timing.
     """
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     mine = [r for k, r in enumerate(shard_ranges(num_samples, shard_size)) if k % procs.world_size == procs.rank]
     todo = [r for r in mine if not shard_path(shards, *r).is_file()]
     total = sum(end - start for start, end in todo)
+    batches = sum(-(-(end - start) // batch_size) for start, end in todo)
+    calls = None if calls_per_batch is None else batches * calls_per_batch
+    if total:
+        log(f"[rank {procs.rank}/{procs.world_size}] generating {total} samples ({sum(e - s for s, e in mine) - total} "
+            f"kept from an earlier run): {batches} batch{'' if batches == 1 else 'es'} of <= "
+            f"{min(batch_size, shard_size)}"
+            + ("" if calls is None else f" x {calls_per_batch} network calls = {calls} network calls"))
     done, start_time = 0, time.perf_counter()
     for start, end in todo:
         images, labels, features = [], [], []
@@ -277,6 +287,9 @@ def generate_shards(sample_fn: Callable[[int, int], tuple[torch.Tensor, torch.Te
                 labels.append(torch.as_tensor(y).cpu().numpy())
             if score_fn is not None:
                 features.append(score_fn(uint8))
+            if first == todo[0][0]:  # the first batch times the rest (it includes any warm-up: an upper bound)
+                log(f"[rank {procs.rank}/{procs.world_size}] "
+                    + estimate_line(time.perf_counter() - start_time, len(uint8), total, calls))
         merged = {k: torch.cat([f[k] for f in features]) for k in features[0]} if features else {}
         write_shard(shard_path(shards, start, end), np.concatenate(images),
                     np.concatenate(labels) if labels else None, merged, feature_id)
@@ -288,6 +301,14 @@ def generate_shards(sample_fn: Callable[[int, int], tuple[torch.Tensor, torch.Te
     seconds = time.perf_counter() - start_time
     return {"generated": done, "seconds": seconds, "samples_per_second": done / seconds if done else 0.0,
             "skipped": sum(e - s for s, e in mine) - total}
+
+
+def estimate_line(seconds: float, measured: int, total: int, calls: int | None) -> str:
+    """``estimated time: ~X min for N samples (M network calls; ...)`` from ``measured`` samples in ``seconds``."""
+    estimate = seconds / max(measured, 1) * total
+    work = f"{total} samples" + ("" if calls is None else f" ({calls} network calls")
+    return (f"estimated time: ~{estimate / 60:.1f} min for {work}{'; ' if calls is not None else ' ('}the first "
+            f"{measured} took {seconds:.1f} s)")
 
 
 def _duration(seconds: float) -> str:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .. import artifacts
 from ..callbacks import GenerativeMetricsCallback, SampleGridCallback
+from ..callbacks.estimate import TrainingEstimate
 from ..callbacks.health import TrainingHealth
 from ..callbacks.preemption import Preemption
 from ..loggers import build_loggers, finish_wandb
@@ -56,13 +57,14 @@ def build_module(cfg: DictConfig, datamodule) -> DiffusionModule:
 
 def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[pl.Callback]:
     """The configured callbacks plus, always on, ``Preemption`` (SIGTERM / requeue signals, exact-resume
-    checkpoints) and ``TrainingHealth`` (grad norm, non-finite step guard)."""
+    checkpoints), ``TrainingEstimate`` (the work and the estimated time, in the first steps) and
+    ``TrainingHealth`` (grad norm, non-finite step guard)."""
     nodes = cfg.get("callbacks") or {}
     callbacks = [instantiate(node) for node in nodes.values() if node is not None and "_target_" in node]
     if not has_logger:  # LearningRateMonitor refuses a logger-less trainer
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     health = TrainingHealth(max_nonfinite_steps=cfg.get("train", {}).get("max_nonfinite_steps", 5))
-    return [Preemption(), *callbacks, health]
+    return [Preemption(), TrainingEstimate(), *callbacks, health]
 
 
 def resolve_checkpoint(cfg: DictConfig) -> tuple[str | None, dict | None]:

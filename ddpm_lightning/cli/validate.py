@@ -34,6 +34,9 @@ TYPED_GROUPS = {"model": schema.ModelConfig, "diffusion": schema.DiffusionConfig
 INT_KEYS: dict[str, tuple[int, tuple[Any, ...]]] = {
     "seed": (0, ()),
     "trainer.max_steps": (1, (-1,)),
+    "trainer.max_epochs": (1, (-1, None)),
+    "trainer.min_epochs": (0, (None,)),
+    "trainer.min_steps": (0, (None,)),
     "trainer.log_every_n_steps": (1, (None,)),
     "trainer.accumulate_grad_batches": (1, (None,)),
     "trainer.num_sanity_val_steps": (-1, (None,)),
@@ -97,9 +100,34 @@ def _values(value: str) -> list[str] | None:
     return [v.strip().strip("'\"") for v in value.split(",")]
 
 
-def check_group_choices(args: list[str], config_dir: str = CONFIG_DIR, typed_keys: bool = True) -> str | None:
-    """The error line for the first command-line override that names an unknown group option or (with
-    ``typed_keys``: ddpm-train's config, whose groups have schemas) an unknown typed key."""
+PROGRAMS = {"train": "ddpm-train", "sample": "ddpm-sample", "eval": "ddpm-eval", "posthoc_ema": "ddpm-posthoc-ema"}
+
+
+def known_keys(config_name: str, config_dir: str = CONFIG_DIR) -> tuple[list[str], dict[str, list[str]]]:
+    """The top-level keys a command's primary config (``conf/<config_name>.yaml``) accepts: its own keys, its
+    config groups and ``hydra`` (for ``train`` also the schema's fields); and the keys of its untyped
+    sections (``guidance``, ``sample`` of ddpm-sample/-eval)."""
+    primary = OmegaConf.to_container(OmegaConf.load(Path(config_dir) / f"{config_name}.yaml"), resolve=False)
+    keys = {str(k) for k in primary if k != "defaults"} | {"hydra"}
+    for entry in primary.get("defaults") or []:
+        if isinstance(entry, dict):
+            keys |= {str(k).split("@")[-1].lstrip("/").split("/")[0] for k in entry}
+    sections = {}
+    if config_name == "train":  # a typed schema; +lever=... adds any group
+        keys |= {f.name for f in dataclasses.fields(schema.RunConfig)}
+        keys |= {p.name for p in Path(config_dir).iterdir() if p.is_dir() and not p.name.startswith("_")}
+    else:
+        sections = {str(k): sorted(str(f) for f in v) for k, v in primary.items()
+                    if isinstance(v, dict) and k not in ("hydra", "defaults")}
+    return sorted(keys - {"_self_"}), sections
+
+
+def check_group_choices(args: list[str], config_dir: str = CONFIG_DIR, typed_keys: bool = True,
+                        config_name: str | None = None) -> str | None:
+    """The error line for the first command-line override that names a key the command does not have (with
+    ``config_name``), an unknown group option or (with ``typed_keys``: ddpm-train's config, whose groups have
+    schemas) an unknown typed key."""
+    keys, sections = known_keys(config_name, config_dir) if config_name else (None, {})
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             continue
@@ -107,6 +135,12 @@ def check_group_choices(args: list[str], config_dir: str = CONFIG_DIR, typed_key
         key = key.lstrip("+~")
         if key.startswith("hydra") or "@" in key:
             continue
+        head, _, rest = key.partition(".")
+        if keys is not None and head not in keys:
+            program = PROGRAMS.get(config_name, config_name)
+            return f"{head} is not a {program} setting{_suggest(head, keys)}; allowed: {', '.join(keys)}"
+        if head in sections and rest and rest.split(".")[0] not in sections[head]:
+            return _unknown_key_message(head, rest.split(".")[0], sections[head])
         values = _values(value)
         if "." not in key:
             options = group_options(key, config_dir)
@@ -180,6 +214,17 @@ def check_numbers(cfg: DictConfig) -> None:
             raise ValueError(f"{key} must be a number in [{low}, {high}), got {value!r}")
 
 
+def check_max_time(cfg: DictConfig) -> None:
+    """``trainer.max_time``: null, "DD:HH:MM:SS" or a dict of days/hours/minutes/seconds (Lightning's Timer)."""
+    present, value = _select(cfg, "trainer.max_time")
+    if not present or value is None or isinstance(value, DictConfig):
+        return
+    parts = str(value).split(":")
+    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts) or isinstance(value, bool):
+        raise ValueError(f"trainer.max_time={value!r}; give DD:HH:MM:SS (e.g. trainer.max_time=00:01:30:00 for 90 "
+                         f"minutes) or null")
+
+
 def available_memory() -> int | None:
     """Bytes of memory available to a new allocation (``MemAvailable``), or None where unknown."""
     try:
@@ -234,6 +279,7 @@ def check_run(cfg: DictConfig) -> None:
         present, value = _select(cfg, key)
         if present:
             check_steps(value, key)
+    check_max_time(cfg)
     present, cache = _select(cfg, "paths.cache_dir")
     if present:
         check_writable_folder(cache, "paths.cache_dir")
@@ -253,8 +299,14 @@ def check_run_deep(cfg: DictConfig) -> None:
 
 # --------------------------------------------------------------------------------- ddpm-sample / ddpm-eval
 GENERATION_INTS = {"num_samples": 1, "batch_size": 1, "seed": 0, "nll_images": 1, "reference_n": 1,
-                   "classifier_epochs": 1}
+                   "classifier_epochs": 1, "shard_size": 1, "devices": 1, "pr_reference_n": 1}
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+# the names the torch side accepts, here to answer before torch is imported (a test keeps them equal)
+SAMPLE_METHODS = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc")  # sampling.SAMPLE_METHODS
+SAMPLE_SCHEDULES = ("adm", "uniform", "logsnr", "karras", "trailing")  # sampling.sample.SAMPLE_SCHEDULES
+EVAL_METRICS = ("fid", "sfid", "kid", "pr", "is", "is_clf", "nll")  # metrics.generative.METRICS + nll
+FEATURE_EXTRACTORS = ("inception", "tiny")  # metrics.features.FEATURE_EXTRACTORS
+PRECISIONS = ("32", "bf16")
 
 
 def check_steps(value: Any, key: str = "steps") -> None:
@@ -282,25 +334,52 @@ def check_writable_folder(path: Any, key: str) -> None:
                          f"DDPM_CACHE_DIR) to a writable folder")
 
 
-def check_samples_file(path: Any) -> None:
-    """``samples=``: an image folder or a whole ADM-layout ``.npz`` (a zip whose directory reads)."""
-    if path in (None, ""):
-        return
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # what open_samples (cli/generation.py) reads from a folder
+
+
+def _npz_names(path: Path, key: str, layout: str) -> list[str]:
+    """The arrays of an ``.npz`` (a zip whose directory reads), or ValueError naming ``key``."""
     import zipfile
 
-    path = Path(str(path))
-    if not path.exists() or path.is_dir():
-        return  # missing: the loader's own message
     if path.suffix != ".npz":
-        raise ValueError(f"samples={path} is a {path.suffix or 'suffix-less'} file; give an ADM-layout .npz "
-                         f"(arr_0 uint8 NHWC, optional arr_1 labels) or a folder of images")
+        raise ValueError(f"{key}={path} is a {path.suffix or 'suffix-less'} file; give {layout}")
     try:
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
+            return archive.namelist()
     except (zipfile.BadZipFile, OSError) as error:
-        raise ValueError(f"samples={path} is not a readable .npz (truncated or not a zip: {error})") from None
+        raise ValueError(f"{key}={path} is not a readable .npz (truncated or not a zip: {error})") from None
+
+
+def check_samples_file(path: Any) -> None:
+    """``samples=``: a folder with images or a whole ADM-layout ``.npz`` (a zip whose directory reads)."""
+    if path in (None, ""):
+        return
+    path = Path(str(path))
+    if not path.exists():
+        return  # missing: the loader's own message
+    if path.is_dir():
+        if next((p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES), None) is None:
+            raise ValueError(f"samples folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        return
+    names = _npz_names(path, "samples", "an ADM-layout .npz (arr_0 uint8 NHWC, optional arr_1 labels) or a folder "
+                                        "of images")
     if "arr_0.npy" not in names:
         raise ValueError(f"samples={path} has no arr_0 (expected the ADM layout: arr_0 uint8 NHWC, optional arr_1)")
+
+
+def check_reference_file(path: Any) -> None:
+    """``reference=``: an ADM evaluator reference batch (``.npz`` with mu, sigma; optional mu_s, sigma_s, arr_0)."""
+    if path in (None, ""):
+        return
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise ValueError(f"reference={path} " + ("is a folder" if path.is_dir() else "does not exist")
+                         + "; give an ADM reference batch .npz (e.g. VIRTUAL_imagenet64_labeled.npz)")
+    names = {n.removesuffix(".npy") for n in _npz_names(path, "reference", "an ADM reference batch .npz (mu, "
+                                                                              "sigma, mu_s, sigma_s, arr_0)")}
+    if not {"mu", "sigma"} <= names:
+        raise ValueError(f"reference={path} is not an ADM reference batch: it has {sorted(names)}, expected mu, "
+                         f"sigma (and mu_s, sigma_s, arr_0)")
 
 
 def check_generation(cfg: DictConfig, multirun: bool = False) -> None:
@@ -310,6 +389,29 @@ def check_generation(cfg: DictConfig, multirun: bool = False) -> None:
         if present and (not _is_int(value) or value < minimum):
             raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
     check_steps(cfg.get("steps"))
+    for key, what, allowed in (("sampler", "unknown sampling method", SAMPLE_METHODS),
+                               ("schedule", "unknown sampling schedule", SAMPLE_SCHEDULES),
+                               ("feature", "unknown feature extractor", FEATURE_EXTRACTORS),
+                               ("precision", "precision=", PRECISIONS)):  # the library's own messages
+        present, value = _select(cfg, key)
+        if present and value is not None and str(value) not in allowed:
+            shown = f"{what}{value!r}" if what.endswith("=") else f"{what} {str(value)!r}"
+            raise ValueError(f"{shown}; allowed: {', '.join(allowed)}{_suggest(str(value), allowed)}")
+    present, metrics = _select(cfg, "metrics")
+    if present and metrics is not None:
+        names = list(metrics) if OmegaConf.is_list(metrics) else [metrics]
+        unknown = [str(m) for m in names if str(m) not in EVAL_METRICS]
+        if unknown:
+            raise ValueError(f"metrics: unknown {', '.join(unknown)}{_suggest(unknown[0], EVAL_METRICS)}; allowed: "
+                             f"{', '.join(EVAL_METRICS)}")
+    present, eta = _select(cfg, "eta")
+    if present and eta is not None:
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
+            raise ValueError(f"eta must be a number >= 0 (DDIM's stochasticity: 0 deterministic, 1 as DDPM), "
+                             f"got {eta!r}")
+        sampler = cfg.get("sampler")
+        if sampler is not None and sampler != "ddim":
+            raise ValueError(f"eta={eta} is DDIM's; sampler={sampler} does not use it: drop eta, or give sampler=ddim")
     device = str(cfg.get("device", "auto"))
     if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise ValueError(f"device={device!r}; allowed: {', '.join(DEVICES)}")
@@ -317,6 +419,9 @@ def check_generation(cfg: DictConfig, multirun: bool = False) -> None:
     if not (y is None or y in ("random", "balanced") or (_is_int(y) and y >= 0)):
         raise ValueError(f"y={y!r}; allowed: random, balanced, or a class index >= 0")
     guidance = cfg.get("guidance") or {}
+    if not isinstance(guidance, DictConfig):
+        raise ValueError(f"guidance={guidance!r}: guidance is a group of keys; set guidance.scale=..., "
+                         f"guidance.cfg_scale=... or guidance.classifier_ckpt=...")
     for key in ("scale", "cfg_scale"):
         value = guidance.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
@@ -325,7 +430,17 @@ def check_generation(cfg: DictConfig, multirun: bool = False) -> None:
         raise ValueError("guidance.classifier_ckpt is given but guidance.scale=0: the classifier would guide "
                          "nothing; set guidance.scale > 0 (e.g. guidance.scale=1), or drop guidance.classifier_ckpt")
     check_samples_file(cfg.get("samples"))
+    check_reference_file(cfg.get("reference"))
+    split = cfg.get("reference_split")
+    if split is not None and split not in ("train", "val"):
+        raise ValueError(f"reference_split={split!r}; allowed: train, val")
     check_writable_folder(cfg.get("cache_dir"), "cache_dir")
+    for key in ("ckpt", "guidance.classifier_ckpt"):  # a wrong path answers before torch is imported
+        present, path = _select(cfg, key)
+        if present and path not in (None, ""):
+            from ..artifacts import check_checkpoint_file
+
+            check_checkpoint_file(str(path))
 
 
 def _check(config_name: str | None, cfg: DictConfig, multirun: bool) -> None:
@@ -340,12 +455,44 @@ def _exit(message: str) -> None:
     sys.exit(2)
 
 
-def check_command_line(args: list[str] | None = None, typed_keys: bool = True) -> None:
-    """Exit with one ``error:`` line when the command line names an unknown group option or (``typed_keys``,
-    ddpm-train) an unknown typed key; ddpm-eval/-sample have their own flat keys, checked by Hydra."""
-    error = check_group_choices(sys.argv[1:] if args is None else args, typed_keys=typed_keys)
+def check_command_line(args: list[str] | None = None, typed_keys: bool = True, config_name: str = "train") -> None:
+    """Exit with one ``error:`` line when the command line names a key the command does not have
+    (``+foo=1`` would be ignored, ``foo=1`` is Hydra's 6 lines), an unknown group option or (``typed_keys``,
+    ddpm-train) an unknown typed key."""
+    args = sys.argv[1:] if args is None else args
+    error = check_group_choices(args, typed_keys=typed_keys, config_name=config_name)
+    if error is None:
+        error = composition_error(args, config_name)
     if error is not None:
         _exit(error)
+
+
+def composition_error(args: list[str], config_name: str, config_dir: str = CONFIG_DIR) -> str | None:
+    """One line for an override Hydra cannot merge (``optim.lr=fast``, ``tags=abc``: a value of the wrong type),
+    found by composing the config once before Hydra does (which would print 6 lines and exit 1). Command lines
+    with flags (``-m``, ``--help``, ``--cfg``) are left to Hydra; a multirun checks each job itself."""
+    if any(arg.startswith("-") for arg in args):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            compose(config_name, overrides=list(args))
+    except (ConfigCompositionException, OmegaConfBaseException) as error:
+        from .errors import root_message
+
+        cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else None
+        text = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        if cause is not None and text[0].startswith("Error merging override "):
+            return f"{text[0].removeprefix('Error merging override ')}: {root_message(cause)}"
+        head = f"{text[0]} {text[1]}" if text[0].endswith(":") and len(text) > 1 else text[0]
+        key = next((line for line in text if line.startswith("full_key:")), "")
+        return f"{head} ({key})" if key else head
+    except Exception:  # noqa: BLE001  anything else (e.g. a resolver that needs a running app): Hydra's to report
+        return None
+    return None
 
 
 # ------------------------------------------------------------------------------------------------- sweeps
@@ -371,7 +518,7 @@ class CheckConfig(Callback):
         if kwargs.get("config_name") in ("eval", "sample"):
             try:
                 check_generation(config)
-            except ValueError as error:
+            except (ValueError, OSError) as error:  # OSError: a checkpoint path that is missing or a folder
                 _exit(str(error))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -380,16 +527,39 @@ class CheckConfig(Callback):
         from hydra.types import RunMode
 
         jobs = sweep_jobs(config)
-        if not jobs or len(jobs) < 2:
+        generation = config_name in ("eval", "sample")
+        if not jobs or (len(jobs) < 2 and not generation):
             return
         hydra = GlobalHydra.instance().hydra
         common = set.intersection(*(set(job) for job in jobs))  # name a job by its swept values only
+        composed = []
         for number, overrides in enumerate(jobs):
             try:
                 job = hydra.compose_config(config_name, overrides, run_mode=RunMode.RUN)
                 _check(config_name, job, multirun=True)
+                composed.append(job)
             except Exception as error:  # noqa: BLE001  every failure here is the user's config
                 from .errors import root_message
 
                 swept = " ".join(o for o in overrides if o not in common)
                 _exit(f"sweep job {number} ({swept}): {root_message(error)}; no job was started")
+        if generation:
+            try:
+                check_sweep_guidance(composed)
+            except ValueError as error:
+                _exit(str(error))
+
+
+def check_sweep_guidance(jobs: list[DictConfig]) -> None:
+    """A sweep may keep ``guidance.scale=0`` rows next to a classifier (the unguided baseline of a guidance
+    sweep), but a classifier that no job guides with is refused, as in a single run."""
+    def guidance(job: DictConfig, key: str) -> Any:
+        return _select(job, f"guidance.{key}")[1]
+
+    with_classifier = [job for job in jobs if guidance(job, "classifier_ckpt")]
+    if with_classifier and not any(guidance(job, "scale") for job in with_classifier):
+        scales = sorted({float(guidance(job, "scale") or 0) for job in with_classifier})
+        raise ValueError(f"guidance.classifier_ckpt is given but no job of the sweep has guidance.scale > 0 "
+                         f"(scales: {', '.join(f'{s:g}' for s in scales)}): the classifier would guide nothing; "
+                         f"sweep guidance.scale over values > 0 (e.g. guidance.scale=0,1,2), or drop "
+                         f"guidance.classifier_ckpt; no job was started")

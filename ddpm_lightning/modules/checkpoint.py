@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..artifacts import TMP_PATTERN
+from ..artifacts import TMP_PATTERN, check_checkpoint_file
 from ..models.state_dict import state_dict_mismatch
 
 log = logging.getLogger(__name__)
@@ -38,17 +38,7 @@ def load_checkpoint_dict(path: str | Path, map_location: str | torch.device = "c
                          mmap: bool = False) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)``; missing, truncated or pickle-requiring files raise ValueError.
     ``mmap``: map the tensors instead of reading them (a large checkpoint of which little is needed)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        raise IsADirectoryError(f"checkpoint {path} is a folder; give the .ckpt file inside it")
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    if not head.startswith((b"PK", b"\x80")):  # neither torch's zip (maybe truncated) nor its legacy pickle
-        kind = "an empty file" if not head else "a text file" if head.isascii() else "not a torch file"
-        raise ValueError(f"checkpoint {path} is {kind}, not a torch checkpoint; give a .ckpt written by ddpm-train "
-                         f"(or ddpm-convert-adm)")
+    path = check_checkpoint_file(path)  # missing, a folder, empty or text: one line
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
