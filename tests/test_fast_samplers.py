@@ -48,12 +48,13 @@ class GaussianOutput(torch.nn.Module):
 # ----------------------------------------------------------------------------- first order = DDIM
 @pytest.mark.parametrize("mean_type", MEAN_TYPES)
 @pytest.mark.parametrize("schedule,steps", [("adm", 10), ("uniform", 7), ("karras", 12), ("trailing", 5)])
-@pytest.mark.parametrize("clip", [False, True])
-def test_first_order_dpm_solver_is_ddim(mean_type, schedule, steps, clip):
+@pytest.mark.parametrize("clip,guided", [(False, False), (True, False), (False, True)])
+def test_first_order_dpm_solver_is_ddim(mean_type, schedule, steps, clip, guided):
+    """Equal with clipping or with guidance; with both, the solver also clips the guided prediction (below)."""
     diffusion = base(mean_type=mean_type)
     process = sampling_process(diffusion, "ddim", steps, schedule)
     model = GaussianOutput(diffusion, mean_type, s=2.0)  # s=2: the clip is active
-    cond_fn = (lambda x, t, **kw: 0.1 * torch.tanh(x)) if clip else None
+    cond_fn = (lambda x, t, **kw: 0.1 * torch.tanh(x)) if guided else None
     kw = {"noise": noise(1), "clip_denoised": clip, "cond_fn": cond_fn}
     ddim = process.ddim_sample_loop(model, SHAPE, eta=0.0, **kw)
     dpm1 = process.dpm_solver_sample_loop(model, SHAPE, order=1, **kw)
@@ -72,9 +73,25 @@ def test_first_order_sde_dpm_solver_is_ddim_eta1(guided):
     for loop in (lambda **kw: process.ddim_sample_loop(model, SHAPE, eta=1.0, **kw),
                  lambda **kw: process.dpm_solver_sample_loop(model, SHAPE, order=1, sde=True, **kw)):
         gen = torch.Generator().manual_seed(7)
-        runs.append(loop(noise=noise(1), cond_fn=cond_fn, clip_denoised=True,
+        runs.append(loop(noise=noise(1), cond_fn=cond_fn, clip_denoised=not guided,
                          noise_sampler=lambda x, g=gen: torch.randn(x.shape, generator=g)))
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mean_type", MEAN_TYPES)
+def test_solvers_clip_the_guided_data_prediction_after_the_correction(mean_type):
+    """DPM-Solver's thresholding order: clip(clip(x0) + (1 - ab) / sqrt(ab) * grad); unclipped it leaves [-1, 1]."""
+    diffusion = base("cosine", mean_type=mean_type)
+    model = GaussianOutput(diffusion, mean_type, s=2.0)
+    x, t = noise(1), torch.tensor([T - 1, T // 2])
+    grad = lambda x, t, **kw: 0.5 * torch.tanh(x)  # noqa: E731
+    clipped = diffusion.predict_xstart(model, x, t, clip_denoised=True)
+    ab = diffusion.alphas_cumprod[t].view(-1, 1, 1, 1).to(x.dtype)
+    expected = (clipped + (1 - ab) / ab.sqrt() * grad(x, t)).clamp(-1, 1)
+    guided = diffusion.predict_xstart(model, x, t, clip_denoised=True, cond_fn=grad)
+    torch.testing.assert_close(guided, expected, rtol=1e-5, atol=1e-5)
+    unclipped = diffusion.predict_xstart(model, x, t, clip_denoised=False, cond_fn=grad)
+    assert unclipped.abs().max() > 5 and guided.abs().max() <= 1
 
 
 # ----------------------------------------------------------------------------- convergence

