@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -34,7 +35,9 @@ from run_config import TINY
 pytestmark = pytest.mark.slow
 
 KILLS = int(os.environ.get("DDPM_KILLS", "12"))
-STEPS = max(40, 10 * KILLS)  # every attempt trains a few steps before its kill: room for all of them
+# every attempt trains a few steps before its kill: room for all of them; a multiple of 8 (validation every 4
+# steps, in-loop scoring every 2nd validation) so that max_steps has an in-loop score before the final one
+STEPS = -(-max(40, 10 * KILLS) // 8) * 8
 BASE = [*[o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))],
         "trainer.deterministic=true", "trainer.val_check_interval=4",
         "callbacks.periodic_checkpoint.every_n_train_steps=2", "train.timestep_sampler=loss-second-moment"]
@@ -119,6 +122,29 @@ def test_random_sigkills_then_resume_matches_an_uninterrupted_run(reference, tmp
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STEPS
 
 
+def test_resume_from_an_epochs_last_batch_then_again_inside_the_next_epoch(reference, tmp_path):
+    """Resuming from a checkpoint written on an epoch's last batch, Lightning runs the next epoch without counting
+    it as started; a second resume from that epoch's own last batch must still continue exactly (10 batches per
+    epoch here: 86 training images, batch 8; the 50-kill loop found this at step 211)."""
+    stages = [(None, 12, "periodic-step0000010.ckpt"),  # from scratch; keep the checkpoint of epoch 0's last batch
+              ("periodic-step0000010.ckpt", 22, "periodic-step0000020.ckpt"),  # resumed there; epoch 1's last
+              ("periodic-step0000020.ckpt", 28, None)]  # resumed there
+    for index, (source, stop, keep) in enumerate(stages):
+        run_dir = tmp_path / f"stage{index}"
+        resume = [f"ckpt_path={tmp_path / source}"] if source else []
+        result = _run(train_command([*RUN, f"+callbacks.loss_recorder.path={tmp_path / f'stage{index}.txt'}",
+                                     *resume, "+callbacks.kill._target_=faults.KillAt",
+                                     f"+callbacks.kill.step={stop}"], run_dir))
+        assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+        if keep:
+            shutil.copy(run_dir / "checkpoints" / keep, tmp_path / keep)
+    expected = read_loss_curve(reference / "losses.txt")
+    for index, steps in ((1, range(11, 23)), (2, range(21, 29))):
+        resumed = read_loss_curve(tmp_path / f"stage{index}.txt")
+        assert sorted(resumed) == list(steps)
+        assert_same_curve({s: expected[s] for s in resumed}, resumed)
+
+
 @pytest.mark.parametrize("phase,step,match,occurrence", [
     ("train", 5, "", 1), ("val", 8, "", 1), ("save", 6, "periodic", 1), ("score", 16, "", 1), ("score", STEPS, "", 2)],
     ids=["train", "val", "checkpoint-write", "in-loop-scoring", "final-scoring"])
@@ -139,7 +165,8 @@ def test_sigkill_at_a_chosen_point_then_resume(reference, tmp_path, phase, step,
 
 
 # --------------------------------------------------------------------------------------------------- a sweep
-SWEEP_STEPS = 12
+SWEEP_KILLS = max(3, KILLS // 10)
+SWEEP_STEPS = max(12, 5 * SWEEP_KILLS)  # two jobs: room for every kill before the sweep ends
 SWEEP = [*BASE, f"trainer.max_steps={SWEEP_STEPS}", "optim.lr=1e-3,2e-4", "hydra.sweep.subdir=${hydra.job.num}"]
 
 
@@ -156,8 +183,7 @@ def test_random_sigkills_in_a_sweep_then_rerunning_it_matches_an_uninterrupted_s
     assert reference.returncode == 0, reference.stderr[-3000:]
     sweep = tmp_path / "sweep"
     command = train_command(["-m", *SWEEP, f"hydra.sweep.dir={sweep}"], tmp_path / "unused")
-    kills = max(3, KILLS // 10)
-    log = kill_loop(command, kills, random.Random(SEED + 1), lambda: _sweep_progress(sweep), cwd=tmp_path)
+    log = kill_loop(command, SWEEP_KILLS, random.Random(SEED + 1), lambda: _sweep_progress(sweep), cwd=tmp_path)
     (tmp_path / "kill_log.json").write_text(json.dumps(log, indent=1))
     for job in ("0", "1"):
         assert_same_training(tmp_path / "reference" / job / "checkpoints" / "last.ckpt",

@@ -65,6 +65,7 @@ class Preemption(pl.Callback):
         self.grace_s = float(grace_s)
         self.requeue_requested: int | None = None  # the signal number, once received
         self.in_batch_loop = False
+        self.inside_epoch = False  # between a training batch and its epoch's end
         self.last_saved_step: int | None = None
         self.stopped_mid_epoch: int | None = None  # the epoch, when training stopped before its last batch
         self._trainer: pl.Trainer | None = None
@@ -184,8 +185,13 @@ class Preemption(pl.Callback):
         self.stopped_mid_epoch = None
 
     @override
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.inside_epoch = True  # until on_train_epoch_end: checkpoints written now are inside an epoch
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # runs before the checkpoint callbacks' on_train_epoch_end (they come last)
+        self.inside_epoch = False
         batches = trainer.fit_loop.epoch_loop.batch_progress
         if not batches.is_last_batch and batches.current.processed < trainer.num_training_batches:
             self.stopped_mid_epoch = trainer.current_epoch
@@ -211,6 +217,8 @@ class Preemption(pl.Callback):
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         self.last_saved_step = trainer.global_step
+        if self.inside_epoch:
+            mark_running_epoch_started(checkpoint)
         if self.stopped_mid_epoch is not None:
             mark_stopped_epoch_unfinished(checkpoint, self.stopped_mid_epoch)
         else:
@@ -222,6 +230,21 @@ class Preemption(pl.Callback):
         if not folder:
             return  # checkpointing is off (callbacks without ModelCheckpoint): nothing to save to
         trainer.save_checkpoint(str(Path(folder) / LAST_NAME))
+
+
+def mark_running_epoch_started(checkpoint: dict) -> None:
+    """A checkpoint written inside an epoch records that epoch as started (ready = started = completed + 1).
+
+    After a resume from a checkpoint written on an epoch's last batch, Lightning finishes that epoch and runs the
+    next one without counting it as started (ready = started = completed): every checkpoint written in that next
+    epoch then restores as "no epoch running" and the resumed run draws another epoch's data order and per-step
+    randomness (found by the 50-kill loop: a second resume inside such an epoch diverged from step 211)."""
+    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop")
+    if not fit_loop or "epoch_progress" not in fit_loop:
+        return
+    for tracker in (fit_loop["epoch_progress"]["total"], fit_loop["epoch_progress"]["current"]):
+        if tracker["ready"] == tracker["completed"]:
+            tracker.update(ready=tracker["completed"] + 1, started=tracker["completed"] + 1)
 
 
 def mark_stopped_epoch_unfinished(checkpoint: dict, epoch: int) -> None:
