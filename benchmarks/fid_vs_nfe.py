@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="bf16", choices=("32", "bf16"))
     parser.add_argument("--classifier", help="a noisy classifier checkpoint: adds guided rows at --scale")
     parser.add_argument("--scale", type=float, default=2.0)
+    parser.add_argument("--guided-only", action="store_true",
+                        help="with --classifier: run only the guided cells (the unguided row set is measured already)")
     parser.add_argument("--table", action="store_true", help="only print the table of the finished cells")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -118,6 +120,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown methods {unknown}; allowed: {', '.join(METHODS)}")
     nfes = [int(n) for n in args.nfe.split(",") if n]
     scales = [0.0] + ([args.scale] if args.classifier else [])
+    if args.guided_only:
+        if not args.classifier:
+            parser.error("--guided-only needs --classifier")
+        scales = [args.scale]
     if not args.table:
         if not args.ckpt:
             parser.error("--ckpt is required unless --table")

@@ -150,3 +150,19 @@ def test_fid_vs_nfe_table_reads_finished_cells_and_skips_them(tmp_path, monkeypa
     assert fid_vs_nfe.run_cell(args, "dpm++2m", 10, 0.0)["metrics"]["fid@500"] == 56.14
     with pytest.raises(SystemExit):
         fid_vs_nfe.main(["--out", str(tmp_path), "--methods", "dpm++9m", "--table"])
+
+
+def test_fid_vs_nfe_guided_only_runs_only_the_guided_cells(tmp_path, monkeypatch):
+    from benchmarks import fid_vs_nfe
+
+    ran = []
+    monkeypatch.setattr(fid_vs_nfe, "run_cell", lambda args, method, nfe, scale: ran.append((method, nfe, scale)))
+    fid_vs_nfe.main(["--ckpt", "m.ckpt", "--out", str(tmp_path), "--methods", "ddpm,unipc", "--nfe", "5,8",
+                     "--classifier", "c.ckpt", "--scale", "2", "--guided-only"])
+    assert sorted(ran) == [("ddpm", 5, 2.0), ("ddpm", 8, 2.0), ("unipc", 5, 2.0), ("unipc", 8, 2.0)]
+    ran.clear()
+    fid_vs_nfe.main(["--ckpt", "m.ckpt", "--out", str(tmp_path), "--methods", "ddpm", "--nfe", "5",
+                     "--classifier", "c.ckpt"])
+    assert sorted(ran) == [("ddpm", 5, 0.0), ("ddpm", 5, 2.0)]
+    with pytest.raises(SystemExit):
+        fid_vs_nfe.main(["--ckpt", "m.ckpt", "--out", str(tmp_path), "--guided-only"])
