@@ -43,12 +43,12 @@ MODES = ("min", "max")
 # the direction of every metric the reports know, by name without the stage prefix and the sample count; a name
 # not listed is ranked lower-is-better (losses)
 HIGHER_IS_BETTER = ("is_mean", "is_clf_mean", "is", "precision", "recall", "acc", "accuracy", "class_accuracy")
-LOWER_IS_BETTER = ("fid", "sfid", "kid_mean", "vlb_bpd", "nll_bpd", "bpd", "loss")
+LOWER_IS_BETTER = ("fid", "fid_inf", "sfid", "kid_mean", "vlb_bpd", "nll_bpd", "bpd", "loss")
 # the columns of the markdown table, in this order (CSV has every metric)
-TABLE_METRICS = ("fid", "sfid", "is_clf_mean", "is_mean", "precision", "recall", "kid_mean", "kid_std",
+TABLE_METRICS = ("fid", "fid_inf", "sfid", "is_clf_mean", "is_mean", "precision", "recall", "kid_mean", "kid_std",
                  "class_accuracy", "vlb_bpd", "nll_bpd")
-DISPLAY_NAMES = {"fid": "FID", "sfid": "sFID", "is_clf_mean": "IS_clf", "is_mean": "IS", "precision": "Prec",
-                 "recall": "Rec", "kid_mean": "KID", "kid_std": "KID std", "class_accuracy": "Acc",
+DISPLAY_NAMES = {"fid": "FID", "fid_inf": "FID-inf", "sfid": "sFID", "is_clf_mean": "IS_clf", "is_mean": "IS",
+                 "precision": "Prec", "recall": "Rec", "kid_mean": "KID", "kid_std": "KID std", "class_accuracy": "Acc",
                  "vlb_bpd": "NLL bpd", "nll_bpd": "NLL bpd (exact)"}
 # spreads of one evaluation, not scores: aggregated and shown, never given a verdict
 NO_VERDICT = ("kid_std",)

@@ -314,8 +314,11 @@ GENERATION_CASES = [
      r"reference=.*/whole\.npz is not an ADM reference batch: it has \['arr_0'\], expected mu, sigma"),
     ("eval", ["reference_split=tset"], r"reference_split='tset'; allowed: train, val$"),
     ("eval", ["shard_size=0"], r"shard_size must be an integer >= 1, got 0$"),
-    ("eval", ["metrics=[fid,fidd]"], r"metrics: unknown fidd \(did you mean fid\?\); allowed: fid, sfid, kid, pr, is, "
-                                     r"is_clf, nll$"),
+    ("eval", ["metrics=[fid,fidd]"], r"metrics: unknown fidd \(did you mean fid\?\); allowed: fid, fid_inf, sfid, kid, "
+                                     r"pr, is, is_clf, nll$"),
+    ("eval", ["metrics=[fid,fid_inf]", "num_samples=5000"],
+     r"metrics fid_inf needs num_samples >= 10240 \(subsets down to a fifth of the samples, each at least the 2048-d "
+     r"feature size\), got 5000: raise num_samples or drop fid_inf$"),
     ("eval", ["feature=incepton"],
      r"unknown feature extractor 'incepton'; allowed: inception, tiny \(did you mean inception\?\)$"),
     ("eval", ["ckpt={tmp}/file.txt"], r"checkpoint .*/file\.txt is a text file, not a torch checkpoint"),

@@ -22,6 +22,8 @@ from typing_extensions import override
 
 from .. import artifacts
 from ..metrics import GenerativeMetrics, make_generative_metrics, metric_name, to_uint8
+from ..metrics.features import POOL_DIMS
+from ..metrics.scores import fid_infinity_min_samples
 from ..modules.guidance import load_classifier_guidance
 from ..sampling import sampling_overrides
 
@@ -56,6 +58,11 @@ class GenerativeMetricsCallback(pl.Callback):
         self.in_loop_num_samples = int(in_loop_num_samples or num_samples)
         if self.in_loop_num_samples < 2:
             raise ValueError(f"in_loop_num_samples must be >= 2 for FID, got {in_loop_num_samples}")
+        needed = fid_infinity_min_samples(POOL_DIMS.get(feature, 0))
+        if "fid_inf" in metrics and min(self.num_samples, self.in_loop_num_samples) < needed:
+            raise ValueError(f"metrics fid_inf needs num_samples and in_loop_num_samples >= {needed} with feature="
+                             f"{feature} (subsets down to a fifth of the samples, each at least the feature size): "
+                             f"raise them or drop fid_inf")
         self.every_n_val_epochs = int(every_n_val_epochs)
         self.at_train_end = bool(on_train_end)
         self.metric_kwargs = dict(metrics=tuple(metrics), feature=feature, weights_path=weights_path,

@@ -304,7 +304,8 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 # the names the torch side accepts, here to answer before torch is imported (a test keeps them equal)
 SAMPLE_METHODS = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc")  # sampling.SAMPLE_METHODS
 SAMPLE_SCHEDULES = ("adm", "uniform", "logsnr", "karras", "trailing")  # sampling.sample.SAMPLE_SCHEDULES
-EVAL_METRICS = ("fid", "sfid", "kid", "pr", "is", "is_clf", "nll")  # metrics.generative.METRICS + nll
+POOL_DIMS = {"inception": 2048, "tiny": 64}  # metrics.features.POOL_DIMS (torch-free here; a test keeps them equal)
+EVAL_METRICS = ("fid", "fid_inf", "sfid", "kid", "pr", "is", "is_clf", "nll")  # metrics.generative.METRICS + nll
 FEATURE_EXTRACTORS = ("inception", "tiny")  # metrics.features.FEATURE_EXTRACTORS
 PRECISIONS = ("32", "bf16")
 
@@ -404,6 +405,10 @@ def check_generation(cfg: DictConfig, multirun: bool = False) -> None:
         if unknown:
             raise ValueError(f"metrics: unknown {', '.join(unknown)}{_suggest(unknown[0], EVAL_METRICS)}; allowed: "
                              f"{', '.join(EVAL_METRICS)}")
+        n, dim = cfg.get("num_samples"), POOL_DIMS.get(str(cfg.get("feature", "inception")))
+        if "fid_inf" in [str(m) for m in names] and _is_int(n) and dim and n < 5 * dim:
+            raise ValueError(f"metrics fid_inf needs num_samples >= {5 * dim} (subsets down to a fifth of the samples, "
+                             f"each at least the {dim}-d feature size), got {n}: raise num_samples or drop fid_inf")
     present, eta = _select(cfg, "eta")
     if present and eta is not None:
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:

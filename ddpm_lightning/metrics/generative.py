@@ -13,13 +13,14 @@ from .reference import FeatureStats, ReferenceStats
 from .scores import (
     FID_METHODS,
     fid_from_features,
+    fid_infinity,
     frechet_distance,
     inception_score,
     kernel_inception_distance,
     precision_recall,
 )
 
-METRICS = ("fid", "sfid", "kid", "pr", "is", "is_clf")
+METRICS = ("fid", "fid_inf", "sfid", "kid", "pr", "is", "is_clf")
 Outputs = dict[str, torch.Tensor]
 
 
@@ -30,6 +31,9 @@ class GenerativeMetrics:
 
     - ``"fid"`` -> ``fid``: Frechet distance of float64 statistics (``fid_method``: ``"sqrtm"``, the
       reference recipe, or ``"eigh"``, equal to round-off and much faster: see ``fid_from_features``);
+    - ``"fid_inf"`` -> ``fid_inf``: FID extrapolated to infinitely many samples from subsets of the samples
+      (Chong & Forsyth 2020; ``scores.fid_infinity``); needs >= 5 x the feature dimension samples
+      (10,240 with Inception);
     - ``"sfid"`` -> ``sfid``: the same on the spatial features (``features.SPATIAL_LAYER``, ADM's sFID);
       needs an extractor with ``has_spatial`` and reference ``mu_s``/``sigma_s``;
     - ``"kid"`` -> ``kid_mean``, ``kid_std``: on the reference subset's features (``reference.features``);
@@ -99,7 +103,7 @@ class GenerativeMetrics:
         rgb = as_rgb_uint8(batch)
         out: Outputs = {}
         with torch.inference_mode():
-            if any(m in self.metrics for m in ("fid", "sfid", "kid", "pr", "is")):
+            if any(m in self.metrics for m in ("fid", "fid_inf", "sfid", "kid", "pr", "is")):
                 was_training = self.feature_extractor.training
                 self.feature_extractor.eval()
                 try:
@@ -134,11 +138,14 @@ class GenerativeMetrics:
             return torch.cat([p[key] for p in parts])
 
         out: dict[str, float] = {}
-        if "fid" in self.metrics or "kid" in self.metrics or "pr" in self.metrics:
+        if any(m in self.metrics for m in ("fid", "fid_inf", "kid", "pr")):
             feats = cat("pool")
             if "fid" in self.metrics:
                 out["fid"] = fid_from_features(feats, self.reference.mu, self.reference.sigma,
                                                method=self.fid_method)
+            if "fid_inf" in self.metrics:
+                out["fid_inf"], _ = fid_infinity(feats, self.reference.mu, self.reference.sigma, seed=self.seed,
+                                                 method=self.fid_method)
             ref_feats = self.reference.features
             if "kid" in self.metrics:
                 out["kid_mean"], out["kid_std"] = kernel_inception_distance(
