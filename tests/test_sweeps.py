@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -138,11 +139,32 @@ def test_ablate_arch_rows_build_at_experiment_size(row, tmp_path):
     assert sum(p.numel() for p in net.parameters()) > 0
 
 
-def test_ablate_arch_covers_the_paper_rows():
+def test_ablate_arch_covers_the_paper_rows_and_no_two_rows_build_the_same_network(tmp_path):
     rows = _sweep_values("ablate_arch", "model")
     assert rows[0] == "ddpm_base" and rows[-1] == "adm"
-    assert {"adm_depth", "adm_heads", "adm_head_channels64", "adm_head_channels32", "adm_attn_multires",
+    assert {"adm_depth", "adm_heads", "adm_head_channels32", "adm_attn_multires",
             "adm_biggan", "adm_adagn", "adm_rescale"} <= set(rows)
+    built = {}
+    for row in rows + ["adm_head_channels64"]:
+        cfg = compose_run(["experiment=ablate_arch", f"model={row}"], tmp_path)
+        model = OmegaConf.to_container(cfg.model, resolve=True)
+        torch.manual_seed(0)
+        net = build_unet(model, image_size=32, channels=1, num_classes=10, learn_sigma=False).eval()
+        with torch.no_grad():  # the same function: same parameter shapes and, from the same init, the same output
+            for module in net.modules():  # zero-initialised output layers would hide every difference
+                for param in module.parameters(recurse=False):
+                    if not param.abs().sum():
+                        param.normal_(0, 0.02)
+            out = net(torch.linspace(-1, 1, 2 * 32 * 32).reshape(2, 1, 32, 32), torch.tensor([10, 500]),
+                      y=torch.tensor([1, 7]))
+        built[row] = (tuple((name, tuple(p.shape)) for name, p in net.named_parameters()), out)
+    for i, a in enumerate(rows):  # three seeds of a duplicate row would be wasted compute
+        for b in rows[i + 1:]:
+            same = built[a][0] == built[b][0] and torch.allclose(built[a][1], built[b][1])
+            assert not same, f"{a} and {b} build the same network"
+    # 64 channels per head at 64 channels is one head: the baseline itself at this width, so it is not swept
+    assert built["adm_head_channels64"][0] == built["ddpm_base"][0]
+    assert torch.allclose(built["adm_head_channels64"][1], built["ddpm_base"][1])
 
 
 def test_ablate_loss_rows_are_distinct_and_build(tmp_path):
