@@ -157,6 +157,18 @@ def test_training_writes_snapshots_of_the_tracked_emas(posthoc_run):
             assert torch.equal(ckpt["state_dict"][f"posthoc_ema.{index}.module.{key}"], value), key
 
 
+def test_tracking_post_hoc_emas_leaves_training_unchanged(posthoc_run, tmp_path):
+    """The lever trials track the power EMAs in every arm: the network and its regular EMA must be bit-identical
+    to the same run without them."""
+    train(compose_run([*TINY, "trainer.max_steps=4"], tmp_path))
+    plain = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    tracked = torch.load(posthoc_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert {k for k in tracked if not k.startswith("posthoc_ema.")} == set(plain)
+    assert any(k.startswith("ema") for k in plain)
+    for key, value in plain.items():
+        assert torch.equal(tracked[key], value), key
+
+
 def test_cli_reconstructs_checkpoints_that_eval_and_sample_load(posthoc_run, tmp_path):
     ckpt = posthoc_run / "checkpoints" / "last.ckpt"
     result = _cli("posthoc_ema", f"ckpt={ckpt}", "sigma_rels=[0.07,0.1]", cwd=tmp_path)

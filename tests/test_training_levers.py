@@ -322,6 +322,9 @@ def test_ablate_levers_rows_compose_and_each_turns_one_lever(tmp_path):
         cfg = compose_run(["experiment=ablate_levers", f"+lever={row}"], tmp_path)
         assert cfg.model == base.model and cfg.data == base.data  # the default job
         trainers.append(cfg.trainer)
+        # every arm snapshots the post-hoc EMAs (an EMA length chosen after training), the regular EMA as the default
+        assert list(cfg.ema.posthoc_sigma_rels) == [0.05, 0.1] and cfg.ema.posthoc_every_n_steps == 100
+        assert cfg.ema.decay == base.ema.decay
         build_diffusion(OmegaConf.to_container(cfg.diffusion, resolve=True))
         changed[row] = {f"{group}.{k}" for group in ("diffusion", "optim")
                         for k, v in cfg[group].items() if v != base[group][k]}
