@@ -348,15 +348,24 @@ def summarize(values: Sequence[float], confidence: float = CONFIDENCE) -> Stats:
 
 
 def verdict(delta: float | None, se: float | None, baseline: float | None, mode: str,
-            se_factor: float = VERDICT_SE, rel: float = VERDICT_REL) -> str:
+            se_factor: float = VERDICT_SE, rel: float = VERDICT_REL, pairs: int | None = None) -> str:
     """``better`` / ``worse`` / ``inconclusive`` for a paired difference ``delta`` = row - baseline with standard
     error ``se``: inconclusive when ``|delta| < se_factor * se``, when ``|delta| < rel * |baseline|``, when there
-    is no standard error (fewer than 2 pairs) or no difference; else better or worse by ``mode`` (min: lower is
-    better). Ties at a threshold are decided (not inconclusive)."""
+    is no standard error (fewer than 2 pairs) or no difference, and, given the number of ``pairs``, when the
+    difference's ``CONFIDENCE`` t-interval contains 0 (with 3 pairs that is 4.3 standard errors: 2 alone would
+    decide differences that the printed interval does not exclude from 0); else better or worse by ``mode`` (min:
+    lower is better). Ties at a threshold are decided (not inconclusive)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; allowed: {', '.join(MODES)}")
     if not _finite(delta) or delta == 0 or not _finite(se) or abs(delta) < se_factor * se:
         return "inconclusive"
+    if pairs is not None:
+        if pairs < 2:
+            return "inconclusive"
+        from scipy import stats
+
+        if abs(delta) < float(stats.t.ppf(0.5 + CONFIDENCE / 2, pairs - 1)) * se:
+            return "inconclusive"
     if _finite(baseline) and abs(delta) < rel * abs(baseline):
         return "inconclusive"
     return "better" if (delta < 0) == (mode == "min") else "worse"
@@ -542,14 +551,17 @@ def _paired(group: RowGroup, reference: RowGroup, metric: str, mode: str | None 
     common = [u for u in group.units[metric] if u in reference.units[metric]]
     diff = summarize([group.units[metric][u] - reference.units[metric][u] for u in common])
     ref = math.fsum(reference.units[metric][u] for u in common) / len(common) if common else None
-    return Paired(diff=diff, reference=ref, verdict=verdict(diff.mean, diff.se, ref, mode or metric_mode(metric)))
+    return Paired(diff=diff, reference=ref,
+                  verdict=verdict(diff.mean, diff.se, ref, mode or metric_mode(metric), pairs=diff.n))
 
 
 def verdict_rule(aggregate: Aggregate) -> str:
     """The verdict rule as implemented (printed under the tables)."""
     return (f"Verdict per row and metric, from the paired differences row - baseline over the {aggregate.unit_kind}s "
             f"both rows completed (common random numbers): **inconclusive** when |mean difference| < "
-            f"{VERDICT_SE:g} standard errors of the paired difference (std / sqrt(pairs)), or < {VERDICT_REL:.1%} of "
+            f"{VERDICT_SE:g} standard errors of the paired difference (std / sqrt(pairs)), or when its "
+            f"{CONFIDENCE:.0%} t-interval contains 0 (the stricter of the two below ~60 pairs: 4.3 standard errors "
+            f"with 3), or < {VERDICT_REL:.1%} of "
             "the baseline's mean over those seeds (for every metric; for FID the gap that retraining alone moves, "
             "Dufour et al. 2026), or with fewer than 2 pairs (no standard error); otherwise **better** or "
             "**worse** in the metric's direction. A difference exactly at a threshold is decided. Intervals: "

@@ -110,6 +110,25 @@ def test_verdict_rule_at_its_boundaries(delta, se, baseline, mode, expected):
     assert verdict(delta, se, baseline, mode) == expected
 
 
+@pytest.mark.parametrize(("delta", "pairs", "expected"), [
+    (-4.30, 3, "inconclusive"),  # the 95% interval of 3 pairs is +-4.303 SE: -4.30 SE still reaches 0
+    (-4.31, 3, "better"),
+    (-4.29, 3, "inconclusive"),
+    (-3.0, 3, "inconclusive"),  # > 2 SE but the printed 95% interval contains 0
+    (-2.5, 10, "better"),  # 10 pairs: t = 2.262
+    (-2.2, 10, "inconclusive"),
+    (-2.0, 200, "better"),  # many pairs: t ~ 1.97 < 2, the 2-SE rule decides
+    (-1.99, 200, "inconclusive"),
+    (-9.0, 1, "inconclusive"),  # one pair: no interval
+])
+def test_verdict_never_decides_what_the_interval_does_not_exclude(delta, pairs, expected):
+    from scipy import stats
+
+    t = stats.t.ppf(0.975, pairs - 1) if pairs > 1 else float("inf")
+    assert verdict(delta, 1.0, 100.0, "min", pairs=pairs) == expected
+    assert (expected != "inconclusive") == (abs(delta) >= max(2.0, t))
+
+
 def test_verdict_mode_is_validated():
     with pytest.raises(ValueError, match="mode='lower'; allowed: min, max"):
         verdict(1.0, 0.1, 10.0, "lower")
@@ -241,7 +260,7 @@ def test_training_and_sampling_seed_spreads_are_kept_apart(tmp_path):
 
 
 def test_eval_sweep_seed_is_a_sampling_seed(tmp_path):
-    fids = {("0", "0"): 40.0, ("0", "1"): 42.0, ("2", "0"): 36.0, ("2", "1"): 37.0}
+    fids = {("0", "0"): 40.0, ("0", "1"): 42.0, ("2", "0"): 36.0, ("2", "1"): 38.1}
     for num, ((scale, seed), fid) in enumerate(fids.items()):
         _job(tmp_path, num, [f"sample.seed={seed}", f"guidance.scale={scale}", "ckpt=m.ckpt"], fid,
              config_name="eval", extra={"precision@200": 0.5})
@@ -250,8 +269,9 @@ def test_eval_sweep_seed_is_a_sampling_seed(tmp_path):
     assert rows.unit_kind == "sampling seed" and rows.metric == "eval/fid@200"
     assert [g.label for g in rows.groups] == ["guidance.scale=0", "guidance.scale=2"]
     paired = rows.groups[1].vs_baseline["eval/fid@200"]
-    assert (paired.diff.n, paired.diff.mean, paired.diff.std) == (2, -4.5, pytest.approx(math.sqrt(0.5)))
-    assert paired.verdict == "better"  # 4.5 > 2 * 0.5 and > 1.3% of 41
+    assert (paired.diff.n, paired.diff.mean) == (2, pytest.approx(-3.95))
+    assert paired.diff.std == pytest.approx(math.sqrt(0.005))
+    assert paired.verdict == "better"  # 3.95 > t(0.975, 1) = 12.7 standard errors of 0.05, and > 1.3% of 41
     assert result["paths"]["tradeoff"].is_file() and result["paths"]["plot"].is_file()
 
 
