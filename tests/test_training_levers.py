@@ -335,6 +335,10 @@ def test_ablate_levers_rows_compose_and_each_turns_one_lever(tmp_path):
     # every arm trains the same pinned step budget (the LR rows decay to it), validated and scored once at the end
     assert all(t == trainers[0] for t in trainers) and trainers[0].max_steps < base.trainer.max_steps
     assert trainers[0].val_check_interval == trainers[0].max_steps
+    # a combination arm selects several levers at once
+    both = compose_run(["experiment=ablate_levers", "+lever=[min_snr,lr_cosine]"], tmp_path)
+    assert (both.diffusion.loss_weighting, both.optim.lr_schedule) == ("min_snr", "cosine")
+    assert both.trainer == trainers[0]
 
 
 @pytest.mark.parametrize("mean_type", TARGETS)
