@@ -174,6 +174,39 @@ def test_ema_off(ema):
     assert module.ema is None and module.classifier_net is module.net
 
 
+def test_training_draws_come_from_the_rank_and_step_stream(monkeypatch):
+    """t, the noise (and dropout) of a training step depend on (seed, rank, epoch, batch) only: under DDP every rank
+    draws its own (they were all the global RNG's, seeded alike on every rank), and a resume repeats them."""
+    from types import SimpleNamespace
+
+    module = make_module(ema=None)
+    seen = []
+
+    def record(net, x, y, t, noise=None):
+        seen.append((t.clone(), noise.clone()))
+        return torch.zeros(len(t), requires_grad=True), torch.zeros(len(t))
+
+    monkeypatch.setattr(module, "_losses", record)
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    x, y = quadrants(16, 0)
+
+    def draws(rank: int, batch_idx: int, epoch: int = 0, global_seed: int = 0):
+        module._trainer = SimpleNamespace(global_rank=rank, current_epoch=epoch)
+        torch.manual_seed(global_seed)  # the global RNG's state must not matter
+        module.training_step((x, y), batch_idx)
+        return seen[-1]
+
+    def same(a, b):
+        return torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    first = draws(0, 3)
+    assert same(first, draws(0, 3, global_seed=99))
+    for other in (draws(1, 3), draws(0, 4), draws(0, 3, epoch=1)):
+        assert not torch.equal(other[1], first[1])
+    module.train_seed += 1  # another run seed, other draws
+    assert not torch.equal(draws(0, 3)[1], first[1])
+
+
 def test_max_t_and_validation_timesteps():
     module = make_module(max_t=40, ema=None)
     assert module.max_t == 40 and module.diffusion.num_timesteps == T
@@ -207,6 +240,22 @@ def test_train_cli_objective_classifier_writes_a_loadable_checkpoint(tmp_path):
     assert module.guidance_info == {"num_timesteps": 50, "schedule": "cosine", "image_size": 8, "channels": 1,
                                     "num_classes": 10}
     assert module.run_config["objective"] == "classifier"
+
+
+def test_a_resumed_classifier_run_equals_an_uninterrupted_one(tmp_path):
+    from run_config import compose_run
+
+    from ddpm_lightning.cli.train import train
+
+    steps = ["trainer.max_steps=4", "trainer.val_check_interval=2"]
+    train(compose_run([*CLI_TINY, *steps], tmp_path / "whole"))
+    train(compose_run([*CLI_TINY, "trainer.max_steps=2", "trainer.val_check_interval=2"], tmp_path / "cut"))
+    train(compose_run([*CLI_TINY, *steps, "resume=auto"], tmp_path / "cut"))
+    whole = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert whole["global_step"] == resumed["global_step"] == 4
+    for key, value in whole["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
 
 
 def test_train_cli_rejects_unknown_objective(tmp_path):

@@ -25,7 +25,7 @@ from ..models import EncoderUNet
 from .builders import build_diffusion, build_optimizer, lr_total_steps
 from .ema import make_ema
 from .guidance import guidance_info
-from .rng import collect_rng_states, restore_rng_states
+from .rng import collect_rng_states, restore_rng_states, seeded_rng, training_step_seed
 
 DATA_KEYS = ("image_size", "in_channels", "out_channels")  # come from the data set, not the config
 CLASSIFIER_KEYS = tuple(name for name in inspect.signature(EncoderUNet).parameters if name not in DATA_KEYS)
@@ -96,6 +96,7 @@ class ClassifierModule(pl.LightningModule):
         self.train_loss_q = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
         self.train_acc_q = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
         self.val_acc_q = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
+        self.train_seed = torch.initial_seed()
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -125,8 +126,12 @@ class ClassifierModule(pl.LightningModule):
     @override
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        t = torch.randint(0, self.max_t, (x.shape[0],), device=x.device)
-        losses, correct = self._losses(self.net, x, y, t)
+        # t, the noise and dropout from this rank's stream for this batch (modules/rng.py): under DDP every rank
+        # draws its own, and a resumed run repeats them exactly
+        with seeded_rng(training_step_seed(self.train_seed, self._trainer, batch_idx), x.device):
+            t = torch.randint(0, self.max_t, (x.shape[0],), device=x.device)
+            noise = torch.randn_like(x)
+            losses, correct = self._losses(self.net, x, y, t, noise=noise)
         loss = losses.mean()
         batch_size = x.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -186,6 +191,11 @@ class ClassifierModule(pl.LightningModule):
         self.run_config = checkpoint.get("run_config", self.run_config)
         if "rng_states" in checkpoint:  # resuming: draw the same t and noise as an uninterrupted run
             restore_rng_states(checkpoint["rng_states"])
+
+    @override
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.train_seed = torch.initial_seed()  # pl.seed_everything ran in this process (every DDP rank)
 
     @override
     def on_fit_start(self) -> None:

@@ -21,7 +21,7 @@ from ..diffusion import IgnoreLabels, UniformSampler, create_named_schedule_samp
 from ..sampling import sample_images, sampling_process
 from .builders import build_diffusion, build_optimizer, build_unet, learns_sigma, lr_total_steps
 from .ema import make_ema, make_posthoc_emas
-from .rng import collect_rng_states, derive_seed, restore_rng_states, seeded_rng
+from .rng import collect_rng_states, restore_rng_states, seeded_rng, training_step_seed
 
 NUM_QUARTILES = 4
 
@@ -124,9 +124,7 @@ class DiffusionModule(pl.LightningModule):
     # ------------------------------------------------------------------ training
     def step_seed(self, batch_idx: int) -> int:
         """The seed of this rank's draws for batch ``batch_idx`` of the current epoch."""
-        trainer = self._trainer
-        rank, epoch = (trainer.global_rank, trainer.current_epoch) if trainer is not None else (0, 0)
-        return derive_seed(self.train_seed, "train", rank, epoch, batch_idx)
+        return training_step_seed(self.train_seed, self._trainer, batch_idx)
 
     @override
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

@@ -26,6 +26,13 @@ def derive_seed(seed: int, *keys: int | str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
+def training_step_seed(seed: int, trainer, batch_idx: int) -> int:
+    """The seed of this process's draws for batch ``batch_idx`` of the trainer's current epoch: (run seed, global
+    rank, epoch, batch index); rank 0, epoch 0 without a trainer."""
+    rank, epoch = (trainer.global_rank, trainer.current_epoch) if trainer is not None else (0, 0)
+    return derive_seed(seed, "train", rank, epoch, batch_idx)
+
+
 @contextmanager
 def seeded_rng(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
     """Run the block with the global torch RNG (CPU, and ``device`` if it is a CUDA device) seeded with ``seed``;
