@@ -91,6 +91,8 @@ CASES = [
     Case("channels_not_a_multiple_of_groupnorm", r"positive multiple of 32 .*model_channels=48",
          [*DIGITS, "model.model_channels=48"]),
     Case("negative_lr", r"optim\.lr must be > 0, got -0\.001", [*DIGITS, "optim.lr=-0.001"]),
+    Case("linear_schedule_too_short", r"num_timesteps=20 gives beta_T = 1 >= 1; use num_timesteps >= 21, or "
+         r"schedule=cosine$", [*DIGITS, "diffusion.schedule=linear", "diffusion.num_timesteps=20"]),
     Case("label_dropout_without_class_cond", r"train\.p_uncond > 0 .* needs model\.class_cond=true",
          [*DIGITS, "train.p_uncond=0.2"]),
     Case("batch_larger_than_the_data", r"training split has \d+ images, fewer than batch_size=64",

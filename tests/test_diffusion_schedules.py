@@ -236,3 +236,12 @@ def test_tables_match_closed_forms(name, T, keep):
     # at t=0 the clipped log-variance is the t=1 posterior value
     assert diffusion.posterior_log_variance_clipped[0] == diffusion.posterior_log_variance_clipped[1]
     assert diffusion.posterior_variance[0] == 0.0
+
+
+def test_a_linear_schedule_that_would_reach_beta_one_is_refused():
+    """ADM scales the linear betas by 1000/T: at T <= 20 beta_T >= 1 erases x_0 in one step (alpha_bar_T = 0, NaN
+    VLB); T = 21 is the shortest linear schedule with every beta < 1."""
+    with pytest.raises(ValueError, match=r"num_timesteps=20 gives beta_T = 1 >= 1"):
+        make_beta_schedule("linear", 20)
+    betas = make_beta_schedule("linear", 21)
+    assert float(betas.max()) < 1.0 and float(torch.cumprod(1 - betas, 0)[-1]) > 0

@@ -20,6 +20,9 @@ def make_beta_schedule(name: str, num_timesteps: int, cosine_s: float = 0.008) -
         raise ValueError(f"num_timesteps must be an integer >= 2, got {num_timesteps!r}")
     if name == "linear":
         scale = 1000.0 / num_timesteps
+        if scale * 0.02 >= 1.0:  # beta_T = 1 erases x_0 in one step: alpha_bar_T = 0 and the VLB is NaN
+            raise ValueError(f"the linear schedule scales DDPM's betas by 1000/T, so num_timesteps={num_timesteps} "
+                             f"gives beta_T = {scale * 0.02:g} >= 1; use num_timesteps >= 21, or schedule=cosine")
         return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
     if name == "cosine":
         steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
