@@ -56,8 +56,9 @@ NO_VERDICT = ("kid_std",)
 SEED_KEYS = ("seed", "sample.seed", "callbacks.generative_metrics.seed")
 # the seed keys that are the training seed in a ddpm-train job (in a ddpm-eval job `seed` is the sampling seed)
 TRAINING_SEED_KEYS = ("seed",)
-# the verdict rule: a paired difference is inconclusive below VERDICT_SE standard errors or below VERDICT_REL of
-# the baseline's value (Dufour et al. 2026: FID gaps under ~1.3% are within what retraining moves)
+# the verdict rule: a paired difference is inconclusive below VERDICT_SE standard errors, when its CONFIDENCE
+# t-interval contains 0, or below VERDICT_REL of the baseline's value (Dufour et al. 2026: FID gaps under ~1.3% are
+# within what retraining moves)
 VERDICT_SE = 2.0
 VERDICT_REL = 0.013
 CONFIDENCE = 0.95
