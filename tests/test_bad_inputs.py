@@ -98,6 +98,8 @@ CASES = [
     Case("batch_larger_than_the_data", r"training split has \d+ images, fewer than batch_size=64",
          [*DIGITS, "data.batch_size=64", "data.limit=40"]),
     Case("bad_resume_value", r"resume='sometimes'; allowed: auto, null", [*DIGITS, "resume=sometimes"]),
+    Case("posthoc_ema_length_out_of_range", r"ema\.posthoc_sigma_rels must be a number in \(0, 0\.2887\] .*got 0\.5;",
+         [*DIGITS, "ema.posthoc_sigma_rels=[0.05,0.5]"]),
     Case("max_nonfinite_steps_zero", r"max_nonfinite_steps must be an integer >= 1 or null, got 0",
          [*DIGITS, "train.max_nonfinite_steps=0"]),
     Case("data_folder_missing", r"data\.path='.*/missing' does not exist: create it",
@@ -324,6 +326,10 @@ GENERATION_CASES = [
     ("eval", ["feature=incepton"],
      r"unknown feature extractor 'incepton'; allowed: inception, tiny \(did you mean inception\?\)$"),
     ("eval", ["ckpt={tmp}/file.txt"], r"checkpoint .*/file\.txt is a text file, not a torch checkpoint"),
+    ("eval", ["ema_sigma_rel=0.3"], r"ema_sigma_rel must be a number in \(0, 0\.2887\] \(the EMA length relative to "
+                                     r"the run; 0\.2887 = the plain average of every step\), got 0\.3; e\.g\. 0\.05-0\.2$"),
+    ("eval", ["ema_sigma_rel=0"], r"ema_sigma_rel must be a number in \(0, 0\.2887\] .*got 0;"),
+    ("eval", ["ema_sigma_rel=long"], r"ema_sigma_rel must be a number in \(0, 0\.2887\] .*got 'long';"),
     ("sample", ["ckpt={tmp}/fake.ckpt", "guidance.classifier_ckpt={tmp}", "guidance.scale=1"],
      r"checkpoint .* is a folder; give the \.ckpt file inside it$"),
 ]
@@ -420,6 +426,9 @@ def test_the_names_checked_before_torch_are_the_libraries_own():
 
     assert validate.SAMPLE_METHODS == SAMPLE_METHODS and validate.SAMPLE_SCHEDULES == SAMPLE_SCHEDULES
     assert (*METRICS, "nll") == validate.EVAL_METRICS and validate.FEATURE_EXTRACTORS == FEATURE_EXTRACTORS
+    from ddpm_lightning.diffusion.posthoc_ema import MAX_SIGMA_REL
+
+    assert validate.MAX_SIGMA_REL == MAX_SIGMA_REL
 
 
 def test_a_class_index_for_an_unconditional_model_is_refused_not_ignored(tmp_path):
@@ -460,11 +469,19 @@ def test_a_class_index_for_an_unconditional_model_is_refused_not_ignored(tmp_pat
      r"^error: guidance=3: guidance is a group of keys; set guidance\.scale"),
     ("cli.posthoc_ema", ["ckpt=x.ckpt", "sigma_rel=0.1"],
      r"^error: sigma_rel is not a ddpm-posthoc-ema setting \(did you mean sigma_rels\?\)"),
+    ("cli.posthoc_ema", ["ckpt=x.ckpt", "sigma_rels=[0.1,0.5]"],
+     r"^error: sigma_rels must be a number in \(0, 0\.2887\] .*, got 0\.5; e\.g\. 0\.05-0\.2$"),
+    # a sweep over EMA lengths is checked job by job before the first one runs (a bad length used to fail
+    # after the good ones, in Hydra's words)
+    ("cli.evaluate", ["-m", "ckpt={tmp}/fake.ckpt", "ema_sigma_rel=0.1,0.3"],
+     r"^error: sweep job 1 \(ema_sigma_rel=0\.3\): ema_sigma_rel must be a number in \(0, 0\.2887\].*; no job "
+     r"was started$"),
     ("cli.sample", ["ckpt=x.ckpt", "hydra.run.dir={tmp}/file.txt/out"],
      r"^error: cannot create the run folder .*/file\.txt/out \(Not a directory\); set hydra\.run\.dir"),
 ])
 def test_cli_config_errors_are_one_line_and_exit_2(module, args, expected, tmp_path):
     (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "fake.ckpt").write_bytes(b"PK\x03\x04")  # looks like torch's zip to the checks before torch
     result = subprocess.run([sys.executable, "-m", f"ddpm_lightning.{module}", *[a.format(tmp=tmp_path) for a in args]],
                             capture_output=True, text=True, cwd=tmp_path, timeout=300, env=subprocess_env())
     assert result.returncode == 2, result.stderr[-2000:]

@@ -202,7 +202,9 @@ def test_eval_sweeps_reconstructed_ema_lengths(posthoc_run, tmp_path):
     assert set(scored) == {0.07, 0.15}
     bad = _cli("evaluate", f"ckpt={ckpt}", "ema_sigma_rel=0.5", "metrics=[fid]", cwd=tmp_path / "bad")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines()[-1].startswith("error: sigma_rel must lie in (0, 0.2887]")
+    assert bad.stderr.strip().splitlines() == [  # checked with the other keys, before the checkpoint is read
+        "error: ema_sigma_rel must be a number in (0, 0.2887] (the EMA length relative to the run; 0.2887 = the "
+        "plain average of every step), got 0.5; e.g. 0.05-0.2"]
 
 
 def test_a_checkpoint_gets_the_ema_of_its_own_step(posthoc_run):

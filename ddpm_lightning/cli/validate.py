@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import sys
 from collections.abc import Iterable
@@ -283,6 +284,10 @@ def check_run(cfg: DictConfig) -> None:
     present, cache = _select(cfg, "paths.cache_dir")
     if present:
         check_writable_folder(cache, "paths.cache_dir")
+    present, sigma_rels = _select(cfg, "ema.posthoc_sigma_rels")
+    if present and OmegaConf.is_list(sigma_rels):
+        for value in sigma_rels:
+            check_sigma_rel(value, "ema.posthoc_sigma_rels")
     present, accelerator = _select(cfg, "trainer.accelerator")
     if cfg.get("objective", "diffusion") == "diffusion" and present and accelerator == "cpu":
         check_memory(cfg)  # host memory; a GPU's memory is Lightning's/torch's to report
@@ -308,6 +313,14 @@ POOL_DIMS = {"inception": 2048, "tiny": 64}  # metrics.features.POOL_DIMS (torch
 EVAL_METRICS = ("fid", "fid_inf", "sfid", "kid", "pr", "is", "is_clf", "nll")  # metrics.generative.METRICS + nll
 FEATURE_EXTRACTORS = ("inception", "tiny")  # metrics.features.FEATURE_EXTRACTORS
 PRECISIONS = ("32", "bf16")
+MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)  # diffusion.posthoc_ema.MAX_SIGMA_REL, torch-free here (a test keeps them equal)
+
+
+def check_sigma_rel(value: Any, key: str) -> None:
+    """A post-hoc EMA length: the averaging profile's std relative to the run's length, in (0, sqrt(1/12)]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= MAX_SIGMA_REL:
+        raise ValueError(f"{key} must be a number in (0, {MAX_SIGMA_REL:.4f}] (the EMA length relative to the run; "
+                         f"{MAX_SIGMA_REL:.4f} = the plain average of every step), got {value!r}; e.g. 0.05-0.2")
 
 
 def check_steps(value: Any, key: str = "steps") -> None:
@@ -390,6 +403,9 @@ def check_generation(cfg: DictConfig, multirun: bool = False) -> None:
         if present and (not _is_int(value) or value < minimum):
             raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
     check_steps(cfg.get("steps"))
+    present, sigma_rel = _select(cfg, "ema_sigma_rel")
+    if present and sigma_rel is not None:
+        check_sigma_rel(sigma_rel, "ema_sigma_rel")
     for key, what, allowed in (("sampler", "unknown sampling method", SAMPLE_METHODS),
                                ("schedule", "unknown sampling schedule", SAMPLE_SCHEDULES),
                                ("feature", "unknown feature extractor", FEATURE_EXTRACTORS),
