@@ -326,8 +326,9 @@ GENERATION_CASES = [
     ("eval", ["feature=incepton"],
      r"unknown feature extractor 'incepton'; allowed: inception, tiny \(did you mean inception\?\)$"),
     ("eval", ["ckpt={tmp}/file.txt"], r"checkpoint .*/file\.txt is a text file, not a torch checkpoint"),
-    ("eval", ["ema_sigma_rel=0.3"], r"ema_sigma_rel must be a number in \(0, 0\.2887\] \(the EMA length relative to "
-                                     r"the run; 0\.2887 = the plain average of every step\), got 0\.3; e\.g\. 0\.05-0\.2$"),
+    ("eval", ["ema_sigma_rel=0.3"], r"ema_sigma_rel must be a number in \(0, 0\.2887\] \(the EMA length relative "
+                                     r"to the run; 0\.2887 = the plain average of every step\), got 0\.3; "
+                                     r"e\.g\. 0\.05-0\.2$"),
     ("eval", ["ema_sigma_rel=0"], r"ema_sigma_rel must be a number in \(0, 0\.2887\] .*got 0;"),
     ("eval", ["ema_sigma_rel=long"], r"ema_sigma_rel must be a number in \(0, 0\.2887\] .*got 'long';"),
     ("sample", ["ckpt={tmp}/fake.ckpt", "guidance.classifier_ckpt={tmp}", "guidance.scale=1"],
