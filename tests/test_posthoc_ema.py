@@ -16,6 +16,7 @@ import torch
 from run_config import TINY, compose_run
 from torch import nn
 
+from ddpm_lightning.cli.posthoc_ema import COARSE_FIT
 from ddpm_lightning.cli.train import train
 from ddpm_lightning.diffusion.posthoc_ema import (
     gamma_to_sigma_rel,
@@ -191,15 +192,22 @@ def test_cli_reconstructs_checkpoints_that_eval_and_sample_load(posthoc_run, tmp
 def test_eval_sweeps_reconstructed_ema_lengths(posthoc_run, tmp_path):
     """One training run, several EMA lengths scored: ``ddpm-eval -m ... ema_sigma_rel=a,b``."""
     ckpt = posthoc_run / "checkpoints" / "last.ckpt"
-    result = _cli("evaluate", "-m", f"ckpt={ckpt}", "ema_sigma_rel=0.07,0.15", "num_samples=6", "steps=2",
+    result = _cli("evaluate", "-m", f"ckpt={ckpt}", "ema_sigma_rel=0.07,0.28", "num_samples=6", "steps=2",
                   "feature=tiny", "reference_n=24", "metrics=[fid]", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    scored = {}
+    scored, coarse = {}, []
     for job in ("0", "1"):
         results = json.loads((tmp_path / "sweep" / job / "results.json").read_text())
         assert results["posthoc_ema"]["step"] == 4 and "fid@6" in results["metrics"]
         scored[results["posthoc_ema"]["sigma_rel"]] = results["metrics"]["fid@6"]
-    assert set(scored) == {0.07, 0.15}
+        # a coarse profile fit (0.28 from snapshots of 0.05 and 0.1) is said on stderr, a good one is not
+        info = results["posthoc_ema"]
+        message = f"coarse fit for sigma_rel={info['sigma_rel']:.4f} (profile error {info['fit_error']:.2e}"
+        said = message in result.stderr
+        assert said == (info["fit_error"] > COARSE_FIT), (info, result.stderr[-2000:])
+        coarse.append(info["fit_error"] > COARSE_FIT)
+    assert set(scored) == {0.07, 0.28}
+    assert any(coarse)  # the case the message is for occurs
     bad = _cli("evaluate", f"ckpt={ckpt}", "ema_sigma_rel=0.5", "metrics=[fid]", cwd=tmp_path / "bad")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [  # checked with the other keys, before the checkpoint is read

@@ -77,11 +77,11 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
                          "(or write_reference=<path.npz> with data=<name>)")
     import torch
     from hydra.utils import instantiate
-    from lightning.pytorch.utilities import rank_zero_info
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
     from ..metrics import FeatureStats, make_generative_metrics
     from .generation import generate, load_model_and_guidance, open_samples, resolve_device
-    from .posthoc_ema import apply_posthoc_ema
+    from .posthoc_ema import COARSE_FIT, apply_posthoc_ema, coarse_fit_advice
     from .shards import Processes, check_disk, finished, launch, shard_outputs
 
     device = resolve_device(cfg.device)
@@ -95,6 +95,8 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         module, cond_fn, guide_classes, cfg_scale = load_model_and_guidance(cfg.ckpt, guidance, procs.device)
         if cfg.get("ema_sigma_rel") is not None:  # post-hoc EMA: score the EMA of this length (EDM2)
             results["posthoc_ema"] = apply_posthoc_ema(module, cfg.ckpt, float(cfg.ema_sigma_rel))
+            if results["posthoc_ema"]["fit_error"] > COARSE_FIT:
+                rank_zero_warn(coarse_fit_advice(results["posthoc_ema"]))
         data_cfg = cfg.data if cfg.get("data") else module.run_config.get("data")
         if not data_cfg and not cfg.get("reference"):
             raise ValueError(f"{cfg.ckpt} stores no data config; pass data=<name> for the reference images "

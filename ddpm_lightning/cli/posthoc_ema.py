@@ -39,6 +39,13 @@ def snapshot_step(folder: Path, checkpoint: dict[str, Any], step: int | None) ->
     return list_snapshots(folder, max_step=None if ckpt_step is None else int(ckpt_step))[-1][0]
 
 
+def coarse_fit_advice(info: dict[str, Any]) -> str:
+    """What to do when a reconstructed length's profile fits worse than ``COARSE_FIT``."""
+    return (f"coarse fit for sigma_rel={info['sigma_rel']:.4f} (profile error {info['fit_error']:.2e} > {COARSE_FIT}): "
+            f"more snapshots fit better (a smaller ema.posthoc_every_n_steps; ~50 per run give <~5e-3 for sigma_rel "
+            f"0.03-0.2), and lengths far outside the snapshotted ones ({info['snapshot_sigma_rels']}) fit worst")
+
+
 def apply_posthoc_ema(module, ckpt: str | Path, sigma_rel: float, snapshots: str | Path | None = None,
                       step: int | None = None) -> dict[str, Any]:
     """Replace ``module``'s EMA weights by the reconstructed power EMA of length ``sigma_rel`` at ``step``
@@ -98,8 +105,7 @@ def posthoc_ema(cfg: DictConfig) -> dict[str, Any]:
         print(f"sigma_rel={sigma_rel:.4f} (gamma {result['gamma']:.2f}) at step {result['step']} from "
               f"{result['num_snapshots']} snapshots, profile fit error {result['fit_error']:.2e}: {result['ckpt']}")
         if result["fit_error"] > COARSE_FIT:
-            print(f"  coarse fit (> {COARSE_FIT}): more snapshots fit better (a smaller ema.posthoc_every_n_steps; "
-                  f"~50 per run give <~5e-3 for sigma_rel 0.03-0.2)")
+            print(f"  {coarse_fit_advice(result)}")
     summary = {"source_ckpt": str(cfg.ckpt), "snapshots": str(snapshots_folder(cfg.ckpt, cfg.snapshots)),
                "results": results}
     write_json(out_dir / "posthoc_ema.json", summary, default=str)
