@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..artifacts import SNAPSHOT_DIR, atomic_torch_save, write_json
 from ..config import CONFIG_PATH
 from .errors import run_cli
-from .validate import check_command_line, check_sigma_rel
+from .validate import MAX_SIGMA_REL, check_command_line, check_sigma_rel
 
 # torch and Lightning are imported inside the functions, once the config is checked (a fast --help)
 
@@ -90,7 +90,8 @@ def posthoc_ema(cfg: DictConfig) -> dict[str, Any]:
     try:
         sigma_rels = [float(v) for v in values]
     except (TypeError, ValueError):
-        raise ValueError(f"sigma_rels={values!r}; give numbers in (0, 0.2887], e.g. sigma_rels=[0.05,0.1]") from None
+        raise ValueError(f"sigma_rels={values!r}; give numbers in (0, {MAX_SIGMA_REL:.4f}], "
+                         f"e.g. sigma_rels=[0.05,0.1]") from None
     if not sigma_rels:
         raise ValueError("sigma_rels is empty; give the EMA lengths to reconstruct, e.g. sigma_rels=[0.05,0.1]")
     for sigma_rel in sigma_rels:
