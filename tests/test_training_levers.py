@@ -212,7 +212,7 @@ def test_lr_schedule_after_warmup(schedule):
 
 
 def test_lr_schedule_refuses_a_run_without_max_steps():
-    with pytest.raises(ValueError, match="no trainer.max_steps; set trainer.max_steps or optim.lr_schedule=constant"):
+    with pytest.raises(ValueError, match="neither trainer.max_steps nor trainer.max_time; set one of them"):
         build_optimizer([torch.nn.Parameter(torch.zeros(1))], {"lr_schedule": "cosine"}, total_steps=None)
     with pytest.raises(ValueError, match="allowed: constant, cosine, linear"):
         build_optimizer([torch.nn.Parameter(torch.zeros(1))], {"lr_schedule": "step"}, total_steps=10)
@@ -290,21 +290,74 @@ def test_lr_schedule_without_max_steps_is_one_cli_line(tmp_path):
                             text=True, cwd=tmp_path, timeout=600, env=env)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: optim.lr_schedule=linear decays to the run's end, but the run has no trainer.max_steps; "
-        "set trainer.max_steps or optim.lr_schedule=constant")
+        "error: optim.lr_schedule=linear decays to the run's end, but the run has neither trainer.max_steps "
+        "nor trainer.max_time; set one of them or optim.lr_schedule=constant")
 
 
-def test_a_decaying_lr_under_a_time_limit_warns():
+def _timed_trainer(seconds: float, spent: float, monkeypatch):
+    """A trainer stand-in with Lightning's Timer ``spent`` seconds into a ``seconds`` budget."""
+    import datetime
+    import time
     from types import SimpleNamespace
 
     from lightning.pytorch.callbacks import Timer
 
-    from ddpm_lightning.modules.builders import lr_total_steps
+    timer = Timer(duration=datetime.timedelta(seconds=seconds))
+    monkeypatch.setattr(time, "monotonic", lambda: 1000.0)
+    timer.on_train_start(None, None)
+    monkeypatch.setattr(time, "monotonic", lambda: 1000.0 + spent)
+    return SimpleNamespace(max_steps=-1, callbacks=[timer], strategy=SimpleNamespace(broadcast=lambda value: value))
 
-    timed = SimpleNamespace(max_steps=100, callbacks=[Timer(duration="00:00:01:00")])
-    with pytest.warns(UserWarning, match="trainer.max_time may stop the run earlier"):
-        assert lr_total_steps(timed, {"lr_schedule": "cosine"}) == 100
-    assert lr_total_steps(SimpleNamespace(max_steps=-1, callbacks=[]), {"lr_schedule": "constant"}) is None
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_a_decaying_lr_under_a_time_limit_ends_where_the_time_does(schedule, monkeypatch):
+    from types import SimpleNamespace
+
+    from ddpm_lightning.modules.builders import TimeBudget, lr_horizon
+
+    trainer = _timed_trainer(600, 150, monkeypatch)
+    steps, budget = lr_horizon(trainer, {"lr_schedule": schedule})
+    assert steps is None and isinstance(budget, TimeBudget) and budget.fraction == 0.0
+    assert lr_horizon(trainer, {"lr_schedule": "constant"}) == (None, None)  # nothing to decay
+    assert lr_horizon(SimpleNamespace(max_steps=100, callbacks=[]), {"lr_schedule": schedule}) == (100, None)
+    budget.update(trainer)
+    assert budget.fraction == pytest.approx(0.25)
+    factor = make_lr_factor(10, schedule, total_steps=None, budget=budget)
+    assert factor(3) == pytest.approx(0.4)  # the warm-up is in steps
+    at_quarter = {"linear": 0.75, "cosine": 0.5 * (1 + math.cos(math.pi * 0.25))}[schedule]
+    assert factor(20) == pytest.approx(at_quarter)
+    # with trainer.max_steps too, the nearer end wins: step 60 of 110 is past a quarter of the time
+    both = make_lr_factor(10, schedule, total_steps=110, budget=budget)
+    assert both(20) == pytest.approx(at_quarter) and both(60) == pytest.approx(0.5)
+    monkeypatch.setattr(__import__("time"), "monotonic", lambda: 1000.0 + 700)  # past the budget
+    budget.update(trainer)
+    assert budget.fraction == 1.0 and factor(25) == pytest.approx(0.0)
+    # LambdaLR's checkpoint state carries none of it (a resumed run follows its own config), and it pickles
+    scheduler = build_optimizer([torch.nn.Parameter(torch.zeros(1))], {"lr_schedule": schedule},
+                                budget=budget)["lr_scheduler"]["scheduler"]
+    assert scheduler.state_dict()["lr_lambdas"] == [{}]
+    assert pickle.loads(pickle.dumps(factor))(25) == pytest.approx(0.0)
+
+
+def test_a_decaying_lr_under_max_time_alone_decays_to_the_runs_end(tmp_path):
+    """The main job's case: trainer.max_time stops the run and the LR reaches ~0 there, whatever the step count."""
+    import csv
+
+    from run_config import TINY, compose_run
+
+    from ddpm_lightning.cli.train import train
+
+    train(compose_run([*TINY, "optim.lr_schedule=linear", "optim.warmup_steps=0", "optim.lr=1e-3",
+                       "trainer.max_steps=-1", "trainer.max_epochs=10000", "trainer.max_time=00:00:00:06",
+                       "trainer.val_check_interval=1.0", "trainer.check_val_every_n_epoch=1000"], tmp_path))
+    rows = []
+    for path in sorted((tmp_path / "csv").glob("version_*/metrics.csv")):
+        with open(path) as handle:
+            rows += list(csv.DictReader(handle))
+    lrs = [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")]
+    assert len(lrs) >= 5, lrs
+    assert lrs[0] > 0.8e-3 and lrs[-1] < 0.25e-3, lrs  # decayed with the time spent, not with steps
+    assert all(b <= a for a, b in zip(lrs, lrs[1:], strict=False)), lrs
 
 
 def test_ablate_levers_rows_compose_and_each_turns_one_lever(tmp_path):

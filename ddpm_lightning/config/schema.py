@@ -62,7 +62,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     warmup_steps: int = 100
-    lr_schedule: str = "constant"  # after warm-up: constant | cosine | linear (decay to 0 at trainer.max_steps)
+    lr_schedule: str = "constant"  # after warm-up: constant | cosine | linear (decay to 0 at max_steps or max_time)
     fused: Any = None  # None: torch's default (foreach); true: fused kernel
 
 

@@ -46,15 +46,17 @@ def build_unet(model_cfg: Mapping[str, Any], *, image_size: int, channels: int, 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
-def build_optimizer(parameters, optim: Mapping[str, Any], total_steps: int | None = None) -> dict[str, Any]:
+def build_optimizer(parameters, optim: Mapping[str, Any], total_steps: int | None = None,
+                    budget: TimeBudget | None = None) -> dict[str, Any]:
     """AdamW with a linear warm-up over ``optim.warmup_steps``, then ``optim.lr_schedule``: ``constant``
-    (ADM), or ``cosine`` / ``linear`` decay to 0 at ``total_steps`` (the run's ``trainer.max_steps``);
+    (ADM), or ``cosine`` / ``linear`` decay to 0 at the run's end: ``total_steps`` (the run's
+    ``trainer.max_steps``) or the end of ``budget`` (its ``trainer.max_time``), whichever comes first;
     stepped per batch."""
     import torch
 
     schedule = str(optim.get("lr_schedule", "constant"))
     warmup = int(optim.get("warmup_steps", 0))
-    factor = make_lr_factor(warmup, schedule, total_steps)  # validates before the optimizer is built
+    factor = make_lr_factor(warmup, schedule, total_steps, budget)  # validates before the optimizer is built
     fused = optim.get("fused")
     optimizer = torch.optim.AdamW(
         parameters, lr=float(optim.get("lr", 1e-4)), betas=tuple(optim.get("betas", (0.9, 0.999))),
@@ -64,37 +66,62 @@ def build_optimizer(parameters, optim: Mapping[str, Any], total_steps: int | Non
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def lr_total_steps(trainer, optim: Mapping[str, Any]) -> int | None:
-    """The step the LR schedule decays to: the trainer's ``max_steps`` (None when the run has none). Warns
-    when a wall-clock limit (``trainer.max_time``) may stop a decaying run before that step."""
+class TimeBudget:
+    """The fraction of a run's wall-clock budget (``trainer.max_time``) spent, for an LR that decays to 0 where
+    that budget stops the run (budgeted training: a time-limited run's step count is not known in advance).
+    ``update`` reads Lightning's Timer (its time restored on resume) at each training batch's start; under DDP
+    rank 0's value is broadcast, so every replica steps with the same LR. Holds one float: picklable."""
+
+    def __init__(self) -> None:
+        self.fraction = 0.0
+
+    def update(self, trainer) -> None:
+        timer = _timer(trainer)
+        remaining = None if timer is None else timer.time_remaining("train")
+        if remaining is None:
+            return
+        elapsed = timer.time_elapsed("train")
+        total = elapsed + remaining
+        fraction = min(1.0, elapsed / total) if total > 0 else 1.0
+        self.fraction = float(trainer.strategy.broadcast(fraction))
+
+
+def _timer(trainer):
+    from lightning.pytorch.callbacks import Timer
+
+    return next((c for c in getattr(trainer, "callbacks", []) if isinstance(c, Timer)), None)
+
+
+def lr_horizon(trainer, optim: Mapping[str, Any]) -> tuple[int | None, TimeBudget | None]:
+    """Where a decaying LR schedule ends: the trainer's ``max_steps`` (None when the run has none) and, when a
+    wall-clock limit (``trainer.max_time``) may stop the run first, a ``TimeBudget`` to decay by as well
+    (None for ``lr_schedule=constant`` or a run without one)."""
     steps = getattr(trainer, "max_steps", None)
     steps = int(steps) if steps is not None and int(steps) > 0 else None
-    schedule = str(optim.get("lr_schedule", "constant"))
-    if schedule != "constant" and steps is not None:
-        from lightning.pytorch.callbacks import Timer
-        from lightning.pytorch.utilities import rank_zero_warn
-
-        if any(isinstance(callback, Timer) for callback in getattr(trainer, "callbacks", [])):
-            rank_zero_warn(f"optim.lr_schedule={schedule} decays to 0 at trainer.max_steps={steps}, but "
-                           f"trainer.max_time may stop the run earlier, at a higher LR; for a full decay set "
-                           f"trainer.max_steps to the steps the time budget reaches (or trainer.max_time=null)")
-    return steps
+    timed = str(optim.get("lr_schedule", "constant")) != "constant" and _timer(trainer) is not None
+    return steps, (TimeBudget() if timed else None)
 
 
-def lr_factor(step: int, *, warmup_steps: int, schedule: str, total_steps: int | None) -> float:
+def lr_factor(step: int, *, warmup_steps: int, schedule: str, total_steps: int | None,
+              budget: TimeBudget | None = None) -> float:
     """The LR multiplier at ``step``: a linear warm-up over ``warmup_steps``, then ``schedule``
-    (constant | cosine | linear) from 1 down to 0 at ``total_steps``."""
+    (constant | cosine | linear) from 1 down to 0 at the run's end: ``total_steps`` or the end of the time
+    ``budget``, whichever is nearer (the time fraction counts from the run's start)."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    progress = 0.0 if total_steps is None else (step - warmup_steps) / (total_steps - warmup_steps)
+    if budget is not None:
+        progress = max(progress, budget.fraction)
+    progress = min(1.0, progress)
     if schedule == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_lr_factor(warmup_steps: int, schedule: str = "constant", total_steps: int | None = None):
+def make_lr_factor(warmup_steps: int, schedule: str = "constant", total_steps: int | None = None,
+                   budget: TimeBudget | None = None):
     """``lr_factor`` with its settings bound, validated. A ``functools.partial``: picklable (DDP spawn pickles
     the trainer state), and with an empty ``__dict__``, so LambdaLR's state in a checkpoint carries none of the
     settings and a resumed run follows its own config (e.g. a longer ``trainer.max_steps``)."""
@@ -103,11 +130,11 @@ def make_lr_factor(warmup_steps: int, schedule: str = "constant", total_steps: i
     if warmup_steps < 0:
         raise ValueError(f"optim.warmup_steps must be >= 0, got {warmup_steps}")
     if schedule != "constant":
-        if total_steps is None or total_steps <= 0:
-            raise ValueError(f"optim.lr_schedule={schedule} decays to the run's end, but the run has no "
-                             f"trainer.max_steps; set trainer.max_steps or optim.lr_schedule=constant")
-        if total_steps <= warmup_steps:
+        if (total_steps is None or total_steps <= 0) and budget is None:
+            raise ValueError(f"optim.lr_schedule={schedule} decays to the run's end, but the run has neither "
+                             f"trainer.max_steps nor trainer.max_time; set one of them or optim.lr_schedule=constant")
+        if total_steps is not None and total_steps <= warmup_steps:
             raise ValueError(f"optim.lr_schedule={schedule} needs trainer.max_steps ({total_steps}) > "
                              f"optim.warmup_steps ({warmup_steps})")
     return functools.partial(lr_factor, warmup_steps=int(warmup_steps), schedule=schedule,
-                             total_steps=None if total_steps is None else int(total_steps))
+                             total_steps=None if total_steps is None else int(total_steps), budget=budget)

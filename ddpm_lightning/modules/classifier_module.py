@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from ..diffusion import NUM_QUARTILES, quartile_means
 from ..models import EncoderUNet
-from .builders import build_diffusion, build_optimizer, lr_total_steps
+from .builders import build_diffusion, build_optimizer, lr_horizon
 from .ema import make_ema
 from .guidance import guidance_info
 from .rng import collect_rng_states, restore_rng_states, seeded_rng, training_step_seed
@@ -153,8 +153,14 @@ class ClassifierModule(pl.LightningModule):
 
     @override
     def configure_optimizers(self):
-        return build_optimizer(self.net.parameters(), self.hparams.optim,
-                               total_steps=lr_total_steps(self.trainer, self.hparams.optim))
+        total_steps, self.lr_budget = lr_horizon(self.trainer, self.hparams.optim)
+        return build_optimizer(self.net.parameters(), self.hparams.optim, total_steps=total_steps,
+                               budget=self.lr_budget)
+
+    @override
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if getattr(self, "lr_budget", None) is not None:  # a decaying LR under trainer.max_time: time spent
+            self.lr_budget.update(self.trainer)
 
     # ------------------------------------------------------------------ validation
     def validation_timesteps(self, batch_size: int, generator: torch.Generator, device) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing_extensions import override
 from ..config.schema import DiffusionConfig, SampleConfig
 from ..diffusion import IgnoreLabels, UniformSampler, create_named_schedule_sampler
 from ..sampling import sample_images, sampling_process
-from .builders import build_diffusion, build_optimizer, build_unet, learns_sigma, lr_total_steps
+from .builders import build_diffusion, build_optimizer, build_unet, learns_sigma, lr_horizon
 from .ema import make_ema, make_posthoc_emas
 from .rng import collect_rng_states, restore_rng_states, seeded_rng, training_step_seed
 
@@ -175,8 +175,14 @@ class DiffusionModule(pl.LightningModule):
 
     @override
     def configure_optimizers(self):
-        return build_optimizer(self.net.parameters(), self.hparams.optim,
-                               total_steps=lr_total_steps(self.trainer, self.hparams.optim))
+        total_steps, self.lr_budget = lr_horizon(self.trainer, self.hparams.optim)
+        return build_optimizer(self.net.parameters(), self.hparams.optim, total_steps=total_steps,
+                               budget=self.lr_budget)
+
+    @override
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if getattr(self, "lr_budget", None) is not None:  # a decaying LR under trainer.max_time: time spent
+            self.lr_budget.update(self.trainer)
 
     # ------------------------------------------------------------------ validation
     @override
