@@ -228,3 +228,20 @@ def test_simple_loss_with_a_learned_variance_is_refused(tmp_path):
                r"one: use diffusion.loss_type=hybrid")
     with pytest.raises(ValueError, match=message):
         train(cfg)
+
+
+def test_a_time_budgeted_lr_decay_steps_every_rank_with_the_same_lr(tmp_path):
+    """Under trainer.max_time (no max_steps) a decaying LR follows the time spent, read every step: rank 0's
+    clock is broadcast, so the replicas (whose own clocks differ by microseconds) apply the same LR and stay
+    bit-identical."""
+    run = [o for o in RUN if not o.startswith("trainer.max_steps")]
+    result = _run([*run, *DDP, "trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.max_time=00:00:10:00",
+                   "optim.lr_schedule=linear", "optim.warmup_steps=0",
+                   "+callbacks.draws._target_=faults.DrawRecorder", f"+callbacks.draws.path={tmp_path / 'draws'}"],
+                  tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"draws.rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for key in ranks[0]["weights"]:
+        assert torch.equal(ranks[0]["weights"][key], ranks[1]["weights"][key]), key
+    lr = torch.load(_ckpt(tmp_path / "run", STEPS), weights_only=True)["lr_schedulers"][0]["_last_lr"][0]
+    assert 0.9 * 2e-4 < lr < 2e-4  # a few seconds of the 10 minutes: decayed, but only by the time spent
