@@ -224,6 +224,9 @@ def test_lr_schedule_refuses_a_run_without_max_steps():
         scheduler.optimizer.step()
         scheduler.step()
     assert lrs == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    # a run shorter than its warm-up (a smoke run of the decaying default) only warms up
+    short = make_lr_factor(100, "linear", total_steps=4)
+    assert [short(s) for s in range(4)] == pytest.approx([0.01, 0.02, 0.03, 0.04])
 
 
 # ------------------------------------------------------------------------------------------ in training
@@ -369,7 +372,9 @@ def test_ablate_levers_rows_compose_and_each_turns_one_lever(tmp_path):
     sweep = OmegaConf.load(f"{CONFIG_DIR}/experiment/ablate_levers.yaml").hydra.sweeper.params
     rows = sweep["+lever"].split(",")
     assert sweep["seed"] == "0,1,2" and rows[0] == "baseline"
-    base = compose_run(["experiment=default"], tmp_path)
+    default = compose_run(["experiment=default"], tmp_path)
+    assert default.optim.lr_schedule == "linear"  # what these trials adopted; their baseline is the constant LR before
+    base = compose_run(["experiment=default", "optim.lr_schedule=constant"], tmp_path)
     changed, trainers = {}, []
     for row in rows:
         cfg = compose_run(["experiment=ablate_levers", f"+lever={row}"], tmp_path)

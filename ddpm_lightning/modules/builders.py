@@ -111,7 +111,12 @@ def lr_factor(step: int, *, warmup_steps: int, schedule: str, total_steps: int |
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
-    progress = 0.0 if total_steps is None else (step - warmup_steps) / (total_steps - warmup_steps)
+    if total_steps is None:
+        progress = 0.0
+    elif total_steps <= warmup_steps:  # a run that ends inside its warm-up (a short smoke run of a decaying default)
+        progress = 1.0
+    else:
+        progress = (step - warmup_steps) / (total_steps - warmup_steps)
     if budget is not None:
         progress = max(progress, budget.fraction)
     progress = min(1.0, progress)
@@ -129,12 +134,8 @@ def make_lr_factor(warmup_steps: int, schedule: str = "constant", total_steps: i
         raise ValueError(f"unknown optim.lr_schedule {schedule!r}; allowed: {', '.join(LR_SCHEDULES)}")
     if warmup_steps < 0:
         raise ValueError(f"optim.warmup_steps must be >= 0, got {warmup_steps}")
-    if schedule != "constant":
-        if (total_steps is None or total_steps <= 0) and budget is None:
-            raise ValueError(f"optim.lr_schedule={schedule} decays to the run's end, but the run has neither "
-                             f"trainer.max_steps nor trainer.max_time; set one of them or optim.lr_schedule=constant")
-        if total_steps is not None and total_steps <= warmup_steps:
-            raise ValueError(f"optim.lr_schedule={schedule} needs trainer.max_steps ({total_steps}) > "
-                             f"optim.warmup_steps ({warmup_steps})")
+    if schedule != "constant" and (total_steps is None or total_steps <= 0) and budget is None:
+        raise ValueError(f"optim.lr_schedule={schedule} decays to the run's end, but the run has neither "
+                         f"trainer.max_steps nor trainer.max_time; set one of them or optim.lr_schedule=constant")
     return functools.partial(lr_factor, warmup_steps=int(warmup_steps), schedule=schedule,
                              total_steps=None if total_steps is None else int(total_steps), budget=budget)
