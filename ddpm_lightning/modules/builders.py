@@ -86,6 +86,23 @@ class TimeBudget:
         self.fraction = float(trainer.strategy.broadcast(fraction))
 
 
+class ScheduledAdamW:
+    """``configure_optimizers`` for a LightningModule with ``net`` and ``hparams.optim`` (mixed in before
+    ``LightningModule``): ``build_optimizer`` up to the run's end (``lr_horizon``), and the batch-start hook that keeps
+    a time-budgeted decay current."""
+
+    lr_budget: TimeBudget | None = None
+
+    def configure_optimizers(self):
+        total_steps, self.lr_budget = lr_horizon(self.trainer, self.hparams.optim)
+        return build_optimizer(self.net.parameters(), self.hparams.optim, total_steps=total_steps,
+                               budget=self.lr_budget)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.lr_budget is not None:  # a decaying LR under trainer.max_time: the time spent, at this step
+            self.lr_budget.update(self.trainer)
+
+
 def _timer(trainer):
     from lightning.pytorch.callbacks import Timer
 

@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from ..diffusion import NUM_QUARTILES, quartile_means
 from ..models import EncoderUNet
-from .builders import build_diffusion, build_optimizer, lr_horizon
+from .builders import ScheduledAdamW, build_diffusion
 from .ema import make_ema
 from .guidance import guidance_info
 from .rng import collect_rng_states, restore_rng_states, seeded_rng, training_step_seed
@@ -41,7 +41,7 @@ def build_encoder_unet(classifier_cfg: Mapping[str, Any], *, image_size: int, ch
     return EncoderUNet(image_size=image_size, in_channels=channels, out_channels=num_classes, **kwargs)
 
 
-class ClassifierModule(pl.LightningModule):
+class ClassifierModule(ScheduledAdamW, pl.LightningModule):
     """Trains a noisy classifier on x_t ~ q(x_t | x_0) with t ~ U{0, ..., max_t - 1}.
 
     Args (plain primitives, saved as hyperparameters so a checkpoint alone rebuilds the module):
@@ -150,17 +150,6 @@ class ClassifierModule(pl.LightningModule):
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update_parameters(self.net)
-
-    @override
-    def configure_optimizers(self):
-        total_steps, self.lr_budget = lr_horizon(self.trainer, self.hparams.optim)
-        return build_optimizer(self.net.parameters(), self.hparams.optim, total_steps=total_steps,
-                               budget=self.lr_budget)
-
-    @override
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if getattr(self, "lr_budget", None) is not None:  # a decaying LR under trainer.max_time: time spent
-            self.lr_budget.update(self.trainer)
 
     # ------------------------------------------------------------------ validation
     def validation_timesteps(self, batch_size: int, generator: torch.Generator, device) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing_extensions import override
 from ..config.schema import DiffusionConfig, SampleConfig
 from ..diffusion import IgnoreLabels, UniformSampler, create_named_schedule_sampler
 from ..sampling import sample_images, sampling_process
-from .builders import build_diffusion, build_optimizer, build_unet, learns_sigma, lr_horizon
+from .builders import ScheduledAdamW, build_diffusion, build_unet, learns_sigma
 from .ema import make_ema, make_posthoc_emas
 from .rng import collect_rng_states, restore_rng_states, seeded_rng, training_step_seed
 
@@ -35,7 +35,7 @@ def check_trains_variance(diffusion: Mapping[str, Any]) -> None:
                          f"lambda * L_vlb, as ADM) or vlb, or a fixed diffusion.var_type (fixed_small, fixed_large)")
 
 
-class DiffusionModule(pl.LightningModule):
+class DiffusionModule(ScheduledAdamW, pl.LightningModule):
     """Trains a denoising network with the configured diffusion loss.
 
     Args (plain primitives, saved as hyperparameters so a checkpoint alone rebuilds the module):
@@ -172,17 +172,6 @@ class DiffusionModule(pl.LightningModule):
         from ..callbacks.posthoc_ema import PostHocEMASnapshots
 
         return [PostHocEMASnapshots(int(self.hparams.ema["posthoc_every_n_steps"]))]
-
-    @override
-    def configure_optimizers(self):
-        total_steps, self.lr_budget = lr_horizon(self.trainer, self.hparams.optim)
-        return build_optimizer(self.net.parameters(), self.hparams.optim, total_steps=total_steps,
-                               budget=self.lr_budget)
-
-    @override
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if getattr(self, "lr_budget", None) is not None:  # a decaying LR under trainer.max_time: time spent
-            self.lr_budget.update(self.trainer)
 
     # ------------------------------------------------------------------ validation
     @override
