@@ -26,6 +26,7 @@ import io
 import itertools
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -218,17 +219,23 @@ def read_run(folder: str | Path, stale_after_s: float = 3600.0, now: float | Non
 
 
 def find_job_folders(sweep_dir: str | Path) -> list[Path]:
-    """Folders under ``sweep_dir`` that Hydra ran a job in (``sweep_dir`` itself for a single run)."""
+    """Folders under ``sweep_dir`` that Hydra ran a job in (``sweep_dir`` itself for a single run).
+
+    Symlinked folders are followed (each real folder once, so a link loop ends), which makes a folder of links to
+    job folders of several sweeps one report: e.g. arms added later beside the arm they are compared with."""
     sweep_dir = Path(sweep_dir)
-    found = []
-    for marker in sorted(sweep_dir.rglob(".hydra")):
-        folder = marker.parent
-        relative = folder.relative_to(sweep_dir).parts
-        if any(part.startswith(".") for part in relative):  # .submitit/, hidden folders
+    found, seen = [], set()
+    for root, dirs, _ in os.walk(sweep_dir, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
             continue
+        seen.add(real)
+        marker = Path(root) / ".hydra"
         if (marker / "overrides.yaml").is_file() or (marker / "config.yaml").is_file():
-            found.append(folder)
-    return found
+            found.append(Path(root))
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .hydra/, .submitit/ and other hidden folders
+    return sorted(found)
 
 
 def collect_runs(sweep_dir: str | Path, stale_after_s: float = 3600.0) -> list[RunRecord]:
@@ -241,7 +248,25 @@ def collect_runs(sweep_dir: str | Path, stale_after_s: float = 3600.0) -> list[R
         raise FileNotFoundError(f"no job folders (with a .hydra/ folder) under {sweep_dir}; "
                                 "give the folder of a `ddpm-train -m` sweep (hydra.sweep.dir)")
     runs = [read_run(folder, stale_after_s) for folder in folders]
+    _fill_unset_overrides(runs)
     return sorted(runs, key=lambda r: (r.job is None, r.job if r.job is not None else 0, str(r.folder)))
+
+
+def _fill_unset_overrides(runs: Sequence[RunRecord]) -> None:
+    """A key that some jobs override and another does not (sweeps merged through links: the earlier arm ran at the
+    default) gets that job's composed value from its ``.hydra/config.yaml``, appended to its overrides, so its row
+    is labelled ``optim.lr=0.002`` rather than blank. Config groups and keys absent from the config stay unset."""
+    keys = list(dict.fromkeys(key for run in runs for key in _override_dict(run.overrides)))
+    for run in runs:
+        unset = [key for key in keys if key not in _override_dict(run.overrides)]
+        config = _read_yaml(run.folder / ".hydra" / "config.yaml") if unset else None
+        for key in unset:
+            node = config
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is not None and not isinstance(node, (dict, list)):
+                value = ("true" if node else "false") if isinstance(node, bool) else str(node)
+                run.overrides.append(f"{key}={value}")
 
 
 # ---------------------------------------------------------------------------------------------- ranking

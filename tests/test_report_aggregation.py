@@ -170,6 +170,29 @@ def test_rows_over_training_seeds_with_a_failed_and_a_missing_seed(sweep):
     assert a.vs_best.verdict == "worse" and d.vs_best.verdict == "worse" and c.vs_best.verdict == "inconclusive"
 
 
+def test_a_folder_of_links_to_jobs_of_two_sweeps_is_one_report(sweep, tmp_path):
+    """Arms run later (another sweep) report beside the arm they are compared with through symlinked job folders;
+    a link back to the folder itself (a loop) is walked once."""
+    later = tmp_path / "later"
+    later.mkdir()
+    for seed, fid in enumerate((95.0, 96.0, 97.0)):  # e - a = -5, -6, -7: better
+        _job(later, seed, [f"seed={seed}", "model=e", "trainer.max_steps=300", "optim.lr=0.003"], fid)
+    for seed in range(3):  # the earlier arm ran at the config's lr: its row is labelled with it
+        (sweep / str(4 * seed) / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"optim": {"lr": 0.002}}))
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    for seed in range(3):
+        (merged / f"a_{seed}").symlink_to(sweep / str(4 * seed), target_is_directory=True)
+        (merged / f"e_{seed}").symlink_to(later / str(seed), target_is_directory=True)
+    (merged / "loop").symlink_to(merged, target_is_directory=True)
+    runs = collect_runs(merged)
+    assert len(runs) == 6 and {r.folder.name for r in runs} == {f"{p}_{s}" for p in "ae" for s in range(3)}
+    rows = aggregate(build_table(runs, merged), expected=expected_jobs(merged))
+    assert [g.label for g in rows.groups] == ["model=a optim.lr=0.002", "model=e optim.lr=0.003"]
+    paired = rows.groups[1].vs_baseline["val/fid@200"]
+    assert (paired.diff.n, paired.diff.mean, paired.verdict) == (3, -6.0, "better")
+
+
 def test_report_markdown_and_csvs_of_a_seed_sweep(sweep):
     result = write_report(sweep, make_plot=False)
     markdown = result["markdown"]
