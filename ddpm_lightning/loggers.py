@@ -17,9 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from .config.choices import WANDB_MODES
 from .security import redact_secrets
-
-WANDB_MODES = ("online", "offline", "disabled")
 
 
 def wandb_key_configured() -> bool:

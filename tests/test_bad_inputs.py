@@ -419,19 +419,6 @@ def test_report_refuses_a_stale_time_that_is_not_positive(capsys):
         "ddpm-report: error: --stale-after must be > 0 minutes, got -5"
 
 
-def test_the_names_checked_before_torch_are_the_libraries_own():
-    from ddpm_lightning.cli import validate
-    from ddpm_lightning.metrics.features import FEATURE_EXTRACTORS
-    from ddpm_lightning.metrics.generative import METRICS
-    from ddpm_lightning.sampling.sample import SAMPLE_METHODS, SAMPLE_SCHEDULES
-
-    assert validate.SAMPLE_METHODS == SAMPLE_METHODS and validate.SAMPLE_SCHEDULES == SAMPLE_SCHEDULES
-    assert (*METRICS, "nll") == validate.EVAL_METRICS and validate.FEATURE_EXTRACTORS == FEATURE_EXTRACTORS
-    from ddpm_lightning.diffusion.posthoc_ema import MAX_SIGMA_REL
-
-    assert validate.MAX_SIGMA_REL == MAX_SIGMA_REL
-
-
 def test_a_class_index_for_an_unconditional_model_is_refused_not_ignored(tmp_path):
     from types import SimpleNamespace
 

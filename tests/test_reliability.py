@@ -408,8 +408,8 @@ def test_sweep_with_a_bad_option_in_a_later_job_starts_no_job(tmp_path):
         cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: sweep job 1 (diffusion.schedule=cosin): unknown beta schedule 'cosin'; allowed: linear, cosine; "
-        "no job was started"]
+        "error: sweep job 1 (diffusion.schedule=cosin): diffusion.schedule='cosin' is not an option; allowed: "
+        "linear, cosine (did you mean cosine?); no job was started"]
     assert [p.name for p in sweep.iterdir()] == [".run.lock"]  # no job folder
 
 

@@ -21,8 +21,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from .. import artifacts
+from ..config.choices import POOL_DIMS
 from ..metrics import GenerativeMetrics, make_generative_metrics, metric_name, to_uint8
-from ..metrics.features import POOL_DIMS
 from ..metrics.scores import fid_infinity_min_samples
 from ..modules.guidance import load_classifier_guidance
 from ..sampling import sampling_overrides

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import sys
 from collections.abc import Iterable
@@ -27,44 +26,27 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import CONFIG_DIR, schema
+from ..config.choices import (
+    CHOICE_KEYS,
+    COUNT_OR_FRACTION_KEYS,
+    DEVICES,
+    EVAL_METRICS,
+    FEATURE_EXTRACTORS,
+    FLOAT_RANGES,
+    GENERATION_INTS,
+    IMAGE_SUFFIXES,
+    INT_KEYS,
+    MAX_SIGMA_REL,
+    POOL_DIMS,
+    PRECISIONS,
+    SAMPLE_METHODS,
+    SAMPLE_SCHEDULES,
+)
+from ..sweeps import expand_sweep, is_basic_sweeper
 
 TYPED_GROUPS = {"model": schema.ModelConfig, "diffusion": schema.DiffusionConfig, "optim": schema.OptimConfig,
                 "ema": schema.EMAConfig, "train": schema.TrainConfig, "sample": schema.SampleConfig}
 
-# key: (minimum, what else is allowed). Integers only unless a float range is given; None: not set is fine.
-INT_KEYS: dict[str, tuple[int, tuple[Any, ...]]] = {
-    "seed": (0, ()),
-    "trainer.max_steps": (1, (-1,)),
-    "trainer.max_epochs": (1, (-1, None)),
-    "trainer.min_epochs": (0, (None,)),
-    "trainer.min_steps": (0, (None,)),
-    "trainer.log_every_n_steps": (1, (None,)),
-    "trainer.accumulate_grad_batches": (1, (None,)),
-    "trainer.num_sanity_val_steps": (-1, (None,)),
-    "trainer.check_val_every_n_epoch": (1, (None,)),
-    "data.batch_size": (1, ()),
-    "data.num_workers": (0, (None,)),
-    "data.image_size": (4, ()),
-    "data.limit": (1, (None,)),
-    "optim.warmup_steps": (0, ()),
-    "sample.batch_size": (1, ()),
-    "train.max_nonfinite_steps": (1, (None,)),
-    "callbacks.sample_grid.num_samples": (1, ()),
-    "callbacks.sample_grid.per_class": (0, (None,)),
-    "callbacks.sample_grid.every_n_steps": (0, (None,)),
-    "callbacks.periodic_checkpoint.every_n_train_steps": (1, (None,)),
-    "callbacks.periodic_checkpoint.save_top_k": (-1, ()),
-    "callbacks.model_checkpoint.save_top_k": (-1, ()),
-    "callbacks.generative_metrics.num_samples": (1, (None,)),
-    "callbacks.generative_metrics.in_loop_num_samples": (0, (None,)),
-    "callbacks.generative_metrics.batch_size": (1, (None,)),
-    "callbacks.generative_metrics.reference_n": (1, (None,)),
-}
-# keys that are an integer count (>= minimum) or a fraction in (0, 1]
-COUNT_OR_FRACTION_KEYS = {"trainer.val_check_interval": 1, "trainer.limit_val_batches": 0,
-                          "trainer.limit_train_batches": 1}
-# floats in [low, high)
-FLOAT_RANGES = {"ema.decay": (0.0, 1.0), "train.p_uncond": (0.0, 1.0), "model.dropout": (0.0, 1.0)}
 
 
 def _suggest(word: str, options: Iterable[str]) -> str:
@@ -215,6 +197,16 @@ def check_numbers(cfg: DictConfig) -> None:
             raise ValueError(f"{key} must be a number in [{low}, {high}), got {value!r}")
 
 
+def check_choices(cfg: DictConfig, keys: dict[str, tuple[str, ...]] = CHOICE_KEYS) -> None:
+    """ValueError naming the key and its allowed values for a choice-valued key set to something else
+    (``diffusion.schedule=cosin``), before torch is imported (the lists are ``config/choices.py``'s)."""
+    for key, allowed in keys.items():
+        present, value = _select(cfg, key)
+        if present and value is not None and str(value) not in allowed:
+            raise ValueError(f"{key}={value!r} is not an option; allowed: {', '.join(allowed)}"
+                             f"{_suggest(str(value), allowed)}")
+
+
 def check_max_time(cfg: DictConfig) -> None:
     """``trainer.max_time``: null, "DD:HH:MM:SS" or a dict of days/hours/minutes/seconds (Lightning's Timer)."""
     present, value = _select(cfg, "trainer.max_time")
@@ -275,6 +267,7 @@ def check_run(cfg: DictConfig) -> None:
     """Every ddpm-train config check that needs no heavy import (typed keys, numbers, steps, the cache folder,
     memory)."""
     check_typed_keys(cfg)
+    check_choices(cfg)
     check_numbers(cfg)
     for key in STEPS_KEYS:
         present, value = _select(cfg, key)
@@ -303,17 +296,6 @@ def check_run_deep(cfg: DictConfig) -> None:
 
 
 # --------------------------------------------------------------------------------- ddpm-sample / ddpm-eval
-GENERATION_INTS = {"num_samples": 1, "batch_size": 1, "seed": 0, "nll_images": 1, "reference_n": 1,
-                   "classifier_epochs": 1, "shard_size": 1, "devices": 1, "pr_reference_n": 1}
-DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
-# the names the torch side accepts, here to answer before torch is imported (a test keeps them equal)
-SAMPLE_METHODS = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc")  # sampling.SAMPLE_METHODS
-SAMPLE_SCHEDULES = ("adm", "uniform", "logsnr", "karras", "trailing")  # sampling.sample.SAMPLE_SCHEDULES
-POOL_DIMS = {"inception": 2048, "tiny": 64}  # metrics.features.POOL_DIMS (torch-free here; a test keeps them equal)
-EVAL_METRICS = ("fid", "fid_inf", "sfid", "kid", "pr", "is", "is_clf", "nll")  # metrics.generative.METRICS + nll
-FEATURE_EXTRACTORS = ("inception", "tiny")  # metrics.features.FEATURE_EXTRACTORS
-PRECISIONS = ("32", "bf16")
-MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)  # diffusion.posthoc_ema.MAX_SIGMA_REL, torch-free here (a test keeps them equal)
 
 
 def check_sigma_rel(value: Any, key: str) -> None:
@@ -348,7 +330,6 @@ def check_writable_folder(path: Any, key: str) -> None:
                          f"DDPM_CACHE_DIR) to a writable folder")
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # what open_samples (cli/generation.py) reads from a folder
 
 
 def _npz_names(path: Path, key: str, layout: str) -> list[str]:
@@ -518,17 +499,12 @@ def composition_error(args: list[str], config_name: str, config_dir: str = CONFI
 
 # ------------------------------------------------------------------------------------------------- sweeps
 def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
-    """The override lists of every job the basic sweeper will launch; None for other sweepers."""
-    sweeper = OmegaConf.select(config, "hydra.sweeper._target_", default="")
-    if not str(sweeper).endswith("BasicSweeper"):
+    """The override lists of every job the basic sweeper will launch (``sweeps.expand_sweep``, the expansion
+    ``ddpm-report`` also uses); None for other sweepers."""
+    if not is_basic_sweeper(OmegaConf.select(config, "hydra.sweeper._target_", default="")):
         return None
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
-    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
-    overrides = OverridesParser.create().parse_overrides(arguments)
-    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    return expand_sweep(params, list(config.hydra.overrides.task))
 
 
 class CheckConfig(Callback):

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from ..config.choices import FIT_METHODS
+
 FitMethod = Literal["pad", "resize"]
-FIT_METHODS: tuple[str, ...] = ("pad", "resize")
 
 
 def to_model_range(images: Tensor) -> Tensor:

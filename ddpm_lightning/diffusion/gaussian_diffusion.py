@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..config.choices import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 from .likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .noise import NoiseSampler, generator_noise
 from .noise_assignment import assign_noise, perturb_noise
@@ -24,9 +25,6 @@ MeanType = Literal["eps", "x0", "v"]
 VarType = Literal["fixed_small", "fixed_large", "learned", "learned_range"]
 LossType = Literal["simple", "hybrid", "vlb"]
 
-MEAN_TYPES = ("eps", "x0", "v")
-VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
-LOSS_TYPES = ("simple", "hybrid", "vlb")
 
 Model = Callable[..., torch.Tensor]
 CondFn = Callable[..., torch.Tensor]

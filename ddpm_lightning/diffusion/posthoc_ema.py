@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)  # gamma = 0: the uniform average of all steps
+from ..config.choices import MAX_SIGMA_REL
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:

@@ -31,15 +31,14 @@ from typing import Literal
 
 import torch
 
+from ..config.choices import CORRECTORS, SOLVER_SCHEDULES
 from .noise import NoiseSampler
 
 StepFn = Callable[[torch.Tensor, int, NoiseSampler], dict]
 Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
 
 Schedule = Literal["uniform", "logsnr", "karras", "trailing"]
-SOLVER_SCHEDULES = ("uniform", "logsnr", "karras", "trailing")
 Corrector = Literal["none", "unipc"]
-CORRECTORS = ("none", "unipc")
 KARRAS_RHO = 7.0
 LOWER_ORDER_FINAL_BELOW = 15  # diffusers' rule: lower_order_final acts below this many steps
 

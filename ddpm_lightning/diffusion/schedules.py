@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
-SCHEDULES = ("linear", "cosine")
+from ..config.choices import BETA_SCHEDULES as SCHEDULES
 
 
 def make_beta_schedule(name: str, num_timesteps: int, cosine_s: float = 0.008) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-SAMPLERS = ("uniform", "loss-second-moment")
+from ..config.choices import TIMESTEP_SAMPLERS as SAMPLERS
 
 
 class ScheduleSampler:

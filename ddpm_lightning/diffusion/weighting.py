@@ -21,8 +21,9 @@ from typing import Literal
 
 import torch
 
+from ..config.choices import LOSS_WEIGHTINGS
+
 LossWeighting = Literal["none", "min_snr", "p2"]
-LOSS_WEIGHTINGS = ("none", "min_snr", "p2")
 TARGETS = ("eps", "x0", "v")
 
 

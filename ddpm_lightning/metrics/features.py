@@ -58,11 +58,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config.choices import FEATURE_EXTRACTORS
 from . import fidelity_adapter
 
-FEATURE_EXTRACTORS = ("inception", "tiny")
-# the pooled (FID) feature dimension of each, as load_feature_extractor builds it
-POOL_DIMS = {"inception": 2048, "tiny": 64}
 # sFID (ADM Table 4/5): the ADM evaluator's ``mixed_6/conv:0`` (the TF graph's 7th mixed block, its 1x1
 # branch after BatchNorm + ReLU, [N, 17, 17, 192]) cut to its first 7 channels and flattened in TF's NHWC
 # order: 17 * 17 * 7 = 2023 dims. In torch-fidelity's layout that block is ``Mixed_6d`` (mixed = 5b,

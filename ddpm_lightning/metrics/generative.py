@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..config.choices import METRICS
 from .classifier import CleanClassifier, classifier_logits
 from .features import _module_device, _Progress, as_rgb_uint8, batch_outputs, feature_extractor_id
 from .reference import FeatureStats, ReferenceStats
@@ -20,7 +21,6 @@ from .scores import (
     precision_recall,
 )
 
-METRICS = ("fid", "fid_inf", "sfid", "kid", "pr", "is", "is_clf")
 Outputs = dict[str, torch.Tensor]
 
 

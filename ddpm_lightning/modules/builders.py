@@ -8,6 +8,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from ..config.choices import LR_SCHEDULES
 from ..config.schema import DiffusionConfig
 from ..diffusion import GaussianDiffusion, create_diffusion
 
@@ -43,7 +44,6 @@ def build_unet(model_cfg: Mapping[str, Any], *, image_size: int, channels: int, 
                 num_classes=(num_classes + (1 if p_uncond > 0 else 0)) if class_cond else None, **kwargs)
 
 
-LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 def build_optimizer(parameters, optim: Mapping[str, Any], total_steps: int | None = None,
