@@ -1,0 +1,74 @@
+"""Sweep reports: a Hydra multirun folder becomes one table (markdown + CSV) and a bar plot, like ADM's Table 1.
+
+One module per step, imported one way (``read`` <- ``stats`` <- ``display`` <- ``tables``, ``plots`` <- ``report``):
+
+- ``read``: the job folders of a sweep, one ``RunRecord`` each (overrides, status, scores), and the jobs its
+  ``multirun.yaml`` launches that have no folder yet (``expected_jobs``, through ``sweeps.expand_sweep``);
+- ``stats``: ranking by a metric (``build_table``), and with seed axes the rows over seeds, their paired differences
+  against a baseline row and a verdict per row and metric (``aggregate``, ``summarize``, ``verdict``);
+- ``display``: display names (``config/choices.py``), arrows for the direction, number formats;
+- ``tables``: the markdown report and the CSVs; ``plots``: the bar and trade-off plots;
+- ``report``: ``write_report``, every file of a report (``ddpm-report``).
+
+Metric names, directions and display names come from ``config/choices.py``. Plain Python: no torch or Lightning;
+scipy for t quantiles, Hydra's override parser for the expected jobs, matplotlib (a Figure, no pyplot) only when
+plotting. The names below are the package's API.
+"""
+
+from ..config.choices import DISPLAY_NAMES, HIGHER_IS_BETTER, LOWER_IS_BETTER
+from .display import display_name
+from .plots import GUIDANCE_KEYS, guidance_key, plot, plot_rows, plot_tradeoff
+from .read import (
+    STATUSES,
+    RunRecord,
+    collect_runs,
+    expected_jobs,
+    find_job_folders,
+    missing_jobs,
+    read_run,
+)
+from .report import write_report
+from .stats import (
+    CONFIDENCE,
+    MODES,
+    SEED_KEYS,
+    TABLE_PREFIXES,
+    TRAINING_SEED_KEYS,
+    VERDICT_REL,
+    VERDICT_SE,
+    VERDICTS,
+    Aggregate,
+    Paired,
+    RowGroup,
+    Stats,
+    SweepTable,
+    aggregate,
+    base_name,
+    build_table,
+    default_metric,
+    metric_mode,
+    summarize,
+    verdict,
+)
+from .tables import (
+    NO_VERDICT,
+    NOTES,
+    SUMMARY_COLUMNS,
+    TABLE_METRICS,
+    best_rule,
+    metric_columns,
+    to_markdown,
+    verdict_rule,
+    write_csv,
+    write_summary_csv,
+)
+
+__all__ = [
+    "CONFIDENCE", "DISPLAY_NAMES", "GUIDANCE_KEYS", "HIGHER_IS_BETTER", "LOWER_IS_BETTER", "MODES", "NOTES",
+    "NO_VERDICT", "SEED_KEYS", "STATUSES", "SUMMARY_COLUMNS", "TABLE_METRICS", "TABLE_PREFIXES", "TRAINING_SEED_KEYS",
+    "VERDICTS", "VERDICT_REL", "VERDICT_SE", "Aggregate", "Paired", "RowGroup", "RunRecord", "Stats", "SweepTable",
+    "aggregate", "base_name", "best_rule", "build_table", "collect_runs", "default_metric", "display_name",
+    "expected_jobs", "find_job_folders", "guidance_key", "metric_columns", "metric_mode", "missing_jobs", "plot",
+    "plot_rows", "plot_tradeoff", "read_run", "summarize", "to_markdown", "verdict", "verdict_rule", "write_csv",
+    "write_report", "write_summary_csv",
+]
