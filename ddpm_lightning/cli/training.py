@@ -24,7 +24,9 @@ from .. import artifacts
 from ..callbacks import GenerativeMetricsCallback, SampleGridCallback
 from ..callbacks.estimate import TrainingEstimate
 from ..callbacks.health import TrainingHealth
+from ..callbacks.posthoc_ema import PostHocEMASnapshots
 from ..callbacks.preemption import Preemption
+from ..config.schema import EMAConfig
 from ..loggers import build_loggers, finish_wandb
 from ..modules import DiffusionModule
 from ..modules.checkpoint import check_checkpoint_fits, check_same_run, find_resume_checkpoint, load_checkpoint_dict
@@ -64,6 +66,10 @@ def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[pl.Callbac
     if not has_logger:  # LearningRateMonitor refuses a logger-less trainer
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     health = TrainingHealth(max_nonfinite_steps=cfg.get("train", {}).get("max_nonfinite_steps", 5))
+    ema = cfg.get("ema") or {}
+    if ema.get("posthoc_sigma_rels") and cfg.get("objective", "diffusion") == "diffusion":
+        # the power EMAs the module tracks, snapshotted into <run>/posthoc_ema
+        callbacks.append(PostHocEMASnapshots(int(ema.get("posthoc_every_n_steps", EMAConfig.posthoc_every_n_steps))))
     return [Preemption(), TrainingEstimate(), *callbacks, health]
 
 

@@ -28,7 +28,8 @@ from ddpm_lightning.data.sources import (
     torchvision_source,
 )
 from ddpm_lightning.data.transforms import FIT_METHODS, FitMethod, ToModelBatch, random_hflip
-from ddpm_lightning.modules.rng import derive_seed
+
+from ..seeding import derive_seed
 
 log = logging.getLogger(__name__)
 

@@ -14,22 +14,9 @@ from PIL import Image
 from torch import Tensor
 
 from ..config.choices import FIT_METHODS
+from ..pixels import to_model_range, to_uint8  # noqa: F401  (re-exported: the data package's names)
 
 FitMethod = Literal["pad", "resize"]
-
-
-def to_model_range(images: Tensor) -> Tensor:
-    """uint8 images in [0, 255] -> float32 in [-1, 1] (``x / 127.5 - 1``)."""
-    return images.to(torch.float32) / 127.5 - 1.0
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """float images in [-1, 1] (model range) -> uint8 in [0, 255], clamped and rounded.
-
-    Samples are saved and scored as these 8-bit images. (ADM's ``image_sample.py`` truncates instead of
-    rounding, which shifts every pixel down by half a level on average.)
-    """
-    return ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def random_hflip(images: Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> Tensor:

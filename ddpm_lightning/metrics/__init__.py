@@ -10,7 +10,7 @@ and ``GenerativeMetrics`` as the single entry point::
     scores = GenerativeMetrics(extractor, ref, ("fid", "kid", "pr")).compute(to_uint8(samples))
 """
 
-from ..data.transforms import to_uint8  # the owner of the uint8 <-> [-1, 1] conversion
+from ..pixels import to_uint8  # the owner of the uint8 <-> [-1, 1] conversion
 from .classifier import (
     CleanClassifier,
     cached_clean_classifier,

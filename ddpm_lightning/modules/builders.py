@@ -156,3 +156,15 @@ def make_lr_factor(warmup_steps: int, schedule: str = "constant", total_steps: i
                          f"trainer.max_steps nor trainer.max_time; set one of them or optim.lr_schedule=constant")
     return functools.partial(lr_factor, warmup_steps=int(warmup_steps), schedule=schedule,
                              total_steps=None if total_steps is None else int(total_steps), budget=budget)
+
+
+def guidance_info(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The compatibility info (``diffusion.GUIDANCE_INFO_KEYS``) of a DiffusionModule's or ClassifierModule's
+    hyperparameters: ``diffusion.num_timesteps`` / ``diffusion.schedule`` (defaults 1000 / linear, as
+    ``build_diffusion``), ``image_size``, ``channels`` and ``num_classes``."""
+    diffusion = hparams.get("diffusion") or {}
+    num_classes = hparams.get("num_classes")
+    return {"num_timesteps": int(diffusion.get("num_timesteps", 1000)),
+            "schedule": str(diffusion.get("schedule", "linear")),
+            "image_size": int(hparams["image_size"]), "channels": int(hparams["channels"]),
+            "num_classes": None if num_classes is None else int(num_classes)}

@@ -157,7 +157,7 @@ def classifier_guidance_from_adm(checkpoint: dict[str, Any], scale: float, diffu
     """``(cond_fn, class count)`` guiding with a converted official classifier (checked against the model)."""
     from ..diffusion import build_guidance
     from ..models import EncoderUNet
-    from .guidance import guidance_info
+    from .builders import guidance_info
 
     if checkpoint["model_class"] != "EncoderUNet":
         raise ValueError(f"guidance.classifier_ckpt={path} is a converted ADM {checkpoint['model_class']}, "

@@ -22,9 +22,8 @@ from typing_extensions import override
 
 from ..diffusion import NUM_QUARTILES, quartile_means
 from ..models import EncoderUNet
-from .builders import ScheduledAdamW, build_diffusion
+from .builders import ScheduledAdamW, build_diffusion, guidance_info
 from .ema import make_ema
-from .guidance import guidance_info
 from .rng import collect_rng_states, restore_rng_states, seeded_rng, training_step_seed
 
 DATA_KEYS = ("image_size", "in_channels", "out_channels")  # come from the data set, not the config

@@ -12,18 +12,13 @@ Plain tensors and ints only in checkpoints, so they still load with ``weights_on
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
-
-def derive_seed(seed: int, *keys: int | str) -> int:
-    """A 63-bit seed that depends on ``seed`` and ``keys`` only (stable across processes and versions)."""
-    text = "/".join(str(k) for k in (int(seed), *keys))
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+from ..seeding import derive_seed
 
 
 def training_step_seed(seed: int, trainer, batch_idx: int) -> int:
