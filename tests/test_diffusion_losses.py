@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from processes import PROCESSES, Process, build
 from reference import LN2, Ref, decoder_loglik
 from torch import nn
 
@@ -50,27 +51,23 @@ def data(gen, dtype=torch.float64, shape=SHAPE):
     return x0
 
 
-PROCESSES = {
-    "linear100": (100, "linear", None),
-    "cosine1000-ddim10": (1000, "cosine", "ddim10"),
-}
+NAMES = ["linear100", "cosine1000-ddim10"]  # from processes.PROCESSES: one plain, one respaced
 
 
-def build(process, **kwargs):
-    T, name, spec = PROCESSES[process]
-    betas = make_beta_schedule(name, T)
-    keep = None if spec is None else space_timesteps(T, spec)
-    return GaussianDiffusion(betas, use_timesteps=keep, **kwargs), Ref(betas, keep)
+def with_ref(process, **kwargs):
+    """The process and its float64 reference."""
+    built = build(process, **kwargs)
+    return built.diffusion, built.ref
 
 
 GRID = list(itertools.product(MEAN_TYPES, VAR_TYPES, LOSS_TYPES))
 
 
 # ----------------------------------------------------------------------------- training_losses grid
-@pytest.mark.parametrize("process", list(PROCESSES))
+@pytest.mark.parametrize("process", NAMES)
 @pytest.mark.parametrize("mean_type,var_type,loss_type", GRID)
 def test_training_losses_values(process, mean_type, var_type, loss_type):
-    diffusion, ref = build(process, mean_type=mean_type, var_type=var_type, loss_type=loss_type)
+    diffusion, ref = with_ref(process, mean_type=mean_type, var_type=var_type, loss_type=loss_type)
     K = diffusion.num_timesteps
     gen = torch.Generator().manual_seed(5)
     x0, noise = data(gen), torch.randn(SHAPE, generator=gen, dtype=torch.float64)
@@ -97,10 +94,10 @@ def test_training_losses_values(process, mean_type, var_type, loss_type):
     assert bool((terms["vb"] > 0).all())
 
 
-@pytest.mark.parametrize("process", list(PROCESSES))
+@pytest.mark.parametrize("process", NAMES)
 @pytest.mark.parametrize("mean_type,var_type,loss_type", GRID)
 def test_training_losses_float32_gradients(process, mean_type, var_type, loss_type):
-    diffusion, ref = build(process, mean_type=mean_type, var_type=var_type, loss_type=loss_type)
+    diffusion, ref = with_ref(process, mean_type=mean_type, var_type=var_type, loss_type=loss_type)
     gen = torch.Generator().manual_seed(6)
     x0 = data(gen, torch.float32)
     t = torch.randint(0, diffusion.num_timesteps, (4,), generator=gen)
@@ -136,7 +133,7 @@ def test_rescaled_vlb_and_hybrid_lambda():
 
 
 def test_vb_at_t0_is_decoder_nll_and_kl_elsewhere():
-    diffusion, ref = build("linear100", var_type="fixed_large", loss_type="vlb")
+    diffusion, ref = with_ref("linear100", var_type="fixed_large", loss_type="vlb")
     gen = torch.Generator().manual_seed(8)
     x0, noise = data(gen), torch.randn(SHAPE, generator=gen, dtype=torch.float64)
     out = torch.randn(SHAPE, generator=gen, dtype=torch.float64) * 0.1
@@ -162,7 +159,7 @@ def test_vb_at_t0_is_decoder_nll_and_kl_elsewhere():
 
 # ----------------------------------------------------------------------------- stop-gradient
 def test_hybrid_fixed_variance_vb_gives_no_gradient():
-    diffusion, _ = build("linear100", var_type="fixed_small", loss_type="hybrid", hybrid_lambda=10.0)
+    diffusion = build("linear100", var_type="fixed_small", loss_type="hybrid", hybrid_lambda=10.0).diffusion
     gen = torch.Generator().manual_seed(9)
     x0 = data(gen)
     t = torch.tensor([0, 5, 40, 99])
@@ -179,7 +176,7 @@ def test_hybrid_fixed_variance_vb_gives_no_gradient():
 @pytest.mark.parametrize("var_type", ["learned", "learned_range"])
 @pytest.mark.parametrize("mean_type", MEAN_TYPES)
 def test_hybrid_learned_variance_gradient_split(mean_type, var_type):
-    diffusion, ref = build("cosine1000-ddim10", mean_type=mean_type, var_type=var_type, loss_type="hybrid")
+    diffusion, ref = with_ref("cosine1000-ddim10", mean_type=mean_type, var_type=var_type, loss_type="hybrid")
     gen = torch.Generator().manual_seed(10)
     x0, noise = data(gen), torch.randn(SHAPE, generator=gen, dtype=torch.float64)
     t = torch.tensor([0, 2, 6, 9])
@@ -200,7 +197,7 @@ def test_hybrid_learned_variance_gradient_split(mean_type, var_type):
 
 @pytest.mark.parametrize("var_type", VAR_TYPES)
 def test_vlb_trains_the_mean(var_type):
-    diffusion, ref = build("linear100", var_type=var_type, loss_type="vlb", rescale_vlb=True)
+    diffusion, ref = with_ref("linear100", var_type=var_type, loss_type="vlb", rescale_vlb=True)
     gen = torch.Generator().manual_seed(11)
     x0, noise = data(gen), torch.randn(SHAPE, generator=gen, dtype=torch.float64)
     t = torch.tensor([0, 3, 30, 99])
@@ -234,16 +231,13 @@ def test_prior_bpd_large_for_short_process():
     assert diffusion.prior_bpd(torch.ones(1, 3, 2, 2, dtype=torch.float64)).item() > 1.0
 
 
-@pytest.mark.parametrize("process", list(PROCESSES))
+@pytest.mark.parametrize("process", NAMES)
 @pytest.mark.parametrize("clip", [True, False])
 def test_calc_bpd_loop_columns_in_timestep_order(process, clip):
-    T, name, spec = PROCESSES[process]
-    if spec is None:
-        T, name = 8, "cosine"  # keep the loop short
-    betas = make_beta_schedule(name, T)
-    keep = None if spec is None else space_timesteps(T, spec)
-    diffusion = GaussianDiffusion(betas, var_type="learned_range", use_timesteps=keep)
-    ref = Ref(betas, keep)
+    spec = PROCESSES[process]
+    if spec.respacing is None:
+        spec = Process("cosine", 8)  # keep the loop short
+    diffusion, ref = with_ref(spec, var_type="learned_range")
     K = diffusion.num_timesteps
     gen = torch.Generator().manual_seed(12)
     x0 = data(gen, shape=(2, 3, 4, 4))

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from processes import build
 from reference import Ref
 
 from ddpm_lightning.diffusion import (
@@ -30,18 +31,13 @@ def make_output(var_type, x, gen, scale=1.0):
     return pred
 
 
-PROCESSES = {
-    "linear100": (lambda: make_beta_schedule("linear", 100), None),
-    "cosine1000-ddim10": (lambda: make_beta_schedule("cosine", 1000), "ddim10"),
-    "linear1000-25": (lambda: make_beta_schedule("linear", 1000), "25"),
-}
+NAMES = ["linear100", "cosine1000-ddim10", "linear1000-25"]  # from processes.PROCESSES
 
 
-def build(process, **kwargs):
-    make, spec = PROCESSES[process]
-    betas = make()
-    keep = None if spec is None else space_timesteps(len(betas), spec)
-    return GaussianDiffusion(betas, use_timesteps=keep, **kwargs), Ref(betas, keep)
+def with_ref(process, **kwargs):
+    """The process and its float64 reference."""
+    built = build(process, **kwargs)
+    return built.diffusion, built.ref
 
 
 class Spy:
@@ -58,7 +54,7 @@ class Spy:
 
 # ----------------------------------------------------------------------------- q(x_t | x_0)
 def test_q_sample_empirical_moments():
-    diffusion, ref = build("linear100")
+    diffusion, ref = with_ref("linear100")
     gen = torch.Generator().manual_seed(0)
     x0 = torch.tensor([0.9, -0.5, 0.0, 0.3], dtype=torch.float64).reshape(4, 1, 1, 1).expand(4, 1, 200, 200)
     t = torch.tensor([0, 10, 50, 99])
@@ -72,7 +68,7 @@ def test_q_sample_empirical_moments():
 
 
 def test_q_sample_with_noise_and_mean_variance():
-    diffusion, ref = build("cosine1000-ddim10")
+    diffusion, ref = with_ref("cosine1000-ddim10")
     gen = torch.Generator().manual_seed(1)
     x0 = torch.rand(SHAPE, generator=gen, dtype=torch.float64) * 2 - 1
     noise = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
@@ -87,7 +83,7 @@ def test_q_sample_with_noise_and_mean_variance():
 
 
 def test_v_target_and_inversions():
-    diffusion, ref = build("linear1000-25")
+    diffusion, ref = with_ref("linear1000-25")
     gen = torch.Generator().manual_seed(2)
     x0 = torch.rand(SHAPE, generator=gen, dtype=torch.float64) * 2 - 1
     eps = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
@@ -159,7 +155,7 @@ def test_posterior_by_numerical_normalisation(k):
 
 
 def test_posterior_at_t0_is_x0():
-    diffusion, _ = build("cosine1000-ddim10")
+    diffusion = build("cosine1000-ddim10").diffusion
     x0 = torch.rand(2, 3, dtype=torch.float64)
     x_t = torch.randn(2, 3, dtype=torch.float64)
     mean, var, logvar = diffusion.q_posterior_mean_variance(x0, x_t, torch.tensor([0, 0]))
@@ -171,12 +167,12 @@ def test_posterior_at_t0_is_x0():
 
 
 # ----------------------------------------------------------------------------- p_mean_variance
-@pytest.mark.parametrize("process", list(PROCESSES))
+@pytest.mark.parametrize("process", NAMES)
 @pytest.mark.parametrize("var_type", VAR_TYPES)
 @pytest.mark.parametrize("mean_type", MEAN_TYPES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_p_mean_variance_matches_reference(process, var_type, mean_type, dtype):
-    diffusion, ref = build(process, mean_type=mean_type, var_type=var_type)
+    diffusion, ref = with_ref(process, mean_type=mean_type, var_type=var_type)
     gen = torch.Generator().manual_seed(3)
     K = diffusion.num_timesteps
     x = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
@@ -198,7 +194,7 @@ def test_p_mean_variance_matches_reference(process, var_type, mean_type, dtype):
 
 
 def test_learned_range_interpolates_between_posterior_and_beta():
-    diffusion, ref = build("linear1000-25", var_type="learned_range")
+    diffusion, ref = with_ref("linear1000-25", var_type="learned_range")
     x = torch.zeros(3, 2, 1, 1, dtype=torch.float64)
     t = torch.tensor([0, 7, 24])
     for v, frac in ((-1.0, 0.0), (1.0, 1.0), (0.0, 0.5), (0.5, 0.75)):
@@ -211,7 +207,7 @@ def test_learned_range_interpolates_between_posterior_and_beta():
 
 def test_fixed_variances_at_t0_use_t1_posterior():
     for var_type in ("fixed_small", "fixed_large"):
-        diffusion, ref = build("linear100", var_type=var_type)
+        diffusion, ref = with_ref("linear100", var_type=var_type)
         x = torch.zeros(2, 1, 1, 1, dtype=torch.float64)
         out = diffusion.p_mean_variance(Spy(torch.zeros_like(x)), x, torch.tensor([0, 1]))
         expected_t1 = ref.post_var[1] if var_type == "fixed_small" else ref.beta[1]
@@ -224,7 +220,7 @@ def test_fixed_variances_at_t0_use_t1_posterior():
 
 
 def test_clip_denoised_clips_x0_prediction():
-    diffusion, ref = build("linear100", mean_type="x0")
+    diffusion, ref = with_ref("linear100", mean_type="x0")
     x = torch.zeros(SHAPE, dtype=torch.float64)
     out = torch.linspace(-3, 3, x.numel(), dtype=torch.float64).reshape(SHAPE)
     t = torch.tensor([3, 3, 3, 3])
@@ -238,7 +234,7 @@ def test_clip_denoised_clips_x0_prediction():
 # ----------------------------------------------------------------------------- guidance
 @pytest.mark.parametrize("process", ["linear100", "cosine1000-ddim10"])
 def test_condition_mean_and_score(process):
-    diffusion, ref = build(process, var_type="fixed_large")
+    diffusion, ref = with_ref(process, var_type="fixed_large")
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
     t = torch.tensor([0, 2, 5, diffusion.num_timesteps - 1])
@@ -288,7 +284,7 @@ def test_type_tuples_are_the_spec():
 @pytest.mark.parametrize("var_type,channels,match", [
     ("learned", 3, r"2\*C = 6"), ("learned_range", 5, r"2\*C = 6"), ("fixed_small", 6, "C = 3")])
 def test_wrong_channel_count_raises(var_type, channels, match):
-    diffusion, _ = build("linear100", var_type=var_type)
+    diffusion = build("linear100", var_type=var_type).diffusion
     x = torch.zeros(2, 3, 2, 2)
     out = torch.zeros(2, channels, 2, 2)
     with pytest.raises(ValueError, match=match):

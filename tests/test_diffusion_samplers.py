@@ -5,31 +5,24 @@ import math
 import numpy as np
 import pytest
 import torch
+from processes import build
 
 from ddpm_lightning.diffusion import (
     MEAN_TYPES,
-    GaussianDiffusion,
     LossAwareSampler,
     LossSecondMomentResampler,
     UniformSampler,
     create_named_schedule_sampler,
-    make_beta_schedule,
-    space_timesteps,
 )
 
 SHAPE = (2, 3, 4, 4)
-PROCESSES = {"linear100": ("linear", 100, None), "linear1000-ddim10": ("linear", 1000, "ddim10"),
-             "cosine1000-25": ("cosine", 1000, "25")}
+NAMES = ["linear100", "linear1000-ddim10", "cosine1000-25"]  # from processes.PROCESSES
 
 
-def build(process, **kwargs):
-    name, T, spec = PROCESSES[process]
-    betas = make_beta_schedule(name, T)
-    keep = None if spec is None else space_timesteps(T, spec)
-    diffusion = GaussianDiffusion(betas, use_timesteps=keep, **kwargs)
-    ab_orig = torch.tensor(np.cumprod(1 - betas.numpy()))
-    kept = list(range(T)) if keep is None else sorted(keep)
-    return diffusion, ab_orig, kept
+def with_alpha_bar(process, **kwargs):
+    """The process, the ORIGINAL alpha-bar (float64) and the kept original steps in order."""
+    built = build(process, **kwargs)
+    return built.diffusion, built.alpha_bar, built.kept
 
 
 def col(values):
@@ -57,12 +50,12 @@ def x_star_point(dtype=torch.float32):
 
 
 # ----------------------------------------------------------------------------- exact oracles
-@pytest.mark.parametrize("process", list(PROCESSES))
+@pytest.mark.parametrize("process", NAMES)
 @pytest.mark.parametrize("mean_type", MEAN_TYPES)
 @pytest.mark.parametrize("sampler", ["fixed_small", "fixed_large", "learned_range", "ddim0", "ddim1"])
 def test_samplers_recover_the_single_data_point(process, mean_type, sampler):
     var_type = sampler if not sampler.startswith("ddim") else "fixed_small"
-    diffusion, ab_orig, kept = build(process, mean_type=mean_type, var_type=var_type)
+    diffusion, ab_orig, kept = with_alpha_bar(process, mean_type=mean_type, var_type=var_type)
     x_star = x_star_point()
     seen = []
     model = oracle(mean_type, x_star, ab_orig, learned_var=var_type == "learned_range", log=seen)
@@ -78,7 +71,7 @@ def test_samplers_recover_the_single_data_point(process, mean_type, sampler):
 
 def test_wrong_oracle_does_not_recover():
     """Sanity check that the oracle test can fail: alphas of the respaced process given to the oracle."""
-    diffusion, ab_orig, kept = build("linear1000-ddim10")
+    diffusion, ab_orig, kept = with_alpha_bar("linear1000-ddim10")
     x_star = x_star_point()
     wrong_ab = torch.zeros_like(ab_orig)
     wrong_ab[torch.tensor(kept)] = diffusion.alphas_cumprod[torch.arange(len(kept))].flip(0)
@@ -101,11 +94,11 @@ def ddim_reference(mean_type, out, x, ab, ab_prev, eta, noise, clip, t_is_zero):
     return ab_prev.sqrt() * x0 + direction + (0 if t_is_zero else sigma * noise)
 
 
-@pytest.mark.parametrize("process", list(PROCESSES))
+@pytest.mark.parametrize("process", NAMES)
 @pytest.mark.parametrize("mean_type", MEAN_TYPES)
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 def test_ddim_step_matches_paper_formula(process, mean_type, eta):
-    diffusion, ab_orig, kept = build(process, mean_type=mean_type)
+    diffusion, ab_orig, kept = with_alpha_bar(process, mean_type=mean_type)
     K = diffusion.num_timesteps
     gen = torch.Generator().manual_seed(2)
     for k in (0, 1, K // 2, K - 1):
@@ -130,7 +123,7 @@ def test_ddim_step_matches_paper_formula(process, mean_type, eta):
 
 
 def test_ddim_eta0_deterministic_and_differs_from_eta1():
-    diffusion, _, _ = build("linear1000-ddim10")
+    diffusion = build("linear1000-ddim10").diffusion
 
     def model(x, t):
         return 0.5 * x + 0.01 * t.float().view(-1, 1, 1, 1) / 1000
@@ -150,7 +143,7 @@ def test_ddim_eta0_deterministic_and_differs_from_eta1():
 
 
 def test_p_sample_loop_reproducible_with_generator():
-    diffusion, _, _ = build("linear1000-ddim10", var_type="fixed_large")
+    diffusion = build("linear1000-ddim10", var_type="fixed_large").diffusion
 
     def model(x, t):
         return 0.3 * x
@@ -161,7 +154,7 @@ def test_p_sample_loop_reproducible_with_generator():
 
 
 def test_ddim_negative_eta_and_bad_noise_shape():
-    diffusion, _, _ = build("linear1000-ddim10")
+    diffusion = build("linear1000-ddim10").diffusion
     x = torch.zeros(SHAPE)
     with pytest.raises(ValueError, match="eta"):
         diffusion.ddim_sample(lambda x_, t_: x_, x, torch.zeros(2, dtype=torch.long), eta=-0.1)
@@ -174,7 +167,7 @@ def test_ddim_negative_eta_and_bad_noise_shape():
 # ----------------------------------------------------------------------------- ancestral step
 @pytest.mark.parametrize("var_type", ["fixed_small", "fixed_large", "learned", "learned_range"])
 def test_p_sample_adds_no_noise_at_t0(var_type):
-    diffusion, _, _ = build("cosine1000-25", var_type=var_type)
+    diffusion = build("cosine1000-25", var_type=var_type).diffusion
     gen = torch.Generator().manual_seed(9)
     c = 6 if var_type.startswith("learned") else 3
     out = torch.rand((2, c, 4, 4), generator=gen, dtype=torch.float64) * 2 - 1
@@ -198,7 +191,7 @@ def test_p_sample_adds_no_noise_at_t0(var_type):
 
 # ----------------------------------------------------------------------------- guidance in the samplers
 def test_p_sample_with_cond_fn_shifts_mean_by_variance_times_grad():
-    diffusion, _, kept = build("linear1000-ddim10", var_type="fixed_large")
+    diffusion, _, kept = with_alpha_bar("linear1000-ddim10", var_type="fixed_large")
     gen = torch.Generator().manual_seed(10)
     x = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
     out = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
@@ -220,7 +213,7 @@ def test_p_sample_with_cond_fn_shifts_mean_by_variance_times_grad():
 
 
 def test_ddim_with_cond_fn_uses_score_correction():
-    diffusion, ab_orig, kept = build("cosine1000-25")
+    diffusion, ab_orig, kept = with_alpha_bar("cosine1000-25")
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
     out = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
@@ -243,7 +236,7 @@ def test_ddim_with_cond_fn_uses_score_correction():
 
 
 def test_sample_loops_pass_original_timesteps_to_cond_fn():
-    diffusion, _, kept = build("linear1000-ddim10", var_type="fixed_large")
+    diffusion, _, kept = with_alpha_bar("linear1000-ddim10", var_type="fixed_large")
     seen = []
 
     def cond_fn(x, t, y=None):
@@ -261,7 +254,7 @@ def test_sample_loops_pass_original_timesteps_to_cond_fn():
 
 
 def test_progressive_yields_every_step():
-    diffusion, _, _ = build("linear1000-ddim10")
+    diffusion = build("linear1000-ddim10").diffusion
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(12))
     steps = list(diffusion.ddim_sample_loop_progressive(lambda x, t: 0.2 * x, SHAPE, noise=noise))
     assert len(steps) == 10
