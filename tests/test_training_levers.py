@@ -216,7 +216,8 @@ def test_lr_schedule_refuses_a_run_without_max_steps():
         build_optimizer([torch.nn.Parameter(torch.zeros(1))], {"lr_schedule": "cosine"}, total_steps=None)
     with pytest.raises(ValueError, match="allowed: constant, cosine, linear"):
         build_optimizer([torch.nn.Parameter(torch.zeros(1))], {"lr_schedule": "step"}, total_steps=10)
-    scheduler = build_optimizer([torch.nn.Parameter(torch.zeros(1))], {"lr": 1.0, "lr_schedule": "linear"},
+    scheduler = build_optimizer([torch.nn.Parameter(torch.zeros(1))],
+                                {"lr": 1.0, "lr_schedule": "linear", "warmup_steps": 0},
                                 total_steps=4)["lr_scheduler"]["scheduler"]
     lrs = []
     for _ in range(4):

@@ -8,7 +8,7 @@ from .likelihood import (
     mean_flat,
     normal_kl,
 )
-from .quartiles import NUM_QUARTILES, quartile_means, timestep_quartile
+from .quartiles import NUM_QUARTILES, quartile_means, stratified_timesteps, timestep_quartile
 from .schedules import SCHEDULES, make_beta_schedule, respace_betas, space_timesteps
 from .timestep_samplers import (
     SAMPLERS,
@@ -25,7 +25,7 @@ __all__ = [
     "discretized_gaussian_log_likelihood", "approx_standard_normal_cdf", "mean_flat",
     "ScheduleSampler", "UniformSampler", "LossSecondMomentResampler", "LossAwareSampler",
     "create_named_schedule_sampler", "MEAN_TYPES", "VAR_TYPES", "LOSS_TYPES", "SCHEDULES", "SAMPLERS",
-    "NUM_QUARTILES", "quartile_means", "timestep_quartile",
+    "NUM_QUARTILES", "quartile_means", "timestep_quartile", "stratified_timesteps",
 ]
 
 from .guidance import (  # noqa: E402
@@ -34,10 +34,11 @@ from .guidance import (  # noqa: E402
     build_guidance,
     check_classifier_compatible,
     classifier_cond_fn,
+    noisy_classifier_losses,
 )
 
 __all__ += ["classifier_cond_fn", "check_classifier_compatible", "build_guidance", "GUIDANCE_INFO_KEYS",
-            "IgnoreLabels"]
+            "IgnoreLabels", "noisy_classifier_losses"]
 
 from .noise import PerSampleNoise, generator_noise, sample_seed  # noqa: E402
 from .samplers import (  # noqa: E402

@@ -32,6 +32,15 @@ CondFn = Callable[..., torch.Tensor]
 GUIDANCE_INFO_KEYS = ("num_timesteps", "schedule", "image_size", "channels", "num_classes")
 
 
+def noisy_classifier_losses(diffusion, classifier: Classifier, x_start: torch.Tensor, y: torch.Tensor,
+                            t: torch.Tensor, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The noisy classifier's training objective (ADM): per-example cross-entropy of ``classifier(x_t, t)`` for
+    ``x_t = diffusion.q_sample(x_start, t, noise)`` and whether its argmax is ``y`` (``loss``, ``correct``)."""
+    logits = classifier(diffusion.q_sample(x_start, t, noise=noise), t)
+    return {"loss": F.cross_entropy(logits.float(), y, reduction="none"),
+            "correct": (logits.argmax(dim=-1) == y).float()}
+
+
 def classifier_cond_fn(classifier: Classifier, scale: float) -> CondFn:
     """``cond_fn(x, t, y, **kw) = scale * grad_x log softmax(classifier(x, t))[y]`` (per example).
 

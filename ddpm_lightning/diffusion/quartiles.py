@@ -23,3 +23,12 @@ def quartile_means(values: torch.Tensor, t: torch.Tensor, num_timesteps: int) ->
     counts = torch.bincount(quartile, minlength=NUM_QUARTILES).to(values.dtype)
     sums = torch.zeros(NUM_QUARTILES, device=values.device, dtype=values.dtype).index_add_(0, quartile, values)
     return sums / counts.clamp(min=1), counts
+
+
+def stratified_timesteps(batch_size: int, num_timesteps: int, generator: torch.Generator | None = None,
+                         device: torch.device | str | None = None) -> torch.Tensor:
+    """Steps in [0, num_timesteps) stratified by quartile: example i in quartile i % 4, uniform within it, so a
+    validation batch reads every quartile (``val/acc_q0..q3``) whatever its size."""
+    q = torch.arange(batch_size, device=device) % NUM_QUARTILES
+    u = torch.rand(batch_size, generator=generator, device=device)
+    return ((q + u) * num_timesteps / NUM_QUARTILES).floor().long().clamp(0, num_timesteps - 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -9,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..config.choices import LR_SCHEDULES
-from ..config.schema import DiffusionConfig
+from ..config.schema import DiffusionConfig, OptimConfig
 from ..diffusion import GaussianDiffusion, create_diffusion
 
 #: the ``diffusion:`` config keys: ``create_diffusion``'s parameters
@@ -46,6 +47,9 @@ def build_unet(model_cfg: Mapping[str, Any], *, image_size: int, channels: int, 
 
 
 
+OPTIM_FIELDS = {f.name for f in dataclasses.fields(OptimConfig)}
+
+
 def build_optimizer(parameters, optim: Mapping[str, Any], total_steps: int | None = None,
                     budget: TimeBudget | None = None) -> dict[str, Any]:
     """AdamW with a linear warm-up over ``optim.warmup_steps``, then ``optim.lr_schedule``: ``constant``
@@ -54,14 +58,12 @@ def build_optimizer(parameters, optim: Mapping[str, Any], total_steps: int | Non
     stepped per batch."""
     import torch
 
-    schedule = str(optim.get("lr_schedule", "constant"))
-    warmup = int(optim.get("warmup_steps", 0))
-    factor = make_lr_factor(warmup, schedule, total_steps, budget)  # validates before the optimizer is built
-    fused = optim.get("fused")
+    settings = OptimConfig(**{k: v for k, v in optim.items() if k in OPTIM_FIELDS})  # the schema's defaults
+    factor = make_lr_factor(int(settings.warmup_steps), str(settings.lr_schedule), total_steps, budget)  # validates
+    fused = settings.fused
     optimizer = torch.optim.AdamW(
-        parameters, lr=float(optim.get("lr", 1e-4)), betas=tuple(optim.get("betas", (0.9, 0.999))),
-        eps=float(optim.get("eps", 1e-8)), weight_decay=float(optim.get("weight_decay", 0.0)),
-        **({"fused": bool(fused)} if fused is not None else {}))
+        parameters, lr=float(settings.lr), betas=tuple(settings.betas), eps=float(settings.eps),
+        weight_decay=float(settings.weight_decay), **({"fused": bool(fused)} if fused is not None else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -115,7 +117,7 @@ def lr_horizon(trainer, optim: Mapping[str, Any]) -> tuple[int | None, TimeBudge
     (None for ``lr_schedule=constant`` or a run without one)."""
     steps = getattr(trainer, "max_steps", None)
     steps = int(steps) if steps is not None and int(steps) > 0 else None
-    timed = str(optim.get("lr_schedule", "constant")) != "constant" and _timer(trainer) is not None
+    timed = str(optim.get("lr_schedule", OptimConfig.lr_schedule)) != "constant" and _timer(trainer) is not None
     return steps, (TimeBudget() if timed else None)
 
 
