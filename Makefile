@@ -3,12 +3,16 @@
 #   make test    -> the test suite without the slow tests
 #   make test-all -> everything, with the kill -9 loop at scale (50 random kills of one run, plus chosen points,
 #                    a sweep and a 2-process DDP run)
+#   make gpu-check -> the framework on a GPU, < 8 min: report.md + report.json in results/gpu/<date>-<gpu>/
+#                     (ARGS="--device cpu --quick": every step tiny on the CPU, as the test suite runs it;
+#                     ARGS="--out DIR" elsewhere; benchmarks/README.md, "GPU check")
+#   make docker-lock -> docker/*.lock from this environment (the containers' pins; tests/test_docker.py compares)
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-all lint bench clean
+.PHONY: install train test test-all lint bench gpu-check docker-lock clean
 
 $(STAMP): pyproject.toml requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -32,6 +36,12 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.unet $(ARGS)
 	$(PY) -m benchmarks.sampling $(ARGS)
 	$(PY) -m benchmarks.fid_features $(ARGS)
+
+gpu-check: $(STAMP)
+	$(PY) -m benchmarks.gpu_check $(ARGS)
+
+docker-lock: $(STAMP)
+	$(PY) docker/lock.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ddpm_lightning tests benchmarks

@@ -118,8 +118,10 @@ def num_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def make_inputs(config: ArchConfig, batch_size: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
-    """x_t, t, y (or None) and the target noise for one batch, from a fixed seed."""
+def make_inputs(config: ArchConfig, batch_size: int | None = None, seed: int = 0,
+                device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """x_t, t, y (or None) and the target noise for one batch, from a fixed seed (drawn on the CPU, then moved
+    to ``device``: the same numbers on every device)."""
     n = batch_size or config.batch_size
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((n, *config.image_shape), generator=gen)
@@ -127,7 +129,8 @@ def make_inputs(config: ArchConfig, batch_size: int | None = None, seed: int = 0
     t = torch.randint(0, 1000, (n,), generator=gen)
     classes = config.unet.get("num_classes")
     y = torch.randint(0, classes, (n,), generator=gen) if classes else None
-    return {"x": x, "t": t, "y": y, "eps": eps}
+    inputs = {"x": x, "t": t, "y": y, "eps": eps}
+    return {k: None if v is None else v.to(device) for k, v in inputs.items()}
 
 
 # ----------------------------------------------------------------------------------------------- steps
@@ -154,6 +157,29 @@ def inference_step_fn(model: nn.Module, inputs: dict) -> Callable[[], None]:
             model(x, t, y)
 
     return step
+
+
+def autocast_bf16(fn: Callable[[], object], device_type: str = "cpu") -> Callable[[], None]:
+    """``fn`` under bf16 autocast on ``device_type`` (what ``trainer.precision=bf16-mixed`` does to a step)."""
+
+    def run() -> None:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            fn()
+
+    return run
+
+
+def synchronized(fn: Callable[[], object], device: torch.device | str) -> Callable[[], None]:
+    """``fn`` followed by a wait for the device's queued work (CUDA kernels run asynchronously): what a timer
+    around the call must measure. On the CPU, ``fn`` itself."""
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def run() -> None:
+        fn()
+        torch.cuda.synchronize(device)
+
+    return run
 
 
 def adamw(model: nn.Module, kind: str = "default") -> torch.optim.Optimizer:
@@ -188,6 +214,18 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int =
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+def matmul_gflops(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                  repeats: int = 5) -> float:
+    """GFLOP/s of an ``n`` x ``n`` ``torch.mm`` in ``dtype`` on ``device``: the median of ``repeats`` timed calls
+    after one warm-up (on CUDA, synchronised). The "peak" that a network's FLOP rate is compared with."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    step = synchronized(lambda: torch.mm(a, b, out=out), device)
+    seconds = interleaved({"mm": step}, rounds=repeats)["mm"]
+    return 2 * n**3 / median(seconds) / 1e9
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
@@ -244,8 +282,11 @@ def profiled(fn: Callable[[], object], **kwargs) -> torch.profiler.profile:
     return prof
 
 
-def peak_memory_mb(fn: Callable[[], object]) -> float:
-    """Peak of live torch CPU allocations during one call of ``fn``, above what was live before it (MiB).
+def peak_memory_mb(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
+    """Peak of live torch allocations during one call of ``fn``, above what was live before it (MiB).
+
+    On CUDA: the caching allocator's own counters (``max_memory_allocated`` after a reset, minus what was
+    allocated before the call). On the CPU:
 
     Measured with ``torch.profiler(profile_memory=True)``: its raw ``[memory]`` records (+bytes on each
     allocation, -bytes on each free) are summed in time order and the running maximum is taken. This counts
@@ -253,6 +294,13 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
     allocator's or the interpreter's overhead. ``tracemalloc`` does not see torch's allocations at all, and
     ``ru_maxrss`` is a process-lifetime high-water mark that cannot separate two models run in one process.
     """
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     prof = profiled(fn, profile_memory=True)
     records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                      if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))

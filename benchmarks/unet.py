@@ -27,12 +27,27 @@ from ddpm_lightning.precision import resolve_precision
 from . import common
 from .adm_reference import build_reference
 
+CONTENDERS = ("ours", "diffusers", "adm-ref")
 
-def _contenders(config: common.ArchConfig) -> dict[str, nn.Module]:
-    ours = common.build_ours(config)
-    reference = build_reference(config.unet)
-    reference.load_state_dict(ours.state_dict())
-    return {"ours": ours, "diffusers": common.DiffusersCall(common.build_diffusers(config)), "adm-ref": reference}
+
+def build_contender(name: str, config: common.ArchConfig, like: nn.Module | None = None) -> nn.Module:
+    """One contender at ``config`` (see benchmarks/README.md); ``adm-ref`` takes ``like``'s weights (ours)."""
+    if name == "ours":
+        return common.build_ours(config)
+    if name == "diffusers":
+        return common.DiffusersCall(common.build_diffusers(config))
+    if name == "adm-ref":
+        reference = build_reference(config.unet)
+        if like is not None:
+            reference.load_state_dict(like.state_dict())
+        return reference
+    raise ValueError(f"unknown contender {name!r}; allowed: {', '.join(CONTENDERS)}")
+
+
+def contenders(config: common.ArchConfig) -> dict[str, nn.Module]:
+    ours = build_contender("ours", config)
+    return {"ours": ours, "diffusers": build_contender("diffusers", config),
+            "adm-ref": build_contender("adm-ref", config, like=ours)}
 
 
 def check_reference_matches(config: common.ArchConfig) -> float:
@@ -60,7 +75,7 @@ def measure_config(config: common.ArchConfig, rounds: int, gemm_n: int, *, memor
 
     All contenders run fp32, except the extra row where this machine's ``trainer.precision=auto`` (what the
     default experiment uses) resolves to bf16 autocast: ours as the framework runs it here."""
-    models = _contenders(config)
+    models = contenders(config)
     inputs = common.make_inputs(config)
     n = config.batch_size
     train = {name: common.train_step_fn(m.train(), inputs, common.adamw(m, adamw)) for name, m in models.items()}
@@ -102,11 +117,7 @@ def measure_config(config: common.ArchConfig, rounds: int, gemm_n: int, *, memor
 
 
 def _bf16(fn: Callable[[], None]) -> Callable[[], None]:
-    def run() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            fn()
-
-    return run
+    return common.autocast_bf16(fn, "cpu")
 
 
 def _threads(fn: Callable[[], None], threads: int) -> Callable[[], None]:
