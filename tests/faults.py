@@ -222,14 +222,17 @@ class PauseAt(pl.Callback):
     """Writes ``marker`` and then waits (in Python, up to ``seconds``) at global step ``step`` in ``phase``:
     ``"train"`` (after the optimizer step), ``"val"`` (in a validation batch), ``"final"`` (``on_train_end``,
     where the end-of-training scoring runs) or ``"save"`` (halfway through writing a checkpoint file whose
-    name contains ``match``). A test sends a signal once the marker exists."""
+    name contains ``match``). A test sends a signal once the marker exists. ``until``: a signal name (``SIGUSR1``)
+    whose arrival ends the wait (passed on to the handler the run installed), so the signal lands inside the pause
+    however slowly the test process gets to send it; ``seconds`` is then only a hang guard."""
 
     def __init__(self, step: int, phase: str, marker: str, seconds: float = 120.0, match: str = "",
-                 rank: int | None = None) -> None:
+                 rank: int | None = None, until: str | None = None) -> None:
         if phase not in ("train", "val", "final", "save"):
             raise ValueError(f"phase={phase!r}; allowed: train, val, final, save")
         self.step, self.phase, self.marker, self.seconds, self.match = int(step), phase, Path(marker), seconds, match
         self.rank = rank  # None: every rank pauses; else only this one (the others go on, into the next collective)
+        self.until = None if until is None else getattr(signal, until)
         self.paused = False
         self.trainer = None
 
@@ -237,10 +240,24 @@ class PauseAt(pl.Callback):
         if self.paused or (self.rank is not None and self.trainer.global_rank != self.rank):
             return
         self.paused = True
-        self.marker.write_text("paused\n")
-        deadline = time.monotonic() + self.seconds
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
+        received: list[int] = []
+        if self.until is not None:  # before the marker: the test may signal as soon as it exists
+            handler = signal.getsignal(self.until)
+
+            def note(signum, frame):
+                received.append(signum)
+                if callable(handler):
+                    handler(signum, frame)
+
+            signal.signal(self.until, note)
+        try:
+            self.marker.write_text("paused\n")
+            deadline = time.monotonic() + self.seconds
+            while not received and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            if self.until is not None:
+                signal.signal(self.until, handler)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.trainer = trainer

@@ -75,8 +75,9 @@ def requeued(tmp_path_factory) -> Path:
     """The same run, sent SIGUSR1 (rank 0 only) while it trains step 2: it saves and exits for requeue."""
     root = tmp_path_factory.mktemp("ddp_requeued")
     marker = root / "paused"
+    # rank 0 waits at step 2 until the signal has arrived (rank 1 waits for it in step 3's gradient all-reduce)
     pause = ["+callbacks.pause._target_=faults.PauseAt", "+callbacks.pause.step=2", "+callbacks.pause.phase=train",
-             f"+callbacks.pause.marker={marker}", "+callbacks.pause.seconds=3"]  # rank 0 gets the signal meanwhile
+             f"+callbacks.pause.marker={marker}", "+callbacks.pause.rank=0", "+callbacks.pause.until=SIGUSR1"]
     result, seconds = signal_when_paused(train_command([*RUN, *DDP, *pause], root / "run"), marker, signal.SIGUSR1)
     assert result.returncode == REQUEUE_EXIT_CODE, result.stderr[-3000:]
     assert "checkpoint of step 3 written, exiting for requeue (exit code 75)" in result.stderr
@@ -231,17 +232,22 @@ def test_simple_loss_with_a_learned_variance_is_refused(tmp_path):
 
 
 def test_a_time_budgeted_lr_decay_steps_every_rank_with_the_same_lr(tmp_path):
-    """Under trainer.max_time (no max_steps) a decaying LR follows the time spent, read every step: rank 0's
-    clock is broadcast, so the replicas (whose own clocks differ by microseconds) apply the same LR and stay
-    bit-identical."""
+    """Under trainer.max_time (no max_steps) a decaying LR follows the time spent, read every batch: rank 0's
+    clock is broadcast, so the replicas (whose clocks differ: rank 1's runs 0.1% fast here) apply the same LR and
+    stay bit-identical. The Timer's clock is driven (tests/clock.py): 10 s per batch of a 10-minute budget."""
     run = [o for o in RUN if not o.startswith("trainer.max_steps")]
     result = _run([*run, *DDP, "trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.max_time=00:00:10:00",
-                   "optim.lr_schedule=linear", "optim.warmup_steps=0",
+                   "optim.lr_schedule=linear", "optim.warmup_steps=0", "+callbacks.clock._target_=clock.StepClock",
+                   "+callbacks.clock.seconds_per_batch=10", "+callbacks.clock.rank_skew=0.001",
                    "+callbacks.draws._target_=faults.DrawRecorder", f"+callbacks.draws.path={tmp_path / 'draws'}"],
                   tmp_path / "run")
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"draws.rank{r}.pt", weights_only=True) for r in (0, 1)]
     for key in ranks[0]["weights"]:
         assert torch.equal(ranks[0]["weights"][key], ranks[1]["weights"][key]), key
-    lr = torch.load(_ckpt(tmp_path / "run", STEPS), weights_only=True)["lr_schedulers"][0]["_last_lr"][0]
-    assert 0.9 * 2e-4 < lr < 2e-4  # a few seconds of the 10 minutes: decayed, but only by the time spent
+    # step s is taken in the n-th micro-batch (accumulation 2, 5 batches an epoch): the LR it leaves is decayed by
+    # rank 0's n x 10 s of the 600 s, not by the steps (the run has no step horizon)
+    batches = {1: 2, 2: 4, 3: 5, 4: 7, 5: 9, 6: 10}
+    for step, n in batches.items():
+        lr = torch.load(_ckpt(tmp_path / "run", step), weights_only=True)["lr_schedulers"][0]["_last_lr"][0]
+        assert lr == pytest.approx(2e-4 * (1 - n * 10 / 600), rel=1e-9, abs=0), (step, lr)
