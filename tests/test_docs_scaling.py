@@ -279,3 +279,53 @@ def test_section_runs_at_small_size(section, tiny_ckpt, tmp_path, monkeypatch):
 def test_evaluation_section_is_what_the_test_expects():
     assert [c.argv[0] for c in COMMANDS if c.section == 5] == ["ddpm-eval"] * 4 + ["ddpm-convert-adm"] * 2 + [
         "ddpm-sample", "ddpm-eval"]
+
+
+# ------------------------------------------------------------------------------------------ the statements
+def _table(heading_row: str) -> dict[str, list[str]]:
+    """The markdown table whose header row starts with ``heading_row``: {first cell: the other cells}."""
+    lines = DOC.read_text().split(heading_row, 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
+
+
+@pytest.mark.parametrize("experiment, axis", [("ablate_arch", "model"), ("ablate_loss", "diffusion")])
+def test_ablation_row_counts_are_the_sweeps(experiment, axis):
+    params = _compose("train", [f"experiment={experiment}"]).hydra.sweeper.params
+    rows, seeds = str(params[axis]).split(","), str(params.seed).split(",")
+    line = next(line for line in DOC.read_text().splitlines() if f"-m experiment={experiment} " in line)
+    assert f" {len(rows)} rows x {len(seeds)} seeds" in line, (line, rows, seeds)
+
+
+def test_the_default_experiment_column_is_the_default_experiment():
+    """Section 4's "embedded default" column says what `experiment=default` composes to."""
+    cfg = _compose("train", ["experiment=default"])
+    table = {part: cells[0] for part, cells in _table("| part | embedded default | ImageNet-64 |").items()}
+    model, gm = cfg.model, cfg.callbacks.generative_metrics
+    for text in (f"`{cfg.hydra.runtime.choices.model}` at {model.model_channels} channels",
+                 f"mult ({','.join(str(m) for m in model.channel_mult)})", f"{model.num_res_blocks} residual block",
+                 *(f"{r} px" for r in model.attention_resolutions), f"({model.num_head_channels} channels per head)",
+                 "class-conditional" if model.class_cond else "unconditional"):
+        assert text in table["model"], (text, table["model"])
+    assert (cfg.diffusion.schedule, cfg.diffusion.mean_type, cfg.diffusion.loss_type) == ("cosine", "v", "simple")
+    assert table["diffusion"] == "cosine, v-prediction, fixed variance, L_simple"
+    lr = f"{cfg.optim.lr:.0e}".replace("e-0", "e-")
+    assert table["batch / lr / EMA"] == (f"{cfg.data.batch_size}, {lr} ({cfg.optim.warmup_steps} warm-up steps, then "
+                                         f"{cfg.optim.lr_schedule} decay to 0 where the run ends), {cfg.ema.decay}")
+    assert table["precision"].startswith(f"`{cfg.trainer.precision}`")
+    assert cfg.trainer.max_time == "00:00:10:00" and "`max_time` 10 min" in table["time budget"]
+    assert f"`max_steps` {cfg.trainer.max_steps}" in table["time budget"]
+    assert gm.every_n_val_epochs == 2 and cfg.sample.method == "ddpm"
+    assert table["metrics"].startswith(
+        f"in-loop FID@{gm.in_loop_num_samples} at every 2nd validation (every {2 * cfg.trainer.val_check_interval} "
+        f"steps), FID@{gm.num_samples} at the end (ancestral sampling, {cfg.sample.steps} steps)")
+
+
+def test_checked_on_names_hardware_and_dates_or_not_yet_run():
+    table = _table("| what | section | hardware | date | result |")
+    assert len(table) >= 8
+    for what, (section, hardware, date, result) in table.items():
+        assert what and section and hardware, what
+        assert date == "not yet run" or re.fullmatch(r"\d{4}-\d{2}-\d{2}|every CI run.*", date), (what, date)
+        if "GPU" in hardware and date != "not yet run":  # a GPU row that ran names its report
+            assert re.search(r"results/gpu/\S+", result), (what, result)
+    assert any("make gpu-check" in what and "GPU" in hardware for what, (_, hardware, _, _) in table.items())
