@@ -4,9 +4,13 @@
     ddpm-report multirun/ablate_loss/... --metric val/vlb_bpd --out reports/loss
     ddpm-report multirun/ablate_arch/... --baseline model=adm   # paired differences against another row
     ddpm-report multirun/guidance_sweep/...     # ddpm-eval sweeps: eval/fid@n, ... + report_tradeoff.png
+    ddpm-report multirun/guidance_sweep/... --select --select-seeds 0,1,2 --report-seeds 3,4,5   # held out
+    ddpm-report multirun/ablate_arch/... --add-seeds 3      # add_seeds.sh: 3 more seeds for the inconclusive rows
 
 Seeds are an axis: runs that differ only in a seed override (--seed-keys) become one row with mean, std, n and a
-95% t-interval per metric, a paired difference against the baseline row and a verdict (report_summary.csv).
+95% t-interval per metric, a paired difference against the baseline row and a verdict (report_summary.csv), the
+verdicts of a table corrected for multiple comparisons (Benjamini-Hochberg; --correction holm, --no-correction)
+and, for an inconclusive row, a power estimate of the seeds it would need.
 Works on partial sweeps: failed runs are listed with their message, unfinished ones as running/incomplete, seeds
 and jobs that have not run yet as missing.
 """
@@ -14,10 +18,11 @@ and jobs that have not run yet as missing.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 
 from ..artifacts import NoSpaceLeft
-from ..reporting import MODES, SEED_KEYS, TRAINING_SEED_KEYS, write_report
+from ..reporting import CORRECTIONS, MODES, SEED_KEYS, TRAINING_SEED_KEYS, write_report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,10 +46,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the row the others are compared with, e.g. model=ddpm_base (default: the first row)")
     parser.add_argument("--title", default=None, help="title of the markdown report")
     parser.add_argument("--no-plot", action="store_true", help="skip report.png")
+    _add_statistics_arguments(parser)
+    _add_selection_arguments(parser)
     args = parser.parse_args(argv)
     if args.stale_after <= 0:
         parser.error(f"--stale-after must be > 0 minutes, got {args.stale_after:g}")
+    if args.add_seeds is not None and args.add_seeds < 1:
+        _fail(f"--add-seeds needs a number of new seeds >= 1, got {args.add_seeds}")
+    if args.launch and args.add_seeds is None:
+        _fail("--launch runs the commands of --add-seeds K; give --add-seeds")
     return args
+
+
+def _add_statistics_arguments(parser: argparse.ArgumentParser) -> None:
+    """--correction / --no-correction, --add-seeds K and --launch."""
+    stats = parser.add_argument_group("multiple comparisons and power")
+    stats.add_argument("--correction", choices=CORRECTIONS, default="bh",
+                       help="adjust the paired t-test p of every verdict of a table: bh (Benjamini-Hochberg, the "
+                            "false-discovery rate), holm (the family-wise error rate) or none (default: %(default)s)")
+    stats.add_argument("--no-correction", dest="correction", action="store_const", const="none",
+                       help="each verdict tested alone at 5%% (the report before the correction existed)")
+    stats.add_argument("--add-seeds", type=int, default=None, metavar="K",
+                       help="write add_seeds.sh: the commands that run K new seeds for the rows inconclusive on the "
+                            "primary metric and the baseline, into <sweep>/added_seeds/ (the next ddpm-report of the "
+                            "sweep aggregates them with the others)")
+    stats.add_argument("--launch", action="store_true", help="with --add-seeds: run add_seeds.sh after writing it")
+
+
+def _add_selection_arguments(parser: argparse.ArgumentParser) -> None:
+    """--select, --select-seeds, --report-seeds."""
+    held_out = parser.add_argument_group("held-out selection (a checkpoint, EMA length or guidance scale)")
+    held_out.add_argument("--select", action="store_true",
+                          help="choose the row with the best primary metric on the selection seeds and report its "
+                               "metrics on the disjoint report seeds (report.md, selection.json)")
+    held_out.add_argument("--select-seeds", default=None, metavar="SEEDS",
+                          help="comma-separated seeds to choose on (implies --select; default: the first half of the "
+                               "seeds with results, or those not in --report-seeds)")
+    held_out.add_argument("--report-seeds", default=None, metavar="SEEDS",
+                          help="comma-separated seeds to report on, disjoint from --select-seeds (implies --select; "
+                               "default: the seeds not in --select-seeds)")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,16 +98,27 @@ def main(argv: list[str] | None = None) -> None:
         result = write_report(args.sweep_dir, out_dir=args.out, metric=args.metric, mode=args.mode,
                               stale_after_s=60.0 * args.stale_after, make_plot=not args.no_plot, title=args.title,
                               seed_keys=[k.strip() for k in args.seed_keys.split(",") if k.strip()],
-                              baseline=args.baseline)
+                              baseline=args.baseline, correction=args.correction, select=args.select,
+                              select_seeds=args.select_seeds, report_seeds=args.report_seeds,
+                              add_seeds=args.add_seeds)
     except (OSError, ValueError) as error:
         if isinstance(error, OSError) and error.errno is not None and not isinstance(error, NoSpaceLeft):
             # the OS's own error: --out is a file, read-only, ...
             error = f"cannot write the report into {args.out or args.sweep_dir} ({error.strerror}: {error.filename})"
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(error))
     print(result["markdown"])
     for kind, path in result["paths"].items():
         print(f"{kind}: {path}")
+    if args.launch:
+        script = result["paths"].get("add_seeds")
+        if script is None:
+            print("no inconclusive row: nothing to launch")
+            return
+        done = subprocess.run(["bash", str(script)], check=False)
+        if done.returncode != 0:
+            _fail(f"{script} stopped with exit code {done.returncode}; re-run it to resume (finished jobs are "
+                  "skipped)")
+        print(f"added seeds done: ddpm-report {args.sweep_dir} reports them with the others")
 
 
 if __name__ == "__main__":

@@ -1,24 +1,41 @@
 """Sweep reports: a Hydra multirun folder becomes one table (markdown + CSV) and a bar plot, like ADM's Table 1.
 
-One module per step, imported one way (``read`` <- ``stats`` <- ``display`` <- ``tables``, ``plots`` <- ``report``):
+One module per step, imported one way (``read`` <- ``stats`` <- ``display`` <- ``multiple`` <- ``select``, ``rerun`` <-
+``tables``, ``plots`` <- ``report``):
 
 - ``read``: the job folders of a sweep, one ``RunRecord`` each (overrides, status, scores), and the jobs its
   ``multirun.yaml`` launches that have no folder yet (``expected_jobs``, through ``sweeps.expand_sweep``);
 - ``stats``: ranking by a metric (``build_table``), and with seed axes the rows over seeds, their paired differences
   against a baseline row and a verdict per row and metric (``aggregate``, ``summarize``, ``verdict``);
 - ``display``: display names (``config/choices.py``), arrows for the direction, number formats;
+- ``multiple``: a paired t-test p per verdict, adjusted over the verdicts of a table (Benjamini-Hochberg, Holm or
+  none: ``correct``), and for an inconclusive verdict the seeds that would separate it (``seeds_for_power``);
+- ``select``: held-out selection, a row chosen on some seeds and reported on disjoint ones (``select_row``);
+- ``rerun``: the commands that add seeds to the inconclusive rows (``plan_added_seeds``, ``add_seeds.sh``);
 - ``tables``: the markdown report and the CSVs; ``plots``: the bar and trade-off plots;
 - ``report``: ``write_report``, every file of a report (``ddpm-report``).
 
 Metric names, directions and display names come from ``config/choices.py``. Plain Python: no torch or Lightning;
-scipy for t quantiles, Hydra's override parser for the expected jobs, matplotlib (a Figure, no pyplot) only when
-plotting. The names below are the package's API.
+scipy for the t and noncentral t distributions, Hydra's override parser for the expected jobs, matplotlib (a
+Figure, no pyplot) only when plotting. The names below are the package's API.
 """
 
 from ..config.choices import DISPLAY_NAMES, HIGHER_IS_BETTER, LOWER_IS_BETTER
 from .display import display_name
+from .multiple import (
+    ALPHA,
+    CORRECTIONS,
+    Correction,
+    PowerEstimate,
+    adjust,
+    correct,
+    p_value,
+    power_estimate,
+    seeds_for_power,
+)
 from .plots import GUIDANCE_KEYS, guidance_key, plot, plot_rows, plot_tradeoff
 from .read import (
+    ADDED_SEEDS_DIR,
     STATUSES,
     RunRecord,
     collect_runs,
@@ -28,9 +45,12 @@ from .read import (
     read_run,
 )
 from .report import write_report
+from .rerun import AddSeedsPlan, plan_added_seeds, undecided_rows, write_add_seeds
+from .select import Selection, select_row, selection_json, split_seeds
 from .stats import (
     CONFIDENCE,
     MODES,
+    NO_VERDICT,
     SEED_KEYS,
     TABLE_PREFIXES,
     TRAINING_SEED_KEYS,
@@ -51,7 +71,6 @@ from .stats import (
     verdict,
 )
 from .tables import (
-    NO_VERDICT,
     NOTES,
     SUMMARY_COLUMNS,
     TABLE_METRICS,
@@ -64,11 +83,14 @@ from .tables import (
 )
 
 __all__ = [
-    "CONFIDENCE", "DISPLAY_NAMES", "GUIDANCE_KEYS", "HIGHER_IS_BETTER", "LOWER_IS_BETTER", "MODES", "NOTES",
-    "NO_VERDICT", "SEED_KEYS", "STATUSES", "SUMMARY_COLUMNS", "TABLE_METRICS", "TABLE_PREFIXES", "TRAINING_SEED_KEYS",
-    "VERDICTS", "VERDICT_REL", "VERDICT_SE", "Aggregate", "Paired", "RowGroup", "RunRecord", "Stats", "SweepTable",
-    "aggregate", "base_name", "best_rule", "build_table", "collect_runs", "default_metric", "display_name",
-    "expected_jobs", "find_job_folders", "guidance_key", "metric_columns", "metric_mode", "missing_jobs", "plot",
-    "plot_rows", "plot_tradeoff", "read_run", "summarize", "to_markdown", "verdict", "verdict_rule", "write_csv",
-    "write_report", "write_summary_csv",
+    "ADDED_SEEDS_DIR", "ALPHA", "CONFIDENCE", "CORRECTIONS", "DISPLAY_NAMES", "GUIDANCE_KEYS", "HIGHER_IS_BETTER",
+    "LOWER_IS_BETTER", "MODES", "NOTES", "NO_VERDICT", "SEED_KEYS", "STATUSES", "SUMMARY_COLUMNS", "TABLE_METRICS",
+    "TABLE_PREFIXES", "TRAINING_SEED_KEYS", "VERDICTS", "VERDICT_REL", "VERDICT_SE", "AddSeedsPlan", "Aggregate",
+    "Correction", "Paired", "PowerEstimate", "RowGroup", "RunRecord", "Selection", "Stats", "SweepTable", "adjust",
+    "aggregate", "base_name", "best_rule", "build_table", "collect_runs", "correct", "default_metric",
+    "display_name", "expected_jobs", "find_job_folders", "guidance_key", "metric_columns", "metric_mode",
+    "missing_jobs", "p_value", "plan_added_seeds", "plot", "plot_rows", "plot_tradeoff", "power_estimate",
+    "read_run", "seeds_for_power", "select_row", "selection_json", "split_seeds", "summarize", "to_markdown",
+    "undecided_rows", "verdict", "verdict_rule", "write_add_seeds", "write_csv", "write_report",
+    "write_summary_csv",
 ]

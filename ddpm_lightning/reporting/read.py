@@ -25,6 +25,8 @@ from ..artifacts import ERROR_FILE, METRICS_FILE, SUMMARY_FILE
 from ..artifacts import RESULTS_FILE as EVAL_RESULTS_FILE  # ddpm-eval
 
 STATUSES = ("completed", "failed", "running", "incomplete")
+# the sweeps that ``ddpm-report --add-seeds`` writes into a sweep folder: their jobs are rows of the same report
+ADDED_SEEDS_DIR = "added_seeds"
 
 
 @dataclass
@@ -166,7 +168,8 @@ def find_job_folders(sweep_dir: str | Path) -> list[Path]:
 
 
 def collect_runs(sweep_dir: str | Path, stale_after_s: float = 3600.0) -> list[RunRecord]:
-    """Every job of a multirun folder (or the one run of a run folder), in job order."""
+    """Every job of a multirun folder (or the one run of a run folder), in job order; the jobs of the sweeps under
+    its ``added_seeds/`` folder (``ddpm-report --add-seeds``) after the others, so the rows keep their order."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"{sweep_dir} is not a folder; give a multirun folder, e.g. multirun/<task>/<time>")
@@ -176,7 +179,8 @@ def collect_runs(sweep_dir: str | Path, stale_after_s: float = 3600.0) -> list[R
                                 "give the folder of a `ddpm-train -m` sweep (hydra.sweep.dir)")
     runs = [read_run(folder, stale_after_s) for folder in folders]
     _fill_unset_overrides(runs)
-    return sorted(runs, key=lambda r: (r.job is None, r.job if r.job is not None else 0, str(r.folder)))
+    return sorted(runs, key=lambda r: (ADDED_SEEDS_DIR in r.folder.relative_to(sweep_dir).parts, r.job is None,
+                                       r.job if r.job is not None else 0, str(r.folder)))
 
 
 def _fill_unset_overrides(runs: Sequence[RunRecord]) -> None:

@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..config.choices import HIGHER_IS_BETTER
 from .read import RunRecord, override_dict
@@ -33,6 +34,8 @@ VERDICT_SE = 2.0
 VERDICT_REL = 0.013
 CONFIDENCE = 0.95
 VERDICTS = ("better", "worse", "inconclusive")
+# spreads of one evaluation, not scores: aggregated and shown, never given a verdict
+NO_VERDICT = ("kid_std",)
 # metric prefixes ranked and shown: in-loop / end-of-training scores of ddpm-train, scores of ddpm-eval
 TABLE_PREFIXES = ("val/", "eval/")
 
@@ -188,6 +191,14 @@ class Paired:
     diff: Stats
     reference: float | None
     verdict: str
+    # filled by multiple.correct (ddpm-report): the paired t-test's two-sided p, the p adjusted over the verdicts
+    # corrected with this one (``tests`` of them), whether that made a decided verdict inconclusive, and for an
+    # inconclusive verdict the power estimate (multiple.PowerEstimate)
+    p: float | None = None
+    p_adjusted: float | None = None
+    tests: int | None = None
+    demoted: bool = False
+    power: Any = None
 
 
 @dataclass
@@ -227,12 +238,12 @@ class Aggregate:
     best: int | None
     tied: list[int]
     metrics: list[str]
+    correction: Any = None  # multiple.Correction once the verdicts are corrected for multiple comparisons
 
     def seed_label(self, run_or_values: RunRecord | dict[str, str]) -> str:
         values = (override_dict(run_or_values.overrides) if isinstance(run_or_values, RunRecord)
                   else run_or_values)
         return " ".join(f"{k}={values.get(k, '')}" for k in self.seed_axes)
-
 
 
 def aggregate(table: SweepTable, seed_keys: Sequence[str] = SEED_KEYS, baseline: str | None = None,

@@ -7,34 +7,31 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..artifacts import write_text
-from .display import arrow, display_name, fmt
+from .display import arrow, decimals_for, display_name, fmt, signed, stats_cell
+from .multiple import correction_lines
 from .read import STATUSES, override_dict, read_yaml
 from .stats import (
     CONFIDENCE,
+    NO_VERDICT,
     TABLE_PREFIXES,
     VERDICT_REL,
     VERDICT_SE,
     Aggregate,
     Paired,
     RowGroup,
-    Stats,
     SweepTable,
     base_name,
-    finite,
     metric_mode,
 )
 
 # the columns of the markdown table, in this order (CSV has every metric)
 TABLE_METRICS = ("fid", "fid_inf", "sfid", "is_clf_mean", "is_mean", "precision", "recall", "kid_mean", "kid_std",
                  "class_accuracy", "vlb_bpd", "nll_bpd")
-# spreads of one evaluation, not scores: aggregated and shown, never given a verdict
-NO_VERDICT = ("kid_std",)
 NOTES = {
     "fid": "FID/KID/Prec/Rec/IS@n: n EMA samples against the cached statistics of the data set's real images "
            "(not comparable with 50k-sample FIDs; small n biases FID upwards).",
@@ -48,7 +45,8 @@ NOTES = {
 }
 SUMMARY_COLUMNS = ("row", "metric", "mode", "n", "mean", "std", "ci_low", "ci_high", "sampling_std", "seeds_done",
                    "seeds_expected", "baseline", "pairs", "diff_mean", "diff_std", "diff_se", "diff_ci_low",
-                   "diff_ci_high", "verdict", "best", "tied_with_best")
+                   "diff_ci_high", "verdict", "best", "tied_with_best", "p_value", "p_adjusted", "correction",
+                   "tests", "power_seeds")
 
 
 def verdict_rule(aggregate: Aggregate) -> str:
@@ -102,45 +100,17 @@ def _status(table: SweepTable, index: int, best: int | None) -> str:
     return _escape(status)
 
 
-def _signed(value: float | None, decimals: int | None = None) -> str:
-    text = fmt(value) if decimals is None or not finite(value) else f"{value:.{decimals}f}"
-    return f"+{text}" if finite(value) and value > 0 else text
-
-
-def _decimals(half_width: float | None) -> int | None:
-    """Decimals that show an interval's half-width to two significant digits (None: no interval or width 0)."""
-    if not finite(half_width) or half_width <= 0:
-        return None
-    return min(max(0, 1 - math.floor(math.log10(half_width))), 8)
-
-
-def _fmt_with(value: float | None, decimals: int | None) -> str:
-    return fmt(value) if decimals is None or not finite(value) else f"{value:.{decimals}f}"
-
-
-def _stats_cell(stats: Stats | None, within: float | None = None) -> str:
-    if stats is None or stats.n == 0:
-        return ""
-    if stats.n == 1:
-        text, spread = fmt(stats.mean), ["n=1"]
-    else:
-        places = _decimals(stats.half_width)
-        text = f"{_fmt_with(stats.mean, places)} ± {_fmt_with(stats.half_width, places)}"
-        spread = [f"sd {_fmt_with(stats.std, places)}"]
-    if within is not None:
-        spread.append(f"sampling sd {fmt(within)}")
-    return f"{text} ({'; '.join(spread)})"
-
-
 def _paired_cell(paired: Paired | None) -> str:
     if paired is None or paired.diff.n == 0:
         return "no shared seeds"
     if paired.diff.n == 1:
-        return f"{_signed(paired.diff.mean)} (1 pair: no interval) {paired.verdict}"
-    places = _decimals(paired.diff.half_width)
-    text = (f"{_signed(paired.diff.mean, places)} [{_signed(paired.diff.low, places)}, "
-            f"{_signed(paired.diff.high, places)}]")
-    return f"{text} **{paired.verdict}**" if paired.verdict != "inconclusive" else f"{text} inconclusive"
+        return f"{signed(paired.diff.mean)} (1 pair: no interval) {paired.verdict}"
+    places = decimals_for(paired.diff.half_width)
+    text = (f"{signed(paired.diff.mean, places)} [{signed(paired.diff.low, places)}, "
+            f"{signed(paired.diff.high, places)}]")
+    if paired.verdict != "inconclusive":
+        return f"{text} **{paired.verdict}**"
+    return f"{text} inconclusive" + ("†" if paired.demoted else "")
 
 
 def _runs_cell(aggregate: Aggregate, group: RowGroup) -> str:
@@ -163,7 +133,7 @@ def _aggregate_lines(table: SweepTable, aggregate: Aggregate) -> list[str]:
         label[-1] += mark
         if i == aggregate.best:
             label = [f"**{cell}**" for cell in label]
-        cells = [_stats_cell(group.stats.get(m), group.within_std.get(m)) for m in metrics]
+        cells = [stats_cell(group.stats.get(m), group.within_std.get(m)) for m in metrics]
         lines.append("| " + " | ".join([*label, _runs_cell(aggregate, group), *cells]) + " |")
     compared = [m for m in metrics if base_name(m) not in NO_VERDICT]
     base = aggregate.groups[aggregate.baseline]
@@ -178,7 +148,8 @@ def _aggregate_lines(table: SweepTable, aggregate: Aggregate) -> list[str]:
         pairs = max((group.vs_baseline[m].diff.n for m in compared if m in group.vs_baseline), default=0)
         lines.append("| " + " | ".join([*label, str(pairs), *(_paired_cell(group.vs_baseline.get(m))
                                                                for m in compared)]) + " |")
-    lines += ["", verdict_rule(aggregate), "", best_rule(aggregate) if aggregate.metric else "", ""]
+    lines += ["", verdict_rule(aggregate), "", *correction_lines(aggregate),
+              best_rule(aggregate) if aggregate.metric else "", ""]
     return lines
 
 
@@ -198,9 +169,10 @@ def _seed_lines(aggregate: Aggregate) -> list[str]:
 
 
 def to_markdown(table: SweepTable, title: str | None = None, aggregate: Aggregate | None = None,
-                missing: Sequence[dict[str, str]] = ()) -> str:
-    """The report: a header (counts, common overrides, ranking, notes, jobs not started), with seed axes the
-    aggregated rows, their paired differences and the rules, then one table row per job."""
+                missing: Sequence[dict[str, str]] = (), sections: Sequence[str] = ()) -> str:
+    """The report: a header (counts, common overrides, ranking, notes, jobs not started), the lines of
+    ``sections`` (held-out selection, added seeds), with seed axes the aggregated rows, their paired differences
+    and the rules, then one table row per job."""
     counts = {s: sum(r.status == s for r in table.runs) for s in (*STATUSES, *(r.status for r in table.runs))}
     metrics = metric_columns(table)
     lines = [f"# {title or 'Sweep report: ' + table.sweep_dir.name}", "",
@@ -243,7 +215,7 @@ def to_markdown(table: SweepTable, title: str | None = None, aggregate: Aggregat
              if any(base_name(m) == key for m in metrics)]
     notes.append("params: trainable parameters of the network (the EMA copy not counted); fit min: wall time of "
                  "`trainer.fit` (training, validation and the end-of-training sampling and scoring).")
-    lines += ["", *(f"- {note}" for note in notes), ""]
+    lines += ["", *(f"- {note}" for note in notes), "", *sections]
     if aggregate is not None:
         lines += _aggregate_lines(table, aggregate)
         lines += ["## Runs (one per job and seed)", ""]
@@ -294,8 +266,9 @@ def write_csv(table: SweepTable, path: str | Path, aggregate: Aggregate | None =
 
 
 def write_summary_csv(aggregate: Aggregate, path: str | Path) -> Path:
-    """One line per row and metric: the statistics over seeds, the paired difference against the baseline and its
-    verdict (empty for the baseline itself and for metrics without verdicts)."""
+    """One line per row and metric: the statistics over seeds, the paired difference against the baseline, its
+    verdict, its paired t-test p (raw and adjusted) and for an inconclusive one the power estimate (empty for the
+    baseline itself and for metrics without verdicts)."""
     path = Path(path)
     with io.StringIO(newline="") as handle:  # csv's \r\n line ends kept as they are
         writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS)
@@ -319,5 +292,16 @@ def write_summary_csv(aggregate: Aggregate, path: str | Path) -> Path:
                     "diff_ci_high": paired.diff.high if paired else None,
                     "verdict": paired.verdict if judged else "",
                     "best": int(i == aggregate.best and metric == aggregate.metric),
-                    "tied_with_best": int(i in aggregate.tied and metric == aggregate.metric)})
+                    "tied_with_best": int(i in aggregate.tied and metric == aggregate.metric),
+                    **_correction_columns(aggregate, paired if judged else None)})
         return write_text(path, handle.getvalue())
+
+
+def _correction_columns(aggregate: Aggregate, paired: Paired | None) -> dict[str, Any]:
+    """The summary CSV's p-value, adjusted p (over ``tests`` verdicts, by ``correction``) and power estimate
+    (the seeds an inconclusive verdict would need, ``>1000`` past the cap); empty without a verdict."""
+    if paired is None or aggregate.correction is None:
+        return {}
+    return {"p_value": paired.p, "p_adjusted": paired.p_adjusted, "tests": paired.tests,
+            "correction": aggregate.correction.method if paired.p is not None else "",
+            "power_seeds": paired.power.csv() if paired.power is not None else ""}

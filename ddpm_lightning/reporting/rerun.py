@@ -1,0 +1,121 @@
+"""More seeds for the undecided rows (``ddpm-report --add-seeds K``): one ``ddpm-train -m`` / ``ddpm-eval -m``
+command per row whose primary-metric verdict is inconclusive, plus the baseline (a paired difference needs both
+sides at the new seeds), each with K new values of the seed the intervals are over and the row's other overrides as
+its jobs ran them, into ``<sweep>/added_seeds/<seed key>_<first>-<last>/<row>``.
+
+``find_job_folders`` walks into that folder, so the next ``ddpm-report <sweep>`` aggregates the old and the new
+seeds of a row together (``collect_runs`` keeps the added jobs after the others). Re-running a command resumes its
+sweep (finished jobs are skipped), as for any sweep; the next ``--add-seeds`` picks seeds after the largest one
+present, so it writes into a new folder.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..artifacts import write_text
+from .read import ADDED_SEEDS_DIR, override_dict
+from .stats import Aggregate, RowGroup, SweepTable
+
+ENTRY_POINTS = {"train": "ddpm-train", "eval": "ddpm-eval"}
+SCRIPT = "add_seeds.sh"
+
+
+@dataclass
+class AddSeedsPlan:
+    """The new seeds, the rows they go to and one shell command per row."""
+
+    key: str
+    seeds: list[int]
+    rows: list[str]  # row labels, the baseline first
+    undecided: list[str]  # the inconclusive rows among them
+    commands: list[str]
+    folder: Path  # <sweep>/added_seeds/<key>_<first>-<last>
+
+
+def _hydra_value(text: str) -> str:
+    """``text`` as a Hydra override value: as it is when plain, else quoted."""
+    if re.fullmatch(r"[\w./:-]+", text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label.replace("=", "-")).strip("_") or "row"
+
+
+def undecided_rows(aggregate: Aggregate) -> list[int]:
+    """Rows (indices) whose verdict against the baseline on the primary metric is inconclusive."""
+    return [i for i, group in enumerate(aggregate.groups)
+            if i != aggregate.baseline and aggregate.metric in group.vs_baseline
+            and group.vs_baseline[aggregate.metric].verdict == "inconclusive"]
+
+
+def plan_added_seeds(aggregate: Aggregate, table: SweepTable, sweep_dir: str | Path, count: int) -> AddSeedsPlan:
+    """The commands that run ``count`` new seeds for every undecided row and the baseline. ValueError for
+    ``count`` < 1, several unit seed keys, or seeds that are not integers."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"--add-seeds needs a number of new seeds >= 1, got {count!r}")
+    if len(aggregate.unit_axes) != 1:
+        raise ValueError("--add-seeds adds values of one seed key; the units of this sweep vary in "
+                         + " and ".join(aggregate.unit_axes))
+    key = aggregate.unit_axes[0]
+    present = {values.get(key) for group in aggregate.groups for values in map(_seed_values, group.expected)}
+    try:
+        start = max(int(v) for v in present if v not in (None, "")) + 1
+    except ValueError:
+        raise ValueError(f"--add-seeds counts on from integer seeds; `{key}` has "
+                         + ", ".join(sorted(str(v) for v in present))) from None
+    seeds = list(range(start, start + count))
+    folder = Path(sweep_dir).absolute() / ADDED_SEEDS_DIR / f"{key}_{seeds[0]}-{seeds[-1]}"
+    undecided = undecided_rows(aggregate)
+    chosen = [aggregate.baseline, *undecided] if undecided else []
+    commands = [_command(aggregate, aggregate.groups[i], key, seeds, folder / _slug(aggregate.groups[i].label))
+                for i in chosen]
+    return AddSeedsPlan(key=key, seeds=seeds, rows=[aggregate.groups[i].label for i in chosen],
+                        undecided=[aggregate.groups[i].label for i in undecided], commands=commands, folder=folder)
+
+
+def _seed_values(label: str) -> dict[str, str]:
+    return override_dict(label.split())
+
+
+def _seed_order(value: str) -> tuple:
+    return (0, int(value), value) if re.fullmatch(r"-?\d+", value) else (1, 0, value)
+
+
+def _command(aggregate: Aggregate, group: RowGroup, key: str, seeds: list[int], folder: Path) -> str:
+    run = next((r for r in group.runs if r.status == "completed"), group.runs[0])
+    seed_axes = set(aggregate.seed_axes)
+    overrides = [o for o in run.overrides if next(iter(override_dict([o]))) not in seed_axes]
+    inner = []
+    for axis in aggregate.inner_axes:  # sampling seeds inside each training seed: the same ones again
+        values = sorted({_seed_values(label).get(axis, "") for label in group.expected} - {""}, key=_seed_order)
+        inner.append(f"{axis}={','.join(values)}")
+    arguments = [ENTRY_POINTS.get(run.kind, "ddpm-train"), "-m", *overrides, f"{key}={','.join(map(str, seeds))}",
+                 *inner, f"hydra.sweep.dir={_hydra_value(str(folder))}"]
+    return shlex.join(arguments)
+
+
+def add_seeds_lines(plan: AddSeedsPlan, script: Path) -> list[str]:
+    """The markdown section: what ``add_seeds.sh`` runs."""
+    if not plan.commands:
+        return ["## Added seeds", "", "No row is inconclusive on the primary metric: no command written.", ""]
+    seeds = ", ".join(map(str, plan.seeds))
+    return ["## Added seeds", "",
+            f"`{script}` runs `{plan.key}` = {seeds} for the {len(plan.undecided)} inconclusive row(s) "
+            f"({', '.join(f'`{r}`' for r in plan.undecided)}) and the baseline `{plan.rows[0]}`, into "
+            f"`{plan.folder}`; `ddpm-report` on this sweep then aggregates the old and new seeds together. "
+            "Re-running it resumes (finished jobs are skipped).", ""]
+
+
+def write_add_seeds(plan: AddSeedsPlan, path: str | Path) -> Path:
+    """``add_seeds.sh``: the commands, one per row, stopping at the first that fails."""
+    lines = ["#!/usr/bin/env bash", "# written by ddpm-report --add-seeds: new seeds for the inconclusive rows and "
+             "the baseline", "set -euo pipefail", *plan.commands]
+    path = write_text(Path(path), "\n".join(lines) + "\n")
+    path.chmod(0o755)
+    return path

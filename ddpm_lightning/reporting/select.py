@@ -1,0 +1,167 @@
+"""Held-out selection (``ddpm-report --select``): choose a row (a checkpoint, an EMA length, a guidance scale) by
+the primary metric over one set of seeds, and report the chosen row's metrics over a disjoint set.
+
+Choosing the best of N rows and reporting its value on the same seeds reports the luckiest draw (the best-of-N
+bias). Here the seeds of the unit axis (the sampling seed of a ``ddpm-eval`` sweep, the training seed of a
+``ddpm-train`` one) are split in two: the selection seeds rank the rows, only the report seeds give the reported
+means and intervals, and both sets are named in the report and in ``selection.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .display import arrow, display_name, fmt, stats_cell
+from .stats import CONFIDENCE, Aggregate, Stats, summarize
+
+
+@dataclass
+class Selection:
+    """The split, the candidates' primary metric over the selection seeds, the chosen row and its metrics over
+    the report seeds."""
+
+    axis: str  # the seed key that is split
+    unit_kind: str  # "sampling seed" | "training seed"
+    metric: str
+    mode: str
+    selection_seeds: list[str]
+    report_seeds: list[str]
+    candidates: list[tuple[str, dict[str, str], Stats]]  # row label, its overrides, the metric over selection seeds
+    chosen: int  # index into candidates
+    reported: dict[str, Stats]  # metric -> the chosen row over the report seeds
+    reported_values: dict[str, dict[str, float]]  # metric -> report seed -> value
+
+
+def _seed_order(value: str) -> tuple:
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def _seed_list(seeds: Sequence[Any] | str | None) -> list[str] | None:
+    if seeds is None:
+        return None
+    items = seeds.split(",") if isinstance(seeds, str) else [str(s) for s in seeds]
+    return list(dict.fromkeys(s.strip() for s in items if s.strip()))
+
+
+def split_seeds(aggregate: Aggregate, select_seeds: Sequence[Any] | str | None = None,
+                report_seeds: Sequence[Any] | str | None = None) -> tuple[str, list[str], list[str]]:
+    """(seed key, selection seeds, report seeds). Default: the seeds with a result, in order, the first half to
+    select on and the rest to report on; one set given: the other is the rest. ValueError (one line) for a sweep
+    with fewer than 2 seeds or several unit seed keys, seeds it does not have, overlapping or empty sets."""
+    if len(aggregate.unit_axes) != 1:
+        raise ValueError("held-out selection splits one seed key; the units of this sweep vary in "
+                         + " and ".join(aggregate.unit_axes))
+    axis = aggregate.unit_axes[0]
+    present = sorted({label.split("=", 1)[1] for group in aggregate.groups for units in group.units.values()
+                      for label in units}, key=_seed_order)
+    if len(present) < 2:
+        raise ValueError(f"held-out selection needs at least 2 values of `{axis}` with results (one set to select "
+                         f"on, a disjoint one to report on); this sweep has {len(present)}: {', '.join(present)}")
+    chosen, reported = _seed_list(select_seeds), _seed_list(report_seeds)
+    for name, seeds in (("selection", chosen), ("report", reported)):
+        unknown = [s for s in seeds or [] if s not in present]
+        if unknown:
+            raise ValueError(f"{name} seed(s) {', '.join(unknown)}: not a `{axis}` of this sweep with results "
+                             f"(it has {', '.join(present)})")
+    if chosen is None and reported is None:
+        chosen = present[:len(present) // 2]
+    if chosen is not None and reported is None:
+        reported = [s for s in present if s not in chosen]
+    elif reported is not None and chosen is None:
+        chosen = [s for s in present if s not in reported]
+    overlap = [s for s in chosen if s in reported]
+    if overlap:
+        raise ValueError(f"selection and report seeds share `{axis}` = {', '.join(overlap)}: a held-out report "
+                         "needs two disjoint sets")
+    if not chosen or not reported:
+        empty = "selection" if not chosen else "report"
+        raise ValueError(f"no {empty} seeds left: the sweep's `{axis}` = {', '.join(present)}; give both sets")
+    return axis, chosen, reported
+
+
+def select_row(aggregate: Aggregate, select_seeds: Sequence[Any] | str | None = None,
+               report_seeds: Sequence[Any] | str | None = None) -> Selection:
+    """Choose the row with the best mean primary metric (``aggregate.metric`` in ``aggregate.mode``) over the
+    selection seeds and summarise its metrics over the report seeds only (``split_seeds`` for the sets)."""
+    if aggregate.metric is None or aggregate.mode is None:
+        raise ValueError("held-out selection needs a primary metric (--metric); no run has one")
+    axis, chosen_seeds, report = split_seeds(aggregate, select_seeds, report_seeds)
+
+    def over(units: dict[str, float], seeds: Sequence[str]) -> dict[str, float]:
+        return {seed: units[f"{axis}={seed}"] for seed in seeds if f"{axis}={seed}" in units}
+
+    candidates = []
+    for group in aggregate.groups:
+        values = over(group.units.get(aggregate.metric, {}), chosen_seeds)
+        if values:
+            candidates.append((group, summarize(list(values.values()))))
+    if not candidates:
+        raise ValueError(f"no row has `{aggregate.metric}` at the selection seeds `{axis}` = "
+                         f"{', '.join(chosen_seeds)}")
+    scored = [(stats.mean, i) for i, (_, stats) in enumerate(candidates)]
+    best = (min(scored) if aggregate.mode == "min" else max(scored, key=lambda s: (s[0], -s[1])))[1]
+    group = candidates[best][0]
+    reported_values = {m: over(units, report) for m, units in group.units.items()}
+    reported_values = {m: v for m, v in reported_values.items() if v}
+    return Selection(axis=axis, unit_kind=aggregate.unit_kind, metric=aggregate.metric, mode=aggregate.mode,
+                     selection_seeds=chosen_seeds, report_seeds=report,
+                     candidates=[(g.label, dict(g.values), s) for g, s in candidates], chosen=best,
+                     reported={m: summarize(list(v.values())) for m, v in reported_values.items()},
+                     reported_values=reported_values)
+
+
+def selection_lines(selection: Selection, metrics: Sequence[str]) -> list[str]:
+    """The markdown section: both seed sets, the candidates over the selection seeds, the chosen row's
+    ``metrics`` (those it has) over the report seeds."""
+    axis = selection.axis
+    selected = f"`{axis}` = {', '.join(selection.selection_seeds)}"
+    reported = f"`{axis}` = {', '.join(selection.report_seeds)}"
+    label, _, _ = selection.candidates[selection.chosen]
+    better = "lowest" if selection.mode == "min" else "highest"
+    name = f"{display_name(selection.metric)} {arrow(selection.metric)}"
+    lines = [f"## Held-out selection: chosen on {selected}, reported on {reported}", "",
+             f"The row with the {better} mean `{selection.metric}` over the selection {selection.unit_kind}s "
+             f"({selected}) is chosen; its metrics are reported over the report {selection.unit_kind}s ({reported}) "
+             "only, so the reported values carry no best-of-N bias. The ★ best row of the tables below is chosen "
+             "and shown on the same seeds: do not report it as a held-out value.", "",
+             f"| row | {name}, mean over the selection seeds | n |", "|---|---|---|"]
+    for i, (row, _, stats) in enumerate(selection.candidates):
+        cell = f"**{row} (chosen)**" if i == selection.chosen else row
+        lines.append(f"| {cell.replace('|', chr(92) + '|')} | {fmt(stats.mean)} | {stats.n} |")
+    lines += ["", f"Chosen: `{label}`. Its metrics over the report seeds ({reported}): mean ± "
+              f"{CONFIDENCE:.0%} t-interval half-width (sd), n:", "", f"| metric | `{label}`, report seeds |",
+              "|---|---|"]
+    shown = [m for m in metrics if m in selection.reported] or sorted(selection.reported)
+    for metric in shown:
+        stats = selection.reported[metric]
+        lines.append(f"| {display_name(metric)} {arrow(metric)} | {stats_cell(stats)}, n={stats.n} |")
+    if not shown:
+        lines.append("| (none) | no completed job of this row at the report seeds yet |")
+    return [*lines, ""]
+
+
+def selection_json(selection: Selection, sweep_dir: str | Path) -> dict[str, Any]:
+    """``selection.json``: what made it, both seed sets, the candidates, the choice and the reported values."""
+    def number(value: float | None) -> float | None:
+        return None if value is None or not math.isfinite(value) else value
+
+    label, values, stats = selection.candidates[selection.chosen]
+    return {
+        "made_by": "ddpm-report --select", "sweep_dir": str(sweep_dir), "metric": selection.metric,
+        "mode": selection.mode, "seed_key": selection.axis, "unit_kind": selection.unit_kind,
+        "selection_seeds": selection.selection_seeds, "report_seeds": selection.report_seeds,
+        "confidence": CONFIDENCE,
+        "candidates": [{"row": row, "overrides": overrides, "selection_mean": number(s.mean), "selection_n": s.n}
+                       for row, overrides, s in selection.candidates],
+        "chosen": {"row": label, "overrides": values, "selection_mean": number(stats.mean)},
+        "reported": {metric: {"n": s.n, "mean": number(s.mean), "std": number(s.std), "ci_low": number(s.low),
+                              "ci_high": number(s.high), "values": selection.reported_values[metric]}
+                     for metric, s in selection.reported.items()},
+    }
