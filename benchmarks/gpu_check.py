@@ -183,7 +183,7 @@ def error_line(text: str) -> str:
 def run_command(plan: Plan, argv: list[str], log: Path, timeout_s: float) -> str:
     """Run a real CLI (its own process group, output in ``log``); its output, or CheckError with its message."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    shown = " ".join(argv[2:4]) if argv[1:2] == ["-m"] else argv[0]
+    shown = argv[2] if argv[1:2] == ["-m"] else argv[0]
     with open(log, "w") as handle:
         proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, env=plan.env(),
                                 start_new_session=True)
@@ -293,8 +293,9 @@ def step_environment(plan: Plan, problems: list[str]) -> dict:
         env["bf16_supported"] = torch.cuda.is_bf16_supported()
         env["tf32_supported"] = major >= 8
         env["name"] = torch.cuda.get_device_name(plan.device)
-        if env["driver"] is None:
-            env["driver"] = f"CUDA driver API {torch._C._cuda_getDriverVersion()} (nvidia-smi not found)"
+        driver_api = getattr(torch._C, "_cuda_getDriverVersion", None)
+        if env["driver"] is None and driver_api is not None:
+            env["driver"] = f"CUDA driver API {driver_api()} (nvidia-smi not found)"
     else:
         env["bf16_supported"] = env["cpu_fast_bf16"]
         env["tf32_supported"] = False
@@ -443,6 +444,7 @@ def step_throughput_compile(plan: Plan, problems: list[str]) -> dict:
                                    f"of the {plan.budget_s:.0f} s budget")
             continue
         start = time.perf_counter()
+        torch._dynamo.reset()  # fresh caches per block: no block runs into dynamo's recompile limit (and eager)
         data["rows"] += measure_group(plan, config, precision, True, data["matmul_tflops"], problems,
                                       plan.compile_contenders)
         last_group_s = time.perf_counter() - start
@@ -867,6 +869,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise ValueError(f"--budget-min must be > 0, got {budget_min}")
     if args.threads is not None and args.threads < 1 or args.rounds is not None and args.rounds < 1:
         raise ValueError(f"--threads and --rounds must be >= 1, got {args.threads} and {args.rounds}")
+    if args.work is not None and args.work.exists() and (not args.work.is_dir() or any(args.work.iterdir())):
+        raise ValueError(f"--work {args.work} is not an empty folder: give a new one (the runs would find the "
+                         f"files of earlier runs there)")
     device = torch.device(args.device)
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check-"))
     cache = args.cache_dir or Path(os.environ.get("DDPM_CACHE_DIR") or Path.home() / ".cache" / "ddpm_lightning")
@@ -880,10 +885,17 @@ def make_plan(args: argparse.Namespace) -> Plan:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    plan = None
     try:
         plan = make_plan(args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+        plan.out.mkdir(parents=True, exist_ok=True)
+        plan.work.mkdir(parents=True, exist_ok=True)
+    except (ValueError, OSError) as error:
+        if plan is not None and args.work is None:
+            shutil.rmtree(plan.work, ignore_errors=True)
+        message = error if isinstance(error, ValueError) else (
+            f"cannot create {error.filename}: {error.strerror}; choose another --out / --work")
+        print(f"error: {message}", file=sys.stderr)
         return 2
     common.set_threads(plan.threads)
     report = Report(plan, argv)

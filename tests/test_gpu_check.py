@@ -174,15 +174,26 @@ def test_compiled_blocks_past_the_budget_are_skipped_not_failed(tmp_path):
     (["--device", "cpu", "--eval-samples", "1"], "error: --eval-samples must be >= 2 for an FID, got 1"),
     (["--device", "cpu", "--budget-min", "0"], "error: --budget-min must be > 0, got 0.0"),
     (["--device", "cuda"], "error: --device cuda but torch sees no GPU"),
+    (["--device", "cpu", "--work", "{used}"], "error: --work {used} is not an empty folder: give a new one"),
 ])
-def test_bad_options_are_one_error_line(args, message, tmp_path):
+def test_bad_options_are_one_error_line(args, message, tmp_path, capsys):
     if args[1] == "cuda" and torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    done = _check(*args, "--out", str(tmp_path / "r"))
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    lines = done.stderr.strip().splitlines()
+    used = tmp_path / "used"
+    (used / "train").mkdir(parents=True)
+    args, message = [a.format(used=used) for a in args], message.format(used=used)
+    assert gpu_check.main([*args, "--out", str(tmp_path / "r")]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), lines
     assert not (tmp_path / "r").exists()
+
+
+def test_the_command_line_answers_bad_input_in_one_line(tmp_path):
+    done = _check("--device", "cpu", "--only", "nosuch", "--out", str(tmp_path / "r"))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == ("error: --only 'nosuch': unknown step(s) nosuch; allowed: environment, throughput, "
+                                   "train, ddp_resume, eval, throughput_compile")
 
 
 # ------------------------------------------------------------------------------------------ the pieces
