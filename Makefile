@@ -14,10 +14,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install train test test-all lint bench gpu-check docker-lock clean
 
-$(STAMP): pyproject.toml requirements-nodeps.txt
+LOCKS := docker/requirements.lock docker/torch.lock docker/torch-cuda.lock
+
+# the runtime packages install at the versions of docker/*.lock (the versions the suite ran with; the images use
+# the same files), so a fresh clone tests what was tested; the dev tools resolve freely
+$(STAMP): pyproject.toml requirements-nodeps.txt $(LOCKS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]" $(addprefix -c ,$(LOCKS))
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
