@@ -1,5 +1,7 @@
-"""Shared test configuration: a fast Hypothesis profile, offline wandb and one torch thread per test."""
+"""Shared test configuration: a fast Hypothesis profile, offline wandb, one torch thread per test and configs
+composed once per session."""
 
+import copy
 import os
 
 import pytest
@@ -26,3 +28,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def composed(tmp_path_factory):
+    """``composed(overrides, config_name="train", hydra=False)``: the config ``run_config.compose_run`` gives
+    (``hydra=True``: ``run_config.compose_hydra``, with the ``hydra`` node), composed once per session for each
+    distinct call; every call returns a deep copy, so a test may change its copy without reaching another test.
+
+    For reading configs: a run (``train(cfg)``, ``sample(cfg)``) composes its own with ``compose_run``, which
+    sets Hydra's run state for it and gives it its own output folder; keys that read that state
+    (``${hydra:runtime.output_dir}``) are not to be read from these copies."""
+    from run_config import compose_hydra, compose_run
+
+    output_dir = tmp_path_factory.mktemp("composed")
+    cache = {}
+
+    def compose(overrides=(), config_name="train", hydra=False):
+        key = (config_name, tuple(overrides), hydra)
+        if key not in cache:
+            cache[key] = (compose_hydra(list(overrides), config_name) if hydra
+                          else compose_run(list(overrides), output_dir, config_name=config_name))
+        return copy.deepcopy(cache[key])
+
+    return compose

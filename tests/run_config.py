@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from ddpm_lightning.cli.compose import compose_run as _compose_run
+from ddpm_lightning.config import CONFIG_DIR, register_configs
 
 # 16 px digits, a 2-level UNet with 32 channels, 4 steps, no progress bar, CSV logging only.
 TINY = [
@@ -27,3 +30,12 @@ TINY = [
 def compose_run(overrides: list[str], output_dir: Path, config_name: str = "train") -> DictConfig:
     """The library's ``compose_run`` with the run's cache inside its output folder."""
     return _compose_run(overrides, output_dir, config_name=config_name, cache_dir=Path(output_dir) / "cache")
+
+
+def compose_hydra(overrides: list[str], config_name: str = "train") -> DictConfig:
+    """Hydra's own composition, ``hydra`` node included (sweeper params, launcher, the task's overrides): what
+    ``--cfg all`` prints. Sets no run state (``${hydra:...}`` keys are not for reading from it)."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name, overrides=list(overrides), return_hydra_config=True)

@@ -14,13 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
-from run_config import TINY, compose_run
+from run_config import TINY, compose_hydra
 
 from ddpm_lightning.cli.report import main as report_main
-from ddpm_lightning.config import CONFIG_DIR, register_configs
+from ddpm_lightning.config import CONFIG_DIR
 from ddpm_lightning.modules.builders import build_diffusion, build_unet, learns_sigma
 from ddpm_lightning.reporting import (
     VERDICTS,
@@ -36,15 +34,12 @@ from ddpm_lightning.reporting import (
 SWEEP = ["callbacks=metrics", "hydra.sweep.subdir=${hydra.job.num}"]
 
 
-def _sweep_values(experiment: str, key: str) -> list[str]:
-    return str(_compose_hydra([f"experiment={experiment}"]).hydra.sweeper.params[key]).split(",")
+def _sweep_values(cfg, key: str) -> list[str]:
+    """The values a composed sweep (``compose_hydra`` / ``composed(..., hydra=True)``) runs for ``key``."""
+    return str(cfg.hydra.sweeper.params[key]).split(",")
 
 
-def _compose_hydra(overrides: list[str]):
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=True)
+ARCH_ROWS = _sweep_values(compose_hydra(["experiment=ablate_arch"]), "model")  # at collection: parametrize ids
 
 
 def _ddpm_train(*args: str, sweep_dir: Path, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -128,9 +123,9 @@ def test_optuna_search_with_parallel_launcher(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ configs
-@pytest.mark.parametrize("row", _sweep_values("ablate_arch", "model"))
-def test_ablate_arch_rows_build_at_experiment_size(row, tmp_path):
-    cfg = compose_run(["experiment=ablate_arch", f"model={row}"], tmp_path)
+@pytest.mark.parametrize("row", ARCH_ROWS)
+def test_ablate_arch_rows_build_at_experiment_size(row, composed):
+    cfg = composed(["experiment=ablate_arch", f"model={row}"])
     assert cfg.model.class_cond and cfg.data._target_.endswith("AnimalMNISTDataModule")
     assert cfg.callbacks.generative_metrics.num_samples == 200
     assert cfg.trainer.val_check_interval == cfg.trainer.max_steps
@@ -139,14 +134,14 @@ def test_ablate_arch_rows_build_at_experiment_size(row, tmp_path):
     assert sum(p.numel() for p in net.parameters()) > 0
 
 
-def test_ablate_arch_covers_the_paper_rows_and_no_two_rows_build_the_same_network(tmp_path):
-    rows = _sweep_values("ablate_arch", "model")
+def test_ablate_arch_covers_the_paper_rows_and_no_two_rows_build_the_same_network(composed):
+    rows = ARCH_ROWS
     assert rows[0] == "ddpm_base" and rows[-1] == "adm"
     assert {"adm_depth", "adm_heads", "adm_head_channels32", "adm_attn_multires",
             "adm_biggan", "adm_adagn", "adm_rescale"} <= set(rows)
     built = {}
     for row in rows + ["adm_head_channels64"]:
-        cfg = compose_run(["experiment=ablate_arch", f"model={row}"], tmp_path)
+        cfg = composed(["experiment=ablate_arch", f"model={row}"])
         model = OmegaConf.to_container(cfg.model, resolve=True)
         torch.manual_seed(0)
         net = build_unet(model, image_size=32, channels=1, num_classes=10, learn_sigma=False).eval()
@@ -167,11 +162,11 @@ def test_ablate_arch_covers_the_paper_rows_and_no_two_rows_build_the_same_networ
     assert torch.allclose(built["adm_head_channels64"][1], built["ddpm_base"][1])
 
 
-def test_ablate_loss_rows_are_distinct_and_build(tmp_path):
-    rows = _sweep_values("ablate_loss", "diffusion")
+def test_ablate_loss_rows_are_distinct_and_build(composed):
+    rows = _sweep_values(composed(["experiment=ablate_loss"], hydra=True), "diffusion")
     settings = {}
     for row in rows:
-        cfg = compose_run(["experiment=ablate_loss", f"diffusion={row}"], tmp_path)
+        cfg = composed(["experiment=ablate_loss", f"diffusion={row}"])
         diffusion = OmegaConf.to_container(cfg.diffusion, resolve=True)
         build_diffusion(diffusion)  # valid values
         settings[row] = (diffusion["schedule"], diffusion["mean_type"], diffusion["var_type"], diffusion["loss_type"])
@@ -197,25 +192,25 @@ def test_diffusion_rows_extend_a_base_with_the_keys_that_change():
         assert (folder / f"{base}.yaml").exists()
 
 
-def test_classifier_configs_build_an_encoder_unet(tmp_path):
+def test_classifier_configs_build_an_encoder_unet(composed):
     from ddpm_lightning.modules.classifier_module import build_encoder_unet
 
     for name in ("default", "wide"):
-        cfg = compose_run(["objective=classifier", f"classifier={name}"], tmp_path)
+        cfg = composed(["objective=classifier", f"classifier={name}"])
         args = {k: v for k, v in OmegaConf.to_container(cfg.classifier, resolve=True).items() if k != "max_t"}
         net = build_encoder_unet(args, image_size=32, channels=1, num_classes=10)
         assert sum(p.numel() for p in net.parameters()) > 0
     assert not (Path(CONFIG_DIR) / "model" / "classifier.yaml").exists()  # not a UNet config
 
 
-def test_launcher_and_search_configs_compose():
-    slurm = _compose_hydra(["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=4",
-                            "hydra.launcher.gpus_per_node=8", "hydra.launcher.partition=gpu"]).hydra.launcher
+def test_the_slurm_launcher_follows_the_trainer_and_optuna_searches_the_objective(composed):
+    slurm = composed(["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=4", "hydra.launcher.gpus_per_node=8",
+                      "hydra.launcher.partition=gpu"], hydra=True).hydra.launcher
     assert slurm._target_.endswith("SlurmLauncher")
     assert (slurm.nodes, slurm.gpus_per_node, slurm.tasks_per_node, slurm.partition) == (4, 8, 8, "gpu")
-    assert _compose_hydra(["hydra/launcher=slurm"]).hydra.launcher.nodes == 1  # no trainer.num_nodes: 1 node
-    assert _compose_hydra(["hydra/launcher=parallel"]).hydra.launcher.n_jobs == 2
-    optuna = _compose_hydra(["hparams_search=optuna", "optimized_metric=val/fid@500"])
+    assert composed(["hydra/launcher=slurm"], hydra=True).hydra.launcher.nodes == 1  # no trainer.num_nodes: 1 node
+    assert composed(["hydra/launcher=parallel"], hydra=True).hydra.launcher.n_jobs == 2
+    optuna = composed(["hparams_search=optuna", "optimized_metric=val/fid@500"], hydra=True)
     assert optuna.hydra.sweeper._target_.endswith("OptunaSweeper") and optuna.hydra.mode.name == "MULTIRUN"
     assert set(optuna.hydra.sweeper.params) == {"optim.lr", "ema.decay", "model.dropout"}
     assert optuna.optimized_metric == "val/fid@500"
@@ -303,7 +298,7 @@ def test_metric_direction():
     assert [metric_mode(m) for m in ("val/is_clf_mean@200", "val/precision@200", "val/recall@1k")] == ["max"] * 3
 
 
-def test_wandb_names_groups_and_tags_a_sweep_job(tmp_path):
+def test_wandb_names_groups_and_tags_a_sweep_job(tmp_path, composed):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import open_dict
@@ -311,7 +306,7 @@ def test_wandb_names_groups_and_tags_a_sweep_job(tmp_path):
     from ddpm_lightning.loggers import wandb_defaults
 
     long_override = "paths.data_dir=/" + "x" * 80
-    cfg = _compose_hydra(["experiment=ablate_loss", "logger=many", "diffusion=vlb", long_override])
+    cfg = composed(["experiment=ablate_loss", "logger=many", "diffusion=vlb", long_override], hydra=True)
     with open_dict(cfg):
         cfg.hydra.mode = RunMode.MULTIRUN
         cfg.hydra.sweep.dir = str(tmp_path / "2026-01-01_00-00-00")
@@ -325,13 +320,13 @@ def test_wandb_names_groups_and_tags_a_sweep_job(tmp_path):
 
 
 @pytest.mark.parametrize(("mode", "expected"), [("RUN", False), ("MULTIRUN", True)])
-def test_missing_objective_is_reported_only_in_sweeps(mode, expected):
+def test_missing_objective_is_reported_only_in_sweeps(mode, expected, composed):
     """A single run does not read ``optimized_metric``: no message about it there."""
     from hydra.core.hydra_config import HydraConfig
 
     from ddpm_lightning.cli.errors import in_multirun
 
-    cfg = _compose_hydra([])
+    cfg = composed([], hydra=True)
     cfg.hydra.mode = mode
     HydraConfig.instance().set_config(cfg)
     try:
@@ -340,10 +335,10 @@ def test_missing_objective_is_reported_only_in_sweeps(mode, expected):
         HydraConfig.instance().cfg = None
 
 
-def test_missing_objective_message_says_what_to_change():
+def test_missing_objective_message_says_what_to_change(composed):
     from ddpm_lightning.cli.train import missing_objective_message
 
-    cfg = _compose_hydra(["trainer.max_steps=20", "trainer.val_check_interval=500"])
+    cfg = composed(["trainer.max_steps=20", "trainer.val_check_interval=500"], hydra=True)
     no_validation = missing_objective_message("val/vlb_bpd", {"train/loss": 0.5}, cfg)
     assert "no validation ran" in no_validation and "trainer.max_steps=20" in no_validation
     assert "lower trainer.val_check_interval" in no_validation
@@ -354,10 +349,10 @@ def test_missing_objective_message_says_what_to_change():
 # ------------------------------------------------------------------------------------ seeds as an axis
 @pytest.mark.parametrize(("experiment", "key", "seed_key"), [("ablate_arch", "model", "seed"),
                                                              ("ablate_loss", "diffusion", "seed")])
-def test_ablation_experiments_sweep_three_training_seeds_first(experiment, key, seed_key):
-    params = _compose_hydra([f"experiment={experiment}"]).hydra.sweeper.params
-    assert list(params)[:2] == [seed_key, key]  # seed-major: an interrupted sweep has whole seeds
-    assert _sweep_values(experiment, seed_key) == ["0", "1", "2"]
+def test_ablation_experiments_sweep_three_training_seeds_first(experiment, key, seed_key, composed):
+    cfg = composed([f"experiment={experiment}"], hydra=True)
+    assert list(cfg.hydra.sweeper.params)[:2] == [seed_key, key]  # seed-major: an interrupted sweep has whole seeds
+    assert _sweep_values(cfg, seed_key) == ["0", "1", "2"]
 
 
 def test_two_seed_multirun_reports_rows_over_seeds(tmp_path):

@@ -369,21 +369,20 @@ def test_a_decaying_lr_under_max_time_alone_decays_to_the_runs_end(tmp_path):
     assert last["lr_schedulers"][0]["_last_lr"][0] == pytest.approx(0.0, abs=1e-15)  # all of the budget spent
 
 
-def test_ablate_levers_rows_compose_and_each_turns_one_lever(tmp_path):
+def test_ablate_levers_rows_compose_and_each_turns_one_lever(composed):
     from omegaconf import OmegaConf
-    from run_config import compose_run
 
     from ddpm_lightning.config import CONFIG_DIR
 
     sweep = OmegaConf.load(f"{CONFIG_DIR}/experiment/ablate_levers.yaml").hydra.sweeper.params
     rows = sweep["+lever"].split(",")
     assert sweep["seed"] == "0,1,2" and rows[0] == "baseline"
-    default = compose_run(["experiment=default"], tmp_path)
+    default = composed(["experiment=default"])
     assert default.optim.lr_schedule == "linear"  # what these trials adopted; their baseline is the constant LR before
-    base = compose_run(["experiment=default", "optim.lr_schedule=constant"], tmp_path)
+    base = composed(["experiment=default", "optim.lr_schedule=constant"])
     changed, trainers = {}, []
     for row in rows:
-        cfg = compose_run(["experiment=ablate_levers", f"+lever={row}"], tmp_path)
+        cfg = composed(["experiment=ablate_levers", f"+lever={row}"])
         assert cfg.model == base.model and cfg.data == base.data  # the default job
         trainers.append(cfg.trainer)
         # every arm snapshots the post-hoc EMAs (an EMA length chosen after training), the regular EMA as the default
@@ -400,7 +399,7 @@ def test_ablate_levers_rows_compose_and_each_turns_one_lever(tmp_path):
     assert all(t == trainers[0] for t in trainers) and trainers[0].max_steps < base.trainer.max_steps
     assert trainers[0].val_check_interval == trainers[0].max_steps
     # a combination arm selects several levers at once
-    both = compose_run(["experiment=ablate_levers", "+lever=[min_snr,lr_cosine]"], tmp_path)
+    both = composed(["experiment=ablate_levers", "+lever=[min_snr,lr_cosine]"])
     assert (both.diffusion.loss_weighting, both.optim.lr_schedule) == ("min_snr", "cosine")
     assert both.trainer == trainers[0]
 
