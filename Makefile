@@ -31,7 +31,7 @@ train: $(STAMP)
 	$(VENV)/bin/ddpm-train experiment=default $(ARGS)
 
 test: $(STAMP)
-	WANDB_MODE=offline $(PY) -m pytest -q -m "not slow" $(ARGS)
+	WANDB_MODE=offline $(PY) -m pytest -q -m "not slow" --durations=25 $(ARGS)
 
 test-all: $(STAMP)
 	WANDB_MODE=offline DDPM_KILLS=$${DDPM_KILLS:-50} $(PY) -m pytest -q -s -m "slow or not slow" $(ARGS)
