@@ -27,6 +27,7 @@ SUMMARY_FILE = "summary.json"  # ddpm-train: status, steps, final metrics, outpu
 METRICS_FILE = "metrics.json"  # end-of-training scores (GenerativeMetricsCallback)
 RESULTS_FILE = "results.json"  # ddpm-eval's scores
 SAMPLE_FILE = "sample.json"  # ddpm-sample's settings and outputs
+WANDB_RUN_FILE = "wandb_run.json"  # the W&B run of a run folder: id, name, group, tags, logged steps
 ERROR_FILE = "error.txt"  # the one-line message of a failed run
 SNAPSHOT_DIR = "posthoc_ema"  # post-hoc EMA snapshots of a run (``ema.posthoc_sigma_rels``)
 LOCK_FILE = ".run.lock"  # held by the process that owns a run (or sweep) folder

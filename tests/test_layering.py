@@ -26,7 +26,8 @@ LAYERS = (
     (4, ("callbacks",), "Lightning callbacks: grids, in-loop metrics, preemption, health, post-hoc EMA"),
     (3, ("modules", "loggers", "reporting"), "thin LightningModules, checkpoints; loggers; sweep tables"),
     (2, ("sampling", "metrics"), "pure torch: sample_images, guidance; FID/KID/PR/IS"),
-    (1, ("diffusion", "models", "data"), "pure torch: the math, the networks; the data sets"),
+    (1, ("diffusion", "models", "data", "provenance"),
+     "pure torch: the math, the networks; the data sets; what made a number (code, machine, precision)"),
     (0, ("config", "adm_flags", "artifacts", "pixels", "precision", "security", "seeding", "sweeps"),
      "schemas + choices (no torch), run files, pixel range, seeds, sweep expansion, config safety"),
 )

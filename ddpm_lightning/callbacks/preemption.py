@@ -178,6 +178,7 @@ class Preemption(pl.Callback):
         if self.requeue_requested is None:
             self.requeue_requested = self.requeue_signals[0]  # another rank got it
         self._save_last(trainer)
+        _log_this_step(trainer)
         self._exit_for_requeue(trainer)
 
     @override
@@ -230,6 +231,18 @@ class Preemption(pl.Callback):
         if not folder:
             return  # checkpointing is off (callbacks without ModelCheckpoint): nothing to save to
         trainer.save_checkpoint(str(Path(folder) / LAST_NAME))
+
+
+def _log_this_step(trainer: pl.Trainer) -> None:
+    """Send this batch's logged metrics to the loggers now: Lightning does it after ``on_train_batch_end``, which a
+    requeue exit never reaches, and the checkpoint just written holds this step (the requeued run continues after
+    it): without this, its metrics would be missing from every logger (a gap in the W&B curves). Every rank calls it
+    (metrics with ``sync_dist`` reduce across ranks, as Lightning's own call would)."""
+    connector = getattr(trainer, "_logger_connector", None)
+    if connector is not None and trainer.loggers:
+        connector.update_train_step_metrics()
+        for logger in trainer.loggers:
+            logger.save()
 
 
 def mark_running_epoch_started(checkpoint: dict) -> None:

@@ -65,7 +65,8 @@ def in_multirun() -> bool:
 
 
 def record_failure(message: str, kind: str) -> None:
-    """``error.txt`` and ``summary.json`` (``status: failed``) in the Hydra run folder, for reports.
+    """``error.txt`` and ``summary.json`` (``status: failed``, ``provenance`` once torch is loaded) in the Hydra run
+    folder, for reports.
 
     An existing ``summary.json`` (e.g. of the run a failed resume continued) keeps its other fields.
     Nothing is written outside Hydra or when the folder cannot be written.
@@ -80,6 +81,9 @@ def record_failure(message: str, kind: str) -> None:
         if summary.get("status") == "completed" and kind == "bad input":
             return  # a run refused before any work (e.g. into a finished run's folder) leaves its files alone
         summary.update(status="failed", error=message, error_kind=kind)
+        made_by = sys.modules.get("ddpm_lightning.provenance")  # loaded once the run got past its checks
+        if made_by is not None and "provenance" not in summary:
+            summary["provenance"] = made_by.provenance()
         artifacts.write_text(folder / artifacts.ERROR_FILE, message + "\n")
         artifacts.write_json(folder / artifacts.SUMMARY_FILE, summary)
     except (OSError, ValueError):

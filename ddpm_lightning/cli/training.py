@@ -27,11 +27,12 @@ from ..callbacks.health import TrainingHealth
 from ..callbacks.posthoc_ema import PostHocEMASnapshots
 from ..callbacks.preemption import Preemption
 from ..config.schema import EMAConfig
-from ..loggers import build_loggers, finish_wandb
+from ..loggers import build_loggers, finish_wandb, record_provenance, wandb_run_info
 from ..modules import DiffusionModule
 from ..modules.checkpoint import check_checkpoint_fits, check_same_run, find_resume_checkpoint, load_checkpoint_dict
 from ..modules.classifier_module import build_classifier_module
 from ..precision import check_accelerator, resolve_precision
+from ..provenance import provenance
 from ..security import check_targets, redact_secrets
 from .errors import in_multirun
 from .run_folder import check_ownership, claim, folder_state, is_secondary_rank, release
@@ -196,6 +197,8 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     precision = resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, has_logger=bool(loggers)),
                                       logger=loggers or False, precision=precision)
+    made_by = provenance(precision=trainer.precision, world_size=trainer.world_size)  # at the start: the code that runs
+    record_provenance(loggers, made_by)
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():  # our sampler resumes mid-epoch exactly (data/sampler.py): not a concern
@@ -221,14 +224,15 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         metrics.update(getattr(callback, "last_results", None) or {})
     _write_summary(trainer, output_dir, metrics, train_seconds=round(fit_seconds, 2),
                    num_parameters=sum(p.numel() for p in getattr(module, "net", module).parameters()),
-                   overrides=_job_overrides())
+                   overrides=_job_overrides(), provenance=made_by, wandb=wandb_run_info(loggers))
     return metrics
 
 
 @rank_zero_only
 def _write_summary(trainer: pl.Trainer, output_dir: Path, metrics: dict[str, float], **extra: Any) -> None:
-    """``summary.json``: status, steps, ``extra`` (num_parameters, train_seconds = trainer.fit wall time),
-    final metrics and output paths, the job's overrides (a re-run sweep compares them); ``ddpm-report`` reads it."""
+    """``summary.json``: status, steps, ``extra`` (num_parameters, train_seconds = trainer.fit wall time, the job's
+    overrides (a re-run sweep compares them), ``provenance``, the W&B run or null), final metrics and output paths;
+    ``ddpm-report`` reads it."""
     summary = {"status": "completed", "global_step": trainer.global_step, **extra, "metrics": metrics,
                "outputs": {}}
     if trainer.checkpoint_callback is not None and getattr(trainer.checkpoint_callback, "dirpath", None):

@@ -1,0 +1,175 @@
+"""W&B as the research surface, read back from the offline run files W&B wrote (``tests/wandb_files.py``; W&B is
+never mocked): one W&B run per run folder across a resume and a SIGUSR1 requeue, with every key logged once per
+step; the offline fallback in one warning line; an unwritable W&B folder in one error line; provenance in the
+run's config and in ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from faults import subprocess_env, train_command
+from run_config import TINY, compose_run
+from wandb_files import read_runs, steps_per_key
+
+from ddpm_lightning.callbacks.preemption import REQUEUE_EXIT_CODE
+from ddpm_lightning.cli.errors import run_cli
+from ddpm_lightning.cli.train import train
+from ddpm_lightning.provenance import PROVENANCE_KEYS
+
+RUN = [*[o for o in TINY if not o.startswith("trainer.max_steps")], "logger=wandb"]
+
+
+def _record(run_dir: Path) -> dict:
+    return json.loads((run_dir / "wandb_run.json").read_text())
+
+
+def _assert_one_run_with_steps_once(run_dir: Path, last_step: int, segments: int = 2) -> list:
+    """One W&B run id over ``segments`` offline segments (the one kept in ``wandb_run.json`` and named in
+    ``summary.json``), same group and tags in each, every metric logged once per step in rising order, training
+    steps 0..last_step - 1 and the final grid at ``last_step``; W&B's own step rises across the segments."""
+    runs = read_runs(run_dir)
+    assert len(runs) == segments, [r.folder.name for r in runs]
+    record = _record(run_dir)
+    assert {r.run_id for r in runs} == {record["id"]}
+    assert json.loads((run_dir / "summary.json").read_text())["wandb"]["id"] == record["id"]
+    assert len({(r.group, r.job_type, tuple(r.tags), r.name) for r in runs}) == 1
+    assert runs[0].group == record["group"] and runs[0].job_type == "train"
+    steps = steps_per_key(runs)
+    repeated = {key: values for key, values in steps.items() if values != sorted(set(values))}
+    assert repeated == {}, f"logged twice or backwards: {repeated}"
+    assert steps["train/loss"] == list(range(last_step))
+    assert steps["samples/grid"][-1] == last_step
+    assert sorted({s for values in steps.values() for s in values}) == list(range(last_step + 1))
+    wandb_steps = [row["_step"] for run in runs for row in run.history]
+    assert wandb_steps == list(range(len(wandb_steps)))
+    return runs
+
+
+def test_a_resumed_run_logs_into_one_wandb_run_with_each_step_once(tmp_path):
+    run_dir = tmp_path / "run"
+    train(compose_run([*RUN, "trainer.max_steps=2"], run_dir))
+    first_id = _record(run_dir)["id"]
+    train(compose_run([*RUN, "trainer.max_steps=4", "resume=auto"], run_dir))
+    assert _record(run_dir)["id"] == first_id
+    runs = _assert_one_run_with_steps_once(run_dir, last_step=4)
+    print("W&B run ids:", [f"{r.folder.name}: {r.run_id}" for r in runs])
+    # the grid image of each segment is in the run's media
+    for run in runs:
+        grids = [f for f in run.files if f.startswith("media/images/samples/grid")]
+        assert grids and all(run.media(f).is_file() for f in grids), run.files
+    # provenance: in the W&B config and in summary.json
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for made_by in (runs[-1].config["provenance"], summary["provenance"]):
+        assert set(PROVENANCE_KEYS) <= set(made_by)
+        assert made_by["precision"] == "32-true" and made_by["world_size"] == 1 and made_by["threads"] >= 1
+
+
+def test_a_requeued_run_continues_its_wandb_run(tmp_path):
+    """SIGUSR1 during step 2 (a pause that ends when the signal arrives): a checkpoint of step 3, exit 75; the
+    requeued command continues the same W&B run to step 4."""
+    run_dir, marker = tmp_path / "run", tmp_path / "paused"
+    overrides = [*RUN, "trainer.max_steps=4", "resume=auto", "allow_any_target=true"]
+    pause = ["+callbacks.pause._target_=faults.PauseAt", "+callbacks.pause.step=2", "+callbacks.pause.phase=train",
+             f"+callbacks.pause.marker={marker}", "+callbacks.pause.until=SIGUSR1"]
+    process = subprocess.Popen(train_command([*overrides, *pause], run_dir), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    deadline = time.monotonic() + 300
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), process.communicate()[1][-3000:]
+    process.send_signal(signal.SIGUSR1)
+    _, err = process.communicate(timeout=300)  # a hang guard, not a timing assert
+    assert process.returncode == REQUEUE_EXIT_CODE, err[-3000:]
+    again = subprocess.run(train_command(overrides, run_dir), capture_output=True, text=True, env=subprocess_env(),
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    _assert_one_run_with_steps_once(run_dir, last_step=4)
+
+
+# ------------------------------------------------------------------------------------- fallback and bad input
+FALLBACK = """
+import sys
+from ddpm_lightning.loggers import finish_wandb, wandb_logger
+logger = wandb_logger(save_dir=sys.argv[1], run_dir=sys.argv[1], project="p", name="n")
+logger.log_metrics({"a": 1.0}, step=0)
+print("mode", logger._wandb_init["mode"])
+finish_wandb()
+"""
+
+
+def _fallback(tmp_path: Path, base_url: str) -> subprocess.CompletedProcess:
+    """A W&B logger with a (fake) key and WANDB_MODE unset in a fresh process (wandb keeps its settings per
+    process): the key makes it try online against ``base_url``."""
+    (tmp_path / "home").mkdir()
+    env = subprocess_env(WANDB_API_KEY="k" * 40, WANDB_BASE_URL=base_url, HOME=str(tmp_path / "home"),
+                         NETRC=str(tmp_path / "home" / "netrc"))
+    env.pop("WANDB_MODE")
+    return subprocess.run([sys.executable, "-c", FALLBACK, str(tmp_path / "run")], capture_output=True, text=True,
+                          env=env, timeout=240)
+
+
+def _one_warning(done: subprocess.CompletedProcess, pattern: str) -> None:
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mode offline" in done.stdout
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and re.search(pattern, warnings[0]), done.stderr[-3000:]
+    assert "wandb sync" in warnings[0] and "Traceback" not in done.stderr
+
+
+def test_an_unreachable_wandb_host_falls_back_offline_in_one_warning_line(tmp_path):
+    with socket.socket() as probe:  # a port nothing listens on: the connection is refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = _fallback(tmp_path, f"http://127.0.0.1:{port}")
+    _one_warning(done, rf"^warning: W&B 127\.0\.0\.1:{port} unreachable: .*logging offline to ")
+    (run,) = read_runs(tmp_path / "run")
+    assert run.run_id == _record(tmp_path / "run")["id"] and run.history[0]["a"] == 1.0
+
+
+def test_a_key_the_wandb_host_refuses_falls_back_offline_in_one_warning_line(tmp_path):
+    """A host that answers every request with 401 (what W&B answers a bogus key)."""
+    server = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import http.server
+        class Refuse(http.server.BaseHTTPRequestHandler):
+            def refuse(self):
+                self.send_response(401)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b'{"errors": [{"message": "invalid API key"}]}')
+            do_GET = do_POST = refuse
+            def log_message(self, *args):
+                pass
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+        print(server.server_address[1], flush=True)
+        server.serve_forever()
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        done = _fallback(tmp_path, f"http://127.0.0.1:{port}")
+    finally:
+        server.kill()
+        server.wait()
+    _one_warning(done, r"^warning: W&B could not start online \(\w+: .*401.*\); logging offline to ")
+    (run,) = read_runs(tmp_path / "run")
+    assert run.run_id == _record(tmp_path / "run")["id"]
+
+
+def test_an_unwritable_wandb_folder_is_one_error_line_before_training(tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("x")
+    cfg = compose_run([*RUN, f"logger.wandb.save_dir={tmp_path}/file.txt/sub"], tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train, cfg)
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.match(r"error: logger\.wandb\.save_dir=.*/file\.txt/sub: cannot write W&B files "
+                                         r"into .*\(Not a directory\); set logger\.wandb\.save_dir", errors[0]), errors
+    assert not (tmp_path / "run" / "checkpoints").exists()
