@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-# (method, sampler=, schedule=) rows. Ancestral DDPM and DDIM keep ADM's respacing; the multistep solvers use
+# (method, method=, schedule=) rows. Ancestral DDPM and DDIM keep ADM's respacing; the multistep solvers use
 # logSNR-uniform steps (DPM-Solver's choice for pixel-space models at few steps).
 METHODS = {
     "ddpm": ("ddpm", "adm"),
@@ -48,7 +48,7 @@ def run_cell(args: argparse.Namespace, method: str, nfe: int, scale: float) -> d
     if folder.exists():  # an interrupted cell: start it again from scratch
         shutil.rmtree(folder)
     sampler, schedule = METHODS[method]
-    command = [str(Path(sys.executable).with_name("ddpm-eval")), f"ckpt={args.ckpt}", f"sampler={sampler}",
+    command = [str(Path(sys.executable).with_name("ddpm-eval")), f"ckpt={args.ckpt}", f"method={sampler}",
                f"schedule={schedule}", f"steps={nfe}", f"num_samples={args.num_samples}", "metrics=[fid]",
                f"seed={args.seed}", f"precision={args.precision}", f"batch_size={args.batch_size}",
                f"hydra.run.dir={folder}"]

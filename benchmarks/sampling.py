@@ -5,7 +5,7 @@
 
 Contenders (interleaved rounds, medians):
 
-* ``ours``: ``ddpm_lightning.sampling.sample_images(net, diffusion, 16, method="ddim", steps=25)`` with our
+* ``ours``: ``ddpm_lightning.sampling.sample_images(net, diffusion, 16, shape, SampleConfig(steps=25))`` with our
   UNet and a linear-schedule 1000-step ``GaussianDiffusion`` (the library's sampling path, as the CLI and the
   sample-grid callback call it);
 * ``diffusers``: ``DDIMScheduler`` (linear betas 1e-4..0.02, 1000 steps, 25 inference steps, eta 0, clipped
@@ -34,6 +34,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ddpm_lightning.config.schema import SampleConfig
 from ddpm_lightning.diffusion import GaussianDiffusion, make_beta_schedule
 from ddpm_lightning.precision import resolve_precision
 from ddpm_lightning.sampling import sample_images
@@ -46,8 +47,8 @@ def ours_fn(net: nn.Module, config: common.ArchConfig, n: int, steps: int) -> Ca
     classes = config.unet.get("num_classes")
 
     def run() -> torch.Tensor:
-        return sample_images(net, diffusion, n, config.image_shape, method="ddim", steps=steps, eta=0.0,
-                             num_classes=classes, batch_size=n, seed=0)[0]
+        settings = SampleConfig(method="ddim", steps=steps, eta=0.0, batch_size=n)
+        return sample_images(net, diffusion, n, config.image_shape, settings, num_classes=classes, seed=0)[0]
 
     return run
 
@@ -116,7 +117,7 @@ def solver_fns(net: nn.Module, config: common.ArchConfig, n: int, steps: int) ->
     from ddpm_lightning.sampling import sampling_process
 
     diffusion = GaussianDiffusion(make_beta_schedule("linear", 1000))
-    process = sampling_process(diffusion, "dpm++2m", steps, "uniform")
+    process = sampling_process(diffusion, SampleConfig(method="dpm++2m", steps=steps, schedule="uniform"))
     classes = config.unet.get("num_classes")
     gen = torch.Generator().manual_seed(0)
     x_T = torch.randn((n, *config.image_shape), generator=gen)

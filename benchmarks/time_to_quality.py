@@ -28,7 +28,7 @@ from ddpm_lightning.metrics import (
     reference_stats,
 )
 from ddpm_lightning.modules.checkpoint import load_diffusion_module
-from ddpm_lightning.sampling import save_grid
+from ddpm_lightning.sampling import resolve_sampler, save_grid
 
 
 def fid_of(scorer: GenerativeMetrics, images_uint8: torch.Tensor) -> float:
@@ -54,8 +54,8 @@ def run_ours(budget_s: float, out_dir: Path, num_samples: int, seed: int, extra:
     ckpt = torch.load(out_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     module = load_diffusion_module(out_dir / "checkpoints" / "last.ckpt")
     start = time.perf_counter()
-    images, _ = module.sample(num_samples, y=balanced_labels(num_samples, module.num_classes), seed=seed,
-                              batch_size=100)
+    settings = resolve_sampler(module.sample_settings, {"batch_size": 100})
+    images, _ = module.sample(num_samples, settings, y=balanced_labels(num_samples, module.num_classes), seed=seed)
     sample_s = time.perf_counter() - start
     steps = int(ckpt["global_step"])
     batch = int(cfg.data.batch_size)

@@ -302,14 +302,14 @@ GENERATION_CASES = [
     ("eval", ["samples={tmp}/half.npz"], r"samples=.*/half\.npz is not a readable \.npz \(truncated or not a zip"),
     ("eval", ["cache_dir={tmp}/file.txt/cache"], r"cannot write the cache_dir folder .*/file\.txt/cache: .*is a file"),
     ("sample", ["ckpt={tmp}/missing.ckpt"], r"checkpoint .*/missing\.ckpt does not exist$"),
-    ("sample", ["sampler=ddpmm"],
+    ("sample", ["method=ddpmm"],
      r"unknown sampling method 'ddpmm'; allowed: ddpm, ddim, dpm\+\+2m, .*unipc \(did you mean ddpm\?\)$"),
     ("sample", ["schedule=karas"],
      r"unknown sampling schedule 'karas'; allowed: adm, uniform, logsnr, karras, trailing \(did you mean"),
     ("sample", ["precision=16"], r"precision=16; allowed: 32, bf16"),
     ("sample", ["eta=-1"], r"eta must be a number >= 0 \(DDIM's stochasticity: 0 deterministic, 1 as DDPM\), got -1$"),
-    ("eval", ["eta=0.5", "sampler=ddpm"],
-     r"eta=0\.5 is DDIM's; sampler=ddpm does not use it: drop eta, or give sampler=ddim$"),
+    ("eval", ["eta=0.5", "method=ddpm"],
+     r"eta=0\.5 is DDIM's; method=ddpm does not use it: drop eta, or give method=ddim$"),
     ("sample", ["devices=0"], r"devices must be an integer >= 1, got 0$"),
     ("eval", ["samples={tmp}/empty", "data=digits"], r"samples folder .*/empty holds no images \(\.png, \.jpg"),
     ("eval", ["reference={tmp}/file.txt"], r"reference=.*/file\.txt is a \.txt file; give an ADM reference batch"),
@@ -396,17 +396,16 @@ def test_a_classifier_no_sweep_job_guides_with_is_refused_before_any_job(command
 
 
 def test_eta_for_a_checkpoint_whose_own_sampler_is_not_ddim_is_refused_not_ignored(tmp_path):
-    from types import SimpleNamespace
-
-    from ddpm_lightning.cli.generation import generate
+    from ddpm_lightning.cli.generation import SAMPLER_OVERRIDES, command_sampler
     from ddpm_lightning.config.schema import SampleConfig
 
-    module = SimpleNamespace(device=torch.device("cpu"), num_classes=None,
-                             sample_settings=SampleConfig(method="ddpm", steps=10, eta=0.0, schedule="adm"))
-    expected = r"eta=0\.5 is DDIM's; the sampler ddpm \(the checkpoint's own sample\.method\) does not use it"
-    with pytest.raises(ValueError, match=expected + r": drop eta, or give sampler=ddim"):
-        generate(module, out_dir=tmp_path, num_samples=2, sampler=None, steps=None, eta=0.5, clip_denoised=True,
-                 y=None, cond_fn=None, guidance_num_classes=None, cfg_scale=0.0, batch_size=2, seed=0)
+    own = SampleConfig(method="ddpm", steps=10, eta=0.0, schedule="adm")  # the checkpoint's sample settings
+    for command in ("sample", "eval"):
+        cfg = compose_run(["ckpt=x.ckpt", "eta=0.5"], tmp_path / command, config_name=command)
+        assert set(SAMPLER_OVERRIDES) <= set(cfg)  # every override key is a ddpm-sample / ddpm-eval key
+        expected = r"eta=0\.5 is DDIM's; the sampler ddpm \(the run's own sample\.method\) does not use it"
+        with pytest.raises(ValueError, match=expected + r": drop eta, or give method=ddim"):
+            command_sampler(cfg, own)
 
 
 def test_report_refuses_a_stale_time_that_is_not_positive(capsys):
@@ -422,12 +421,13 @@ def test_report_refuses_a_stale_time_that_is_not_positive(capsys):
 def test_a_class_index_for_an_unconditional_model_is_refused_not_ignored(tmp_path):
     from types import SimpleNamespace
 
-    from ddpm_lightning.cli.generation import generate
+    from ddpm_lightning.cli.generation import Generation, generate
+    from ddpm_lightning.config.schema import SampleConfig
 
     unconditional = SimpleNamespace(device=torch.device("cpu"), num_classes=None)
+    run = Generation(out_dir=tmp_path, num_samples=2, sampler=SampleConfig(batch_size=2), y=3)
     with pytest.raises(ValueError, match=r"y=3: the model is unconditional .*; drop y, or give guidance\.classifier"):
-        generate(unconditional, out_dir=tmp_path, num_samples=2, sampler=None, steps=None, eta=None,
-                 clip_denoised=True, y=3, cond_fn=None, guidance_num_classes=None, cfg_scale=0.0, batch_size=2, seed=0)
+        generate(unconditional, run)
 
 
 # --------------------------------------------------------------------- the real CLIs: one line, before Hydra

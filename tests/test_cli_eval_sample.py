@@ -59,8 +59,10 @@ def test_eval_writes_json_grid_and_adm_npz(tiny_ckpt, tmp_path):
 
 
 def test_sample_cli_class_and_outputs(tiny_ckpt, tmp_path):
+    # sampler= is the deprecated spelling of method=: it still works, with one warning line
     result = _run("sample", f"ckpt={tiny_ckpt}", "num_samples=5", "steps=2", "y=3", "sampler=ddpm", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("warning: sampler= is deprecated; use method=\n") == 1, result.stderr[-2000:]
     with np.load(tmp_path / "out" / "samples.npz", allow_pickle=False) as data:
         assert data["arr_1"].tolist() == [3] * 5
     meta = json.loads((tmp_path / "out" / "sample.json").read_text())
@@ -80,7 +82,7 @@ def test_eval_samples_with_the_checkpoints_own_sampler_unless_told(tiny_ckpt, tm
     used = json.loads((tmp_path / "own" / "out" / "results.json").read_text())["sampling"]
     assert used == {"method": stored["method"], "steps": stored["steps"], "eta": stored["eta"],
                     "schedule": stored["schedule"]}
-    told = _run("evaluate", f"ckpt={tiny_ckpt}", "num_samples=2", "metrics=[]", "sampler=ddpm", "steps=all",
+    told = _run("evaluate", f"ckpt={tiny_ckpt}", "num_samples=2", "metrics=[]", "method=ddpm", "steps=all",
                 cwd=_mkdir(tmp_path / "told"))
     assert told.returncode == 0, told.stderr[-2000:]
     assert json.loads((tmp_path / "told" / "out" / "results.json").read_text())["sampling"] == {
@@ -93,7 +95,7 @@ def test_eval_samples_with_the_checkpoints_own_sampler_unless_told(tiny_ckpt, tm
     (["guidance.scale=2"], "needs a noisy classifier checkpoint"),
     (["weights_path=/no/such/inception.pth", "metrics=[fid]"], "Inception weights file not found"),
     (["y=dog"], "allowed: random, balanced, or a class index"),
-    (["sampler=euler"], "allowed: ddpm, ddim"),
+    (["method=euler"], "allowed: ddpm, ddim"),
 ])
 def test_eval_bad_input_is_one_line(tiny_ckpt, tmp_path, args, message):
     args = [f"ckpt={tiny_ckpt}", "num_samples=2", "steps=2", *args] if not args[0].startswith("ckpt=") else args

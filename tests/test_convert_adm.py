@@ -186,8 +186,9 @@ def test_converted_official_weights_sample_and_guide_through_the_cli(tmp_path):
     main([str(tmp_path / "clf.pt"), str(tmp_path / "clf_linear.pt"), *clf_flags])
     main([str(tmp_path / "clf.pt"), str(tmp_path / "clf_ours.pt"), *clf_flags, "--noise_schedule", "cosine"])
 
-    module, cond_fn, classes, _ = load_model_and_guidance(
+    module, guidance = load_model_and_guidance(
         str(tmp_path / "unet_ours.pt"), {"classifier_ckpt": str(tmp_path / "clf_ours.pt"), "scale": 1.0}, "cpu")
+    cond_fn, classes = guidance.cond_fn, guidance.classifier_classes
     hp = module.hparams
     assert (hp.diffusion["schedule"], hp.diffusion["var_type"], hp.diffusion["num_timesteps"]) == \
         ("cosine", "learned_range", 1000)

@@ -84,7 +84,7 @@ def test_one_and_two_processes_give_identical_samples_and_metrics(tiny_ckpt, tmp
 
 
 def test_sigint_keeps_finished_shards_and_a_rerun_continues_byte_equal(tiny_ckpt, tmp_path):
-    args = [f"ckpt={tiny_ckpt}", "num_samples=120", "shard_size=2", "batch_size=2", "steps=3", "sampler=ddpm"]
+    args = [f"ckpt={tiny_ckpt}", "num_samples=120", "shard_size=2", "batch_size=2", "steps=3", "method=ddpm"]
     cache = tmp_path / "cache"
     out = tmp_path / "cut"
     env = {**os.environ, "WANDB_MODE": "offline", "DDPM_CACHE_DIR": str(cache)}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm_lightning.config.schema import SampleConfig
 from ddpm_lightning.diffusion import (
     MEAN_TYPES,
     SOLVER_SCHEDULES,
@@ -13,8 +14,8 @@ from ddpm_lightning.diffusion import (
     make_beta_schedule,
     solver_timesteps,
 )
-from ddpm_lightning.sampling import SAMPLE_METHODS, SAMPLE_SCHEDULES, sample_loop, sampling_process
-from ddpm_lightning.sampling.sample import SOLVERS
+from ddpm_lightning.diffusion.samplers import SOLVERS
+from ddpm_lightning.sampling import SAMPLE_METHODS, SAMPLE_SCHEDULES, sampling_process
 
 T = 1000
 SHAPE = (2, 3, 4, 4)
@@ -52,7 +53,7 @@ class GaussianOutput(torch.nn.Module):
 def test_first_order_dpm_solver_is_ddim(mean_type, schedule, steps, clip, guided):
     """Equal with clipping or with guidance; with both, the solver also clips the guided prediction (below)."""
     diffusion = base(mean_type=mean_type)
-    process = sampling_process(diffusion, "ddim", steps, schedule)
+    process = sampling_process(diffusion, SampleConfig(method="ddim", steps=steps, schedule=schedule))
     model = GaussianOutput(diffusion, mean_type, s=2.0)  # s=2: the clip is active
     cond_fn = (lambda x, t, **kw: 0.1 * torch.tanh(x)) if guided else None
     kw = {"noise": noise(1), "clip_denoised": clip, "cond_fn": cond_fn}
@@ -66,7 +67,7 @@ def test_first_order_dpm_solver_is_ddim(mean_type, schedule, steps, clip, guided
 def test_first_order_sde_dpm_solver_is_ddim_eta1(guided):
     """SDE-DPM-Solver++(1) is DDPM's posterior step = DDIM(eta=1), with the same per-step noise."""
     diffusion = base("cosine")
-    process = sampling_process(diffusion, "ddim", 10, "trailing")
+    process = sampling_process(diffusion, SampleConfig(method="ddim", steps=10, schedule="trailing"))
     model = GaussianOutput(diffusion)
     cond_fn = (lambda x, t, **kw: 0.3 * torch.tanh(x)) if guided else None
     runs = []
@@ -116,8 +117,8 @@ def test_solvers_converge_to_the_ode_solution(method, schedule):
     x_T = noise(2, torch.float64)
     errors = []
     for steps in (16, 32, 64):
-        process = sampling_process(diffusion, method, steps, schedule)
-        got = sample_loop(process, method, model, SHAPE, noise=x_T, clip_denoised=False)
+        process = sampling_process(diffusion, SampleConfig(method=method, steps=steps, schedule=schedule))
+        got = process.sample_loop(process.step_fn(method, model, clip_denoised=False), SHAPE, noise=x_T)
         errors.append(float((got - exact_ode_solution(process, x_T)).abs().max()))
     assert errors[0] > errors[1] > errors[2], errors
     if method == "ddim":
@@ -134,8 +135,8 @@ def test_high_order_beats_ddim_at_equal_nfe(schedule):
     x_T = noise(3, torch.float64)
     err = {}
     for method in ("ddim", "dpm++2m", "dpm++3m", "unipc"):
-        process = sampling_process(diffusion, method, 20, schedule)
-        got = sample_loop(process, method, model, SHAPE, noise=x_T, clip_denoised=False)
+        process = sampling_process(diffusion, SampleConfig(method=method, steps=20, schedule=schedule))
+        got = process.sample_loop(process.step_fn(method, model, clip_denoised=False), SHAPE, noise=x_T)
         err[method] = float((got - exact_ode_solution(process, x_T)).abs().max())
     assert err["dpm++2m"] < err["ddim"] / 5 and err["dpm++3m"] < err["ddim"] / 5 and err["unipc"] < err["ddim"] / 5, err
 
@@ -165,10 +166,10 @@ def test_solvers_recover_the_single_data_point(method, schedule, mean_type, var_
     x_star = (torch.rand((1, *SHAPE[1:]), generator=torch.Generator().manual_seed(0)) * 1.8 - 0.9)
     seen = []
     model = oracle(diffusion, mean_type, x_star, learned_var=var_type == "learned_range", seen=seen)
-    process = sampling_process(diffusion, method, 9, schedule)
+    process = sampling_process(diffusion, SampleConfig(method=method, steps=9, schedule=schedule))
     gen = torch.Generator().manual_seed(1)
-    sample = sample_loop(process, method, model, SHAPE, noise=torch.randn(SHAPE, generator=gen),
-                         noise_sampler=lambda x: torch.randn(x.shape, generator=gen))
+    sample = process.sample_loop(process.step_fn(method, model), SHAPE, noise=torch.randn(SHAPE, generator=gen),
+                                 noise_sampler=lambda x: torch.randn(x.shape, generator=gen))
     torch.testing.assert_close(sample, x_star.expand(SHAPE), rtol=0, atol=2e-5)
     assert seen == process.timestep_map.flip(0).tolist() and len(seen) == 9  # NFE = steps, original t
 
@@ -219,12 +220,12 @@ def test_parity_with_diffusers(method, schedule, mean_type):
     # coefficients diffusers computes, the same on every CPU
     model = tiny_unet(out_mult=2 if var_type == "learned_range" else 1, dtype=torch.float64)
     x_T = noise(4, shape=(2, 3, 8, 8), dtype=torch.float64)
-    process = sampling_process(diffusion, method, steps, schedule)
+    process = sampling_process(diffusion, SampleConfig(method=method, steps=steps, schedule=schedule))
     noises = [noise(100 + i, shape=(2, 3, 8, 8), dtype=torch.float64) for i in range(steps)]
     draws = iter(noises)
     with torch.no_grad():
-        ours = sample_loop(process, method, model, x_T.shape, noise=x_T.clone(), clip_denoised=False,
-                           noise_sampler=lambda x: next(draws))
+        ours = process.sample_loop(process.step_fn(method, model, clip_denoised=False), x_T.shape,
+                                   noise=x_T.clone(), noise_sampler=lambda x: next(draws))
 
     common = {"num_train_timesteps": T, "trained_betas": diffusion.betas.numpy(), "solver_order": 2,
               "prediction_type": PREDICTION[mean_type], "lower_order_final": True,
@@ -298,13 +299,13 @@ def test_schedule_shapes():
 def test_bad_solver_options():
     diffusion = base()
     with pytest.raises(ValueError, match="allowed: adm, uniform, logsnr, karras, trailing"):
-        sampling_process(diffusion, "dpm++2m", 10, "cosine")
+        sampling_process(diffusion, SampleConfig(method="dpm++2m", steps=10, schedule="cosine"))
     with pytest.raises(ValueError, match="allowed: ddpm, ddim, dpm\\+\\+2m, dpm\\+\\+3m, dpm\\+\\+2m-sde, unipc"):
-        sampling_process(diffusion, "euler", 10)
+        sampling_process(diffusion, SampleConfig(method="euler", steps=10))
     with pytest.raises(ValueError, match="needs an integer number of steps"):
-        sampling_process(diffusion, "dpm++2m", "ddim25", "karras")
+        sampling_process(diffusion, SampleConfig(method="dpm++2m", steps="ddim25", schedule="karras"))
     with pytest.raises(ValueError, match="2 <= steps <= T = 1000"):
-        sampling_process(diffusion, "dpm++2m", 1, "uniform")
+        sampling_process(diffusion, SampleConfig(method="dpm++2m", steps=1, schedule="uniform"))
     with pytest.raises(ValueError, match="order must be 1, 2 or 3"):
         diffusion.dpm_solver_sample_loop(lambda x, t: x, SHAPE, order=4)
     with pytest.raises(ValueError, match="allowed: none, unipc"):
@@ -315,7 +316,7 @@ def test_bad_solver_options():
 # ----------------------------------------------------------------------------- the one loop
 def test_a_new_step_function_plugs_into_the_loop():
     """Any ``step(x, k, noise_sampler)`` runs on the shared loop: here DDIM written as a two-line step."""
-    process = sampling_process(base(), "ddim", 6, "trailing")
+    process = sampling_process(base(), SampleConfig(method="ddim", steps=6, schedule="trailing"))
     model = GaussianOutput(base())  # the network sees original-process steps
     ab = process.alphas_cumprod
     seen = []
@@ -334,7 +335,7 @@ def test_a_new_step_function_plugs_into_the_loop():
 
 
 def test_a_multistep_step_function_restarts_with_a_new_loop():
-    process = sampling_process(base(), "dpm++2m", 5, "uniform")
+    process = sampling_process(base(), SampleConfig(method="dpm++2m", steps=5, schedule="uniform"))
     model = GaussianOutput(base())
     step = process.dpm_solver_step_fn(model, order=2, corrector="unipc", clip_denoised=False)
     first = list(process.sample_loop_progressive(step, SHAPE, noise=noise(6)))[-1]["sample"]

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from ddpm_lightning.config.schema import SampleConfig
 from ddpm_lightning.diffusion import (
     GaussianDiffusion,
     IgnoreLabels,
@@ -13,7 +14,13 @@ from ddpm_lightning.diffusion import (
     make_beta_schedule,
 )
 from ddpm_lightning.modules.guidance import guidance_info
-from ddpm_lightning.sampling import SAMPLE_METHODS, ClassifierFreeGuidance, sample_images, sampling_process
+from ddpm_lightning.sampling import (
+    SAMPLE_METHODS,
+    ClassifierFreeGuidance,
+    Guidance,
+    sample_images,
+    sampling_process,
+)
 
 T = 100
 
@@ -129,13 +136,14 @@ def test_guidance_moves_samples_towards_the_class(diffusion, method):
     # SDE-DPM-Solver++(2M) at 10 steps extrapolates the wildly varying guided x_0 of the first steps
     # (sqrt(1 - ab) / sqrt(ab) * grad is ~150x the gradient at t=999) into a net shift near 0: 20 steps
     steps = 20 if method == "dpm++2m-sde" else 10
-    options = {"method": method, "steps": steps, "num_classes": 2, "seed": 5, "batch_size": 32,
-               "clip_denoised": False, "device": "cpu"}
-    plain, _ = sample_images(net, diffusion, 32, (1, 4, 4), y=1, **options)
+    settings = SampleConfig(method=method, steps=steps, batch_size=32, clip_denoised=False)
+    options = {"num_classes": 2, "seed": 5, "device": "cpu"}
+    plain, _ = sample_images(net, diffusion, 32, (1, 4, 4), settings, y=1, **options)
     recorder = Recorder(classifier_cond_fn(classifier, 5.0))
-    bright, _ = sample_images(net, diffusion, 32, (1, 4, 4), y=1, cond_fn=recorder, **options)
-    dark, _ = sample_images(net, diffusion, 32, (1, 4, 4), y=0, cond_fn=classifier_cond_fn(classifier, 5.0),
-                            **options)
+    bright, _ = sample_images(net, diffusion, 32, (1, 4, 4), settings, y=1, guidance=Guidance(cond_fn=recorder),
+                              **options)
+    dark, _ = sample_images(net, diffusion, 32, (1, 4, 4), settings, y=0,
+                            guidance=Guidance(cond_fn=classifier_cond_fn(classifier, 5.0)), **options)
     shift_up = (bright - plain).mean(dim=(1, 2, 3))
     shift_down = (dark - plain).mean(dim=(1, 2, 3))
     assert (shift_up > 0).all() and (shift_down < 0).all()
@@ -144,17 +152,18 @@ def test_guidance_moves_samples_towards_the_class(diffusion, method):
                 for name, x in (("plain", plain), ("guided", bright))}
     assert p_bright["guided"] > p_bright["plain"] + 0.05  # measured: 0.51 -> 0.61 (DDPM), 0.52 -> 0.85 (DDIM)
     # the respaced sampler hands the classifier ORIGINAL timesteps, every step, with the labels
-    process = sampling_process(diffusion, method, steps)
+    process = sampling_process(diffusion, settings)
     assert [int(t[0]) for t in recorder.t] == process.timestep_map.flip(0).tolist()
     assert all(torch.equal(y, torch.ones(32, dtype=torch.long)) for y in recorder.y)
 
 
 def test_guidance_strength_grows_with_scale(diffusion):
     net = IgnoreLabels(GaussianEps(diffusion))
-    options = {"method": "ddim", "steps": 10, "num_classes": 2, "y": 1, "seed": 2, "clip_denoised": False,
-               "device": "cpu"}
-    means = [sample_images(net, diffusion, 16, (1, 4, 4), cond_fn=build_guidance(BrightClassifier(), s),
-                           **options)[0].mean() for s in (0.0, 1.0, 4.0)]
+    settings = SampleConfig(method="ddim", steps=10, clip_denoised=False)
+    options = {"num_classes": 2, "y": 1, "seed": 2, "device": "cpu"}
+    means = [sample_images(net, diffusion, 16, (1, 4, 4), settings,
+                           guidance=Guidance(cond_fn=build_guidance(BrightClassifier(), s)), **options)[0].mean()
+             for s in (0.0, 1.0, 4.0)]
     assert means[0] < means[1] < means[2]
 
 
@@ -163,23 +172,27 @@ def test_classifier_and_classifier_free_guidance_combine(diffusion):
     its push adds to CFG's, and w=0 CFG + classifier equals classifier guidance alone."""
     net = GaussianEps(diffusion, num_labels=3)  # classes 0, 1; null label 2
     classifier = BrightClassifier()
-    options = {"method": "ddim", "steps": 10, "num_classes": 2, "y": 1, "seed": 3, "clip_denoised": False,
-               "device": "cpu"}
-    cfg_only, _ = sample_images(net, diffusion, 16, (1, 4, 4), cfg_scale=2.0, null_label=2, **options)
+    settings = SampleConfig(method="ddim", steps=10, clip_denoised=False)
+    options = {"num_classes": 2, "y": 1, "seed": 3, "device": "cpu"}
+    cfg_only, _ = sample_images(net, diffusion, 16, (1, 4, 4), settings, guidance=Guidance(cfg_scale=2.0),
+                                null_label=2, **options)
     recorder = Recorder(classifier_cond_fn(classifier, 3.0))
-    both, labels = sample_images(net, diffusion, 16, (1, 4, 4), cfg_scale=2.0, null_label=2, cond_fn=recorder,
+    both, labels = sample_images(net, diffusion, 16, (1, 4, 4), settings,
+                                 guidance=Guidance(cond_fn=recorder, cfg_scale=2.0), null_label=2,
                                  **options)
     assert all(torch.equal(y, labels) for y in recorder.y)
     assert ((both - cfg_only).mean(dim=(1, 2, 3)) > 0).all()
     # CFG and classifier guidance compose: the wrapped model under cond_fn equals the cfg_scale path
     wrapped, _ = sample_images(ClassifierFreeGuidance(net, 2.0, null_label=2, channels=1), diffusion, 16,
-                               (1, 4, 4), cond_fn=classifier_cond_fn(classifier, 3.0), **options)
+                               (1, 4, 4), settings, guidance=Guidance(cond_fn=classifier_cond_fn(classifier, 3.0)),
+                               **options)
     torch.testing.assert_close(both, wrapped)
     # w = 0 leaves classifier guidance alone
     zero_cfg, _ = sample_images(ClassifierFreeGuidance(net, 0.0, null_label=2, channels=1), diffusion, 16,
-                                (1, 4, 4), cond_fn=classifier_cond_fn(classifier, 3.0), **options)
-    classifier_only, _ = sample_images(net, diffusion, 16, (1, 4, 4),
-                                       cond_fn=classifier_cond_fn(classifier, 3.0), **options)
+                                (1, 4, 4), settings, guidance=Guidance(cond_fn=classifier_cond_fn(classifier, 3.0)),
+                                **options)
+    classifier_only, _ = sample_images(net, diffusion, 16, (1, 4, 4), settings,
+                                       guidance=Guidance(cond_fn=classifier_cond_fn(classifier, 3.0)), **options)
     torch.testing.assert_close(zero_cfg, classifier_only)
 
 
@@ -187,8 +200,8 @@ def test_guided_sampling_runs_under_inference_mode(diffusion):
     net = IgnoreLabels(GaussianEps(diffusion))
     cond_fn = classifier_cond_fn(BrightClassifier(), 2.0)
     with torch.inference_mode():
-        x, _ = sample_images(net, diffusion, 4, (1, 4, 4), method="ddpm", steps=5, num_classes=2, y=1,
-                             device="cpu", cond_fn=cond_fn)
+        x, _ = sample_images(net, diffusion, 4, (1, 4, 4), SampleConfig(method="ddpm", steps=5), num_classes=2, y=1,
+                             device="cpu", guidance=Guidance(cond_fn=cond_fn))
     assert torch.isfinite(x).all()
 
 

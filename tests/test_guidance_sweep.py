@@ -122,7 +122,7 @@ def test_tradeoff_report_ranks_eval_scores_and_tolerates_a_failed_scale(tmp_path
 def _metrics_run(classifier: Path, *extra: str) -> list[str]:
     return [*TINY, "callbacks=metrics", "model.class_cond=true", "diffusion.schedule=cosine",
             "callbacks.generative_metrics.every_n_val_epochs=1", "callbacks.generative_metrics.classifier_epochs=1",
-            f"callbacks.generative_metrics.classifier_ckpt={classifier}", *extra]
+            f"callbacks.generative_metrics.guidance.classifier_ckpt={classifier}", *extra]
 
 
 def test_metric_callback_scores_classifier_guided_samples(checkpoints, tmp_path):
@@ -131,13 +131,13 @@ def test_metric_callback_scores_classifier_guided_samples(checkpoints, tmp_path)
 
     _, classifier = checkpoints
     # bf16-mixed: the callback samples under the training precision, so the guidance gradient runs in autocast
-    cfg = compose_run(_metrics_run(classifier, "callbacks.generative_metrics.classifier_scale=4.0",
+    cfg = compose_run(_metrics_run(classifier, "callbacks.generative_metrics.guidance.scale=4.0",
                                    "trainer.precision=bf16-mixed"), tmp_path)
     calls = []
     original = GenerativeMetricsCallback._scores
 
     def spy(self, trainer, module, num_samples):
-        calls.append(self._guidance[0])
+        calls.append(self._guidance.cond_fn)
         return original(self, trainer, module, num_samples)
 
     GenerativeMetricsCallback._scores = spy
@@ -153,8 +153,29 @@ def test_metric_callback_rejects_a_mismatched_classifier_before_training(checkpo
     from ddpm_lightning.cli.train import train
 
     _, classifier = checkpoints  # trained for the cosine schedule
-    cfg = compose_run(_metrics_run(classifier, "callbacks.generative_metrics.classifier_scale=1.0",
+    cfg = compose_run(_metrics_run(classifier, "callbacks.generative_metrics.guidance.scale=1.0",
                                    "diffusion.schedule=linear"), tmp_path)
     with pytest.raises(ValueError, match="trained for T=50 cosine, the diffusion model uses T=50 linear"):
         train(cfg)
     assert not list(tmp_path.glob("checkpoints/*.ckpt"))  # failed before the first training step
+
+
+def test_metric_callback_reads_the_guidance_keys_of_older_run_configs(tmp_path, recwarn, capsys):
+    """Run configs saved before the guidance group hold the callback's classifier_ckpt / classifier_scale /
+    cfg_scale: building the callback from such a node gives the same guidance, silently."""
+    from hydra.utils import instantiate
+
+    from ddpm_lightning.config.schema import GuidanceConfig
+
+    node = dict(compose_run([*TINY, "callbacks=metrics"], tmp_path).callbacks.generative_metrics)
+    del node["guidance"]
+    old = instantiate({**node, "classifier_ckpt": "clf.ckpt", "classifier_scale": 2.0, "cfg_scale": 0.5})
+    new = instantiate({**node, "guidance": {"classifier_ckpt": "clf.ckpt", "scale": 2.0, "cfg_scale": 0.5}})
+    assert old.guidance_config == new.guidance_config == GuidanceConfig("clf.ckpt", 2.0, 0.5)
+    assert instantiate({**node, "classifier_ckpt": None, "classifier_scale": 0.0, "cfg_scale": 0.0}).guidance_config \
+        == GuidanceConfig()
+    assert not recwarn.list and capsys.readouterr().err == ""
+    from ddpm_lightning.callbacks import GenerativeMetricsCallback
+
+    with pytest.raises(TypeError, match="unexpected keyword argument 'classifier_scal'"):
+        GenerativeMetricsCallback(classifier_scal=2.0)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from ddpm_lightning.config.schema import SampleConfig
 from ddpm_lightning.diffusion import (
     GaussianDiffusion,
     PerSampleNoise,
@@ -11,7 +12,7 @@ from ddpm_lightning.diffusion import (
     make_beta_schedule,
     sample_seed,
 )
-from ddpm_lightning.sampling import SAMPLE_METHODS, sample_images
+from ddpm_lightning.sampling import SAMPLE_METHODS, Guidance, sample_images
 
 SHAPE = (1, 4, 4)
 
@@ -39,35 +40,46 @@ def diffusion():
     return GaussianDiffusion(make_beta_schedule("linear", 100))
 
 
+CLASSIFIER = Guidance(cond_fn=classifier_cond_fn(BrightClassifier(), 3.0))
+# case: (sampler settings, guidance, the network's null label)
 CASES = {
-    "ddpm": {"method": "ddpm", "steps": 8},
-    "ddim-eta0.5": {"method": "ddim", "steps": 8, "eta": 0.5},
-    "ddim-classifier": {"method": "ddim", "steps": 8, "cond_fn": classifier_cond_fn(BrightClassifier(), 3.0)},
-    "ddpm-classifier": {"method": "ddpm", "steps": 8, "cond_fn": classifier_cond_fn(BrightClassifier(), 3.0)},
-    "ddpm-cfg": {"method": "ddpm", "steps": 8, "cfg_scale": 2.0, "null_label": 4},
-    **{f"{m}-cfg": {"method": m, "steps": 6, "schedule": "karras", "cfg_scale": 1.5, "null_label": 4}
+    "ddpm": ({"method": "ddpm", "steps": 8}, Guidance(), None),
+    "ddim-eta0.5": ({"method": "ddim", "steps": 8, "eta": 0.5}, Guidance(), None),
+    "ddim-classifier": ({"method": "ddim", "steps": 8}, CLASSIFIER, None),
+    "ddpm-classifier": ({"method": "ddpm", "steps": 8}, CLASSIFIER, None),
+    "ddpm-cfg": ({"method": "ddpm", "steps": 8}, Guidance(cfg_scale=2.0), 4),
+    **{f"{m}-cfg": ({"method": m, "steps": 6, "schedule": "karras"}, Guidance(cfg_scale=1.5), 4)
        for m in SAMPLE_METHODS if m not in ("ddpm", "ddim")},
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_same_images_whatever_the_batch_size(diffusion, case):
-    options = {"num_classes": 4 if "classifier" not in case else 2, "seed": 11, "clip_denoised": False,
-               **CASES[case]}
-    x3, y3 = sample_images(LabelNet(), diffusion, 8, SHAPE, batch_size=3, **options)
-    x8, y8 = sample_images(LabelNet(), diffusion, 8, SHAPE, batch_size=8, **options)
+    sampler, guidance, null_label = CASES[case]
+    options = {"num_classes": 4 if "classifier" not in case else 2, "seed": 11, "guidance": guidance,
+               "null_label": null_label}
+
+    def settings(batch_size: int) -> SampleConfig:
+        return SampleConfig(**sampler, clip_denoised=False, batch_size=batch_size)
+
+    x3, y3 = sample_images(LabelNet(), diffusion, 8, SHAPE, settings(3), **options)
+    x8, y8 = sample_images(LabelNet(), diffusion, 8, SHAPE, settings(8), **options)
     assert torch.equal(x3, x8) and torch.equal(y3, y8)
     assert len(set(y8.tolist())) > 1  # random labels, per sample
-    x_other, _ = sample_images(LabelNet(), diffusion, 8, SHAPE, batch_size=8, **{**options, "seed": 12})
+    x_other, _ = sample_images(LabelNet(), diffusion, 8, SHAPE, settings(8), **{**options, "seed": 12})
     assert not torch.equal(x8[0], x_other[0])
 
 
 @pytest.mark.parametrize("method", ["ddpm", "ddim", "dpm++2m-sde"])
 def test_first_index_splits_the_run(diffusion, method):
-    options = {"method": method, "steps": 6, "eta": 1.0, "num_classes": 4, "seed": 5}
-    whole, labels = sample_images(LabelNet(), diffusion, 8, SHAPE, batch_size=4, **options)
-    head, head_labels = sample_images(LabelNet(), diffusion, 5, SHAPE, batch_size=2, **options)
-    tail, tail_labels = sample_images(LabelNet(), diffusion, 3, SHAPE, first_index=5, batch_size=8, **options)
+    options = {"num_classes": 4, "seed": 5}
+
+    def settings(batch_size: int) -> SampleConfig:
+        return SampleConfig(method=method, steps=6, eta=1.0, batch_size=batch_size)
+
+    whole, labels = sample_images(LabelNet(), diffusion, 8, SHAPE, settings(4), **options)
+    head, head_labels = sample_images(LabelNet(), diffusion, 5, SHAPE, settings(2), **options)
+    tail, tail_labels = sample_images(LabelNet(), diffusion, 3, SHAPE, settings(8), first_index=5, **options)
     assert torch.equal(whole, torch.cat([head, tail]))
     assert torch.equal(labels, torch.cat([head_labels, tail_labels]))
     # a shard does not repeat the first samples
@@ -75,14 +87,14 @@ def test_first_index_splits_the_run(diffusion, method):
 
 
 def test_balanced_labels_follow_the_global_index(diffusion):
-    _, labels = sample_images(LabelNet(), diffusion, 3, SHAPE, steps=2, num_classes=4, y="balanced",
+    _, labels = sample_images(LabelNet(), diffusion, 3, SHAPE, SampleConfig(steps=2), num_classes=4, y="balanced",
                               first_index=6)
     assert labels.tolist() == [2, 3, 0]
 
 
 def test_bad_first_index(diffusion):
     with pytest.raises(ValueError, match="first_index must be an int >= 0"):
-        sample_images(LabelNet(), diffusion, 2, SHAPE, steps=2, first_index=-1)
+        sample_images(LabelNet(), diffusion, 2, SHAPE, SampleConfig(steps=2), first_index=-1)
 
 
 def test_per_sample_noise_rows_depend_on_the_index_only():

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from run_config import TINY, compose_run
 
-from ddpm_lightning.cli.generation import generate
+from ddpm_lightning.cli.generation import Generation, generate
 from ddpm_lightning.cli.train import train
 from ddpm_lightning.modules.checkpoint import load_diffusion_module
-from ddpm_lightning.sampling import SAMPLE_METHODS
+from ddpm_lightning.sampling import SAMPLE_METHODS, Guidance, resolve_sampler
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_samples_npz_is_byte_equal_at_batch_sizes_3_and_8(tiny_ckpt, tmp_path):
         cwd = tmp_path / f"b{batch_size}"
         cwd.mkdir()
         result = _run("sample", f"ckpt={tiny_ckpt}", "num_samples=8", f"batch_size={batch_size}", "y=random",
-                      "sampler=ddpm", "steps=3", "guidance.cfg_scale=1.0", cwd=cwd)
+                      "method=ddpm", "steps=3", "guidance.cfg_scale=1.0", cwd=cwd)
         assert result.returncode == 0, result.stderr[-2000:]
         with np.load(cwd / "out" / "samples.npz", allow_pickle=False) as data:
             arrays.append((data["arr_0"].copy(), data["arr_1"].copy()))
@@ -55,7 +55,7 @@ def test_checkpoint_sampling_defaults_and_cli_overrides(tiny_ckpt, tmp_path):
     used = json.loads((tmp_path / "out" / "sample.json").read_text())["sampling"]
     assert used == {"method": "dpm++2m", "steps": 3, "eta": 0.0, "schedule": "trailing"}
     (tmp_path / "told").mkdir()
-    told = _run("sample", f"ckpt={tiny_ckpt}", "num_samples=2", "sampler=unipc", "schedule=karras", "steps=4",
+    told = _run("sample", f"ckpt={tiny_ckpt}", "num_samples=2", "method=unipc", "schedule=karras", "steps=4",
                 cwd=tmp_path / "told")
     assert told.returncode == 0, told.stderr[-2000:]
     used = json.loads((tmp_path / "told" / "out" / "sample.json").read_text())["sampling"]
@@ -65,9 +65,10 @@ def test_checkpoint_sampling_defaults_and_cli_overrides(tiny_ckpt, tmp_path):
 @pytest.mark.parametrize("method", SAMPLE_METHODS)
 def test_every_method_samples_from_a_checkpoint(tiny_ckpt, method, tmp_path):
     module = load_diffusion_module(tiny_ckpt)
-    result = generate(module, out_dir=tmp_path, num_samples=3, sampler=method, steps=3, eta=None, clip_denoised=True,
-                      y="balanced", cond_fn=None, guidance_num_classes=None, cfg_scale=1.0, batch_size=2, seed=0,
-                      schedule="uniform")
+    sampler = resolve_sampler(module.sample_settings, {"method": method, "steps": 3, "schedule": "uniform",
+                                                       "clip_denoised": True, "batch_size": 2})
+    result = generate(module, Generation(out_dir=tmp_path, num_samples=3, sampler=sampler,
+                                         guidance=Guidance(cfg_scale=1.0), y="balanced", seed=0))
     used = result["sampling"]
     with np.load(tmp_path / "samples.npz", allow_pickle=False) as data:
         images, labels = data["arr_0"], data["arr_1"]
@@ -87,7 +88,7 @@ def test_bad_sampler_settings_are_one_line(tiny_ckpt, tmp_path, args, message):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["sample.method=dpm"], "unknown sampling method 'dpm'; allowed: ddpm, ddim, dpm"),
+    (["sample.method=dpm"], "sample.method='dpm' is not an option; allowed: ddpm, ddim, dpm"),  # before torch
     (["sample.schedule=karras", "sample.steps=ddim25"], "schedule=karras needs an integer number of steps"),
     (["sample.schedule=logsnr", "sample.steps=51"], "2 <= steps <= T = 50"),
 ])
@@ -95,3 +96,13 @@ def test_bad_train_sample_settings_fail_before_training(tmp_path, overrides, mes
     with pytest.raises(ValueError, match=re.escape(message)):
         train(compose_run([*TINY, *overrides], tmp_path))
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_the_deprecated_sampler_key_is_renamed_with_one_warning(capsys):
+    from ddpm_lightning.cli.deprecated import rename_deprecated_keys
+
+    args = rename_deprecated_keys(["ckpt=x.ckpt", "sampler=ddpm,ddim", "steps=3", "sampler=unipc", "-m"])
+    assert args == ["ckpt=x.ckpt", "method=ddpm,ddim", "steps=3", "method=unipc", "-m"]
+    assert capsys.readouterr().err == "warning: sampler= is deprecated; use method=\n"
+    assert rename_deprecated_keys(["method=ddpm", "sample.method=ddim"]) == ["method=ddpm", "sample.method=ddim"]
+    assert capsys.readouterr().err == ""

@@ -17,6 +17,7 @@ from run_config import TINY, compose_run
 from ddpm_lightning.cli.train import train
 from ddpm_lightning.config import CONFIG_DIR
 from ddpm_lightning.modules.checkpoint import load_diffusion_module
+from ddpm_lightning.sampling import Guidance, resolve_sampler
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 DIFFUSION_EXPERIMENTS = [e for e in EXPERIMENTS if not e.startswith(("classifier", "guidance"))]
@@ -52,7 +53,8 @@ def test_checkpoint_holds_ema_config_and_samples_alone(tmp_path):
     assert any(k.startswith("ema.module.") for k in raw["state_dict"])
     assert raw["run_config"]["data"]["_target_"].endswith("DigitsDataModule")
     module = load_diffusion_module(path)
-    images, labels = module.sample(3, steps=2, cfg_scale=1.5, y="balanced")
+    two_steps = resolve_sampler(module.sample_settings, {"steps": 2})
+    images, labels = module.sample(3, two_steps, guidance=Guidance(cfg_scale=1.5), y="balanced")
     assert images.shape == (3, 1, 16, 16) and labels.tolist() == [0, 1, 2]
     # EMA differs from the raw weights after training (warm-up EMA, 4 steps); the checkpoint holds both
     net, ema = dict(module.net.named_parameters()), dict(module.ema.module.named_parameters())
@@ -177,9 +179,9 @@ def test_callbacks_sample_at_the_training_precision(tmp_path, monkeypatch, preci
     seen: list[bool] = []  # autocast on, per sampling call
     original = DiffusionModule.sample
 
-    def recording_sample(self, num_samples, **kwargs):
+    def recording_sample(self, num_samples, settings=None, **kwargs):
         seen.append(torch.is_autocast_enabled("cpu"))
-        return original(self, num_samples, **kwargs)
+        return original(self, num_samples, settings, **kwargs)
 
     monkeypatch.setattr(DiffusionModule, "sample", recording_sample)
     train(compose_run([*TINY, "callbacks=metrics", f"trainer.precision={precision}",
@@ -237,7 +239,7 @@ def test_channels_last_trains_the_same_model(tmp_path):
     weights = [p for p in module.net.parameters() if p.dim() == 4]
     assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in module.ema_net.parameters() if p.dim() == 4)
-    images, _ = module.sample(2, steps=2, seed=0)
+    images, _ = module.sample(2, resolve_sampler(module.sample_settings, {"steps": 2}), seed=0)
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
 
 
@@ -265,8 +267,9 @@ def test_compile_switch_covers_training_and_sampling(monkeypatch):
     loss = module.diffusion.training_losses(module._train_step_fn, torch.randn(2, 1, 8, 8), torch.tensor([1, 5]),
                                             model_kwargs={"y": torch.tensor([0, 2])})["loss"]
     assert loss.shape == (2,) and wrappers[0].calls == 1
-    module.sample(2, method="ddim", steps=3, y="random")
-    module.sample(2, method="ddim", steps=3, y="random")
+    ddim = resolve_sampler(module.sample_settings, {"method": "ddim", "steps": 3})
+    module.sample(2, ddim, y="random")
+    module.sample(2, ddim, y="random")
     assert [w.inner for w in wrappers] == [module.net, module.ema_net]  # the EMA net compiled once, reused
     assert wrappers[1].calls == 6
     assert "_compiled_for_sampling" not in str(module.state_dict().keys())

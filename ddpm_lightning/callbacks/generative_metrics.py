@@ -7,9 +7,10 @@ in-loop FID for a 50k FID.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,14 @@ from typing_extensions import override
 
 from .. import artifacts
 from ..config.choices import POOL_DIMS
+from ..config.schema import GuidanceConfig, SampleConfig
 from ..metrics import GenerativeMetrics, make_generative_metrics, metric_name, to_uint8
 from ..metrics.scores import fid_infinity_min_samples
-from ..modules.guidance import load_classifier_guidance
-from ..sampling import sampling_overrides
+from ..modules.guidance import guidance_config, load_guidance
+from ..sampling import Guidance, resolve_sampler
+
+# the callback's guidance keys before the ``guidance`` group (run configs saved earlier hold them): new names
+LEGACY_GUIDANCE_KEYS = {"classifier_ckpt": "classifier_ckpt", "classifier_scale": "scale", "cfg_scale": "cfg_scale"}
 
 
 class GenerativeMetricsCallback(pl.Callback):
@@ -34,24 +39,25 @@ class GenerativeMetricsCallback(pl.Callback):
     ``in_loop_num_samples`` (default: ``num_samples``) makes the in-loop scores cheaper than the final ones:
     e.g. ``val/fid@100`` during training, ``val/fid@500`` at the end. ``metrics`` as ``GenerativeMetrics``
     (``sfid`` included); ``reference_n``/``pr_reference_n``/``reference`` as ``make_generative_metrics``.
-    ``method``/``steps``/``eta``: None samples with the run's own (``sample:``), ``steps="all"`` with every
-    one of the T steps.
+    ``method``/``steps``/``eta`` override the run's own sampler settings (``sample:``; None keeps them,
+    ``steps="all"``: every one of the T steps), resolved once when training starts (``sampling.resolve_sampler``).
 
     Every rank samples and featurises its share of the indices (per-sample seeds: the images do not depend on
     the number of ranks), the features are gathered to rank 0, which scores them; the numbers are broadcast
-    so every rank logs the same values. Guidance as in
-    ``ddpm-eval``: ``cfg_scale`` (classifier-free) and/or ``classifier_ckpt`` + ``classifier_scale`` (a noisy
-    classifier checked against the model's process when training starts).
+    so every rank logs the same values. ``guidance``: the ``guidance`` group of ``ddpm-eval`` (``GuidanceConfig``:
+    ``classifier_ckpt`` + ``scale`` for a noisy classifier, checked against the model's process when training
+    starts, and/or ``cfg_scale``). The keys of run configs saved before that group (``classifier_ckpt``,
+    ``classifier_scale``, ``cfg_scale``) are read as its ``classifier_ckpt``, ``scale`` and ``cfg_scale``.
     """
 
     def __init__(self, num_samples: int = 500, every_n_val_epochs: int = 0, on_train_end: bool = True,
                  metrics: Sequence[str] = ("fid", "kid", "pr"), feature: str = "inception",
                  weights_path: str | None = None, reference_split: str = "train", reference_n: int = 2000,
                  cache_dir: str | None = None, classifier_epochs: int = 5, method: str | None = None,
-                 steps: int | str | None = None, eta: float | None = None, cfg_scale: float = 0.0,
-                 classifier_ckpt: str | None = None, classifier_scale: float = 0.0, batch_size: int = 64,
+                 steps: int | str | None = None, eta: float | None = None,
+                 guidance: GuidanceConfig | Mapping[str, Any] | None = None, batch_size: int = 64,
                  seed: int = 1234, progress: bool = False, in_loop_num_samples: int | None = None,
-                 pr_reference_n: int = 10_000, reference: str | None = None) -> None:
+                 pr_reference_n: int = 10_000, reference: str | None = None, **legacy: Any) -> None:
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 for FID, got {num_samples}")
         self.num_samples = int(num_samples)
@@ -69,18 +75,21 @@ class GenerativeMetricsCallback(pl.Callback):
                                   reference_split=reference_split, reference_n=reference_n,
                                   pr_reference_n=pr_reference_n, reference=reference, cache_dir=cache_dir,
                                   classifier_epochs=classifier_epochs, batch_size=batch_size)
-        self.sample_kwargs = dict(sampling_overrides(method, steps, eta), cfg_scale=cfg_scale, batch_size=batch_size,
-                                  seed=seed)
-        self.classifier_ckpt, self.classifier_scale = classifier_ckpt, float(classifier_scale)
-        self._guidance: tuple[Any, int | None] | None = None  # (cond_fn, classifier classes), loaded once
+        self.overrides = {"method": method, "steps": steps, "eta": eta, "batch_size": batch_size}
+        resolve_sampler(None, {"method": method})  # an unknown method fails here, the rest with the run's own
+        self.settings: SampleConfig | None = None  # resolved against the run's own settings when training starts
+        self.seed = seed
+        self.guidance_config = _with_legacy_keys(guidance_config(guidance), legacy)
+        self._guidance: Guidance | None = None  # loaded once, when training starts
         self._scorer: GenerativeMetrics | None = None
         self._val_count = 0
         self.last_results: dict[str, float] = {}
 
     def _prepare(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self.settings is None:
+            self.settings = resolve_sampler(module.sample_settings, self.overrides)
         if self._guidance is None:  # a missing or mismatched classifier fails here, before any training
-            self._guidance = load_classifier_guidance(self.classifier_ckpt, self.classifier_scale, module.hparams,
-                                                      map_location=module.device)
+            self._guidance = load_guidance(self.guidance_config, module)
         if self._scorer is None:
             # outside Lightning's inference mode: the clean classifier (is_clf) may need training once
             with torch.inference_mode(False), torch.enable_grad():
@@ -102,20 +111,17 @@ class GenerativeMetricsCallback(pl.Callback):
         process); the features (not the images) are gathered and rank 0 scores them in index order."""
         self._prepare(trainer, module)
         start = time.perf_counter()
-        y = "balanced" if getattr(module, "num_classes", None) else "random"
-        cond_fn, guidance_classes = self._guidance
-        if cond_fn is not None:
-            y = "balanced"
+        y = "balanced" if getattr(module, "num_classes", None) or self._guidance.cond_fn is not None else "random"
         rank, world = trainer.global_rank, trainer.world_size
         per_rank = -(-num_samples // world)
         first, last = min(rank * per_rank, num_samples), min((rank + 1) * per_rank, num_samples)
         parts = []
-        batch = self.sample_kwargs["batch_size"]
+        batch = self.settings.batch_size
         for index in range(first, last, batch):
             n = min(batch, last - index)
             with trainer.precision_plugin.forward_context():  # training precision (bf16: 1.8x, same FID)
-                images, _ = module.sample(n, y=y, cond_fn=cond_fn, guidance_num_classes=guidance_classes,
-                                          first_index=index, **self.sample_kwargs)
+                images, _ = module.sample(n, self.settings, guidance=self._guidance, y=y, seed=self.seed,
+                                          first_index=index)
             parts.append(self._scorer.outputs(to_uint8(images)))
         sampled = time.perf_counter()
         if world > 1:
@@ -179,3 +185,13 @@ def _global_rng_untouched() -> Iterator[None]:
         yield
     random.setstate(python_state)
     np.random.set_state(numpy_state)
+
+
+def _with_legacy_keys(guidance: GuidanceConfig, legacy: Mapping[str, Any]) -> GuidanceConfig:
+    """``guidance`` with the callback's keys from before the ``guidance`` group mapped in (silently: every run
+    config saved earlier holds them); any other key is refused as an unknown argument."""
+    unknown = sorted(set(legacy) - set(LEGACY_GUIDANCE_KEYS))
+    if unknown:
+        raise TypeError(f"GenerativeMetricsCallback got an unexpected keyword argument {unknown[0]!r}")
+    given = {LEGACY_GUIDANCE_KEYS[key]: value for key, value in legacy.items() if value is not None}
+    return dataclasses.replace(guidance, **given) if given else guidance

@@ -9,7 +9,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from ..sampling import sampling_overrides, save_grid
+from ..config.schema import SampleConfig
+from ..sampling import resolve_sampler, save_grid
 
 
 def log_image(trainer: pl.Trainer, key: str, path: Path, step: int) -> None:
@@ -27,8 +28,9 @@ class SampleGridCallback(pl.Callback):
     """Every ``every_n_steps`` optimizer steps (and at the end of training), sample a grid with the EMA.
 
     Class-conditional models get one row per class (``per_class`` images each); the initial noise is
-    fixed by ``seed`` so grids are comparable across steps. ``method``/``steps``/``eta``: None samples with
-    the run's own (``sample:``), ``steps="all"`` with every one of the T steps.
+    fixed by ``seed`` so grids are comparable across steps. ``method``/``steps``/``eta`` override the run's own
+    sampler settings (``sample:``; None keeps them, ``steps="all"``: every one of the T steps), resolved once when
+    training starts (``sampling.resolve_sampler``).
     """
 
     def __init__(self, every_n_steps: int = 1000, num_samples: int = 64, per_class: int = 8,
@@ -39,13 +41,17 @@ class SampleGridCallback(pl.Callback):
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.per_class = per_class
-        self.sampling = sampling_overrides(method, steps, eta)
+        self.overrides = {"method": method, "steps": steps, "eta": eta}
+        resolve_sampler(None, {"method": method})  # an unknown method fails here, the rest with the run's own
+        self.settings: SampleConfig | None = None  # resolved against the run's own settings in on_fit_start
         self.seed = seed
         self.dirname = dirname
         self.at_train_end = on_train_end
         self.last_path: Path | None = None
 
     def _grid(self, trainer: pl.Trainer, module: pl.LightningModule, tag: str) -> Path:
+        if self.settings is None:  # called outside fit
+            self.settings = resolve_sampler(module.sample_settings, self.overrides)
         num_classes = getattr(module, "num_classes", None)
         if num_classes:
             labels = torch.arange(num_classes).repeat_interleave(self.per_class)
@@ -54,12 +60,16 @@ class SampleGridCallback(pl.Callback):
             labels, n = "random", self.num_samples
             nrow = max(1, int(n ** 0.5))
         with trainer.precision_plugin.forward_context():  # at the training precision, as the metrics sample
-            images, _ = module.sample(n, **self.sampling, seed=self.seed, y=labels if num_classes else "random")
+            images, _ = module.sample(n, self.settings, seed=self.seed, y=labels if num_classes else "random")
         out_dir = Path(trainer.default_root_dir) / self.dirname
         path = save_grid(images, out_dir / f"{tag}.png", nrow=nrow)
         log_image(trainer, "samples/grid", path, trainer.global_step)
         self.last_path = path
         return path
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.settings = resolve_sampler(pl_module.sample_settings, self.overrides)
 
     @override
     @rank_zero_only

@@ -9,13 +9,15 @@ OpenAI's statistics; ``write_reference=<path.npz>`` writes the data set's own ba
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ..config import CONFIG_PATH
+from .deprecated import apply_to_command_line
 from .errors import run_cli
 from .required_keys import missing_keys, missing_keys_message
 from .validate import check_command_line
@@ -68,121 +70,184 @@ def evaluate(cfg: DictConfig) -> dict:
     return keep_finished_shards(out_dir, lambda: _evaluate(cfg, out_dir))
 
 
-def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
+@dataclass(frozen=True)
+class EvalPlan:
+    """What one ``ddpm-eval`` run does, decided from its config before any work (``plan_evaluation``)."""
+
+    sample_metrics: tuple[str, ...]  # scored from samples: every asked metric but nll
+    nll: bool  # the exact NLL on held-out images (needs ckpt)
+    generate: bool  # ckpt: sample (and score with sample_metrics; metrics=[]: samples only)
+    score_samples: bool  # samples=: score existing samples
+    write_reference: str | None  # write the data set's reference batch here
+
+    @property
+    def needs_scorer(self) -> bool:
+        return bool(self.sample_metrics) or self.write_reference is not None
+
+
+def plan_evaluation(cfg: DictConfig) -> EvalPlan:
+    """The steps ``cfg`` asks for; combinations that cannot work are refused here, before any import or work."""
     missing = missing_keys(cfg)  # also checked by a Hydra callback; here for evaluate() called directly
     if missing:
         raise ValueError(missing_keys_message(missing))
-    if not cfg.ckpt and not cfg.samples and not cfg.get("write_reference"):
+    ckpt, samples, write_reference = cfg.get("ckpt"), cfg.get("samples"), cfg.get("write_reference")
+    if not ckpt and not samples and not write_reference:
         raise ValueError("give ckpt=<a ddpm-train checkpoint> or samples=<an .npz or image folder> to evaluate "
                          "(or write_reference=<path.npz> with data=<name>)")
-    import torch
-    from hydra.utils import instantiate
-    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-
-    from ..metrics import FeatureStats, make_generative_metrics
-    from .generation import generate, load_model_and_guidance, open_samples, resolve_device
-    from .posthoc_ema import COARSE_FIT, apply_posthoc_ema, coarse_fit_advice
-    from .shards import Processes, check_disk, finished, launch, shard_outputs
-
-    device = resolve_device(cfg.device)
-    metrics = list(cfg.metrics)
-    sample_metrics = [m for m in metrics if m != "nll"]
-    results: dict = {"ckpt": cfg.ckpt, "samples": cfg.samples, "reference": cfg.get("reference"), "metrics": {}}
-    procs = launch(int(cfg.get("devices", 1)), device) if cfg.ckpt else Processes(device=device)
-    module = None
-    if cfg.ckpt:
-        guidance = OmegaConf.to_container(cfg.guidance)
-        module, cond_fn, guide_classes, cfg_scale = load_model_and_guidance(cfg.ckpt, guidance, procs.device)
-        if cfg.get("ema_sigma_rel") is not None:  # post-hoc EMA: score the EMA of this length (EDM2)
-            results["posthoc_ema"] = apply_posthoc_ema(module, cfg.ckpt, float(cfg.ema_sigma_rel))
-            if results["posthoc_ema"]["fit_error"] > COARSE_FIT:
-                rank_zero_warn(coarse_fit_advice(results["posthoc_ema"]))
-        data_cfg = cfg.data if cfg.get("data") else module.run_config.get("data")
-        if not data_cfg and not cfg.get("reference"):
-            raise ValueError(f"{cfg.ckpt} stores no data config; pass data=<name> for the reference images "
-                             f"(or reference=<an ADM reference batch .npz>)")
-        results["guidance"] = guidance
-        if sample_metrics or not metrics:  # the disk, before minutes of scoring setup (statistics, classifier)
-            num_samples, shard_size = int(cfg.num_samples), int(cfg.shard_size)
-            done = sum(end - start for start, end in finished(out_dir / "shards", num_samples, shard_size))
-            check_disk(out_dir, num_samples, done, tuple(module.image_shape), scored=bool(sample_metrics))
-    else:
+    metrics = [str(m) for m in cfg.metrics]
+    if not ckpt:
         if "nll" in metrics:
             raise ValueError("metrics=[nll] needs a model: give ckpt=...")
         if cfg.get("ema_sigma_rel") is not None:
             raise ValueError("ema_sigma_rel=... rebuilds a model's EMA: give ckpt=... (a run with post-hoc EMA)")
-        if not cfg.get("data") and (cfg.get("write_reference") or not cfg.get("reference")):
+        if not cfg.get("data") and (write_reference or not cfg.get("reference")):
             raise ValueError("samples=... and write_reference=... need data=<name> (e.g. data=animal_mnist) for the "
                              "reference images (or, for samples=, reference=<an ADM reference batch .npz>)")
-        data_cfg = cfg.get("data")
-    datamodule = instantiate(data_cfg) if data_cfg else None  # None: scored against reference= alone
-    if datamodule is None and ("nll" in metrics or "is_clf" in metrics):
-        raise ValueError("metrics nll and is_clf need the data set: pass data=<name> (or drop them)")
+    sample_metrics = tuple(m for m in metrics if m != "nll")
+    generate = bool(ckpt) and (bool(sample_metrics) or not metrics)
+    return EvalPlan(sample_metrics=sample_metrics, nll="nll" in metrics, generate=generate,
+                    score_samples=bool(samples) and not generate,
+                    write_reference=str(write_reference) if write_reference else None)
 
-    scorer = None
-    if sample_metrics or cfg.get("write_reference"):
-        # every process at once: they share the reference feature pass (the statistics of one process)
-        scorer = make_generative_metrics(
-            datamodule, metrics=sample_metrics or ["fid", "sfid"], feature=cfg.feature,
-            weights_path=cfg.weights_path, reference_split=cfg.reference_split,
-            reference_n=int(cfg.reference_n), pr_reference_n=int(cfg.pr_reference_n),
-            reference=cfg.get("reference"), cache_dir=cfg.cache_dir,
-            classifier_epochs=int(cfg.classifier_epochs), batch_size=int(cfg.batch_size), device=procs.device,
-            progress=procs.rank == 0, log=rank_zero_info, rank=procs.rank, world_size=procs.world_size)
-    if cfg.get("write_reference"):
+
+def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
+    """plan -> load -> reference -> generate (every process) -> score and NLL (rank 0) -> results.json."""
+    plan = plan_evaluation(cfg)
+    from .generation import generate, resolve_device
+    from .shards import Processes, launch
+
+    device = resolve_device(cfg.device)
+    procs = launch(int(cfg.get("devices", 1)), device) if cfg.ckpt else Processes(device=device)
+    results: dict = {"ckpt": cfg.ckpt, "samples": cfg.samples, "reference": cfg.get("reference"), "metrics": {}}
+    module, run = _load_model(cfg, plan, out_dir, procs, results) if cfg.ckpt else (None, None)
+    datamodule = _datamodule(cfg, plan, module)
+    scorer = _scorer(cfg, plan, datamodule, procs) if plan.needs_scorer else None  # every process: shared pass
+    if plan.write_reference:
         results["reference_written"] = str(_write_reference(cfg, datamodule, scorer))
-        if not cfg.ckpt and not cfg.samples:
-            return _finish(out_dir, results)
-
-    if cfg.ckpt and (sample_metrics or not metrics):
-        num_samples = int(cfg.num_samples)
-        generated = generate(
-            module, out_dir=out_dir, num_samples=num_samples, sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
-            clip_denoised=bool(cfg.clip_denoised), y=cfg.y, cond_fn=cond_fn, guidance_num_classes=guide_classes,
-            cfg_scale=cfg_scale, batch_size=int(cfg.batch_size), seed=int(cfg.seed), precision=str(cfg.precision),
-            schedule=cfg.get("schedule"), shard_size=int(cfg.shard_size), procs=procs,
-            settings={"ckpt": str(cfg.ckpt), "guidance": guidance}, scorer=scorer if sample_metrics else None)
-        if procs.rank != 0:
-            return generated
-        results["sampling"], results["generation"] = generated["sampling"], generated["generation"]
-        results["outputs"] = generated["outputs"]
-        results["sampling_seconds"] = generated["generation"]["seconds"]
-        results["samples_per_second"] = generated["generation"]["samples_per_second"]
-        if sample_metrics:  # shard by shard in index order: the sFID features folded into streamed statistics
-            parts, part_labels = [], []
-            spatial = FeatureStats() if "sfid" in sample_metrics else None
-            for outputs, shard_labels in shard_outputs(out_dir / "shards", num_samples, int(cfg.shard_size),
-                                                       scorer.outputs_id, scorer.outputs,
-                                                       set(scorer.outputs(_probe(module)))):
-                if spatial is not None:
-                    spatial.update(outputs.pop("spatial"))
-                parts.append(outputs)
-                part_labels.append(shard_labels)
-            labels = None if part_labels[0] is None else torch.cat(part_labels)
-            _score(results, scorer, parts, labels, num_samples, spatial)
-    elif cfg.samples:
-        source = open_samples(cfg.samples)
-        labels = source.labels
-        if sample_metrics:
-            if datamodule is not None:
-                _check_sample_shape(source.shape, datamodule)
-            parts, spatial = [], (FeatureStats() if "sfid" in sample_metrics else None)
-            for batch in source.batches(int(cfg.batch_size)):  # one batch of images in memory at a time
-                outputs = scorer.outputs(batch)
-                if spatial is not None:
-                    spatial.update(outputs.pop("spatial"))
-                parts.append(outputs)
-            _score(results, scorer, parts, labels, source.count, spatial)
-    if "nll" in metrics:
-        datamodule.setup("validate")
-        n = min(int(cfg.nll_images), len(datamodule.split_indices("val")))
-        if n == 0:
-            raise ValueError(f"{datamodule.name} has no held-out images for nll (data.val_size=0)")
-        real = datamodule.reference_images("val", n).float() / 127.5 - 1.0
-        results["metrics"].update(negative_log_likelihood(module, real, datamodule.reference_labels("val", n),
-                                                          int(cfg.batch_size)))
-        results["metrics"]["nll_images"] = n
+    generated = generate(module, run, procs=procs, scorer=scorer if plan.sample_metrics else None) \
+        if plan.generate else None
+    if procs.rank != 0:  # the other processes generated their shards (and features); rank 0 scores them all
+        return generated or {}
+    if generated is not None:
+        _record_generation(results, generated)
+        if plan.sample_metrics:
+            _score_shards(results, scorer, module, run, spatial="sfid" in plan.sample_metrics)
+    if plan.score_samples:
+        _score_samples(cfg, plan, results, scorer, datamodule)
+    if plan.nll:
+        results["metrics"].update(_held_out_nll(cfg, module, datamodule))
     return _finish(out_dir, results)
+
+
+def _load_model(cfg: DictConfig, plan: EvalPlan, out_dir: Path, procs, results: dict):
+    """The model and its ``Generation`` (sampler resolved, guidance loaded), post-hoc EMA applied, and the disk
+    checked for the samples before minutes of scoring setup (statistics, classifier)."""
+    import dataclasses
+
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    from .generation import plan_generation
+    from .posthoc_ema import COARSE_FIT, apply_posthoc_ema, coarse_fit_advice
+    from .shards import check_disk, finished
+
+    module, run = plan_generation(cfg, out_dir, procs.device)
+    if cfg.get("ema_sigma_rel") is not None:  # post-hoc EMA: score the EMA of this length (EDM2)
+        results["posthoc_ema"] = apply_posthoc_ema(module, cfg.ckpt, float(cfg.ema_sigma_rel))
+        if results["posthoc_ema"]["fit_error"] > COARSE_FIT:
+            rank_zero_warn(coarse_fit_advice(results["posthoc_ema"]))
+    if not cfg.get("data") and not module.run_config.get("data") and not cfg.get("reference"):
+        raise ValueError(f"{cfg.ckpt} stores no data config; pass data=<name> for the reference images "
+                         f"(or reference=<an ADM reference batch .npz>)")
+    results["guidance"] = dataclasses.asdict(run.guidance_config)
+    if plan.generate:
+        done = sum(end - start for start, end in finished(out_dir / "shards", run.num_samples, run.shard_size))
+        check_disk(out_dir, run.num_samples, done, tuple(module.image_shape), scored=bool(plan.sample_metrics))
+    return module, run
+
+
+def _datamodule(cfg: DictConfig, plan: EvalPlan, module):
+    """The data set behind the reference statistics, NLL and is_clf (``data=``, else the checkpoint's own); None:
+    scored against ``reference=`` alone."""
+    from hydra.utils import instantiate
+
+    data_cfg = cfg.data if cfg.get("data") else (module.run_config.get("data") if module is not None else None)
+    datamodule = instantiate(data_cfg) if data_cfg else None
+    if datamodule is None and (plan.nll or "is_clf" in plan.sample_metrics):
+        raise ValueError("metrics nll and is_clf need the data set: pass data=<name> (or drop them)")
+    return datamodule
+
+
+def _scorer(cfg: DictConfig, plan: EvalPlan, datamodule, procs):
+    """The metrics with their reference statistics; every process at once (they share the reference feature pass,
+    the statistics of one process)."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from ..metrics import make_generative_metrics
+
+    return make_generative_metrics(
+        datamodule, metrics=list(plan.sample_metrics) or ["fid", "sfid"], feature=cfg.feature,
+        weights_path=cfg.weights_path, reference_split=cfg.reference_split, reference_n=int(cfg.reference_n),
+        pr_reference_n=int(cfg.pr_reference_n), reference=cfg.get("reference"), cache_dir=cfg.cache_dir,
+        classifier_epochs=int(cfg.classifier_epochs), batch_size=int(cfg.batch_size), device=procs.device,
+        progress=procs.rank == 0, log=rank_zero_info, rank=procs.rank, world_size=procs.world_size)
+
+
+def _record_generation(results: dict, generated: dict) -> None:
+    results["sampling"], results["generation"] = generated["sampling"], generated["generation"]
+    results["outputs"] = generated["outputs"]
+    results["sampling_seconds"] = generated["generation"]["seconds"]
+    results["samples_per_second"] = generated["generation"]["samples_per_second"]
+
+
+def _score_shards(results: dict, scorer, module, run, spatial: bool) -> None:
+    """Score the generated shards in index order (their stored features; with ``spatial`` the sFID features
+    folded into streamed statistics)."""
+    import torch
+
+    from ..metrics import FeatureStats
+    from .shards import shard_outputs
+
+    parts, part_labels = [], []
+    stats = FeatureStats() if spatial else None
+    for outputs, shard_labels in shard_outputs(run.out_dir / "shards", run.num_samples, run.shard_size,
+                                               scorer.outputs_id, scorer.outputs,
+                                               set(scorer.outputs(_probe(module)))):
+        if stats is not None:
+            stats.update(outputs.pop("spatial"))
+        parts.append(outputs)
+        part_labels.append(shard_labels)
+    labels = None if part_labels[0] is None else torch.cat(part_labels)
+    _score(results, scorer, parts, labels, run.num_samples, stats)
+
+
+def _score_samples(cfg: DictConfig, plan: EvalPlan, results: dict, scorer, datamodule) -> None:
+    """Score existing samples (``samples=``), one batch of images in memory at a time."""
+    from ..metrics import FeatureStats
+    from .generation import open_samples
+
+    source = open_samples(cfg.samples)
+    if not plan.sample_metrics:
+        return
+    if datamodule is not None:
+        _check_sample_shape(source.shape, datamodule)
+    parts, spatial = [], (FeatureStats() if "sfid" in plan.sample_metrics else None)
+    for batch in source.batches(int(cfg.batch_size)):
+        outputs = scorer.outputs(batch)
+        if spatial is not None:
+            spatial.update(outputs.pop("spatial"))
+        parts.append(outputs)
+    _score(results, scorer, parts, source.labels, source.count, spatial)
+
+
+def _held_out_nll(cfg: DictConfig, module, datamodule) -> dict:
+    """``negative_log_likelihood`` on ``nll_images`` held-out images of the data set."""
+    datamodule.setup("validate")
+    n = min(int(cfg.nll_images), len(datamodule.split_indices("val")))
+    if n == 0:
+        raise ValueError(f"{datamodule.name} has no held-out images for nll (data.val_size=0)")
+    real = datamodule.reference_images("val", n).float() / 127.5 - 1.0
+    nll = negative_log_likelihood(module, real, datamodule.reference_labels("val", n), int(cfg.batch_size))
+    return {**nll, "nll_images": n}
 
 
 def _probe(module) -> torch.Tensor:
@@ -246,6 +311,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    apply_to_command_line()  # sampler= -> method= (deprecated spelling, one warning line)
     check_command_line(typed_keys=False, config_name="eval")  # an unknown key or option: one line, before Hydra
     _hydra_main()
 

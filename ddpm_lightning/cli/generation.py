@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 import zipfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +16,17 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..config.choices import IMAGE_SUFFIXES, PRECISIONS
+from ..config.schema import GuidanceConfig, SampleConfig
 from ..metrics.npz import iter_npz_rows, npz_member
 from ..modules.checkpoint import (
-    classifier_guidance_from_adm,
     diffusion_module_from_adm,
     is_converted_adm,
     load_checkpoint_dict,
     load_diffusion_module,
 )
-from ..modules.guidance import load_classifier_guidance
-from ..sampling import sampling_overrides
+from ..modules.guidance import guidance_config, load_guidance
+from ..sampling import Guidance, resolve_sampler
 from .shards import (
     SHARD_NAME,
     NoSpaceLeft,
@@ -38,7 +39,9 @@ from .shards import (
     generate_shards,
     sigterm_as_interrupt,
 )
-from .validate import IMAGE_SUFFIXES
+
+# the ddpm-sample / ddpm-eval keys that override a checkpoint's own sampler settings (SampleConfig fields)
+SAMPLER_OVERRIDES = ("method", "steps", "eta", "schedule", "clip_denoised", "batch_size")
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -61,8 +64,9 @@ def parse_labels(y: Any) -> int | str | None:
     raise ValueError(f"y={y!r}; allowed: random, balanced, or a class index")
 
 
-def load_model_and_guidance(ckpt: str, guidance: dict[str, Any], device: torch.device):
-    """The diffusion module plus (cond_fn, classifier class count) for classifier guidance, validated.
+def load_model_and_guidance(ckpt: str, guidance: GuidanceConfig | Mapping[str, Any] | None,
+                            device: torch.device) -> tuple[Any, Guidance]:
+    """The diffusion module and its ``Guidance`` (``modules.guidance.load_guidance``), validated.
 
     ``ckpt`` and ``guidance.classifier_ckpt`` may be ``ddpm-train`` checkpoints or official ADM weights
     converted by ``ddpm-convert-adm`` (its flags give the diffusion settings)."""
@@ -72,92 +76,119 @@ def load_model_and_guidance(ckpt: str, guidance: dict[str, Any], device: torch.d
     else:
         del checkpoint
         module = load_diffusion_module(ckpt, map_location=device)
-    classifier_ckpt, scale = guidance.get("classifier_ckpt"), float(guidance.get("scale") or 0.0)
-    cfg_scale = float(guidance.get("cfg_scale") or 0.0)
-    if cfg_scale < 0:
-        raise ValueError(f"guidance.cfg_scale must be >= 0, got {cfg_scale}")
-    if cfg_scale and module.null_label is None:
-        raise ValueError(f"guidance.cfg_scale={cfg_scale} needs a model trained with label dropout "
-                         f"(train.p_uncond > 0); {ckpt} was not")
-    if classifier_ckpt:
-        classifier = load_checkpoint_dict(classifier_ckpt, map_location="cpu")
-        if is_converted_adm(classifier):
-            cond_fn, num_classes = classifier_guidance_from_adm(classifier, scale, dict(module.hparams),
-                                                                classifier_ckpt, map_location=device)
-            return module, cond_fn, num_classes, cfg_scale
-    cond_fn, num_classes = load_classifier_guidance(classifier_ckpt, scale, module.hparams, map_location=device)
-    return module, cond_fn, num_classes, cfg_scale
+    return module, load_guidance(guidance, module, map_location=device, model_name=str(ckpt))
 
 
-def generate(module, *, out_dir: Path, num_samples: int, sampler: str | None, steps, eta: float | None,
-             clip_denoised: bool, y, cond_fn, guidance_num_classes, cfg_scale: float, batch_size: int, seed: int,
-             precision: str = "32", shard_size: int = 1000, procs: Processes | None = None,
-             settings: dict[str, Any] | None = None, scorer=None, schedule: str | None = None) -> dict[str, Any]:
-    """Generate ``num_samples`` into ``out_dir``'s shards (this process's share, missing ones only), then on
-    rank 0 write ``samples.npz`` and ``grid.png``. ``scorer`` (a ``GenerativeMetrics``): each shard also
-    stores its samples' features. ``sampler``/``steps``/``eta`` None: the checkpoint's own. Returns the
-    sampler settings used, counts, timing and (rank 0) the output paths."""
+@dataclass(frozen=True)
+class Generation:
+    """One generation run, planned once per command (``plan_generation``) and passed whole to ``generate``:
+    where (``out_dir``), how many, with which sampler (``SampleConfig``, resolved once against the checkpoint's
+    own) and guidance (``Guidance``, loaded once; ``guidance_config`` is what the user asked for, recorded),
+    labels ``y``, ``seed``, ``precision`` and ``shard_size``; ``ckpt`` names the model in the shards' record."""
+
+    out_dir: Path
+    num_samples: int
+    sampler: SampleConfig
+    guidance: Guidance = field(default_factory=Guidance)
+    guidance_config: GuidanceConfig = field(default_factory=GuidanceConfig)
+    y: Any = "random"
+    seed: int = 0
+    precision: str = "32"
+    shard_size: int = 1000
+    ckpt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
+        if self.num_samples < 1 or self.shard_size < 1:
+            raise ValueError(f"num_samples and shard_size must be >= 1, got {self.num_samples}, {self.shard_size}")
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """The sampler settings recorded with the samples (shards, ``sample.json``, ``results.json``)."""
+        return {key: getattr(self.sampler, key) for key in ("method", "steps", "eta", "schedule")}
+
+
+def plan_generation(cfg: Any, out_dir: Path, device: torch.device) -> tuple[Any, Generation]:
+    """The model and the ``Generation`` of a ``ddpm-sample`` / ``ddpm-eval`` config, each built once: the
+    checkpoint (``ckpt``) and its guidance (the ``guidance`` group, loaded), and the sampler keys
+    (``SAMPLER_OVERRIDES``) resolved against the checkpoint's own ``sample:`` settings (null keeps them)."""
+    wanted = guidance_config(cfg.get("guidance"))
+    module, guidance = load_model_and_guidance(cfg.ckpt, wanted, device)
+    run = Generation(out_dir=out_dir, num_samples=int(cfg.num_samples),
+                     sampler=command_sampler(cfg, module.sample_settings), guidance=guidance, guidance_config=wanted,
+                     y=cfg.get("y"), seed=int(cfg.seed), precision=str(cfg.precision),
+                     shard_size=int(cfg.shard_size), ckpt=str(cfg.ckpt))
+    return module, run
+
+
+def command_sampler(cfg: Any, own: SampleConfig) -> SampleConfig:
+    """The sampler a ``ddpm-sample`` / ``ddpm-eval`` config asks for: its ``SAMPLER_OVERRIDES`` keys on top of
+    the checkpoint's ``own`` settings (``sampling.resolve_sampler``: null keeps them, steps=all every step)."""
+    return resolve_sampler(own, {key: cfg.get(key) for key in SAMPLER_OVERRIDES})
+
+
+def generate(module, run: Generation, *, procs: Processes | None = None, scorer=None) -> dict[str, Any]:
+    """Generate ``run.num_samples`` into ``run.out_dir``'s shards (this process's share, missing ones only), then
+    on rank 0 write ``samples.npz`` and ``grid.png``. ``scorer`` (a ``GenerativeMetrics``): each shard also
+    stores its samples' features. Returns the sampler settings used, counts, timing and (rank 0) the outputs."""
     procs = procs or Processes(device=module.device)
-    if precision not in ("32", "bf16"):
-        raise ValueError(f"precision={precision!r}; allowed: 32, bf16")
-    if num_samples < 1 or shard_size < 1 or batch_size < 1:
-        raise ValueError(f"num_samples, shard_size and batch_size must be >= 1, got {num_samples}, {shard_size}, "
-                         f"{batch_size}")
-    if isinstance(parse_labels(y), int) and not labels_allowed(module, cond_fn):  # never ignored silently
-        raise ValueError(f"y={y}: the model is unconditional (no class labels) and no classifier guides it; "
-                         f"drop y, or give guidance.classifier_ckpt with guidance.scale > 0")
-    overrides = sampling_overrides(sampler, steps, eta, schedule)  # null: the checkpoint's own sample settings
-    chosen = dataclasses.replace(module.sample_settings, **overrides)
-    used = {k: getattr(chosen, k) for k in ("method", "steps", "eta", "schedule")}
-    if eta is not None and used["method"] != "ddim":  # never ignored silently
-        raise ValueError(f"eta={eta} is DDIM's; the sampler {used['method']} (the checkpoint's own sample.method) does "
-                         f"not use it: drop eta, or give sampler=ddim")
-    labels = parse_labels(y) if labels_allowed(module, cond_fn) else "random"
-    shards = out_dir / "shards"
-    check_settings(shards, {**(settings or {}), "sampling": used, "y": labels, "seed": seed, "precision": precision,
-                            "clip_denoised": clip_denoised, "cfg_scale": cfg_scale, "shard_size": shard_size},
-                   procs.rank)
-    done = sum(end - start for start, end in finished(shards, num_samples, shard_size))
-    budget = check_disk(out_dir, num_samples, done, tuple(module.image_shape), scored=scorer is not None)
+    labels = generation_labels(module, run)
+    shards = run.out_dir / "shards"
+    check_settings(shards, _record(run, labels), procs.rank)
+    done = sum(end - start for start, end in finished(shards, run.num_samples, run.shard_size))
+    budget = check_disk(run.out_dir, run.num_samples, done, tuple(module.image_shape), scored=scorer is not None)
     procs.barrier()
-
-    def sample_fn(n: int, first_index: int):
-        autocast = (torch.autocast(module.device.type, dtype=torch.bfloat16) if precision == "bf16"
-                    else torch.autocast(module.device.type, enabled=False))
-        with autocast:
-            return module.sample(n, **overrides, clip_denoised=clip_denoised, y=labels, cond_fn=cond_fn,
-                                 guidance_num_classes=guidance_num_classes, cfg_scale=cfg_scale, batch_size=n,
-                                 seed=seed, first_index=first_index, progress=False)
-
-    stats = generate_shards(sample_fn, shards=shards, num_samples=num_samples, shard_size=shard_size,
-                            batch_size=batch_size, procs=procs, score_fn=scorer.outputs if scorer else None,
+    stats = generate_shards(_sample_fn(module, run, labels), shards=shards, num_samples=run.num_samples,
+                            shard_size=run.shard_size, batch_size=run.sampler.batch_size, procs=procs,
+                            score_fn=scorer.outputs if scorer else None,
                             feature_id=scorer.outputs_id if scorer else "",
-                            calls_per_batch=network_calls_per_batch(module, used))
+                            calls_per_batch=network_calls_per_batch(module, run.sampler))
     procs.barrier()
+    used = run.sampling
     rank_zero_info(f"sampled {stats['generated']} images ({used['method']}, steps={used['steps']}, "
                    f"eta={used['eta']}, schedule={used['schedule']}) in {stats['seconds']:.1f} s "
                    f"({stats['samples_per_second']:.2f} samples/s "
                    f"on rank {procs.rank} of {procs.world_size}; {stats['skipped']} kept from an earlier run)")
     result = {"sampling": used, "generation": {**stats, **budget, "world_size": procs.world_size,
-                                               "shard_size": shard_size}}
+                                               "shard_size": run.shard_size}}
     if procs.rank == 0:
-        result["outputs"] = assemble(out_dir, shards, num_samples, shard_size)
+        result["outputs"] = assemble(run.out_dir, shards, run.num_samples, run.shard_size)
     return result
 
 
-def network_calls_per_batch(module, used: dict[str, Any]) -> int | None:
+def generation_labels(module, run: Generation) -> int | str | None:
+    """The labels ``y`` asks for; a class index for a model that has no labels is refused, never ignored."""
+    allowed = labels_allowed(module, run.guidance.cond_fn)
+    if isinstance(parse_labels(run.y), int) and not allowed:
+        raise ValueError(f"y={run.y}: the model is unconditional (no class labels) and no classifier guides it; "
+                         f"drop y, or give guidance.classifier_ckpt with guidance.scale > 0")
+    return parse_labels(run.y) if allowed else "random"
+
+
+def _record(run: Generation, labels: Any) -> dict[str, Any]:
+    """What made the shards (``shards/run.json``): a rerun with other settings into the same folder is refused."""
+    return {"ckpt": run.ckpt, "guidance": dataclasses.asdict(run.guidance_config), "sampling": run.sampling,
+            "y": labels, "seed": run.seed, "precision": run.precision, "clip_denoised": run.sampler.clip_denoised,
+            "cfg_scale": float(run.guidance.cfg_scale), "shard_size": run.shard_size}
+
+
+def _sample_fn(module, run: Generation, labels: Any) -> Callable[[int, int], Any]:
+    def sample_fn(n: int, first_index: int):
+        autocast = (torch.autocast(module.device.type, dtype=torch.bfloat16) if run.precision == "bf16"
+                    else torch.autocast(module.device.type, enabled=False))
+        with autocast:
+            return module.sample(n, run.sampler, guidance=run.guidance, y=labels, seed=run.seed,
+                                 first_index=first_index, progress=False)
+    return sample_fn
+
+
+def network_calls_per_batch(module, settings: SampleConfig) -> int | None:
     """The network calls one batch takes: the sampler's kept steps (classifier-free guidance runs each on a
     doubled batch, classifier guidance adds a classifier gradient); None where the module cannot say."""
-    diffusion = getattr(module, "diffusion", None)
-    if diffusion is None:
+    if not callable(getattr(module, "sampling_process", None)):
         return None
-    from ..sampling.sample import sampling_process
-
-    try:
-        steps = sampling_process(diffusion, used["method"], used["steps"], used["schedule"]).num_timesteps
-    except (ValueError, KeyError, AttributeError):
-        return None
-    return int(steps)
+    return int(module.sampling_process(settings).num_timesteps)
 
 
 def kept_samples(out_dir: Path) -> int:

@@ -7,12 +7,14 @@ the command with ``hydra.run.dir=<the same folder>`` continues.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ..config import CONFIG_PATH
+from .deprecated import apply_to_command_line
 from .errors import run_cli
 from .validate import check_command_line
 
@@ -26,24 +28,17 @@ def sample(cfg: DictConfig) -> dict:
 
 def _sample(cfg: DictConfig, out_dir: Path) -> dict:
     from ..artifacts import write_json
-    from .generation import generate, load_model_and_guidance, resolve_device
+    from .generation import generate, plan_generation, resolve_device
     from .shards import launch
 
-    device = resolve_device(cfg.device)
-    procs = launch(int(cfg.devices), device)
-    guidance = OmegaConf.to_container(cfg.guidance)
-    module, cond_fn, guide_classes, cfg_scale = load_model_and_guidance(cfg.ckpt, guidance, procs.device)
-    generated = generate(
-        module, out_dir=out_dir, num_samples=int(cfg.num_samples), sampler=cfg.sampler, steps=cfg.steps,
-        eta=cfg.eta, clip_denoised=bool(cfg.clip_denoised), y=cfg.y, cond_fn=cond_fn,
-        guidance_num_classes=guide_classes, cfg_scale=cfg_scale, batch_size=int(cfg.batch_size), seed=int(cfg.seed),
-        precision=str(cfg.precision), schedule=cfg.get("schedule"), shard_size=int(cfg.shard_size), procs=procs,
-        settings={"ckpt": str(cfg.ckpt), "guidance": guidance})
-    if procs.rank != 0:
+    procs = launch(int(cfg.devices), resolve_device(cfg.device))
+    module, run = plan_generation(cfg, out_dir, procs.device)
+    generated = generate(module, run, procs=procs)
+    if procs.rank != 0:  # the other processes generate their shards; rank 0 writes the outputs
         return generated
     gen = generated["generation"]
-    result = {"ckpt": cfg.ckpt, "num_samples": int(cfg.num_samples), "sampling_seconds": gen["seconds"],
-              "samples_per_second": gen["samples_per_second"], "guidance": guidance,
+    result = {"ckpt": cfg.ckpt, "num_samples": run.num_samples, "sampling_seconds": gen["seconds"],
+              "samples_per_second": gen["samples_per_second"], "guidance": dataclasses.asdict(run.guidance_config),
               "outputs": generated["outputs"], "sampling": generated["sampling"], "generation": gen}
     write_json(out_dir / "sample.json", result, default=str)
     print(f"samples: {result['outputs']['samples']}\ngrid: {result['outputs']['grid']}")
@@ -56,6 +51,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    apply_to_command_line()  # sampler= -> method= (deprecated spelling, one warning line)
     check_command_line(typed_keys=False, config_name="sample")  # an unknown key or option: one line, before Hydra
     _hydra_main()
 

@@ -378,59 +378,24 @@ def check_reference_file(path: Any) -> None:
 
 
 def check_generation(cfg: DictConfig, multirun: bool = False) -> None:
-    """The keys of ``ddpm-sample`` / ``ddpm-eval``: counts, steps, device, labels, guidance, files, folders."""
+    """The keys of ``ddpm-sample`` / ``ddpm-eval``: counts, the sampler, metrics, device, labels, guidance, files,
+    folders (with ``config.choices``' lists; the library checks the resolved settings again, ``SampleConfig``)."""
     for key, minimum in GENERATION_INTS.items():
         present, value = _select(cfg, key)
         if present and (not _is_int(value) or value < minimum):
             raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
-    check_steps(cfg.get("steps"))
     present, sigma_rel = _select(cfg, "ema_sigma_rel")
     if present and sigma_rel is not None:
         check_sigma_rel(sigma_rel, "ema_sigma_rel")
-    for key, what, allowed in (("sampler", "unknown sampling method", SAMPLE_METHODS),
-                               ("schedule", "unknown sampling schedule", SAMPLE_SCHEDULES),
-                               ("feature", "unknown feature extractor", FEATURE_EXTRACTORS),
-                               ("precision", "precision=", PRECISIONS)):  # the library's own messages
-        present, value = _select(cfg, key)
-        if present and value is not None and str(value) not in allowed:
-            shown = f"{what}{value!r}" if what.endswith("=") else f"{what} {str(value)!r}"
-            raise ValueError(f"{shown}; allowed: {', '.join(allowed)}{_suggest(str(value), allowed)}")
-    present, metrics = _select(cfg, "metrics")
-    if present and metrics is not None:
-        names = list(metrics) if OmegaConf.is_list(metrics) else [metrics]
-        unknown = [str(m) for m in names if str(m) not in EVAL_METRICS]
-        if unknown:
-            raise ValueError(f"metrics: unknown {', '.join(unknown)}{_suggest(unknown[0], EVAL_METRICS)}; allowed: "
-                             f"{', '.join(EVAL_METRICS)}")
-        n, dim = cfg.get("num_samples"), POOL_DIMS.get(str(cfg.get("feature", "inception")))
-        if "fid_inf" in [str(m) for m in names] and _is_int(n) and dim and n < 5 * dim:
-            raise ValueError(f"metrics fid_inf needs num_samples >= {5 * dim} (subsets down to a fifth of the samples, "
-                             f"each at least the {dim}-d feature size), got {n}: raise num_samples or drop fid_inf")
-    present, eta = _select(cfg, "eta")
-    if present and eta is not None:
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
-            raise ValueError(f"eta must be a number >= 0 (DDIM's stochasticity: 0 deterministic, 1 as DDPM), "
-                             f"got {eta!r}")
-        sampler = cfg.get("sampler")
-        if sampler is not None and sampler != "ddim":
-            raise ValueError(f"eta={eta} is DDIM's; sampler={sampler} does not use it: drop eta, or give sampler=ddim")
+    _check_generation_choices(cfg)
+    _check_generation_metrics(cfg)
     device = str(cfg.get("device", "auto"))
     if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise ValueError(f"device={device!r}; allowed: {', '.join(DEVICES)}")
     y = cfg.get("y")
     if not (y is None or y in ("random", "balanced") or (_is_int(y) and y >= 0)):
         raise ValueError(f"y={y!r}; allowed: random, balanced, or a class index >= 0")
-    guidance = cfg.get("guidance") or {}
-    if not isinstance(guidance, DictConfig):
-        raise ValueError(f"guidance={guidance!r}: guidance is a group of keys; set guidance.scale=..., "
-                         f"guidance.cfg_scale=... or guidance.classifier_ckpt=...")
-    for key in ("scale", "cfg_scale"):
-        value = guidance.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise ValueError(f"guidance.{key} must be a number >= 0, got {value!r}")
-    if guidance.get("classifier_ckpt") and not guidance.get("scale") and not multirun:
-        raise ValueError("guidance.classifier_ckpt is given but guidance.scale=0: the classifier would guide "
-                         "nothing; set guidance.scale > 0 (e.g. guidance.scale=1), or drop guidance.classifier_ckpt")
+    _check_generation_guidance(cfg.get("guidance") or {}, multirun)
     check_samples_file(cfg.get("samples"))
     check_reference_file(cfg.get("reference"))
     split = cfg.get("reference_split")
@@ -443,6 +408,56 @@ def check_generation(cfg: DictConfig, multirun: bool = False) -> None:
             from ..artifacts import check_checkpoint_file
 
             check_checkpoint_file(str(path))
+
+
+def _check_generation_choices(cfg: DictConfig) -> None:
+    """The sampler overrides (``method``, ``schedule``, ``steps``, ``eta``), ``feature`` and ``precision``."""
+    check_steps(cfg.get("steps"))
+    for key, what, allowed in (("method", "unknown sampling method", SAMPLE_METHODS),
+                               ("schedule", "unknown sampling schedule", SAMPLE_SCHEDULES),
+                               ("feature", "unknown feature extractor", FEATURE_EXTRACTORS),
+                               ("precision", "precision=", PRECISIONS)):  # the library's own messages
+        present, value = _select(cfg, key)
+        if present and value is not None and str(value) not in allowed:
+            shown = f"{what}{value!r}" if what.endswith("=") else f"{what} {str(value)!r}"
+            raise ValueError(f"{shown}; allowed: {', '.join(allowed)}{_suggest(str(value), allowed)}")
+    present, eta = _select(cfg, "eta")
+    if present and eta is not None:
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
+            raise ValueError(f"eta must be a number >= 0 (DDIM's stochasticity: 0 deterministic, 1 as DDPM), "
+                             f"got {eta!r}")
+        method = cfg.get("method")
+        if method is not None and method != "ddim":
+            raise ValueError(f"eta={eta} is DDIM's; method={method} does not use it: drop eta, or give method=ddim")
+
+
+def _check_generation_metrics(cfg: DictConfig) -> None:
+    present, metrics = _select(cfg, "metrics")
+    if not present or metrics is None:
+        return
+    names = [str(m) for m in (list(metrics) if OmegaConf.is_list(metrics) else [metrics])]
+    unknown = [m for m in names if m not in EVAL_METRICS]
+    if unknown:
+        raise ValueError(f"metrics: unknown {', '.join(unknown)}{_suggest(unknown[0], EVAL_METRICS)}; allowed: "
+                         f"{', '.join(EVAL_METRICS)}")
+    n, dim = cfg.get("num_samples"), POOL_DIMS.get(str(cfg.get("feature", "inception")))
+    if "fid_inf" in names and _is_int(n) and dim and n < 5 * dim:
+        raise ValueError(f"metrics fid_inf needs num_samples >= {5 * dim} (subsets down to a fifth of the samples, "
+                         f"each at least the {dim}-d feature size), got {n}: raise num_samples or drop fid_inf")
+
+
+def _check_generation_guidance(guidance: Any, multirun: bool) -> None:
+    """The ``guidance`` group (``config.schema.GuidanceConfig``): numbers >= 0, a classifier that guides."""
+    if not isinstance(guidance, DictConfig):
+        raise ValueError(f"guidance={guidance!r}: guidance is a group of keys; set guidance.scale=..., "
+                         f"guidance.cfg_scale=... or guidance.classifier_ckpt=...")
+    for key in ("scale", "cfg_scale"):
+        value = guidance.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise ValueError(f"guidance.{key} must be a number >= 0, got {value!r}")
+    if guidance.get("classifier_ckpt") and not guidance.get("scale") and not multirun:
+        raise ValueError("guidance.classifier_ckpt is given but guidance.scale=0: the classifier would guide "
+                         "nothing; set guidance.scale > 0 (e.g. guidance.scale=1), or drop guidance.classifier_ckpt")
 
 
 def _check(config_name: str | None, cfg: DictConfig, multirun: bool) -> None:

@@ -2,16 +2,19 @@
 
 Groups whose implementation users swap (data, trainer, logger, callbacks, hydra launcher) are free-form
 ``_target_`` nodes; the rest are typed here. Allowed string values are checked where they are used
-(GaussianDiffusion, samplers) with messages that list them. The defaults here are those of the default
-composition (``conf/train.yaml``; ``tests/test_config_defaults.py`` keeps both equal). Plain dataclasses with
-no import beyond the standard library: the pure-torch ``sampling`` package takes its defaults from
-``SampleConfig``.
+(GaussianDiffusion, samplers) with messages that list them; the two settings objects that travel whole to the
+sampler (``SampleConfig``, ``GuidanceConfig``) check their own values when built. The defaults here are those
+of the default composition (``conf/train.yaml``; ``tests/test_config_defaults.py`` keeps both equal). Plain
+dataclasses with no import beyond the standard library (and the choice lists of ``choices.py``): the pure-torch
+``sampling`` package takes its defaults from ``SampleConfig``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from .choices import SAMPLE_METHODS, SAMPLE_SCHEDULES
 
 
 @dataclass
@@ -84,9 +87,12 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    """The sampler settings, and their one set of defaults: the run config's ``sample:`` group (keys = these
-    fields), ``DiffusionModule.sample_settings``, ``sample_images``' keyword defaults; the callbacks and the
-    CLIs override them (``sampling.sampling_overrides``)."""
+    """The sampler settings: one object under one name from the config to the loop. The run config's ``sample:``
+    group (keys = these fields) is a run's own (``DiffusionModule.sample_settings``); a command resolves them
+    once with its overrides (``sampling.resolve_sampler``: ``ddpm-sample``/``ddpm-eval``'s ``method``, ``steps``,
+    ``eta``, ``schedule``, ..., the callbacks' ``method``/``steps``/``eta``) and passes the result down whole
+    (``DiffusionModule.sample``, ``sample_images``). Checks its own values when built (allowed values named);
+    ``steps`` against the process's T is checked by ``sampling.sampling_process``."""
 
     method: str = "ddim"  # ddpm | ddim | dpm++2m | dpm++3m | dpm++2m-sde | unipc
     steps: Any = 25  # network calls: int; with schedule=adm also "ddim25", "250", "10,15,20", or null for all T
@@ -95,6 +101,38 @@ class SampleConfig:
     lower_order_final: bool = True  # DPM-Solver++/UniPC: lower orders for the last steps below 15 steps
     clip_denoised: bool = True
     batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.method not in SAMPLE_METHODS:
+            raise ValueError(f"unknown sampling method {self.method!r}; allowed: {', '.join(SAMPLE_METHODS)}")
+        if self.schedule not in SAMPLE_SCHEDULES:
+            raise ValueError(f"unknown sampling schedule {self.schedule!r}; allowed: {', '.join(SAMPLE_SCHEDULES)}")
+        if self.schedule != "adm" and (isinstance(self.steps, bool) or not isinstance(self.steps, int)):
+            raise ValueError(f"schedule={self.schedule} needs an integer number of steps, got {self.steps!r}; section "
+                             "strings such as 'ddim25' need schedule=adm")
+        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not self.eta >= 0:
+            raise ValueError(f"eta must be a number >= 0 (DDIM's stochasticity: 0 deterministic, 1 as DDPM), "
+                             f"got {self.eta!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+
+
+@dataclass
+class GuidanceConfig:
+    """Guidance: one group with one spelling in ``ddpm-sample``, ``ddpm-eval``, ``experiment=guidance_sweep`` and
+    the metric callback (``callbacks.generative_metrics.guidance``). ``modules.guidance.load_guidance`` turns it
+    into the sampler's ``sampling.Guidance`` (the loaded classifier's ``cond_fn``, the classifier-free scale):
+    a new kind of guidance is one more field here and one more part of that object. Checks its own values."""
+
+    classifier_ckpt: Any = None  # a noisy classifier (ddpm-train experiment=classifier_default) or converted ADM one
+    scale: float = 0.0  # classifier guidance s
+    cfg_scale: float = 0.0  # classifier-free guidance w (models trained with train.p_uncond > 0)
+
+    def __post_init__(self) -> None:
+        for key in ("scale", "cfg_scale"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"guidance.{key} must be a number >= 0, got {value!r}")
 
 
 @dataclass

@@ -4,8 +4,9 @@ Every sampler is a *step function* ``step(x, k, noise_sampler) -> dict(sample, p
 loop, ``sample_loop_progressive``, from step ``K-1`` (the noisiest) down to ``0``; after step 0 the sample is
 clean. Ancestral DDPM and DDIM are ``GaussianDiffusion.p_sample`` / ``ddim_sample`` wrapped as step
 functions; the multistep solvers keep their history of x_0 predictions inside the closure that
-``multistep_step_fn`` returns (state lives for one sampling call only). A new solver is one more step
-function over a ``denoise(x, k) -> x_0`` callable and the process's alpha-bar table.
+``multistep_step_fn`` returns (state lives for one sampling call only). ``GaussianDiffusion.step_fn(method, ...)``
+is the one place a method name becomes a step function (``SOLVERS`` below for the multistep ones). A new solver
+is one more step function over a ``denoise(x, k) -> x_0`` callable and the process's alpha-bar table.
 
 Discrete time. A sampler walks a (respaced) ``GaussianDiffusion`` whose K kept steps are integer steps of
 the original T-step process (``space_timesteps`` or one of ``SOLVER_SCHEDULES`` below): the network always
@@ -41,6 +42,11 @@ Schedule = Literal["uniform", "logsnr", "karras", "trailing"]
 Corrector = Literal["none", "unipc"]
 KARRAS_RHO = 7.0
 LOWER_ORDER_FINAL_BELOW = 15  # diffusers' rule: lower_order_final acts below this many steps
+# sampling method -> (order, sde, corrector) of its multistep solver (``GaussianDiffusion.step_fn``);
+# unipc = DPM-Solver++(2M) (= UniP-2) + UniC(bh2)
+SOLVERS: dict[str, tuple[int, bool, Corrector]] = {
+    "dpm++2m": (2, False, "none"), "dpm++3m": (3, False, "none"), "dpm++2m-sde": (2, True, "none"),
+    "unipc": (2, False, "unipc")}
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -1,16 +1,9 @@
-"""Sampling without Lightning: ``sample_images`` over any network and GaussianDiffusion."""
+"""Sampling without Lightning: ``sample_images`` over any network and GaussianDiffusion, with the sampler settings
+as one object (``SampleConfig``, resolved once by ``resolve_sampler``) and guidance as another (``Guidance``)."""
 
 from .grid import save_grid
-from .sample import (
-    SAMPLE_METHODS,
-    SAMPLE_SCHEDULES,
-    ClassifierFreeGuidance,
-    check_sampling_options,
-    sample_images,
-    sample_loop,
-    sampling_overrides,
-    sampling_process,
-)
+from .guidance import ClassifierFreeGuidance, Guidance
+from .sample import SAMPLE_METHODS, SAMPLE_SCHEDULES, resolve_sampler, sample_images, sampling_process
 
-__all__ = ["sample_images", "sampling_process", "sample_loop", "ClassifierFreeGuidance", "SAMPLE_METHODS",
-           "SAMPLE_SCHEDULES", "check_sampling_options", "sampling_overrides", "save_grid"]
+__all__ = ["sample_images", "sampling_process", "resolve_sampler", "Guidance", "ClassifierFreeGuidance",
+           "SAMPLE_METHODS", "SAMPLE_SCHEDULES", "save_grid"]

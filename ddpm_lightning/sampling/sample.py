@@ -1,118 +1,81 @@
 """Generate images from a trained network: ancestral DDPM, DDIM, DPM-Solver++ (2M, 3M, SDE-2M) or UniPC over
 any step schedule, with optional classifier guidance (``cond_fn``) and classifier-free guidance, in batches,
-with per-sample seeds (image i depends on (seed, i) only)."""
+with per-sample seeds (image i depends on (seed, i) only).
+
+The sampler settings travel as one object, ``SampleConfig``: ``resolve_sampler`` builds it once per command
+(a run's own ``sample:`` settings + the command's overrides), ``sampling_process`` resolves the respaced
+process it walks, ``sample_images`` takes both whole."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Literal
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..config.choices import SAMPLE_METHODS, SAMPLE_SCHEDULES
 from ..config.schema import SampleConfig
 from ..diffusion import GaussianDiffusion
 from ..diffusion.noise import LABEL_STREAM, PerSampleNoise
-from ..diffusion.samplers import SOLVER_SCHEDULES, solver_timesteps
+from ..diffusion.samplers import solver_timesteps
+from .guidance import Guidance
 
-SAMPLE_METHODS = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc")
-SAMPLE_SCHEDULES = ("adm",) + SOLVER_SCHEDULES
-# method -> (order, sde, corrector) of the multistep solver; unipc = DPM-Solver++(2M) (= UniP-2) + UniC(bh2)
-SOLVERS = {"dpm++2m": (2, False, "none"), "dpm++3m": (3, False, "none"), "dpm++2m-sde": (2, True, "none"),
-           "unipc": (2, False, "unipc")}
+__all__ = ["SAMPLE_METHODS", "SAMPLE_SCHEDULES", "resolve_sampler", "sampling_process", "sample_images"]
+
 LABEL_CHUNK = 4096
+ALL_STEPS = "all"  # steps=all: every one of the T steps
+SAMPLER_FIELDS = tuple(f.name for f in dataclasses.fields(SampleConfig))
 
 
-class ClassifierFreeGuidance(nn.Module):
-    """eps = (1 + w) * eps(x, y) - w * eps(x, null): one batched call with the null label appended.
+def resolve_sampler(base: SampleConfig | Mapping[str, Any] | None = None,
+                    overrides: Mapping[str, Any] | None = None) -> SampleConfig:
+    """The sampler settings a command samples with, resolved once: ``base`` (a run's own ``sample:`` settings,
+    as a ``SampleConfig`` or the dict a checkpoint stores, keys that are no field dropped; None: the defaults)
+    with ``overrides`` (``SampleConfig`` fields) on top.
 
-    ``null_label`` is the extra class index the network was trained with under label dropout. Only the
-    prediction channels are guided; a learned-variance half is taken from the conditional pass.
+    An override of None keeps the base's value; ``steps="all"`` runs every one of the T steps. An ``eta`` for
+    a method other than DDIM is refused rather than ignored. The result checks its own values (``SampleConfig``).
     """
-
-    def __init__(self, net: Callable[..., torch.Tensor], scale: float, null_label: int, channels: int) -> None:
-        super().__init__()
-        self.net = net
-        self.scale = float(scale)
-        self.null_label = int(null_label)
-        self.channels = int(channels)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if y is None:
-            raise ValueError("classifier-free guidance needs class labels y")
-        null = torch.full_like(y, self.null_label)
-        out = self.net(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null]))
-        cond, uncond = out.chunk(2)
-        c = self.channels
-        guided = (1.0 + self.scale) * cond[:, :c] - self.scale * uncond[:, :c]
-        return torch.cat([guided, cond[:, c:]], dim=1) if cond.shape[1] > c else guided
-
-
-def check_sampling_options(method: str | None = None, schedule: str | None = None) -> None:
-    """Raise ValueError naming the allowed values for an unknown ``method`` or ``schedule`` (None: unchecked)."""
-    if method is not None and method not in SAMPLE_METHODS:
-        raise ValueError(f"unknown sampling method {method!r}; allowed: {', '.join(SAMPLE_METHODS)}")
-    if schedule is not None and schedule not in SAMPLE_SCHEDULES:
-        raise ValueError(f"unknown sampling schedule {schedule!r}; allowed: {', '.join(SAMPLE_SCHEDULES)}")
+    if isinstance(base, SampleConfig):
+        values = dataclasses.asdict(base)
+    else:
+        values = {key: value for key, value in (base or {}).items() if key in SAMPLER_FIELDS}
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    unknown = sorted(set(given) - set(SAMPLER_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown sampler setting {unknown[0]!r}; allowed: {', '.join(SAMPLER_FIELDS)}")
+    if str(given.get("steps")) == ALL_STEPS:
+        given["steps"] = None
+    settings = SampleConfig(**{**values, **given})
+    if "eta" in given and settings.method != "ddim":
+        method = f"method={settings.method}" if "method" in given else \
+            f"the sampler {settings.method} (the run's own sample.method)"
+        raise ValueError(f"eta={given['eta']} is DDIM's; {method} does not use it: drop eta, or give method=ddim")
+    return settings
 
 
-def sampling_overrides(method: str | None = None, steps: Any = None, eta: float | None = None,
-                       schedule: str | None = None) -> dict[str, Any]:
-    """Sampler settings that replace a run's own (``SampleConfig``), checked: None keeps the run's,
-    ``steps="all"`` runs every one of the T steps."""
-    check_sampling_options(method, schedule)
-    overrides: dict[str, Any] = {}
-    if method is not None:
-        overrides["method"] = str(method)
-    if schedule is not None:
-        overrides["schedule"] = str(schedule)
-    if steps is not None:
-        overrides["steps"] = None if str(steps) == "all" else steps
-    if eta is not None:
-        overrides["eta"] = float(eta)
-    return overrides
-
-
-def sampling_process(diffusion: GaussianDiffusion, method: str, steps: int | str | None,
-                     schedule: str = "adm") -> GaussianDiffusion:
-    """The respaced process a sampler walks: its K kept steps are the network calls.
+def sampling_process(diffusion: GaussianDiffusion, settings: SampleConfig) -> GaussianDiffusion:
+    """The respaced process ``settings`` walk: its K kept steps are the network calls.
 
     ``schedule="adm"``: ADM's ``space_timesteps`` (DDIM: the 'ddimN' stride when it exists, else evenly spaced
     sections; ``steps`` may be a section string such as "ddim25" or "10,15,20"; None: all T steps). Other
-    schedules (``uniform``, ``logsnr``, ``karras``, ``trailing``; see ``solver_timesteps``) need an int
-    ``steps`` >= 2 and apply to every method.
+    schedules (``uniform``, ``logsnr``, ``karras``, ``trailing``; see ``solver_timesteps``) take an int
+    ``steps``, 2 <= steps <= T, and apply to every method.
     """
-    check_sampling_options(method, schedule)
-    total = diffusion.original_num_timesteps
-    if schedule != "adm":
-        if isinstance(steps, bool) or not isinstance(steps, int):
-            raise ValueError(f"schedule={schedule} needs an integer number of steps, got {steps!r}; section "
-                             "strings such as 'ddim25' need schedule=adm")
+    steps, total = settings.steps, diffusion.original_num_timesteps
+    if settings.schedule != "adm":
         base = diffusion.respace(None)
-        return diffusion.respace(None, timesteps=solver_timesteps(base.alphas_cumprod, steps, schedule))
+        return diffusion.respace(None, timesteps=solver_timesteps(base.alphas_cumprod, steps, settings.schedule))
     if steps in (None, 0, "", total, str(total)):
         return diffusion.respace(None)
-    if isinstance(steps, int) and method == "ddim":
+    if isinstance(steps, int) and settings.method == "ddim":
         try:
             return diffusion.respace(f"ddim{steps}")
         except ValueError:  # no exact stride: fall back to evenly spaced steps
             return diffusion.respace(str(steps))
     return diffusion.respace(str(steps) if isinstance(steps, int) else steps)
-
-
-def sample_loop(process: GaussianDiffusion, method: str, model, shape, *, eta: float = SampleConfig.eta,
-                lower_order_final: bool = SampleConfig.lower_order_final, **kwargs) -> torch.Tensor:
-    """Run ``method``'s loop on ``process`` (kwargs: noise, clip_denoised, cond_fn, model_kwargs, device,
-    progress, noise_sampler); returns x_0."""
-    if method == "ddpm":
-        return process.p_sample_loop(model, shape, **kwargs)
-    if method == "ddim":
-        return process.ddim_sample_loop(model, shape, eta=eta, **kwargs)
-    if method not in SOLVERS:
-        raise ValueError(f"unknown sampling method {method!r}; allowed: {', '.join(SAMPLE_METHODS)}")
-    order, sde, corrector = SOLVERS[method]
-    return process.dpm_solver_sample_loop(model, shape, order=order, sde=sde, corrector=corrector,
-                                          lower_order_final=lower_order_final, **kwargs)
 
 
 @torch.inference_mode(False)  # Lightning validation runs in inference mode; guidance needs autograd
@@ -121,62 +84,56 @@ def sample_images(
     diffusion: GaussianDiffusion,
     num_samples: int,
     shape: tuple[int, int, int],
+    settings: SampleConfig | None = None,
     *,
-    method: Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"] = SampleConfig.method,
-    steps: int | str | None = SampleConfig.steps,
-    eta: float = SampleConfig.eta,
-    schedule: Literal["adm", "uniform", "logsnr", "karras", "trailing"] = SampleConfig.schedule,
-    lower_order_final: bool = SampleConfig.lower_order_final,
-    clip_denoised: bool = SampleConfig.clip_denoised,
+    guidance: Guidance | None = None,
     num_classes: int | None = None,
-    y: torch.Tensor | int | str | None = "random",
-    cfg_scale: float = 0.0,
     null_label: int | None = None,
-    cond_fn: Callable[..., torch.Tensor] | None = None,
-    batch_size: int = SampleConfig.batch_size,
+    y: torch.Tensor | int | str | None = "random",
     seed: int | None = 0,
     first_index: int = 0,
     device: torch.device | str | None = None,
     progress: bool = False,
+    process: GaussianDiffusion | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draw ``num_samples`` images in [-1, 1] of ``shape`` (C, H, W); returns (images on CPU, labels or None).
 
     The images are global samples ``first_index .. first_index + num_samples - 1``: image i, its initial
     noise, every later noise draw and its label (``y="random"``) come from (``seed``, i) alone (see
-    ``diffusion.noise``), so the result does not depend on ``batch_size`` or on how indices are split
-    over calls or devices. ``method``/``steps``/``schedule``: see ``SAMPLE_METHODS`` and ``sampling_process``
-    (``steps`` is the number of network calls); ``eta`` is DDIM's; ``lower_order_final`` the solvers'.
-    ``y``: for a class-conditional network, "random" (uniform labels), "balanced" (class i mod num_classes),
-    an int class, or a tensor of labels; ignored (must be None/"random") when ``num_classes`` is None.
-    ``cond_fn`` is a classifier-guidance gradient function (already scaled); it runs with autograd.
+    ``diffusion.noise``), so the result does not depend on ``settings.batch_size`` or on how indices are split
+    over calls or devices. ``settings``: the sampler (``SampleConfig``; None: its defaults), whole; ``process``:
+    its ``sampling_process`` when the caller keeps it (None: resolved here). ``guidance``: classifier
+    (``cond_fn``, run with autograd) and classifier-free guidance (``cfg_scale``, with the network's
+    ``null_label``), see ``Guidance``. ``y``: for a class-conditional network (``num_classes``), "random"
+    (uniform labels), "balanced" (class i mod num_classes), an int class, or a tensor of labels; ignored (must
+    be None/"random") when ``num_classes`` is None.
     """
+    settings = settings or SampleConfig()
+    guidance = guidance or Guidance()
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if isinstance(first_index, bool) or not isinstance(first_index, int) or first_index < 0:
         raise ValueError(f"first_index must be an int >= 0, got {first_index!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if cfg_scale and (num_classes is None or null_label is None):
-        raise ValueError("cfg_scale > 0 needs a class-conditional model trained with label dropout (p_uncond > 0)")
     if device is None:
         device = next(net.parameters()).device if isinstance(net, nn.Module) else torch.device("cpu")
     device = torch.device(device)
+    model, num_classes = guidance.guided_model(net, num_classes, null_label, shape[0])
     seed = 0 if seed is None else int(seed)
     labels = _labels(y, num_samples, num_classes, seed, first_index)
-    process = sampling_process(diffusion, method, steps, schedule)
-    model = ClassifierFreeGuidance(net, cfg_scale, null_label, shape[0]) if cfg_scale else net
-    if cond_fn is not None and labels is None:
+    process = process or sampling_process(diffusion, settings)
+    if guidance.cond_fn is not None and labels is None:
         raise ValueError("classifier guidance needs class labels: pass y='random', a class index or labels")
 
     chunks = []
-    for start in range(0, num_samples, batch_size):
-        n = min(batch_size, num_samples - start)
+    for start in range(0, num_samples, settings.batch_size):
+        n = min(settings.batch_size, num_samples - start)
         rng = PerSampleNoise(seed, range(first_index + start, first_index + start + n), device=device)
         kwargs = {} if labels is None else {"y": labels[start:start + n].to(device)}
+        step = process.step_fn(settings.method, model, eta=settings.eta, lower_order_final=settings.lower_order_final,
+                               clip_denoised=settings.clip_denoised, cond_fn=guidance.cond_fn, model_kwargs=kwargs)
         with torch.no_grad():  # cond_fn enables grad itself for the classifier's input gradient
-            x = sample_loop(process, method, model, (n, *shape), eta=eta, lower_order_final=lower_order_final,
-                            noise=rng.randn((n, *shape)), clip_denoised=clip_denoised, cond_fn=cond_fn,
-                            model_kwargs=kwargs, device=device, progress=progress, noise_sampler=rng)
+            x = process.sample_loop(step, (n, *shape), noise=rng.randn((n, *shape)), device=device,
+                                    progress=progress, noise_sampler=rng)
         chunks.append(x.detach().float().cpu())
     return torch.cat(chunks), labels
 
