@@ -6,6 +6,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
+from ddpm_lightning.config.schema import SampleConfig
 from ddpm_lightning.diffusion import (
     GaussianDiffusion,
     IgnoreLabels,
@@ -16,7 +17,7 @@ from ddpm_lightning.diffusion import (
 from ddpm_lightning.modules.checkpoint import load_classifier_module, load_diffusion_module
 from ddpm_lightning.modules.classifier_module import ClassifierModule
 from ddpm_lightning.modules.guidance import guidance_info
-from ddpm_lightning.sampling import sample_images
+from ddpm_lightning.sampling import Guidance, sample_images
 
 T, SIZE, CLASSES = 100, 8, 4
 CLASSIFIER = {"model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [4],
@@ -118,9 +119,11 @@ def test_trained_classifier_guides_samples_to_its_class(trained):
     net = IgnoreLabels(eps_model)
     cond_fn = build_guidance(module.classifier_net, 10.0, classifier_info=module.guidance_info,
                              diffusion_info=module.guidance_info)
-    options = {"method": "ddim", "steps": 10, "num_classes": CLASSES, "y": 3, "seed": 0, "device": "cpu"}
-    plain, _ = sample_images(net, diffusion, 32, (1, SIZE, SIZE), **options)
-    guided, _ = sample_images(net, diffusion, 32, (1, SIZE, SIZE), cond_fn=cond_fn, **options)
+    settings = SampleConfig(method="ddim", steps=10)
+    options = {"num_classes": CLASSES, "y": 3, "seed": 0, "device": "cpu"}
+    plain, _ = sample_images(net, diffusion, 32, (1, SIZE, SIZE), settings, **options)
+    guided, _ = sample_images(net, diffusion, 32, (1, SIZE, SIZE), settings, guidance=Guidance(cond_fn=cond_fn),
+                              **options)
     t0 = torch.zeros(32, dtype=torch.long)
     with torch.no_grad():
         p_plain = module(plain, t0).softmax(-1)[:, 3].mean()

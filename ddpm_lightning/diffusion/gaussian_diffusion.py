@@ -13,11 +13,11 @@ from typing import Any, Literal
 
 import torch
 
-from ..config.choices import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
+from ..config.choices import LOSS_TYPES, MEAN_TYPES, SAMPLE_METHODS, VAR_TYPES
 from .likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .noise import NoiseSampler, generator_noise
 from .noise_assignment import assign_noise, perturb_noise
-from .samplers import Corrector, StepFn, multistep_step_fn, sample_loop_progressive
+from .samplers import SOLVERS, Corrector, StepFn, multistep_step_fn, sample_loop_progressive
 from .schedules import respace_betas
 from .weighting import LOSS_WEIGHTINGS, loss_weight, snr_from_alphas_cumprod
 
@@ -539,24 +539,40 @@ class GaussianDiffusion:
         return multistep_step_fn(denoise, self.alphas_cumprod, order=order, sde=sde, corrector=corrector,
                                  lower_order_final=lower_order_final)
 
-    def p_sample_loop_progressive(self, model: Model, shape, noise: torch.Tensor | None = None,
-                                  clip_denoised: bool = True, cond_fn: CondFn | None = None,
-                                  model_kwargs: dict[str, Any] | None = None, device=None,
-                                  progress: bool = False, generator: torch.Generator | None = None,
-                                  noise_sampler: NoiseSampler | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """Yield every step's dict(sample, pred_xstart), from t = K-1 down to 0."""
-        step = self.p_step_fn(model, clip_denoised=clip_denoised, cond_fn=cond_fn, model_kwargs=model_kwargs)
-        yield from self.sample_loop_progressive(step, shape, noise=noise, device=device, progress=progress,
-                                                generator=generator, noise_sampler=noise_sampler)
+    def step_fn(self, method: str, model: Model, *, eta: float = 0.0, lower_order_final: bool = True,
+                clip_denoised: bool = True, cond_fn: CondFn | None = None,
+                model_kwargs: dict[str, Any] | None = None) -> StepFn:
+        """The step function of sampling ``method`` on this process: the one place a method name becomes a step.
 
-    def p_sample_loop(self, model: Model, shape, noise: torch.Tensor | None = None, clip_denoised: bool = True,
-                      cond_fn: CondFn | None = None, model_kwargs: dict[str, Any] | None = None, device=None,
-                      progress: bool = False, generator: torch.Generator | None = None,
-                      noise_sampler: NoiseSampler | None = None) -> torch.Tensor:
-        """Ancestral sampling from x_K ~ N(0, I); returns x_0."""
-        return _last(self.p_sample_loop_progressive(
-            model, shape, noise=noise, clip_denoised=clip_denoised, cond_fn=cond_fn, model_kwargs=model_kwargs,
-            device=device, progress=progress, generator=generator, noise_sampler=noise_sampler))
+        ``ddpm``: ancestral ``p_sample``; ``ddim``: ``ddim_sample`` with ``eta``; ``dpm++2m``, ``dpm++3m``,
+        ``dpm++2m-sde``, ``unipc``: ``dpm_solver_step_fn`` with the order / sde / corrector of ``samplers.SOLVERS``
+        and ``lower_order_final``. Walk it with ``sample_loop`` / ``sample_loop_progressive``."""
+        _check_choice("sampling method", method, SAMPLE_METHODS)
+        guided = {"clip_denoised": clip_denoised, "cond_fn": cond_fn, "model_kwargs": model_kwargs}
+        if method == "ddpm":
+            return self.p_step_fn(model, **guided)
+        if method == "ddim":
+            return self.ddim_step_fn(model, eta=eta, **guided)
+        order, sde, corrector = SOLVERS[method]
+        return self.dpm_solver_step_fn(model, order=order, sde=sde, corrector=corrector,
+                                       lower_order_final=lower_order_final, **guided)
+
+    def sample_loop(self, step: StepFn, shape, **loop: Any) -> torch.Tensor:
+        """The final sample x_0 of ``sample_loop_progressive(step, shape, **loop)``."""
+        return _last(self.sample_loop_progressive(step, shape, **loop))
+
+    # ADM's loop names, each one step function on the one loop. ``loop``: sample_loop_progressive's noise (x_K),
+    # device, progress, generator, noise_sampler.
+    def p_sample_loop_progressive(self, model: Model, shape, *, clip_denoised: bool = True,
+                                  cond_fn: CondFn | None = None, model_kwargs: dict[str, Any] | None = None,
+                                  **loop: Any) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield every ancestral step's dict(sample, pred_xstart), from t = K-1 down to 0."""
+        return self.sample_loop_progressive(self.step_fn("ddpm", model, clip_denoised=clip_denoised, cond_fn=cond_fn,
+                                                         model_kwargs=model_kwargs), shape, **loop)
+
+    def p_sample_loop(self, model: Model, shape, **options: Any) -> torch.Tensor:
+        """Ancestral sampling from x_K ~ N(0, I); returns x_0 (``options`` as ``p_sample_loop_progressive``)."""
+        return _last(self.p_sample_loop_progressive(model, shape, **options))
 
     # ------------------------------------------------------------------ DDIM
     def ddim_sample(self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
@@ -580,54 +596,33 @@ class GaussianDiffusion:
             sample = sample + nonzero * self._broadcast(sigma64, x) * self._noise_like(x, noise, generator)
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def ddim_sample_loop_progressive(self, model: Model, shape, eta: float = 0.0, noise: torch.Tensor | None = None,
-                                     clip_denoised: bool = True, cond_fn: CondFn | None = None,
-                                     model_kwargs: dict[str, Any] | None = None, device=None,
-                                     progress: bool = False, generator: torch.Generator | None = None,
-                                     noise_sampler: NoiseSampler | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        step = self.ddim_step_fn(model, eta=eta, clip_denoised=clip_denoised, cond_fn=cond_fn,
-                                 model_kwargs=model_kwargs)
-        yield from self.sample_loop_progressive(step, shape, noise=noise, device=device, progress=progress,
-                                                generator=generator, noise_sampler=noise_sampler)
+    def ddim_sample_loop_progressive(self, model: Model, shape, *, eta: float = 0.0, clip_denoised: bool = True,
+                                     cond_fn: CondFn | None = None, model_kwargs: dict[str, Any] | None = None,
+                                     **loop: Any) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield every DDIM step's dict(sample, pred_xstart), from t = K-1 down to 0."""
+        return self.sample_loop_progressive(self.step_fn("ddim", model, eta=eta, clip_denoised=clip_denoised,
+                                                         cond_fn=cond_fn, model_kwargs=model_kwargs), shape, **loop)
 
-    def ddim_sample_loop(self, model: Model, shape, eta: float = 0.0, noise: torch.Tensor | None = None,
-                         clip_denoised: bool = True, cond_fn: CondFn | None = None,
-                         model_kwargs: dict[str, Any] | None = None, device=None, progress: bool = False,
-                         generator: torch.Generator | None = None,
-                         noise_sampler: NoiseSampler | None = None) -> torch.Tensor:
-        """DDIM sampling (Song et al.) over this process's steps; returns x_0."""
-        return _last(self.ddim_sample_loop_progressive(
-            model, shape, eta=eta, noise=noise, clip_denoised=clip_denoised, cond_fn=cond_fn,
-            model_kwargs=model_kwargs, device=device, progress=progress, generator=generator,
-            noise_sampler=noise_sampler))
+    def ddim_sample_loop(self, model: Model, shape, **options: Any) -> torch.Tensor:
+        """DDIM sampling (Song et al.) over this process's steps; returns x_0 (``options`` as
+        ``ddim_sample_loop_progressive``)."""
+        return _last(self.ddim_sample_loop_progressive(model, shape, **options))
 
     # ------------------------------------------------------------------ DPM-Solver++ / UniPC
-    def dpm_solver_sample_loop_progressive(self, model: Model, shape, order: int = 2, sde: bool = False,
+    def dpm_solver_sample_loop_progressive(self, model: Model, shape, *, order: int = 2, sde: bool = False,
                                            corrector: Corrector = "none", lower_order_final: bool = True,
-                                           noise: torch.Tensor | None = None, clip_denoised: bool = True,
-                                           cond_fn: CondFn | None = None,
-                                           model_kwargs: dict[str, Any] | None = None, device=None,
-                                           progress: bool = False, generator: torch.Generator | None = None,
-                                           noise_sampler: NoiseSampler | None = None
-                                           ) -> Iterator[dict[str, torch.Tensor]]:
-        step = self.dpm_solver_step_fn(model, order=order, sde=sde, corrector=corrector,
-                                       lower_order_final=lower_order_final, clip_denoised=clip_denoised,
-                                       cond_fn=cond_fn, model_kwargs=model_kwargs)
-        yield from self.sample_loop_progressive(step, shape, noise=noise, device=device, progress=progress,
-                                                generator=generator, noise_sampler=noise_sampler)
+                                           clip_denoised: bool = True, cond_fn: CondFn | None = None,
+                                           model_kwargs: dict[str, Any] | None = None,
+                                           **loop: Any) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield every DPM-Solver++ step's dict(sample, pred_xstart), from t = K-1 down to 0."""
+        return self.sample_loop_progressive(self.dpm_solver_step_fn(
+            model, order, sde, corrector, lower_order_final, clip_denoised, cond_fn, model_kwargs), shape, **loop)
 
-    def dpm_solver_sample_loop(self, model: Model, shape, order: int = 2, sde: bool = False,
-                               corrector: Corrector = "none", lower_order_final: bool = True,
-                               noise: torch.Tensor | None = None, clip_denoised: bool = True,
-                               cond_fn: CondFn | None = None, model_kwargs: dict[str, Any] | None = None,
-                               device=None, progress: bool = False, generator: torch.Generator | None = None,
-                               noise_sampler: NoiseSampler | None = None) -> torch.Tensor:
+    def dpm_solver_sample_loop(self, model: Model, shape, **options: Any) -> torch.Tensor:
         """DPM-Solver++(order M) in data-prediction form over this process's K steps (K network calls);
-        ``sde``: SDE-DPM-Solver++; ``corrector="unipc"``: UniPC(bh2). Returns x_0."""
-        return _last(self.dpm_solver_sample_loop_progressive(
-            model, shape, order=order, sde=sde, corrector=corrector, lower_order_final=lower_order_final,
-            noise=noise, clip_denoised=clip_denoised, cond_fn=cond_fn, model_kwargs=model_kwargs, device=device,
-            progress=progress, generator=generator, noise_sampler=noise_sampler))
+        ``sde``: SDE-DPM-Solver++; ``corrector="unipc"``: UniPC(bh2). Returns x_0 (``options`` as
+        ``dpm_solver_sample_loop_progressive``)."""
+        return _last(self.dpm_solver_sample_loop_progressive(model, shape, **options))
 
 
 def _last(outputs: Iterator[dict[str, torch.Tensor]]) -> torch.Tensor:

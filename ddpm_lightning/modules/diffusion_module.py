@@ -6,7 +6,6 @@ is ``ddpm_lightning.sampling``.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,8 +16,8 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from ..config.schema import DiffusionConfig, SampleConfig
-from ..diffusion import IgnoreLabels, UniformSampler, create_named_schedule_sampler
-from ..sampling import sample_images, sampling_process
+from ..diffusion import UniformSampler, create_named_schedule_sampler
+from ..sampling import Guidance, resolve_sampler, sample_images, sampling_process
 from .builders import ScheduledAdamW, build_diffusion, build_unet, learns_sigma
 from .ema import make_ema, make_posthoc_emas
 from .rng import collect_rng_states, restore_rng_states, seeded_rng, training_step_seed
@@ -48,8 +47,8 @@ class DiffusionModule(ScheduledAdamW, pl.LightningModule):
         p_uncond: label-dropout probability (classifier-free guidance); the null label is ``num_classes``.
         timestep_sampler: ``uniform`` or ``loss-second-moment`` (Improved DDPM importance sampling).
             Its importance weights 1 / (K p(t)) multiply the per-example losses.
-        sample: ``sample()``'s settings (``SampleConfig`` fields; the missing ones keep its defaults), as
-            ``sample_settings``.
+        sample: the run's own sampler settings (``SampleConfig`` fields; the missing ones keep its defaults), as
+            ``sample_settings``: what ``sample()`` uses unless given other (resolved) settings.
         run_config: the whole resolved run config (plain dict), stored in checkpoints.
 
     Randomness: every draw of a training step (t, noise, label dropout, network dropout) comes from a stream
@@ -92,10 +91,9 @@ class DiffusionModule(ScheduledAdamW, pl.LightningModule):
         self.posthoc_ema = make_posthoc_emas(self.net, ema.get("posthoc_sigma_rels"),  # EDM2 power EMAs
                                              int(ema.get("posthoc_every_n_steps", 0)))
         self.schedule_sampler = create_named_schedule_sampler(timestep_sampler, self.diffusion.num_timesteps)
-        fields = {f.name for f in dataclasses.fields(SampleConfig)}
-        self.sample_settings = SampleConfig(**{k: v for k, v in (sample or {}).items() if k in fields})
-        settings = self.sample_settings  # a bad method/steps/schedule combination fails before training
-        sampling_process(self.diffusion, settings.method, settings.steps, settings.schedule)
+        self.sample_settings: SampleConfig = resolve_sampler(sample)
+        self._sampling_processes: dict[tuple[str, str, str], Any] = {}
+        self.sampling_process(self.sample_settings)  # a bad steps/schedule combination fails before training
         self.compile = bool(model.get("compile", False))
         # Kept out of the module tree so the compiled wrappers add no duplicate keys to the state dict.
         object.__setattr__(self, "_train_step_fn", torch.compile(self.net) if self.compile else self.net)
@@ -188,26 +186,32 @@ class DiffusionModule(ScheduledAdamW, pl.LightningModule):
         self.log("val/mse", losses["mse"].mean(), batch_size=x.shape[0], sync_dist=True)
 
     # ------------------------------------------------------------------ sampling
-    def sample(self, num_samples: int, *, use_ema: bool = True, cond_fn=None,
-               guidance_num_classes: int | None = None, **overrides) -> tuple[torch.Tensor, Any]:
-        """Images in [-1, 1] (CPU) and their labels: ``sample_images`` with ``sample_settings`` + ``overrides``.
+    def sampling_process(self, settings: SampleConfig) -> Any:
+        """The respaced process ``settings`` walk (``sampling.sampling_process``), resolved once per method,
+        steps and schedule and kept: a command's batches all walk the same one."""
+        key = (settings.method, repr(settings.steps), settings.schedule)
+        if key not in self._sampling_processes:
+            self._sampling_processes[key] = sampling_process(self.diffusion, settings)
+        return self._sampling_processes[key]
 
-        ``cond_fn``: classifier guidance; for an unconditional network the labels it guides towards are
-        drawn over ``guidance_num_classes`` (the classifier's classes) and hidden from the network.
+    def sample(self, num_samples: int, settings: SampleConfig | None = None, *, guidance: Guidance | None = None,
+               use_ema: bool = True, y: Any = "random", seed: int | None = 0, first_index: int = 0,
+               progress: bool = False) -> tuple[torch.Tensor, Any]:
+        """Images in [-1, 1] (CPU) and their labels: ``sample_images`` with the EMA (or raw) network.
+
+        ``settings``: the sampler settings, whole (None: this run's own ``sample_settings``; a command resolves
+        its overrides once with ``sampling.resolve_sampler``); ``guidance``: ``sampling.Guidance`` (built by
+        ``modules.guidance.load_guidance``). ``y``, ``seed``, ``first_index``, ``progress`` as ``sample_images``.
         """
-        options = {**dataclasses.asdict(self.sample_settings), **overrides}
+        settings = settings or self.sample_settings
         net = self.ema_net if use_ema else self.net
-        num_classes = self.num_classes
-        model = self._for_sampling(net)
-        if cond_fn is not None and num_classes is None:
-            if not guidance_num_classes:
-                raise ValueError("guiding an unconditional model needs the classifier's class count")
-            model, num_classes = IgnoreLabels(model), int(guidance_num_classes)
         was_training = net.training
         net.eval()
         try:
-            return sample_images(model, self.diffusion, num_samples, self.image_shape, num_classes=num_classes,
-                                 null_label=self.null_label, cond_fn=cond_fn, device=self.device, **options)
+            return sample_images(self._for_sampling(net), self.diffusion, num_samples, self.image_shape, settings,
+                                 guidance=guidance, num_classes=self.num_classes, null_label=self.null_label, y=y,
+                                 seed=seed, first_index=first_index, device=self.device, progress=progress,
+                                 process=self.sampling_process(settings))
         finally:
             net.train(was_training)
 
