@@ -349,3 +349,29 @@ def test_callbacks_refuse_an_unknown_method():
     for callback in (SampleGridCallback, GenerativeMetricsCallback):
         with pytest.raises(ValueError, match="unknown sampling method 'euler'; allowed: ddpm, ddim, dpm"):
             callback(method="euler")
+
+
+@pytest.mark.parametrize("method", SAMPLE_METHODS)
+def test_step_fn_is_the_adm_loops(method):
+    """``step_fn(method)`` on the one loop gives, bit for bit, ADM's loop of that method (the one-line wrappers)."""
+    diffusion = base(var_type="learned_range")
+    model = tiny_unet(out_mult=2)
+    process = sampling_process(diffusion, SampleConfig(method=method, steps=6, schedule="karras"))
+
+    def draws():
+        gen = torch.Generator().manual_seed(7)
+        return {"noise": noise(8, shape=(2, 3, 8, 8)), "noise_sampler": lambda x: torch.randn(x.shape, generator=gen)}
+
+    with torch.no_grad():
+        ours = process.sample_loop(process.step_fn(method, model, eta=0.5), (2, 3, 8, 8), **draws())
+        if method == "ddpm":
+            adm = process.p_sample_loop(model, (2, 3, 8, 8), **draws())
+        elif method == "ddim":
+            adm = process.ddim_sample_loop(model, (2, 3, 8, 8), eta=0.5, **draws())
+        else:
+            order, sde, corrector = SOLVERS[method]
+            adm = process.dpm_solver_sample_loop(model, (2, 3, 8, 8), order=order, sde=sde, corrector=corrector,
+                                                 **draws())
+    assert torch.equal(ours, adm)
+    with pytest.raises(ValueError, match=r"unknown sampling method 'euler'; allowed: ddpm, ddim, dpm\+\+2m"):
+        process.step_fn("euler", model)
