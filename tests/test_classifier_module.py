@@ -185,11 +185,13 @@ def test_training_draws_come_from_the_rank_and_step_stream(monkeypatch):
     module = make_module(ema=None)
     seen = []
 
-    def record(net, x, y, t, noise=None):
+    def record(diffusion, net, x, y, t, noise=None):
         seen.append((t.clone(), noise.clone()))
-        return torch.zeros(len(t), requires_grad=True), torch.zeros(len(t))
+        return {"loss": torch.zeros(len(t), requires_grad=True), "correct": torch.zeros(len(t))}
 
-    monkeypatch.setattr(module, "_losses", record)
+    import ddpm_lightning.modules.classifier_module as classifier_module
+
+    monkeypatch.setattr(classifier_module, "noisy_classifier_losses", record)
     monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
     x, y = quadrants(16, 0)
 
@@ -273,3 +275,17 @@ def test_train_cli_rejects_unknown_objective(tmp_path):
     cfg = compose_run([*CLI_TINY, "objective=denoiser"], tmp_path)
     with pytest.raises(ValueError, match="objective='denoiser'; allowed: diffusion, classifier"):
         build_module(cfg, DigitsDataModule(image_size=8, limit=16))
+
+
+def test_the_noisy_classifier_loss_is_cross_entropy_on_q_sample():
+    from ddpm_lightning.diffusion import noisy_classifier_losses
+
+    module = make_module(ema=None)
+    x, y = quadrants(8, 1)
+    t = torch.tensor([0, 10, 20, 30, 40, 49, 5, 25])
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    out = noisy_classifier_losses(module.diffusion, module.net, x, y, t, noise=noise)
+    ab = torch.tensor(module.diffusion.alphas_cumprod)[t].view(-1, 1, 1, 1).float()
+    logits = module.net(ab.sqrt() * x + (1 - ab).sqrt() * noise, t)  # q(x_t | x_0) by hand
+    torch.testing.assert_close(out["loss"], torch.nn.functional.cross_entropy(logits, y, reduction="none"))
+    assert torch.equal(out["correct"], (logits.argmax(1) == y).float())

@@ -417,6 +417,13 @@ class GaussianDiffusion:
         mean, _, log_variance = self.q_mean_variance(x_start, t)
         return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
+    def vlb_estimate(self, model: Model, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+                     model_kwargs: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        """An unbiased single-step Monte-Carlo estimate of the VLB in bits/dim per example, for t ~ U{0..K-1}:
+        ``vlb_bpd = prior_bpd + K * L_t`` (``vb`` of ``training_losses``), with that step's ``mse``."""
+        losses = self.training_losses(model, x_start, t, noise=noise, model_kwargs=model_kwargs)
+        return {"vlb_bpd": self.prior_bpd(x_start) + self.num_timesteps * losses["vb"], "mse": losses["mse"]}
+
     @torch.no_grad()
     def calc_bpd_loop(self, model: Model, x_start: torch.Tensor, clip_denoised: bool = True,
                       model_kwargs: dict[str, Any] | None = None,

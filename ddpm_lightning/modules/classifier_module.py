@@ -15,16 +15,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from ..diffusion import NUM_QUARTILES, quartile_means
+from ..config.schema import EMAConfig
+from ..diffusion import NUM_QUARTILES, noisy_classifier_losses, quartile_means, stratified_timesteps
 from ..models import EncoderUNet
-from .builders import ScheduledAdamW, build_diffusion, guidance_info
+from .builders import build_diffusion, guidance_info
 from .ema import make_ema
-from .rng import collect_rng_states, restore_rng_states, seeded_rng, training_step_seed
+from .plumbing import TrainingPlumbing
+from .rng import seeded_rng
 
 DATA_KEYS = ("image_size", "in_channels", "out_channels")  # come from the data set, not the config
 CLASSIFIER_KEYS = tuple(name for name in inspect.signature(EncoderUNet).parameters if name not in DATA_KEYS)
@@ -40,7 +41,7 @@ def build_encoder_unet(classifier_cfg: Mapping[str, Any], *, image_size: int, ch
     return EncoderUNet(image_size=image_size, in_channels=channels, out_channels=num_classes, **kwargs)
 
 
-class ClassifierModule(ScheduledAdamW, pl.LightningModule):
+class ClassifierModule(TrainingPlumbing, pl.LightningModule):
     """Trains a noisy classifier on x_t ~ q(x_t | x_0) with t ~ U{0, ..., max_t - 1}.
 
     Args (plain primitives, saved as hyperparameters so a checkpoint alone rebuilds the module):
@@ -74,10 +75,8 @@ class ClassifierModule(ScheduledAdamW, pl.LightningModule):
         if num_classes is None or int(num_classes) < 2:
             raise ValueError(f"a noisy classifier needs a labelled data set with >= 2 classes, got "
                              f"num_classes={num_classes}; choose labelled data (e.g. data=animal_mnist)")
-        if float(optim.get("lr", 1e-4)) <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {optim.get('lr')}")
+        self.init_plumbing(optim, run_config)
         self.save_hyperparameters(ignore=["run_config"])
-        self.run_config = dict(run_config or {})
         self.diffusion = build_diffusion({**diffusion, "timestep_respacing": None})
         total = self.diffusion.num_timesteps
         if max_t is not None and not 1 <= int(max_t) <= total:
@@ -90,12 +89,11 @@ class ClassifierModule(ScheduledAdamW, pl.LightningModule):
         if ema is not None and ema.get("posthoc_sigma_rels"):
             raise ValueError("ema.posthoc_sigma_rels (post-hoc EMA) is for diffusion training; the noisy classifier "
                              "keeps one EMA: set ema.posthoc_sigma_rels=[]")
-        decay = 0.0 if ema is None else float(ema.get("decay", 0.9999))
-        self.ema = make_ema(self.net, decay, bool(ema.get("warmup", True))) if decay > 0 else None
+        decay = 0.0 if ema is None else float(ema.get("decay", EMAConfig.decay))
+        self.ema = make_ema(self.net, decay, bool(ema.get("warmup", EMAConfig.warmup))) if decay > 0 else None
         self.train_loss_q = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
         self.train_acc_q = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
         self.val_acc_q = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
-        self.train_seed = torch.initial_seed()
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -112,14 +110,8 @@ class ClassifierModule(ScheduledAdamW, pl.LightningModule):
         """Logits of ``classifier_net`` for x_t at original-process steps t."""
         return self.classifier_net(x, t)
 
-    def _losses(self, net, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
-                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-example cross-entropy and correctness of ``net`` on x_t = q_sample(x, t, noise)."""
-        x_t = self.diffusion.q_sample(x, t, noise=noise)
-        logits = net(x_t, t)
-        loss = F.cross_entropy(logits.float(), y, reduction="none")
-        correct = (logits.argmax(dim=-1) == y).float()
-        return loss, correct
+    def averaged_models(self) -> list[torch.nn.Module]:
+        return [] if self.ema is None else [self.ema]
 
     # ------------------------------------------------------------------ training
     @override
@@ -127,10 +119,11 @@ class ClassifierModule(ScheduledAdamW, pl.LightningModule):
         x, y = batch
         # t, the noise and dropout from this rank's stream for this batch (modules/rng.py): under DDP every rank
         # draws its own, and a resumed run repeats them exactly
-        with seeded_rng(training_step_seed(self.train_seed, self._trainer, batch_idx), x.device):
+        with seeded_rng(self.step_seed(batch_idx), x.device):
             t = torch.randint(0, self.max_t, (x.shape[0],), device=x.device)
             noise = torch.randn_like(x)
-            losses, correct = self._losses(self.net, x, y, t, noise=noise)
+            out = noisy_classifier_losses(self.diffusion, self.net, x, y, t, noise=noise)
+        losses, correct = out["loss"], out["correct"]
         loss = losses.mean()
         batch_size = x.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -143,20 +136,10 @@ class ClassifierModule(ScheduledAdamW, pl.LightningModule):
                 self.log(f"train/{name}_q{q}", metrics[q], on_step=False, on_epoch=True)
         return loss
 
-    @override
-    def optimizer_step(self, *args, **kwargs) -> None:
-        # EMA right after the step: checkpoints written at this batch's end already include it.
-        super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
-            self.ema.update_parameters(self.net)
-
     # ------------------------------------------------------------------ validation
     def validation_timesteps(self, batch_size: int, generator: torch.Generator, device) -> torch.Tensor:
-        """Steps stratified by quartile (example i in quartile i % 4), uniform within it."""
-        q = torch.arange(batch_size, device=device) % NUM_QUARTILES
-        u = torch.rand(batch_size, generator=generator, device=device)
-        t = ((q + u) * self.max_t / NUM_QUARTILES).floor().long()
-        return t.clamp(0, self.max_t - 1)
+        """Steps in [0, max_t) stratified by quartile (example i in quartile i % 4), uniform within it."""
+        return stratified_timesteps(batch_size, self.max_t, generator, device)
 
     @override
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -164,7 +147,8 @@ class ClassifierModule(ScheduledAdamW, pl.LightningModule):
         generator = torch.Generator(device=x.device).manual_seed(10_007 + batch_idx)
         t = self.validation_timesteps(x.shape[0], generator, x.device)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        losses, correct = self._losses(self.classifier_net, x, y, t, noise=noise)
+        out = noisy_classifier_losses(self.diffusion, self.classifier_net, x, y, t, noise=noise)
+        losses, correct = out["loss"], out["correct"]
         batch_size = x.shape[0]
         self.log("val/loss", losses.mean(), batch_size=batch_size, sync_dist=True)
         self.log("val/acc", correct.mean(), prog_bar=True, batch_size=batch_size, sync_dist=True)
@@ -176,20 +160,8 @@ class ClassifierModule(ScheduledAdamW, pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["run_config"] = self.run_config
+        super().on_save_checkpoint(checkpoint)
         checkpoint["guidance_info"] = self.guidance_info
-        checkpoint["rng_states"] = collect_rng_states()
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.run_config = checkpoint.get("run_config", self.run_config)
-        if "rng_states" in checkpoint:  # resuming: draw the same t and noise as an uninterrupted run
-            restore_rng_states(checkpoint["rng_states"])
-
-    @override
-    def setup(self, stage: str) -> None:
-        if stage == "fit":
-            self.train_seed = torch.initial_seed()  # pl.seed_everything ran in this process (every DDP rank)
 
     @override
     def on_fit_start(self) -> None:

@@ -163,14 +163,6 @@ class DiffusionModule(ScheduledAdamW, pl.LightningModule):
         for power_ema in self.posthoc_ema:
             power_ema.update_parameters(self.net)
 
-    @override
-    def configure_callbacks(self):
-        if not len(self.posthoc_ema):
-            return []
-        from ..callbacks.posthoc_ema import PostHocEMASnapshots
-
-        return [PostHocEMASnapshots(int(self.hparams.ema["posthoc_every_n_steps"]))]
-
     # ------------------------------------------------------------------ validation
     @override
     def validation_step(self, batch, batch_idx: int) -> None:

@@ -14,18 +14,7 @@ from typing import Any
 import torch
 
 from ..diffusion import build_guidance
-
-
-def guidance_info(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """The compatibility info (``diffusion.GUIDANCE_INFO_KEYS``) of a DiffusionModule's or ClassifierModule's
-    hyperparameters: ``diffusion.num_timesteps`` / ``diffusion.schedule`` (defaults 1000 / linear, as
-    ``build_diffusion``), ``image_size``, ``channels`` and ``num_classes``."""
-    diffusion = hparams.get("diffusion") or {}
-    num_classes = hparams.get("num_classes")
-    return {"num_timesteps": int(diffusion.get("num_timesteps", 1000)),
-            "schedule": str(diffusion.get("schedule", "linear")),
-            "image_size": int(hparams["image_size"]), "channels": int(hparams["channels"]),
-            "num_classes": None if num_classes is None else int(num_classes)}
+from .builders import guidance_info
 
 
 def load_classifier_guidance(classifier_ckpt: str | Path | None, scale: float, diffusion_hparams: Mapping[str, Any],
@@ -35,7 +24,7 @@ def load_classifier_guidance(classifier_ckpt: str | Path | None, scale: float, d
     ``(None, None)`` without a checkpoint at scale 0; a scale > 0 without a checkpoint, or a classifier trained
     for another process (T, schedule, image size, channels, classes), is a ValueError before any sampling.
     """
-    from .checkpoint import load_classifier_module  # ClassifierModule imports guidance_info from here
+    from .checkpoint import load_classifier_module  # Lightning, on first use
 
     if not classifier_ckpt:
         build_guidance(None, scale)  # scale 0: None; scale > 0: the clear "needs a classifier" error
