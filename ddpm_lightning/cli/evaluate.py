@@ -126,8 +126,15 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         results["reference_written"] = str(_write_reference(cfg, datamodule, scorer))
     generated = generate(module, run, procs=procs, scorer=scorer if plan.sample_metrics else None) \
         if plan.generate else None
-    if procs.rank != 0:  # the other processes generated their shards (and features); rank 0 scores them all
-        return generated or {}
+    if procs.rank == 0:  # rank 0 scores what every process generated and writes results.json
+        _score_on_rank_zero(cfg, plan, results, generated, module, run, datamodule, scorer)
+        return _finish(out_dir, results)
+    return generated or {}  # the other processes: their share of the shards (and features) only
+
+
+def _score_on_rank_zero(cfg: DictConfig, plan: EvalPlan, results: dict, generated: dict | None, module, run,
+                        datamodule, scorer) -> None:
+    """The generated shards' or the given samples' scores and the held-out NLL, into ``results``."""
     if generated is not None:
         _record_generation(results, generated)
         if plan.sample_metrics:
@@ -136,7 +143,6 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         _score_samples(cfg, plan, results, scorer, datamodule)
     if plan.nll:
         results["metrics"].update(_held_out_nll(cfg, module, datamodule))
-    return _finish(out_dir, results)
 
 
 def _load_model(cfg: DictConfig, plan: EvalPlan, out_dir: Path, procs, results: dict):
