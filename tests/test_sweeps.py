@@ -193,7 +193,7 @@ def test_diffusion_rows_extend_a_base_with_the_keys_that_change():
 
 
 def test_classifier_configs_build_an_encoder_unet(composed):
-    from ddpm_lightning.modules.classifier_module import build_encoder_unet
+    from ddpm_lightning.modules.builders import build_encoder_unet
 
     for name in ("default", "wide"):
         cfg = composed(["objective=classifier", f"classifier={name}"])

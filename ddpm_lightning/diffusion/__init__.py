@@ -34,11 +34,12 @@ from .guidance import (  # noqa: E402
     build_guidance,
     check_classifier_compatible,
     classifier_cond_fn,
+    drop_labels_to_null,
     noisy_classifier_losses,
 )
 
 __all__ += ["classifier_cond_fn", "check_classifier_compatible", "build_guidance", "GUIDANCE_INFO_KEYS",
-            "IgnoreLabels", "noisy_classifier_losses"]
+            "IgnoreLabels", "noisy_classifier_losses", "drop_labels_to_null"]
 
 from .noise import PerSampleNoise, generator_noise, sample_seed  # noqa: E402
 from .samplers import (  # noqa: E402

@@ -32,6 +32,13 @@ CondFn = Callable[..., torch.Tensor]
 GUIDANCE_INFO_KEYS = ("num_timesteps", "schedule", "image_size", "channels", "num_classes")
 
 
+def drop_labels_to_null(y: torch.Tensor, p_uncond: float, null_label: int) -> torch.Tensor:
+    """Classifier-free guidance's label dropout (Ho & Salimans 2022): each label becomes ``null_label`` with
+    probability ``p_uncond`` (drawn from the global torch RNG, which the training step seeds per rank and step)."""
+    drop = torch.rand(y.shape, device=y.device) < p_uncond
+    return torch.where(drop, torch.full_like(y, null_label), y)
+
+
 def noisy_classifier_losses(diffusion, classifier: Classifier, x_start: torch.Tensor, y: torch.Tensor,
                             t: torch.Tensor, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The noisy classifier's training objective (ADM): per-example cross-entropy of ``classifier(x_t, t)`` for

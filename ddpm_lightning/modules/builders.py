@@ -10,8 +10,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..config.choices import LR_SCHEDULES
-from ..config.schema import DiffusionConfig, OptimConfig
+from ..config.schema import DiffusionConfig, EMAConfig, OptimConfig
 from ..diffusion import GaussianDiffusion, create_diffusion
+from ..models import EncoderUNet
 
 #: the ``diffusion:`` config keys: ``create_diffusion``'s parameters
 DIFFUSION_KEYS = tuple(inspect.signature(create_diffusion).parameters)
@@ -170,3 +171,35 @@ def guidance_info(hparams: Mapping[str, Any]) -> dict[str, Any]:
             "schedule": str(diffusion.get("schedule", "linear")),
             "image_size": int(hparams["image_size"]), "channels": int(hparams["channels"]),
             "num_classes": None if num_classes is None else int(num_classes)}
+
+
+def check_trains_variance(diffusion: Mapping[str, Any]) -> None:
+    """Refuse training a learned variance with L_simple, which has no variance term (the head would stay at its
+    initial values). OpenAI's reference adds the VB term in that case: that is ``loss_type=hybrid`` here."""
+    if learns_sigma(diffusion) and diffusion.get("loss_type", DiffusionConfig.loss_type) == "simple":
+        raise ValueError(f"diffusion.loss_type=simple trains no variance head, but diffusion.var_type="
+                         f"{diffusion.get('var_type')} learns one: use diffusion.loss_type=hybrid (L_simple + "
+                         f"lambda * L_vlb, as ADM) or vlb, or a fixed diffusion.var_type (fixed_small, fixed_large)")
+
+
+EMA_FIELDS = {f.name for f in dataclasses.fields(EMAConfig)}
+
+
+def ema_settings(ema: Mapping[str, Any] | None) -> EMAConfig:
+    """The ``ema:`` keys over the schema's defaults (the one set of defaults)."""
+    return EMAConfig(**{k: v for k, v in (ema or {}).items() if k in EMA_FIELDS})
+
+
+ENCODER_DATA_KEYS = ("image_size", "in_channels", "out_channels")  # come from the data set, not the config
+# EncoderUNet's arguments that a classifier config may set (the sizes come from the data set)
+CLASSIFIER_KEYS = tuple(name for name in inspect.signature(EncoderUNet).parameters if name not in ENCODER_DATA_KEYS)
+
+
+def build_encoder_unet(classifier_cfg: Mapping[str, Any], *, image_size: int, channels: int,
+                       num_classes: int) -> EncoderUNet:
+    """The EncoderUNet for these config values (EncoderUNet arguments minus the data sizes)."""
+    unknown = set(classifier_cfg) - set(CLASSIFIER_KEYS)
+    if unknown:
+        raise ValueError(f"unknown classifier keys {sorted(unknown)}; allowed: {', '.join(CLASSIFIER_KEYS)}")
+    kwargs = {k: (tuple(v) if isinstance(v, list | tuple) else v) for k, v in classifier_cfg.items()}
+    return EncoderUNet(image_size=image_size, in_channels=channels, out_channels=num_classes, **kwargs)

@@ -9,7 +9,6 @@ turns such a checkpoint into the ``cond_fn`` that guides.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,25 +19,11 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from ..config.schema import EMAConfig
-from ..diffusion import NUM_QUARTILES, noisy_classifier_losses, quartile_means, stratified_timesteps
-from ..models import EncoderUNet
-from .builders import build_diffusion, guidance_info
+from ..diffusion import NUM_QUARTILES, noisy_classifier_losses, stratified_timesteps
+from .builders import build_diffusion, build_encoder_unet, guidance_info
 from .ema import make_ema
 from .plumbing import TrainingPlumbing
 from .rng import seeded_rng
-
-DATA_KEYS = ("image_size", "in_channels", "out_channels")  # come from the data set, not the config
-CLASSIFIER_KEYS = tuple(name for name in inspect.signature(EncoderUNet).parameters if name not in DATA_KEYS)
-
-
-def build_encoder_unet(classifier_cfg: Mapping[str, Any], *, image_size: int, channels: int,
-                       num_classes: int) -> EncoderUNet:
-    """The EncoderUNet for these config values (EncoderUNet arguments minus the data sizes)."""
-    unknown = set(classifier_cfg) - set(CLASSIFIER_KEYS)
-    if unknown:
-        raise ValueError(f"unknown classifier keys {sorted(unknown)}; allowed: {', '.join(CLASSIFIER_KEYS)}")
-    kwargs = {k: (tuple(v) if isinstance(v, list | tuple) else v) for k, v in classifier_cfg.items()}
-    return EncoderUNet(image_size=image_size, in_channels=channels, out_channels=num_classes, **kwargs)
 
 
 class ClassifierModule(TrainingPlumbing, pl.LightningModule):
@@ -128,12 +113,8 @@ class ClassifierModule(TrainingPlumbing, pl.LightningModule):
         batch_size = x.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/acc", correct.mean(), prog_bar=True, batch_size=batch_size)
-        for name, values, metrics in (("loss", losses.detach(), self.train_loss_q),
-                                      ("acc", correct, self.train_acc_q)):
-            means, counts = quartile_means(values, t, self.max_t)
-            for q in range(NUM_QUARTILES):
-                metrics[q].update(means[q], weight=counts[q])
-                self.log(f"train/{name}_q{q}", metrics[q], on_step=False, on_epoch=True)
+        self.log_quartiles("train/loss", losses.detach(), t, self.train_loss_q, self.max_t)
+        self.log_quartiles("train/acc", correct, t, self.train_acc_q, self.max_t)
         return loss
 
     # ------------------------------------------------------------------ validation
@@ -152,10 +133,7 @@ class ClassifierModule(TrainingPlumbing, pl.LightningModule):
         batch_size = x.shape[0]
         self.log("val/loss", losses.mean(), batch_size=batch_size, sync_dist=True)
         self.log("val/acc", correct.mean(), prog_bar=True, batch_size=batch_size, sync_dist=True)
-        means, counts = quartile_means(correct, t, self.max_t)
-        for q in range(NUM_QUARTILES):
-            self.val_acc_q[q].update(means[q], weight=counts[q])
-            self.log(f"val/acc_q{q}", self.val_acc_q[q], on_step=False, on_epoch=True)
+        self.log_quartiles("val/acc", correct, t, self.val_acc_q, self.max_t)
 
     # ------------------------------------------------------------------ checkpoints
     @override

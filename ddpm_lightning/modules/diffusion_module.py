@@ -15,26 +15,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from ..config.schema import DiffusionConfig, SampleConfig
-from ..diffusion import UniformSampler, create_named_schedule_sampler
-from ..sampling import Guidance, resolve_sampler, sample_images, sampling_process
-from .builders import ScheduledAdamW, build_diffusion, build_unet, learns_sigma
+from ..diffusion import NUM_QUARTILES, UniformSampler, create_named_schedule_sampler, drop_labels_to_null
+from ..sampling import resolve_sampler
+from .builders import build_diffusion, build_unet, check_trains_variance, ema_settings, learns_sigma
 from .ema import make_ema, make_posthoc_emas
-from .rng import collect_rng_states, restore_rng_states, seeded_rng, training_step_seed
-
-NUM_QUARTILES = 4
-
-
-def check_trains_variance(diffusion: Mapping[str, Any]) -> None:
-    """Refuse training a learned variance with L_simple, which has no variance term (the head would stay at its
-    initial values). OpenAI's reference adds the VB term in that case: that is ``loss_type=hybrid`` here."""
-    if learns_sigma(diffusion) and diffusion.get("loss_type", DiffusionConfig.loss_type) == "simple":
-        raise ValueError(f"diffusion.loss_type=simple trains no variance head, but diffusion.var_type="
-                         f"{diffusion.get('var_type')} learns one: use diffusion.loss_type=hybrid (L_simple + "
-                         f"lambda * L_vlb, as ADM) or vlb, or a fixed diffusion.var_type (fixed_small, fixed_large)")
+from .plumbing import TrainingPlumbing
+from .rng import seeded_rng
+from .sample_images import SamplesImages
 
 
-class DiffusionModule(ScheduledAdamW, pl.LightningModule):
+class DiffusionModule(TrainingPlumbing, SamplesImages, pl.LightningModule):
     """Trains a denoising network with the configured diffusion loss.
 
     Args (plain primitives, saved as hyperparameters so a checkpoint alone rebuilds the module):
@@ -74,10 +64,8 @@ class DiffusionModule(ScheduledAdamW, pl.LightningModule):
         super().__init__()
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"train.p_uncond must lie in [0, 1), got {p_uncond}")
-        if float(optim.get("lr", 1e-4)) <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {optim.get('lr')}")
+        self.init_plumbing(optim, run_config)
         self.save_hyperparameters(ignore=["run_config"])
-        self.run_config = dict(run_config or {})
         self.diffusion = build_diffusion(diffusion)
         self.class_cond = bool(model.get("class_cond", False))
         self.num_classes = num_classes if self.class_cond else None
@@ -87,43 +75,33 @@ class DiffusionModule(ScheduledAdamW, pl.LightningModule):
         self.channels_last = bool(model.get("channels_last", False))
         if self.channels_last:  # before the EMA copy, so that both nets run NHWC
             self.net.to(memory_format=torch.channels_last)
-        self.ema = make_ema(self.net, float(ema.get("decay", 0.9999)), bool(ema.get("warmup", True)))
-        self.posthoc_ema = make_posthoc_emas(self.net, ema.get("posthoc_sigma_rels"),  # EDM2 power EMAs
-                                             int(ema.get("posthoc_every_n_steps", 0)))
+        ema = ema_settings(ema)
+        self.ema = make_ema(self.net, float(ema.decay), bool(ema.warmup))
+        self.posthoc_ema = make_posthoc_emas(self.net, ema.posthoc_sigma_rels, ema.posthoc_every_n_steps)  # EDM2
         self.schedule_sampler = create_named_schedule_sampler(timestep_sampler, self.diffusion.num_timesteps)
-        self.sample_settings: SampleConfig = resolve_sampler(sample)
-        self._sampling_processes: dict[tuple[str, str, str], Any] = {}
-        self.sampling_process(self.sample_settings)  # a bad steps/schedule combination fails before training
         self.compile = bool(model.get("compile", False))
+        self.init_sampling(resolve_sampler(sample))  # a bad steps/schedule combination fails before training
         # Kept out of the module tree so the compiled wrappers add no duplicate keys to the state dict.
         object.__setattr__(self, "_train_step_fn", torch.compile(self.net) if self.compile else self.net)
-        self._compiled_for_sampling: dict[int, Any] = {}
         self.quartile_loss = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
         self.quartile_mse = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
-        self.train_seed = torch.initial_seed()
 
     # ------------------------------------------------------------------ helpers
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
-
     @property
     def ema_net(self) -> torch.nn.Module:
         return self.ema.module
 
+    def averaged_models(self) -> list[torch.nn.Module]:
+        return [self.ema, *self.posthoc_ema]
+
     def _model_kwargs(self, y: torch.Tensor, drop_labels: bool) -> dict[str, torch.Tensor]:
         if not self.class_cond:
             return {}
-        if drop_labels and self.null_label is not None:
-            drop = torch.rand(y.shape, device=y.device) < self.hparams.p_uncond
-            y = torch.where(drop, torch.full_like(y, self.null_label), y)
+        if drop_labels and self.null_label is not None:  # classifier-free guidance's label dropout
+            y = drop_labels_to_null(y, self.hparams.p_uncond, self.null_label)
         return {"y": y}
 
     # ------------------------------------------------------------------ training
-    def step_seed(self, batch_idx: int) -> int:
-        """The seed of this rank's draws for batch ``batch_idx`` of the current epoch."""
-        return training_step_seed(self.train_seed, self._trainer, batch_idx)
-
     @override
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -144,24 +122,9 @@ class DiffusionModule(ScheduledAdamW, pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/mse", losses["mse"].mean(), batch_size=batch_size)
         self.log("train/vb", losses["vb"].mean(), batch_size=batch_size)
-        quartile = (t * NUM_QUARTILES) // self.diffusion.num_timesteps
-        counts = torch.bincount(quartile, minlength=NUM_QUARTILES).to(loss.dtype)
-        for name, values, metrics in (("loss", losses["loss"], self.quartile_loss),
-                                      ("mse", losses["mse"], self.quartile_mse)):
-            sums = torch.zeros(NUM_QUARTILES, device=x.device, dtype=loss.dtype).index_add_(
-                0, quartile, values.detach().to(loss.dtype))
-            for q in range(NUM_QUARTILES):
-                metrics[q].update(sums[q] / counts[q].clamp(min=1), weight=counts[q])
-                self.log(f"train/{name}_q{q}", metrics[q], on_step=False, on_epoch=True)
+        self.log_quartiles("train/loss", losses["loss"].detach().to(loss.dtype), t, self.quartile_loss)
+        self.log_quartiles("train/mse", losses["mse"].detach().to(loss.dtype), t, self.quartile_mse)
         return loss
-
-    @override
-    def optimizer_step(self, *args, **kwargs) -> None:
-        # EMA right after the step: checkpoints written at this batch's end already include it.
-        super().optimizer_step(*args, **kwargs)
-        self.ema.update_parameters(self.net)
-        for power_ema in self.posthoc_ema:
-            power_ema.update_parameters(self.net)
 
     # ------------------------------------------------------------------ validation
     @override
@@ -171,71 +134,29 @@ class DiffusionModule(ScheduledAdamW, pl.LightningModule):
         generator = torch.Generator(device=x.device).manual_seed(10_007 + batch_idx)
         t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), generator=generator, device=x.device)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        losses = self.diffusion.training_losses(self.ema_net, x, t, noise=noise,
-                                                model_kwargs=self._model_kwargs(y, drop_labels=False))
-        vlb = self.diffusion.prior_bpd(x) + self.diffusion.num_timesteps * losses["vb"]
-        self.log("val/vlb_bpd", vlb.mean(), prog_bar=True, batch_size=x.shape[0], sync_dist=True)
-        self.log("val/mse", losses["mse"].mean(), batch_size=x.shape[0], sync_dist=True)
-
-    # ------------------------------------------------------------------ sampling
-    def sampling_process(self, settings: SampleConfig) -> Any:
-        """The respaced process ``settings`` walk (``sampling.sampling_process``), resolved once per method,
-        steps and schedule and kept: a command's batches all walk the same one."""
-        key = (settings.method, repr(settings.steps), settings.schedule)
-        if key not in self._sampling_processes:
-            self._sampling_processes[key] = sampling_process(self.diffusion, settings)
-        return self._sampling_processes[key]
-
-    def sample(self, num_samples: int, settings: SampleConfig | None = None, *, guidance: Guidance | None = None,
-               use_ema: bool = True, y: Any = "random", seed: int | None = 0, first_index: int = 0,
-               progress: bool = False) -> tuple[torch.Tensor, Any]:
-        """Images in [-1, 1] (CPU) and their labels: ``sample_images`` with the EMA (or raw) network.
-
-        ``settings``: the sampler settings, whole (None: this run's own ``sample_settings``; a command resolves
-        its overrides once with ``sampling.resolve_sampler``); ``guidance``: ``sampling.Guidance`` (built by
-        ``modules.guidance.load_guidance``). ``y``, ``seed``, ``first_index``, ``progress`` as ``sample_images``.
-        """
-        settings = settings or self.sample_settings
-        net = self.ema_net if use_ema else self.net
-        was_training = net.training
-        net.eval()
-        try:
-            return sample_images(self._for_sampling(net), self.diffusion, num_samples, self.image_shape, settings,
-                                 guidance=guidance, num_classes=self.num_classes, null_label=self.null_label, y=y,
-                                 seed=seed, first_index=first_index, device=self.device, progress=progress,
-                                 process=self.sampling_process(settings))
-        finally:
-            net.train(was_training)
-
-    def _for_sampling(self, net: torch.nn.Module):
-        """``net``, compiled once per network when ``model.compile`` is set (it is updated in place, so the
-        compiled wrapper stays valid as training goes on)."""
-        if not self.compile:
-            return net
-        if id(net) not in self._compiled_for_sampling:
-            self._compiled_for_sampling[id(net)] = torch.compile(net)
-        return self._compiled_for_sampling[id(net)]
+        out = self.diffusion.vlb_estimate(self.ema_net, x, t, noise=noise,
+                                          model_kwargs=self._model_kwargs(y, drop_labels=False))
+        self.log("val/vlb_bpd", out["vlb_bpd"].mean(), prog_bar=True, batch_size=x.shape[0], sync_dist=True)
+        self.log("val/mse", out["mse"].mean(), batch_size=x.shape[0], sync_dist=True)
 
     # ------------------------------------------------------------------ checkpoints
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["run_config"] = self.run_config
+        super().on_save_checkpoint(checkpoint)
         checkpoint["timestep_sampler"] = self.schedule_sampler.state_dict()
-        checkpoint["rng_states"] = collect_rng_states()
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.run_config = checkpoint.get("run_config", self.run_config)
+        super().on_load_checkpoint(checkpoint)
         if "timestep_sampler" in checkpoint:
             self.schedule_sampler.load_state_dict(checkpoint["timestep_sampler"])
-        if "rng_states" in checkpoint:
-            restore_rng_states(checkpoint["rng_states"])
+
+    def check_fit(self) -> None:
+        check_trains_variance(self.hparams.diffusion)
 
     @override
     def setup(self, stage: str) -> None:
-        if stage == "fit":
-            check_trains_variance(self.hparams.diffusion)
-            self.train_seed = torch.initial_seed()  # pl.seed_everything ran in this process (every DDP rank)
+        super().setup(stage)
         # ddp_spawn pickles the module through shared memory: give each process its own sampler history.
         self.schedule_sampler.load_state_dict(self.schedule_sampler.state_dict())
 

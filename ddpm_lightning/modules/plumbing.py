@@ -11,6 +11,7 @@ import torch
 from typing_extensions import override
 
 from ..config.schema import OptimConfig
+from ..diffusion import NUM_QUARTILES, quartile_means
 from .builders import ScheduledAdamW
 from .rng import collect_rng_states, restore_rng_states, training_step_seed
 
@@ -36,6 +37,15 @@ class TrainingPlumbing(ScheduledAdamW):
 
     def check_fit(self) -> None:
         """Config checks that apply to training only (a checkpoint loaded to sample skips them)."""
+
+    def log_quartiles(self, name: str, values: torch.Tensor, t: torch.Tensor, metrics: torch.nn.ModuleList,
+                      num_timesteps: int | None = None) -> None:
+        """``<name>_q0..q3``: per-example ``values`` averaged per quartile of t in [0, num_timesteps) (default: the
+        module's process), accumulated over the epoch in ``metrics`` (one MeanMetric per quartile)."""
+        means, counts = quartile_means(values, t, num_timesteps or self.diffusion.num_timesteps)
+        for q in range(NUM_QUARTILES):
+            metrics[q].update(means[q], weight=counts[q])
+            self.log(f"{name}_q{q}", metrics[q], on_step=False, on_epoch=True)
 
     def step_seed(self, batch_idx: int) -> int:
         """The seed of this rank's draws for batch ``batch_idx`` of the current epoch (``modules/rng.py``)."""
