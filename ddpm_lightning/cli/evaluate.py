@@ -27,8 +27,6 @@ if TYPE_CHECKING:  # torch, Lightning and the metrics are imported once the conf
 
     from ..metrics import FeatureStats
 
-NUM_QUARTILES = 4
-
 
 def negative_log_likelihood(module, images: torch.Tensor, labels: torch.Tensor | None,
                             batch_size: int) -> dict[str, float]:
@@ -43,9 +41,10 @@ def _negative_log_likelihood(module, images: torch.Tensor, labels: torch.Tensor 
                              batch_size: int) -> dict[str, float]:
     import torch
 
+    from ..diffusion import NUM_QUARTILES, vb_by_quartile
+
     diffusion, net = module.diffusion, module.ema_net
     totals, priors, decoders, quartiles = [], [], [], []
-    steps = diffusion.num_timesteps
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size].to(module.device)
         kwargs = {}
@@ -55,8 +54,7 @@ def _negative_log_likelihood(module, images: torch.Tensor, labels: torch.Tensor 
         totals.append(out["total_bpd"])
         priors.append(out["prior_bpd"])
         decoders.append(out["vb"][:, 0])
-        bounds = [round(q * steps / NUM_QUARTILES) for q in range(NUM_QUARTILES + 1)]
-        quartiles.append(torch.stack([out["vb"][:, bounds[q]:bounds[q + 1]].sum(1) for q in range(NUM_QUARTILES)], 1))
+        quartiles.append(vb_by_quartile(out["vb"]))
     quartile_means = torch.cat(quartiles).mean(0)
     return {"nll_bpd": float(torch.cat(totals).mean()), "nll_prior_bpd": float(torch.cat(priors).mean()),
             "nll_decoder_bpd": float(torch.cat(decoders).mean()),

@@ -8,7 +8,7 @@ from .likelihood import (
     mean_flat,
     normal_kl,
 )
-from .quartiles import NUM_QUARTILES, quartile_means, stratified_timesteps, timestep_quartile
+from .quartiles import NUM_QUARTILES, quartile_means, stratified_timesteps, timestep_quartile, vb_by_quartile
 from .schedules import SCHEDULES, make_beta_schedule, respace_betas, space_timesteps
 from .timestep_samplers import (
     SAMPLERS,
@@ -25,7 +25,7 @@ __all__ = [
     "discretized_gaussian_log_likelihood", "approx_standard_normal_cdf", "mean_flat",
     "ScheduleSampler", "UniformSampler", "LossSecondMomentResampler", "LossAwareSampler",
     "create_named_schedule_sampler", "MEAN_TYPES", "VAR_TYPES", "LOSS_TYPES", "SCHEDULES", "SAMPLERS",
-    "NUM_QUARTILES", "quartile_means", "timestep_quartile", "stratified_timesteps",
+    "NUM_QUARTILES", "quartile_means", "timestep_quartile", "stratified_timesteps", "vb_by_quartile",
 ]
 
 from .guidance import (  # noqa: E402

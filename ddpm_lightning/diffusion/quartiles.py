@@ -32,3 +32,11 @@ def stratified_timesteps(batch_size: int, num_timesteps: int, generator: torch.G
     q = torch.arange(batch_size, device=device) % NUM_QUARTILES
     u = torch.rand(batch_size, generator=generator, device=device)
     return ((q + u) * num_timesteps / NUM_QUARTILES).floor().long().clamp(0, num_timesteps - 1)
+
+
+def vb_by_quartile(vb: torch.Tensor) -> torch.Tensor:
+    """``[N, NUM_QUARTILES]``: the per-step VLB terms ``vb`` ``[N, T]`` (``calc_bpd_loop``'s, t = 0..T-1) summed over
+    each quarter of the steps, so the parts add up to the bound less its prior term."""
+    steps = vb.shape[1]
+    bounds = [round(q * steps / NUM_QUARTILES) for q in range(NUM_QUARTILES + 1)]
+    return torch.stack([vb[:, bounds[q]:bounds[q + 1]].sum(1) for q in range(NUM_QUARTILES)], 1)
