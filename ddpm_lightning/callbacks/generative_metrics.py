@@ -28,6 +28,7 @@ from ..metrics import GenerativeMetrics, make_generative_metrics, metric_name, t
 from ..metrics.scores import fid_infinity_min_samples
 from ..modules.guidance import guidance_config, load_guidance
 from ..sampling import Guidance, resolve_sampler
+from .reproduce import checkpoint_at_step, eval_command
 
 # the callback's guidance keys before the ``guidance`` group (run configs saved earlier hold them): new names
 LEGACY_GUIDANCE_KEYS = {"classifier_ckpt": "classifier_ckpt", "classifier_scale": "scale", "cfg_scale": "cfg_scale"}
@@ -111,7 +112,7 @@ class GenerativeMetricsCallback(pl.Callback):
         process); the features (not the images) are gathered and rank 0 scores them in index order."""
         self._prepare(trainer, module)
         start = time.perf_counter()
-        y = "balanced" if getattr(module, "num_classes", None) or self._guidance.cond_fn is not None else "random"
+        y = self._labels(module)
         rank, world = trainer.global_rank, trainer.world_size
         per_rank = -(-num_samples // world)
         first, last = min(rank * per_rank, num_samples), min((rank + 1) * per_rank, num_samples)
@@ -171,9 +172,23 @@ class GenerativeMetricsCallback(pl.Callback):
         for logger in trainer.loggers:  # self.log is not allowed here: write to the loggers directly
             logger.log_metrics(named, step=trainer.global_step)
             logger.save()
+        ckpt = checkpoint_at_step(trainer)  # the weights just scored, on disk under a name (every rank: a save)
         if trainer.is_global_zero:
             artifacts.write_json(Path(trainer.default_root_dir) / artifacts.METRICS_FILE,
-                                 {"global_step": trainer.global_step, "num_samples": self.num_samples, **named})
+                                 {"global_step": trainer.global_step, "num_samples": self.num_samples, **named,
+                                  "ckpt": str(ckpt), "reproduce": self.reproduce_command(trainer, pl_module, ckpt)})
+
+    def reproduce_command(self, trainer: pl.Trainer, module: pl.LightningModule, ckpt: Path) -> str | None:
+        """The ``ddpm-eval`` command that gives the end-of-training scores again from ``ckpt`` (``reproduce``)."""
+        return eval_command(ckpt, num_samples=self.num_samples, seed=self.seed, labels=self._labels(module),
+                            precision=str(trainer.precision), settings=self.settings,
+                            guidance=self.guidance_config, device=module.device.type,
+                            scorer={**self.metric_kwargs, "metrics": list(self.metric_kwargs["metrics"])})
+
+    def _labels(self, module: pl.LightningModule) -> str:
+        """``balanced`` for a class-conditional model or classifier guidance (labels 0..K-1 in turn), else
+        ``random`` (unused)."""
+        return "balanced" if getattr(module, "num_classes", None) or self._guidance.cond_fn is not None else "random"
 
 
 @contextmanager

@@ -59,6 +59,13 @@ def load_checkpoint_dict(path: str | Path, map_location: str | torch.device = "c
     return checkpoint
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The training step a checkpoint was saved at (its ``global_step``; None for converted ADM weights), read
+    without loading its tensors (``mmap``): cheap for ordering a run's checkpoints."""
+    step = load_checkpoint_dict(path, mmap=True).get("global_step")
+    return None if step is None else int(step)
+
+
 def load_diffusion_module(path: str | Path, map_location: str | torch.device = "cpu"):
     """A DiffusionModule (EMA weights included) rebuilt from a Lightning checkpoint alone."""
     from .diffusion_module import DiffusionModule
