@@ -446,7 +446,7 @@ def test_a_class_index_for_an_unconditional_model_is_refused_not_ignored(tmp_pat
      r"^error: num_sample is not a ddpm-sample setting \(did you mean num_samples\?\); allowed: "),
     ("cli.sample", ["ckpt=x.ckpt", "data=digits"], r"^error: data is not a ddpm-sample setting; allowed: "),
     ("cli.evaluate", ["guidance.scal=2"],
-     r"^error: guidance\.scal is not a guidance setting \(did you mean scale\?\); allowed: cfg_scale, "),
+     r"^error: guidance\.scal is not a guidance setting \(did you mean scale\?\); allowed: autoguidance_ckpt, "),
     ("train", ["lr=1e-4"], r"^error: lr is not a ddpm-train setting; allowed: allow_any_target, callbacks, "),
     ("train", ["optim.lr=fast"],
      r"^error: optim\.lr=fast: Value 'fast' of type 'str' could not be converted to Float \(full_key: optim\.lr\)$"),

@@ -19,12 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from ..config.choices import IMAGE_SUFFIXES, PRECISIONS
 from ..config.schema import GuidanceConfig, SampleConfig
 from ..metrics.npz import iter_npz_rows, npz_member
-from ..modules.checkpoint import (
-    diffusion_module_from_adm,
-    is_converted_adm,
-    load_checkpoint_dict,
-    load_diffusion_module,
-)
+from ..modules.checkpoint import load_diffusion_checkpoint
 from ..modules.guidance import guidance_config, load_guidance
 from ..sampling import Guidance, resolve_sampler
 from .shards import (
@@ -68,14 +63,9 @@ def load_model_and_guidance(ckpt: str, guidance: GuidanceConfig | Mapping[str, A
                             device: torch.device) -> tuple[Any, Guidance]:
     """The diffusion module and its ``Guidance`` (``modules.guidance.load_guidance``), validated.
 
-    ``ckpt`` and ``guidance.classifier_ckpt`` may be ``ddpm-train`` checkpoints or official ADM weights
-    converted by ``ddpm-convert-adm`` (its flags give the diffusion settings)."""
-    checkpoint = load_checkpoint_dict(ckpt, map_location="cpu")
-    if is_converted_adm(checkpoint):
-        module = diffusion_module_from_adm(checkpoint, ckpt).to(device)
-    else:
-        del checkpoint
-        module = load_diffusion_module(ckpt, map_location=device)
+    ``ckpt``, ``guidance.classifier_ckpt`` and ``guidance.autoguidance_ckpt`` may be ``ddpm-train`` checkpoints or
+    official ADM weights converted by ``ddpm-convert-adm`` (its flags give the diffusion settings)."""
+    module = load_diffusion_checkpoint(ckpt, map_location=device)
     return module, load_guidance(guidance, module, map_location=device, model_name=str(ckpt))
 
 
@@ -138,19 +128,20 @@ def generate(module, run: Generation, *, procs: Processes | None = None, scorer=
     check_settings(shards, _record(run, labels), procs.rank)
     done = sum(end - start for start, end in finished(shards, run.num_samples, run.shard_size))
     budget = check_disk(run.out_dir, run.num_samples, done, tuple(module.image_shape), scored=scorer is not None)
+    calls = network_calls(module, run)
     procs.barrier()
     stats = generate_shards(_sample_fn(module, run, labels), shards=shards, num_samples=run.num_samples,
                             shard_size=run.shard_size, batch_size=run.sampler.batch_size, procs=procs,
                             score_fn=scorer.outputs if scorer else None,
                             feature_id=scorer.outputs_id if scorer else "",
-                            calls_per_batch=network_calls_per_batch(module, run.sampler))
+                            calls_per_batch=calls.get("network_calls_per_image"))
     procs.barrier()
     used = run.sampling
     rank_zero_info(f"sampled {stats['generated']} images ({used['method']}, steps={used['steps']}, "
                    f"eta={used['eta']}, schedule={used['schedule']}) in {stats['seconds']:.1f} s "
                    f"({stats['samples_per_second']:.2f} samples/s "
                    f"on rank {procs.rank} of {procs.world_size}; {stats['skipped']} kept from an earlier run)")
-    result = {"sampling": used, "generation": {**stats, **budget, "world_size": procs.world_size,
+    result = {"sampling": used, "generation": {**stats, **budget, **calls, "world_size": procs.world_size,
                                                "shard_size": run.shard_size}}
     if procs.rank == 0:
         result["outputs"] = assemble(run.out_dir, shards, run.num_samples, run.shard_size)
@@ -183,12 +174,15 @@ def _sample_fn(module, run: Generation, labels: Any) -> Callable[[int, int], Any
     return sample_fn
 
 
-def network_calls_per_batch(module, settings: SampleConfig) -> int | None:
-    """The network calls one batch takes: the sampler's kept steps (classifier-free guidance runs each on a
-    doubled batch, classifier guidance adds a classifier gradient); None where the module cannot say."""
+def network_calls(module, run: Generation) -> dict[str, int]:
+    """The work of one image (``Guidance.network_calls`` over the sampler's kept original steps):
+    ``network_calls_per_image`` (diffusion-network evaluations: classifier-free guidance's doubled batch and
+    autoguidance's guiding model count twice where they act) and ``classifier_gradients_per_image`` (classifier
+    guidance's forward + backward passes); {} where the module cannot say."""
     if not callable(getattr(module, "sampling_process", None)):
-        return None
-    return int(module.sampling_process(settings).num_timesteps)
+        return {}
+    calls = run.guidance.network_calls(module.sampling_process(run.sampler).timestep_map.tolist())
+    return {f"{key}_per_image": value for key, value in calls.items()}
 
 
 def kept_samples(out_dir: Path) -> int:

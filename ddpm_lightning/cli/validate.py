@@ -402,7 +402,7 @@ def check_generation(cfg: DictConfig, multirun: bool = False) -> None:
     if split is not None and split not in ("train", "val"):
         raise ValueError(f"reference_split={split!r}; allowed: train, val")
     check_writable_folder(cfg.get("cache_dir"), "cache_dir")
-    for key in ("ckpt", "guidance.classifier_ckpt"):  # a wrong path answers before torch is imported
+    for key in ("ckpt", "guidance.classifier_ckpt", "guidance.autoguidance_ckpt"):  # a wrong path: before torch
         present, path = _select(cfg, key)
         if present and path not in (None, ""):
             from ..artifacts import check_checkpoint_file
@@ -447,17 +447,23 @@ def _check_generation_metrics(cfg: DictConfig) -> None:
 
 
 def _check_generation_guidance(guidance: Any, multirun: bool) -> None:
-    """The ``guidance`` group (``config.schema.GuidanceConfig``): numbers >= 0, a classifier that guides."""
+    """The ``guidance`` group: its values as ``config.schema.GuidanceConfig`` checks them (scales are numbers >= 0,
+    an interval is [lo, hi] with 0 <= lo <= hi, not classifier-free guidance and autoguidance at once; the interval
+    against the model's T once it is loaded), and a classifier or guiding model that guides (a sweep may hold
+    unguided rows: ``check_sweep_guidance``)."""
     if not isinstance(guidance, DictConfig):
         raise ValueError(f"guidance={guidance!r}: guidance is a group of keys; set guidance.scale=..., "
                          f"guidance.cfg_scale=... or guidance.classifier_ckpt=...")
-    for key in ("scale", "cfg_scale"):
-        value = guidance.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise ValueError(f"guidance.{key} must be a number >= 0, got {value!r}")
+    fields = {f.name for f in dataclasses.fields(schema.GuidanceConfig)}
+    values = OmegaConf.to_container(guidance, resolve=True)
+    schema.GuidanceConfig(**{key: value for key, value in values.items() if key in fields})
     if guidance.get("classifier_ckpt") and not guidance.get("scale") and not multirun:
         raise ValueError("guidance.classifier_ckpt is given but guidance.scale=0: the classifier would guide "
                          "nothing; set guidance.scale > 0 (e.g. guidance.scale=1), or drop guidance.classifier_ckpt")
+    if guidance.get("autoguidance_ckpt") and guidance.get("autoguidance_scale", 1.0) == 1 and not multirun:
+        raise ValueError("guidance.autoguidance_ckpt is given but guidance.autoguidance_scale=1: the guiding model "
+                         "would guide nothing; set guidance.autoguidance_scale (e.g. 2), or drop "
+                         "guidance.autoguidance_ckpt")
 
 
 def _check(config_name: str | None, cfg: DictConfig, multirun: bool) -> None:
@@ -564,7 +570,8 @@ class CheckConfig(Callback):
 
 def check_sweep_guidance(jobs: list[DictConfig]) -> None:
     """A sweep may keep ``guidance.scale=0`` rows next to a classifier (the unguided baseline of a guidance
-    sweep), but a classifier that no job guides with is refused, as in a single run."""
+    sweep), but a classifier that no job guides with is refused, as in a single run; likewise a guiding model
+    (``guidance.autoguidance_ckpt``) with ``autoguidance_scale=1`` in every job."""
     def guidance(job: DictConfig, key: str) -> Any:
         return _select(job, f"guidance.{key}")[1]
 
@@ -575,3 +582,11 @@ def check_sweep_guidance(jobs: list[DictConfig]) -> None:
                          f"(scales: {', '.join(f'{s:g}' for s in scales)}): the classifier would guide nothing; "
                          f"sweep guidance.scale over values > 0 (e.g. guidance.scale=0,1,2), or drop "
                          f"guidance.classifier_ckpt; no job was started")
+    with_guiding = [job for job in jobs if guidance(job, "autoguidance_ckpt")]
+    scales = sorted({float(1.0 if guidance(job, "autoguidance_scale") is None else guidance(job, "autoguidance_scale"))
+                     for job in with_guiding})
+    if with_guiding and scales == [1.0]:
+        raise ValueError("guidance.autoguidance_ckpt is given but no job of the sweep has guidance.autoguidance_scale "
+                         "!= 1 (scales: 1): the guiding model would guide nothing; sweep guidance.autoguidance_scale "
+                         "(e.g. guidance.autoguidance_scale=1,2,3), or drop guidance.autoguidance_ckpt; no job was "
+                         "started")

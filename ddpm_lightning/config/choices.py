@@ -31,6 +31,12 @@ CORRECTORS = ("none", "unipc")
 LABEL_MODES = ("random", "balanced")  # or a class index
 PRECISIONS = ("32", "bf16")  # ddpm-sample / ddpm-eval (the trainer's are Lightning's)
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+# guidance (config.schema.GuidanceConfig): how a guidance strength varies with the original step t
+# (diffusion/guidance_schedule.py); constant: the same at every step, linear: strength x t / (T - 1), rising with t
+GUIDANCE_SCALE_SCHEDULES = ("constant", "linear")
+# what guides a row of a guidance sweep (``ddpm-report --select-per guidance``), "+interval" appended when
+# guidance.interval / guidance.interval_sigma restricts it to a band of steps
+GUIDANCE_METHODS = ("unguided", "classifier", "cfg", "autoguidance")
 
 # -------------------------------------------------------------------------------------------------- metrics
 FEATURE_EXTRACTORS = ("inception", "tiny")
@@ -98,6 +104,7 @@ GENERATION_CHOICE_KEYS: dict[str, tuple[str, ...]] = {
     "schedule": SAMPLE_SCHEDULES,
     "feature": FEATURE_EXTRACTORS,
     "precision": PRECISIONS,
+    "guidance.scale_schedule": GUIDANCE_SCALE_SCHEDULES,
 }
 
 # key: (minimum, what else is allowed). Integers only; None in the extras: not set is fine.

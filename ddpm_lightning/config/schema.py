@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .choices import SAMPLE_METHODS, SAMPLE_SCHEDULES
+from .choices import GUIDANCE_SCALE_SCHEDULES, SAMPLE_METHODS, SAMPLE_SCHEDULES
 
 
 @dataclass
@@ -119,20 +119,70 @@ class SampleConfig:
 
 @dataclass
 class GuidanceConfig:
-    """Guidance: one group with one spelling in ``ddpm-sample``, ``ddpm-eval``, ``experiment=guidance_sweep`` and
-    the metric callback (``callbacks.generative_metrics.guidance``). ``modules.guidance.load_guidance`` turns it
-    into the sampler's ``sampling.Guidance`` (the loaded classifier's ``cond_fn``, the classifier-free scale):
-    a new kind of guidance is one more field here and one more part of that object. Checks its own values."""
+    """Guidance: one group with one spelling in ``ddpm-sample``, ``ddpm-eval``, the guidance sweeps and the metric
+    callback (``callbacks.generative_metrics.guidance``). ``modules.guidance.load_guidance`` turns it into the
+    sampler's ``sampling.Guidance`` (the loaded classifier's ``cond_fn``, the classifier-free scale, the guiding
+    model of autoguidance, the schedule): a new kind of guidance is one more field here and one more part of that
+    object. Checks its own values (the interval against the model's T when loaded).
+
+    Every kind has a strength that is 0 when off: ``scale`` (classifier), ``cfg_scale`` (classifier-free) and
+    ``autoguidance_scale - 1``. ``interval`` / ``interval_sigma`` and ``scale_schedule`` shape all of them along
+    the trajectory (``diffusion.guidance_schedule``): outside the interval the step is the unguided one."""
 
     classifier_ckpt: Any = None  # a noisy classifier (ddpm-train experiment=classifier_default) or converted ADM one
     scale: float = 0.0  # classifier guidance s
     cfg_scale: float = 0.0  # classifier-free guidance w (models trained with train.p_uncond > 0)
+    autoguidance_ckpt: Any = None  # autoguidance: a worse model of the same task (earlier checkpoint, smaller model)
+    autoguidance_scale: float = 1.0  # w of eps_bad + w (eps_good - eps_bad); 1: the model alone (off)
+    interval: Any = None  # [lo, hi]: guide only at original steps lo <= t <= hi (inclusive); null: every step
+    interval_sigma: Any = None  # [lo, hi] in sigma = sqrt((1 - alpha_bar) / alpha_bar) (Kynkaanniemi et al.)
+    scale_schedule: str = "constant"  # constant | linear (strength x t / (T - 1), rising with t)
 
     def __post_init__(self) -> None:
-        for key in ("scale", "cfg_scale"):
+        for key in ("scale", "cfg_scale", "autoguidance_scale"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"guidance.{key} must be a number >= 0, got {value!r}")
+        if self.scale_schedule not in GUIDANCE_SCALE_SCHEDULES:
+            raise ValueError(f"unknown guidance.scale_schedule {self.scale_schedule!r}; allowed: "
+                             f"{', '.join(GUIDANCE_SCALE_SCHEDULES)}")
+        if self.interval is not None and self.interval_sigma is not None:
+            raise ValueError("guidance.interval and guidance.interval_sigma both set: give the band of steps once "
+                             "(interval in timesteps, interval_sigma in noise levels)")
+        if self.interval is not None:
+            self.interval = guidance_interval(self.interval, "guidance.interval", integer=True)
+        if self.interval_sigma is not None:
+            self.interval_sigma = guidance_interval(self.interval_sigma, "guidance.interval_sigma", integer=False)
+        if self.autoguidance_scale != 1 and not self.autoguidance_ckpt:
+            raise ValueError(f"guidance.autoguidance_scale={self.autoguidance_scale:g} needs the guiding model: give "
+                             f"guidance.autoguidance_ckpt=<an earlier or smaller checkpoint of the same task>")
+        if self.cfg_scale and self.autoguidance_ckpt and self.autoguidance_scale != 1:
+            raise ValueError(f"guidance.cfg_scale={self.cfg_scale:g} and guidance.autoguidance_scale="
+                             f"{self.autoguidance_scale:g} both guide, and their combination is not defined "
+                             "(autoguidance replaces the unconditional model of classifier-free guidance by a worse "
+                             "model): give one of them")
+
+
+def guidance_interval(value: Any, key: str, integer: bool) -> list:
+    """``value`` as ``[lo, hi]`` with 0 <= lo <= hi: integer timesteps (``integer``) or noise levels sigma; the
+    upper end against the model's T is checked when the model is loaded. ValueError naming ``key`` otherwise."""
+    what = ("two integer timesteps of the T-step process, 0 <= lo <= hi <= T-1" if integer
+            else "two noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar), 0 <= lo <= hi")
+    try:
+        items = None if isinstance(value, (str, bytes)) else list(value)
+    except TypeError:
+        items = None
+    kinds = (int,) if integer else (int, float)
+    if items is None or len(items) != 2 or any(isinstance(v, bool) or not isinstance(v, kinds) for v in items):
+        raise ValueError(f"{key} must be [lo, hi], {what}; got {items if items is not None else value!r}")
+    lo, hi = items
+    if not (lo == lo and hi == hi):  # NaN
+        raise ValueError(f"{key} must be [lo, hi], {what}; got {items!r}")
+    if lo > hi:
+        raise ValueError(f"{key}=[{lo}, {hi}] is reversed: give [lo, hi] with lo <= hi ({what})")
+    if lo < 0:
+        raise ValueError(f"{key}=[{lo}, {hi}] starts below 0: give [lo, hi], {what}")
+    return [lo, hi]
 
 
 @dataclass

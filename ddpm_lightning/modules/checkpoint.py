@@ -3,7 +3,8 @@
 * Safe loading: ``load_checkpoint_dict`` is the only ``torch.load`` of a checkpoint (``weights_only=True``), with
   one clear error for every way a file can be wrong (missing, a folder, text, truncated, pickle-requiring).
 * Which kind: ``load_diffusion_module`` / ``load_classifier_module`` rebuild a module from its checkpoint alone
-  (its ``hyper_parameters``) and refuse the other kind; ``is_converted_adm`` recognises ``ddpm-convert-adm``
+  (its ``hyper_parameters``) and refuse the other kind (``load_diffusion_checkpoint``: ours or converted ADM
+  weights); ``is_converted_adm`` recognises ``ddpm-convert-adm``
   output, which ``diffusion_module_from_adm`` / ``classifier_guidance_from_adm`` turn into a module or a
   ``cond_fn`` (ADM flags -> our diffusion config: ``adm_diffusion_config``).
 * Resuming: ``find_resume_checkpoint`` tries a run folder's checkpoints newest first (``last.ckpt`` first among
@@ -84,6 +85,17 @@ def load_diffusion_module(path: str | Path, map_location: str | torch.device = "
     module.load_state_dict(checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)
     return module.to(map_location).eval()
+
+
+def load_diffusion_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
+    """A DiffusionModule from a ``ddpm-train`` checkpoint or from official ADM weights converted by
+    ``ddpm-convert-adm`` (its flags give the diffusion settings): what ``ckpt=`` and
+    ``guidance.autoguidance_ckpt=`` name."""
+    checkpoint = load_checkpoint_dict(path, map_location="cpu")
+    if is_converted_adm(checkpoint):
+        return diffusion_module_from_adm(checkpoint, path).to(map_location)
+    del checkpoint
+    return load_diffusion_module(path, map_location=map_location)
 
 
 def load_classifier_module(path: str | Path, map_location: str | torch.device = "cpu"):

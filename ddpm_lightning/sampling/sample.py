@@ -1,6 +1,6 @@
 """Generate images from a trained network: ancestral DDPM, DDIM, DPM-Solver++ (2M, 3M, SDE-2M) or UniPC over
-any step schedule, with optional classifier guidance (``cond_fn``) and classifier-free guidance, in batches,
-with per-sample seeds (image i depends on (seed, i) only).
+any step schedule, with optional classifier guidance (``cond_fn``), classifier-free guidance and autoguidance
+(within a guidance interval), in batches, with per-sample seeds (image i depends on (seed, i) only).
 
 The sampler settings travel as one object, ``SampleConfig``: ``resolve_sampler`` builds it once per command
 (a run's own ``sample:`` settings + the command's overrides), ``sampling_process`` resolves the respaced
@@ -103,8 +103,9 @@ def sample_images(
     ``diffusion.noise``), so the result does not depend on ``settings.batch_size`` or on how indices are split
     over calls or devices. ``settings``: the sampler (``SampleConfig``; None: its defaults), whole; ``process``:
     its ``sampling_process`` when the caller keeps it (None: resolved here). ``guidance``: classifier
-    (``cond_fn``, run with autograd) and classifier-free guidance (``cfg_scale``, with the network's
-    ``null_label``), see ``Guidance``. ``y``: for a class-conditional network (``num_classes``), "random"
+    (``cond_fn``, run with autograd), classifier-free (``cfg_scale``, with the network's ``null_label``) and
+    autoguidance (``guiding_net``), each only where its ``schedule`` (the guidance interval) acts, see
+    ``Guidance``. ``y``: for a class-conditional network (``num_classes``), "random"
     (uniform labels), "balanced" (class i mod num_classes), an int class, or a tensor of labels; ignored (must
     be None/"random") when ``num_classes`` is None.
     """
@@ -123,6 +124,7 @@ def sample_images(
     process = process or sampling_process(diffusion, settings)
     if guidance.cond_fn is not None and labels is None:
         raise ValueError("classifier guidance needs class labels: pass y='random', a class index or labels")
+    cond_fn = guidance.step_cond_fn  # the classifier's gradient where the guidance schedule has it act
 
     chunks = []
     for start in range(0, num_samples, settings.batch_size):
@@ -130,7 +132,7 @@ def sample_images(
         rng = PerSampleNoise(seed, range(first_index + start, first_index + start + n), device=device)
         kwargs = {} if labels is None else {"y": labels[start:start + n].to(device)}
         step = process.step_fn(settings.method, model, eta=settings.eta, lower_order_final=settings.lower_order_final,
-                               clip_denoised=settings.clip_denoised, cond_fn=guidance.cond_fn, model_kwargs=kwargs)
+                               clip_denoised=settings.clip_denoised, cond_fn=cond_fn, model_kwargs=kwargs)
         with torch.no_grad():  # cond_fn enables grad itself for the classifier's input gradient
             x = process.sample_loop(step, (n, *shape), noise=rng.randn((n, *shape)), device=device,
                                     progress=progress, noise_sampler=rng)
