@@ -63,14 +63,15 @@ def test_every_checked_training_key_exists_in_the_composed_config(train_configs,
 def test_every_checked_generation_key_exists_in_the_composed_config(config_name):
     cfg = _compose(config_name, ["ckpt=x.ckpt"] if config_name == "sample" else [])
     keys = [*choices.GENERATION_INTS, *choices.GENERATION_CHOICE_KEYS]
-    eval_only = {"nll_images", "reference_n", "classifier_epochs", "pr_reference_n", "feature"}
+    eval_only = {"nll_images", "reference_n", "classifier_epochs", "pr_reference_n", "feature", "reference_split"}
     for key in keys:
         if config_name == "sample" and key in eval_only:
             continue
         assert _has(cfg, key), f"{key} is checked but conf/{config_name}.yaml has no such key"
 
 
-EVAL_EXPERIMENTS = {"guidance_sweep"}  # conf/experiment files for ddpm-eval (conf/eval.yaml says so)
+# conf/experiment files for ddpm-eval (conf/eval.yaml says so)
+EVAL_EXPERIMENTS = {"guidance_sweep", "guidance_sweep_cfg", "guidance_sweep_autoguidance"}
 
 
 @pytest.mark.parametrize("group", ["diffusion", "experiment"])

@@ -42,7 +42,8 @@ def test_guidance_sweep_runs_and_reports(checkpoints, tmp_path):
     model, classifier = checkpoints
     sweep_dir = tmp_path / "sweep"
     result = _eval("-m", "experiment=guidance_sweep", f"ckpt={model}", f"guidance.classifier_ckpt={classifier}",
-                   "guidance.scale=0,10000", "sample.seed=0", "num_samples=10", "steps=2", "feature=tiny",
+                   "guidance.scale=0,10000", "guidance.interval=null", "sample.seed=0", "num_samples=10", "steps=2",
+                   "feature=tiny",
                    "reference_n=24",
                    "classifier_epochs=1", "batch_size=10", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

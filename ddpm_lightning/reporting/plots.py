@@ -12,7 +12,7 @@ from .read import override_dict
 from .stats import CONFIDENCE, Aggregate, SweepTable, base_name, finite, metric_mode, sample_count
 
 # a sweep over one of these (ddpm-eval -m experiment=guidance_sweep) also gets the trade-off plot
-GUIDANCE_KEYS = ("guidance.scale", "guidance.cfg_scale")
+GUIDANCE_KEYS = ("guidance.scale", "guidance.cfg_scale", "guidance.autoguidance_scale")
 
 
 def _save_figure(fig, path: str | Path) -> Path:
@@ -95,7 +95,7 @@ def plot_rows(aggregate: Aggregate, path: str | Path, title: str = "", metrics: 
 
 
 def guidance_key(table: SweepTable) -> str | None:
-    """The guidance scale the sweep varies (``guidance.scale`` / ``guidance.cfg_scale``), if any."""
+    """The guidance scale the sweep varies (``guidance.scale`` / ``cfg_scale`` / ``autoguidance_scale``), if any."""
     return next((key for key in GUIDANCE_KEYS if key in table.varying), None)
 
 

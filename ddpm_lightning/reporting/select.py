@@ -5,6 +5,11 @@ Choosing the best of N rows and reporting its value on the same seeds reports th
 bias). Here the seeds of the unit axis (the sampling seed of a ``ddpm-eval`` sweep, the training seed of a
 ``ddpm-train`` one) are split in two: the selection seeds rank the rows, only the report seeds give the reported
 means and intervals, and both sets are named in the report and in ``selection.json``.
+
+``select_rows(..., per=KEYS)`` chooses once per group of rows (``--select-per``): rows with the same values of the
+override keys ``KEYS``, where the key ``guidance`` is the row's guidance method (``guidance_method``: unguided,
+classifier, cfg, autoguidance, "+interval" when an interval restricts it), so a sweep of several guidance methods
+gets each method's best setting, chosen and reported on the same seed sets.
 """
 
 from __future__ import annotations
@@ -15,8 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config.choices import GUIDANCE_METHODS
 from .display import arrow, display_name, fmt, stats_cell
-from .stats import CONFIDENCE, Aggregate, Stats, summarize
+from .read import override_dict
+from .stats import CONFIDENCE, Aggregate, RowGroup, Stats, summarize
+
+GUIDANCE_GROUP = "guidance"  # the --select-per key that groups rows by guidance method
 
 
 @dataclass
@@ -34,6 +43,7 @@ class Selection:
     chosen: int  # index into candidates
     reported: dict[str, Stats]  # metric -> the chosen row over the report seeds
     reported_values: dict[str, dict[str, float]]  # metric -> report seed -> value
+    group: str | None = None  # the rows it chose among (``select_rows(..., per=...)``); None: every row
 
 
 def _seed_order(value: str) -> tuple:
@@ -87,9 +97,11 @@ def split_seeds(aggregate: Aggregate, select_seeds: Sequence[Any] | str | None =
 
 
 def select_row(aggregate: Aggregate, select_seeds: Sequence[Any] | str | None = None,
-               report_seeds: Sequence[Any] | str | None = None) -> Selection:
+               report_seeds: Sequence[Any] | str | None = None, rows: Sequence[int] | None = None,
+               group: str | None = None) -> Selection:
     """Choose the row with the best mean primary metric (``aggregate.metric`` in ``aggregate.mode``) over the
-    selection seeds and summarise its metrics over the report seeds only (``split_seeds`` for the sets)."""
+    selection seeds and summarise its metrics over the report seeds only (``split_seeds`` for the sets).
+    ``rows``: the candidates' indices (None: every row), named ``group``."""
     if aggregate.metric is None or aggregate.mode is None:
         raise ValueError("held-out selection needs a primary metric (--metric); no run has one")
     axis, chosen_seeds, report = split_seeds(aggregate, select_seeds, report_seeds)
@@ -98,23 +110,67 @@ def select_row(aggregate: Aggregate, select_seeds: Sequence[Any] | str | None = 
         return {seed: units[f"{axis}={seed}"] for seed in seeds if f"{axis}={seed}" in units}
 
     candidates = []
-    for group in aggregate.groups:
-        values = over(group.units.get(aggregate.metric, {}), chosen_seeds)
-        if values:
-            candidates.append((group, summarize(list(values.values()))))
+    for i, row in enumerate(aggregate.groups):
+        values = over(row.units.get(aggregate.metric, {}), chosen_seeds)
+        if values and (rows is None or i in rows):
+            candidates.append((row, summarize(list(values.values()))))
     if not candidates:
-        raise ValueError(f"no row has `{aggregate.metric}` at the selection seeds `{axis}` = "
-                         f"{', '.join(chosen_seeds)}")
+        raise ValueError(f"no row{'' if group is None else f' of {group}'} has `{aggregate.metric}` at the "
+                         f"selection seeds `{axis}` = {', '.join(chosen_seeds)}")
     scored = [(stats.mean, i) for i, (_, stats) in enumerate(candidates)]
     best = (min(scored) if aggregate.mode == "min" else max(scored, key=lambda s: (s[0], -s[1])))[1]
-    group = candidates[best][0]
-    reported_values = {m: over(units, report) for m, units in group.units.items()}
+    chosen_row = candidates[best][0]
+    reported_values = {m: over(units, report) for m, units in chosen_row.units.items()}
     reported_values = {m: v for m, v in reported_values.items() if v}
     return Selection(axis=axis, unit_kind=aggregate.unit_kind, metric=aggregate.metric, mode=aggregate.mode,
                      selection_seeds=chosen_seeds, report_seeds=report,
                      candidates=[(g.label, dict(g.values), s) for g, s in candidates], chosen=best,
                      reported={m: summarize(list(v.values())) for m, v in reported_values.items()},
-                     reported_values=reported_values)
+                     reported_values=reported_values, group=group)
+
+
+def guidance_method(values: dict[str, str]) -> str:
+    """A row's guidance method from its overrides: the kinds that guide (``classifier``: guidance.scale != 0,
+    ``cfg``: guidance.cfg_scale != 0, ``autoguidance``: guidance.autoguidance_scale != 1) joined by "+", or
+    ``unguided``; "+interval" when guidance.interval or guidance.interval_sigma restricts them to a band of steps."""
+    def number(key: str, default: float) -> float:
+        try:
+            return float(values.get(key) or default)
+        except ValueError:
+            return default
+
+    on = (number("guidance.scale", 0.0) != 0, number("guidance.cfg_scale", 0.0) != 0,
+          number("guidance.autoguidance_scale", 1.0) != 1)
+    kinds = [name for name, active in zip(GUIDANCE_METHODS[1:], on, strict=True) if active]
+    banded = any(values.get(key) not in (None, "", "null") for key in ("guidance.interval", "guidance.interval_sigma"))
+    return "+".join(kinds) + ("+interval" if banded else "") if kinds else GUIDANCE_METHODS[0]
+
+
+def row_group(row: RowGroup, per: Sequence[str]) -> str:
+    """The group of ``row`` by the keys ``per`` (its overrides, those of its first job under the varying ones;
+    ``guidance``: ``guidance_method``)."""
+    values = {**(override_dict(row.runs[0].overrides) if row.runs else {}), **row.values}
+    return " ".join(guidance_method(values) if key == GUIDANCE_GROUP else f"{key}={values.get(key, '')}"
+                    for key in per)
+
+
+def select_rows(aggregate: Aggregate, select_seeds: Sequence[Any] | str | None = None,
+                report_seeds: Sequence[Any] | str | None = None,
+                per: Sequence[str] | str | None = None) -> list[Selection]:
+    """``select_row`` once per group of rows with the same ``row_group(row, per)`` (in the order the groups first
+    appear; ``per`` comma-separated or a list), all on the same seed sets; without ``per`` one selection over every
+    row. A group without the primary metric at the selection seeds is left out."""
+    keys = _seed_list(per) or []
+    if not keys:
+        return [select_row(aggregate, select_seeds, report_seeds)]
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(aggregate.groups):
+        groups.setdefault(row_group(row, keys), []).append(i)
+    with_metric = {name: rows for name, rows in groups.items()
+                   if any(aggregate.metric in aggregate.groups[i].units for i in rows)}
+    if not with_metric:
+        raise ValueError(f"no row has `{aggregate.metric}`: nothing to select per {', '.join(keys)}")
+    return [select_row(aggregate, select_seeds, report_seeds, rows, name) for name, rows in with_metric.items()]
 
 
 def selection_lines(selection: Selection, metrics: Sequence[str]) -> list[str]:
@@ -126,7 +182,8 @@ def selection_lines(selection: Selection, metrics: Sequence[str]) -> list[str]:
     label, _, _ = selection.candidates[selection.chosen]
     better = "lowest" if selection.mode == "min" else "highest"
     name = f"{display_name(selection.metric)} {arrow(selection.metric)}"
-    lines = [f"## Held-out selection: chosen on {selected}, reported on {reported}", "",
+    within = "" if selection.group is None else f" of {selection.group}"
+    lines = [f"## Held-out selection{within}: chosen on {selected}, reported on {reported}", "",
              f"The row with the {better} mean `{selection.metric}` over the selection {selection.unit_kind}s "
              f"({selected}) is chosen; its metrics are reported over the report {selection.unit_kind}s ({reported}) "
              "only, so the reported values carry no best-of-N bias. The ★ best row of the tables below is chosen "
@@ -154,7 +211,8 @@ def selection_json(selection: Selection, sweep_dir: str | Path) -> dict[str, Any
 
     label, values, stats = selection.candidates[selection.chosen]
     return {
-        "made_by": "ddpm-report --select", "sweep_dir": str(sweep_dir), "metric": selection.metric,
+        "made_by": "ddpm-report --select", "sweep_dir": str(sweep_dir), "group": selection.group,
+        "metric": selection.metric,
         "mode": selection.mode, "seed_key": selection.axis, "unit_kind": selection.unit_kind,
         "selection_seeds": selection.selection_seeds, "report_seeds": selection.report_seeds,
         "confidence": CONFIDENCE,
@@ -165,3 +223,14 @@ def selection_json(selection: Selection, sweep_dir: str | Path) -> dict[str, Any
                               "ci_high": number(s.high), "values": selection.reported_values[metric]}
                      for metric, s in selection.reported.items()},
     }
+
+
+def selections_json(selections: Sequence[Selection], sweep_dir: str | Path,
+                    per: Sequence[str] | str | None = None) -> dict[str, Any]:
+    """``selection.json``: ``selection_json`` of the one selection, or with ``per`` every group's under
+    ``groups`` (group -> its selection)."""
+    keys = _seed_list(per)
+    if not keys:
+        return selection_json(selections[0], sweep_dir)
+    return {"made_by": "ddpm-report --select --select-per", "sweep_dir": str(sweep_dir), "per": keys,
+            "groups": {s.group: selection_json(s, sweep_dir) for s in selections}}
