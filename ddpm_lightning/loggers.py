@@ -1,8 +1,9 @@
 """The logging owner: the loggers of a training run, built from ``cfg.logger``, and everything W&B.
 
 * W&B runs offline unless an API key is configured (``resolve_wandb_mode``), so a run never hangs without network;
-  online with an unreachable W&B host (a 3 s connect) or a key the host refuses falls back to offline with one
-  ``warning:`` line (``wandb_run_mode``, ``start_wandb``); a W&B folder that cannot be written is one ``error:``
+  online with an unreachable W&B host (a 3 s connect) or a key the host refuses (``wandb.login(verify=True)``), or
+  a run that fails to start online, falls back to offline with one ``warning:`` line (``wandb_run_mode``,
+  ``start_wandb``); a W&B folder that cannot be written is one ``error:``
   line before any work. The key itself is never passed to a logger or logged.
 * One W&B run per run folder: its id, name, group and tags are created once and kept in
   ``<run folder>/wandb_run.json`` (``run_record``); ``resume=auto``, ``ckpt_path=`` and a requeue continue the same
@@ -103,12 +104,33 @@ def _warn_offline(reason: str, save_dir: str | Path) -> None:
               file=sys.stderr, flush=True)
 
 
+def wandb_key_refused() -> str | None:
+    """None when the W&B host accepts the configured key (``wandb.login(verify=True)``: one request, no run), else
+    what it answered."""
+    import wandb
+
+    try:
+        wandb.login(verify=True)
+    except Exception as error:  # noqa: BLE001 - wandb's auth/communication errors have no common public base
+        return _first_line(error)
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
 def wandb_run_mode(mode: str | None, save_dir: str | Path) -> str:
     """``resolve_wandb_mode``, then offline (one ``warning:`` line) when online is asked for but the W&B host cannot
-    be reached within ``WANDB_HOST_TIMEOUT_S``: a run never waits for a network that is not there."""
+    be reached within ``WANDB_HOST_TIMEOUT_S`` or refuses the key: a run never waits for a network that is not
+    there, and never fails later for a key that does not work."""
     resolved = resolve_wandb_mode(mode)
     if resolved == "online":
         problem = wandb_unreachable()
+        if problem is None:
+            refused = wandb_key_refused()
+            problem = None if refused is None else f"could not start online ({refused})"
         if problem is not None:
             _warn_offline(problem, save_dir)
             resolved = "offline"
@@ -133,13 +155,14 @@ def new_run_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
-def run_record(run_dir: str | Path, **identity: Any) -> dict[str, Any]:
-    """The W&B run of ``run_dir``: ``wandb_run.json`` if it exists, else a new record (written by rank 0).
+def run_record(run_dir: str | Path, file: str = artifacts.WANDB_RUN_FILE, **identity: Any) -> dict[str, Any]:
+    """The W&B run of ``run_dir``: ``<run_dir>/<file>`` (``wandb_run.json``) if it exists, else a new record
+    (written by rank 0).
 
     ``identity`` (project, name, group, tags, job_type) fills a new record; a kept record keeps its own, so a resumed
     or requeued run keeps its name, group and tags whatever the continuing command line says. An explicit ``id``
     that differs from the kept one starts a new record with that id."""
-    path = Path(run_dir) / artifacts.WANDB_RUN_FILE
+    path = Path(run_dir) / file
     kept = artifacts.read_json(path)
     wanted = identity.pop("id", None)
     if kept and kept.get("id") and wanted in (None, kept["id"]):
@@ -188,6 +211,18 @@ class RunFolderWandbLogger(WandbLogger):
         artifacts.write_json(self._record_path, self._record)
 
 
+def _fall_back_offline(error: BaseException, save_dir: str | Path) -> None:
+    """After a failed online start: one ``warning:`` line, the attempt's service ended (it holds the run id; one this
+    process did not start, inherited through ``WANDB_SERVICE``, is left and a new one started), offline from now on
+    in this process."""
+    import wandb
+
+    _warn_offline(f"could not start online ({_first_line(error)})", save_dir)
+    os.environ.pop("WANDB_SERVICE", None)
+    wandb.teardown()
+    os.environ["WANDB_MODE"] = "offline"
+
+
 def start_wandb(logger: RunFolderWandbLogger, save_dir: str | Path) -> RunFolderWandbLogger:
     """Open the W&B run now, on rank 0: a key the host refuses (or any failure to start online) falls back to an
     offline run of the same id with one ``warning:`` line, instead of failing the run later."""
@@ -197,12 +232,7 @@ def start_wandb(logger: RunFolderWandbLogger, save_dir: str | Path) -> RunFolder
         logger.experiment  # noqa: B018 - wandb.init
         return logger
     except Exception as error:  # noqa: BLE001 - wandb's auth/communication errors have no common public base
-        text = str(error).strip().splitlines()
-        _warn_offline(f"could not start online ({type(error).__name__}: {text[0] if text else ''})", save_dir)
-    import wandb
-
-    wandb.teardown()  # the service still holds the run id of the attempt
-    os.environ["WANDB_MODE"] = "offline"
+        _fall_back_offline(error, save_dir)
     logger._wandb_init["mode"] = "offline"
     logger._experiment = None
     return logger
@@ -238,6 +268,53 @@ def wandb_run_info(loggers: list) -> dict[str, Any] | None:
                     "dir": str(Path(init.get("dir") or ".") / "wandb"),
                     "record": str(logger._record_path)}
     return None
+
+
+class KeptWandbRun:
+    """A plain W&B run (``ddpm-eval``, ``ddpm-report``) kept like a training run's: its id in ``record_path``, so the
+    same command into the same folder continues it; every ``log`` is one row at the next W&B step (offline too)."""
+
+    def __init__(self, run: Any, record: dict[str, Any], record_path: Path) -> None:
+        self.run, self.record, self.record_path = run, record, record_path
+
+    @property
+    def id(self) -> str:
+        return self.record["id"]
+
+    def log(self, data: dict[str, Any]) -> None:
+        step = max(int(self.record.get("step") or 0), int(getattr(self.run, "step", 0) or 0))
+        self.run.log(data, step=step)
+        self.record["step"] = step + 1
+        artifacts.write_json(self.record_path, self.record)
+
+    def finish(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+def open_wandb_run(save_dir: str | Path, *, record_file: str, project: str, name: str | None, group: str | None,
+                   job_type: str, tags: list[str] | None = None, config: dict[str, Any] | None = None,
+                   mode: str | None = None) -> KeptWandbRun:
+    """Start (or continue: the id kept in ``<save_dir>/<record_file>``) a W&B run outside Lightning, with the same
+    rules as ``wandb_logger``: offline unless a key is set and the host answers, one ``warning:`` line when online
+    fails, one ``error:`` line (ValueError) when ``<save_dir>/wandb`` cannot be written."""
+    import wandb
+
+    check_wandb_dir(save_dir)
+    resolved = wandb_run_mode(mode, save_dir)
+    os.environ["WANDB_MODE"] = resolved
+    record = run_record(save_dir, file=record_file, project=project, name=name, group=group,
+                        tags=list(tags or []) or None, job_type=job_type)
+    init = dict(id=record["id"], resume="allow", project=record.get("project", project), name=record.get("name"),
+                group=record.get("group"), job_type=record.get("job_type"), tags=record.get("tags"),
+                dir=str(save_dir), config=redact_secrets(config or {}), mode=resolved)
+    try:
+        run = wandb.init(**init)
+    except Exception as error:  # noqa: BLE001 - wandb's auth/communication errors have no common public base
+        if resolved != "online":
+            raise
+        _fall_back_offline(error, save_dir)
+        run = wandb.init(**{**init, "mode": "offline"})
+    return KeptWandbRun(run, record, Path(save_dir) / record_file)
 
 
 def record_provenance(loggers: list, provenance: dict[str, Any]) -> None:

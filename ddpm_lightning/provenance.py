@@ -19,7 +19,8 @@
   torch's intra-op threads now; ``command``: this process's command line, secrets redacted.
 
 ``differing_fields(a, b)`` names the fields (``PAIRING_FIELDS``: code commit, dirty diff, CPU/GPU model,
-precision) on which two records differ: jobs that differ there are not a fair pair (``ddpm-report``).
+precision) on which two records differ: jobs that differ there are not a fair pair (``ddpm-report``, which imports
+this module without torch: torch is imported inside the functions that read it).
 """
 
 from __future__ import annotations
@@ -34,10 +35,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import __version__
-from .precision import cpu_has_fast_bf16
 from .security import redact_secrets
 
 PROVENANCE_KEYS = ("version", "git_commit", "git_dirty", "python", "torch", "lightning", "cuda", "cpu", "gpu",
@@ -50,6 +48,10 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the checkout (or site-pack
 
 def provenance(precision: Any = None, world_size: int | None = None, command: list[str] | None = None) -> dict:
     """The provenance object (see the module docstring); cheap after the first call of a process."""
+    import torch
+
+    from .precision import cpu_has_fast_bf16
+
     git = git_state(str(PACKAGE_ROOT))
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     gpu, gpu_count = gpu_model()
@@ -119,6 +121,8 @@ def cpu_model() -> str:
 
 def gpu_model() -> tuple[str | None, int]:
     """(the first GPU's name, the number of GPUs torch sees); (None, 0) without CUDA."""
+    import torch
+
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if not count:
         return None, 0

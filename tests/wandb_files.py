@@ -95,12 +95,16 @@ def read_segment(folder: str | Path) -> Segment:
 
 
 def read_runs(save_dir: str | Path) -> list[Segment]:
-    """Every offline run segment under ``<save_dir>/wandb``, in start order."""
+    """Every offline run segment under ``<save_dir>/wandb``, in start order. A run finished in this process may still
+    be written by this process's W&B service: ``wandb.teardown()`` waits for it first."""
+    import wandb
+
+    wandb.teardown()
     folders = sorted(Path(save_dir, "wandb").glob("offline-run-*"))
     return sorted((read_segment(f) for f in folders), key=lambda s: s.start)
 
 
-MEDIA_SUFFIXES = ("/_type", "/filenames", "/count", "/width", "/height", "/format", "/captions", "/sha256",
+MEDIA_SUFFIXES = ("/_type", "/filenames", "/count", "/width", "/height", "/format", "/captions", "/caption", "/sha256",
                   "/size", "/path", "/ncols", "/nrows", "/artifact_path", "/_latest_artifact_path", "/log_mode")
 
 

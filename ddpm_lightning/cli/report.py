@@ -5,15 +5,16 @@
     ddpm-report multirun/ablate_arch/... --baseline model=adm   # paired differences against another row
     ddpm-report multirun/guidance_sweep/...     # ddpm-eval sweeps: eval/fid@n, ... + report_tradeoff.png
     ddpm-report multirun/guidance_sweep/... --select --select-seeds 0,1,2 --report-seeds 3,4,5   # held out
-    ddpm-report multirun/guidance_methods/... --select-per guidance,ckpt --select-seeds 0 --report-seeds 1,2
     ddpm-report multirun/ablate_arch/... --add-seeds 3      # add_seeds.sh: 3 more seeds for the inconclusive rows
+    ddpm-report multirun/ablate_arch/... --wandb            # also to W&B: a job_type=report run in the sweep's group
 
 Seeds are an axis: runs that differ only in a seed override (--seed-keys) become one row with mean, std, n and a
 95% t-interval per metric, a paired difference against the baseline row and a verdict (report_summary.csv), the
 verdicts of a table corrected for multiple comparisons (Benjamini-Hochberg; --correction holm, --no-correction)
 and, for an inconclusive row, a power estimate of the seeds it would need.
 Works on partial sweeps: failed runs are listed with their message, unfinished ones as running/incomplete, seeds
-and jobs that have not run yet as missing.
+and jobs that have not run yet as missing. Every row shows its provenance (code commit, CPU/GPU, precision); paired
+differences between jobs whose code, machine or precision differ are refused unless --allow-mixed (rows marked).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 from ..artifacts import NoSpaceLeft
-from ..reporting import CORRECTIONS, MODES, SEED_KEYS, TRAINING_SEED_KEYS, write_report
+from ..reporting import CORRECTIONS, MODES, REPORT_RUN_FILE, SEED_KEYS, TRAINING_SEED_KEYS, report_payload, write_report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the row the others are compared with, e.g. model=ddpm_base (default: the first row)")
     parser.add_argument("--title", default=None, help="title of the markdown report")
     parser.add_argument("--no-plot", action="store_true", help="skip report.png")
+    parser.add_argument("--allow-mixed", action="store_true",
+                        help="compute paired differences between jobs whose code commit, CPU/GPU model or precision "
+                             "differ (refused otherwise); every such row is marked")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log the tables and plots to W&B: a run of job_type=report in the sweep's group "
+                             "(offline unless a key is configured; its id kept in <out>/" + REPORT_RUN_FILE + ")")
     _add_statistics_arguments(parser)
     _add_selection_arguments(parser)
     args = parser.parse_args(argv)
@@ -86,15 +94,35 @@ def _add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     held_out.add_argument("--report-seeds", default=None, metavar="SEEDS",
                           help="comma-separated seeds to report on, disjoint from --select-seeds (implies --select; "
                                "default: the seeds not in --select-seeds)")
-    held_out.add_argument("--select-per", default=None, metavar="KEYS",
-                          help="choose one row per group of rows with equal values of these comma-separated override "
-                               "keys (implies --select); the key `guidance` is the row's guidance method (unguided, "
-                               "classifier, cfg, autoguidance, +interval), e.g. --select-per guidance,ckpt")
 
 
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def _publish(result: dict, args: argparse.Namespace) -> None:
+    """The report as a W&B run of ``job_type=report`` in the sweep's group (one per report folder: a later report of
+    the same sweep is its next step): the aggregated and per-job tables as ``wandb.Table``, the plots as images."""
+    import wandb
+
+    from ..loggers import open_wandb_run
+    from ..provenance import provenance
+
+    payload = report_payload(result)
+    out = Path(args.out or args.sweep_dir)
+    sweep = Path(args.sweep_dir).resolve().name
+    run = open_wandb_run(out, record_file=REPORT_RUN_FILE, project=payload["identity"]["project"],
+                         name=f"report-{sweep}", group=payload["identity"]["group"], job_type="report",
+                         tags=["report"], config={**payload["config"], "provenance": provenance()})
+    data = {key: wandb.Table(columns=columns, data=rows) for key, (columns, rows) in payload["tables"].items()}
+    data.update({key: wandb.Image(str(path), caption=f"{sweep}: {path.name}")
+                 for key, path in payload["images"].items()})
+    run.log(data)
+    run.run.summary.update({"report/metric": payload["config"]["metric"], "report/best": payload["config"]["best"]})
+    run.finish()
+    group = payload["identity"]["group"]
+    result["paths"]["wandb"] = f"run {run.id} (job_type=report, group {group}) in {out / 'wandb'}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,7 +133,9 @@ def main(argv: list[str] | None = None) -> None:
                               seed_keys=[k.strip() for k in args.seed_keys.split(",") if k.strip()],
                               baseline=args.baseline, correction=args.correction, select=args.select,
                               select_seeds=args.select_seeds, report_seeds=args.report_seeds,
-                              add_seeds=args.add_seeds, select_per=args.select_per)
+                              add_seeds=args.add_seeds, allow_mixed=args.allow_mixed)
+        if args.wandb:
+            _publish(result, args)
     except (OSError, ValueError) as error:
         if isinstance(error, OSError) and error.errno is not None and not isinstance(error, NoSpaceLeft):
             # the OS's own error: --out is a file, read-only, ...

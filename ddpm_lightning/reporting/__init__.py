@@ -1,7 +1,7 @@
 """Sweep reports: a Hydra multirun folder becomes one table (markdown + CSV) and a bar plot, like ADM's Table 1.
 
-One module per step, imported one way (``read`` <- ``stats`` <- ``display`` <- ``multiple`` <- ``select``, ``rerun`` <-
-``tables``, ``plots`` <- ``report``):
+One module per step, imported one way (``read`` <- ``stats`` <- ``display`` <- ``multiple`` <- ``select``, ``rerun``,
+``provenance`` <- ``tables``, ``plots`` <- ``publish`` <- ``report``):
 
 - ``read``: the job folders of a sweep, one ``RunRecord`` each (overrides, status, scores), and the jobs its
   ``multirun.yaml`` launches that have no folder yet (``expected_jobs``, through ``sweeps.expand_sweep``);
@@ -12,7 +12,10 @@ One module per step, imported one way (``read`` <- ``stats`` <- ``display`` <- `
   none: ``correct``), and for an inconclusive verdict the seeds that would separate it (``seeds_for_power``);
 - ``select``: held-out selection, a row chosen on some seeds and reported on disjoint ones (``select_row``);
 - ``rerun``: the commands that add seeds to the inconclusive rows (``plan_added_seeds``, ``add_seeds.sh``);
+- ``provenance``: each row's code, machine and precision, and the pairing guard (``check_pairs``: no paired
+  difference between jobs of other code, machines or precision unless allowed, then rows marked);
 - ``tables``: the markdown report and the CSVs; ``plots``: the bar and trade-off plots;
+- ``publish``: what ``ddpm-report --wandb`` sends to W&B (tables, plots, the sweep's group), as plain data;
 - ``report``: ``write_report``, every file of a report (``ddpm-report``).
 
 Metric names, directions and display names come from ``config/choices.py``. Plain Python: no torch or Lightning;
@@ -34,6 +37,8 @@ from .multiple import (
     seeds_for_power,
 )
 from .plots import GUIDANCE_KEYS, guidance_key, plot, plot_rows, plot_tradeoff
+from .provenance import MIXED_MARK, check_pairs, mark_mixed, mixed_pairs, provenance_lines
+from .publish import REPORT_RUN_FILE, csv_table, report_payload, sweep_identity
 from .read import (
     ADDED_SEEDS_DIR,
     STATUSES,
@@ -83,14 +88,15 @@ from .tables import (
 )
 
 __all__ = [
-    "ADDED_SEEDS_DIR", "ALPHA", "CONFIDENCE", "CORRECTIONS", "DISPLAY_NAMES", "GUIDANCE_KEYS", "HIGHER_IS_BETTER",
-    "LOWER_IS_BETTER", "MODES", "NOTES", "NO_VERDICT", "SEED_KEYS", "STATUSES", "SUMMARY_COLUMNS", "TABLE_METRICS",
-    "TABLE_PREFIXES", "TRAINING_SEED_KEYS", "VERDICTS", "VERDICT_REL", "VERDICT_SE", "AddSeedsPlan", "Aggregate",
-    "Correction", "Paired", "PowerEstimate", "RowGroup", "RunRecord", "Selection", "Stats", "SweepTable", "adjust",
-    "aggregate", "base_name", "best_rule", "build_table", "collect_runs", "correct", "default_metric",
-    "display_name", "expected_jobs", "find_job_folders", "guidance_key", "metric_columns", "metric_mode",
-    "missing_jobs", "p_value", "plan_added_seeds", "plot", "plot_rows", "plot_tradeoff", "power_estimate",
-    "read_run", "seeds_for_power", "select_row", "selection_json", "split_seeds", "summarize", "to_markdown",
-    "undecided_rows", "verdict", "verdict_rule", "write_add_seeds", "write_csv", "write_report",
+    "ADDED_SEEDS_DIR", "ALPHA", "AddSeedsPlan", "Aggregate", "CONFIDENCE", "CORRECTIONS", "Correction", "DISPLAY_NAMES",
+    "GUIDANCE_KEYS", "HIGHER_IS_BETTER", "LOWER_IS_BETTER", "MIXED_MARK", "MODES", "NOTES", "NO_VERDICT", "Paired",
+    "PowerEstimate", "REPORT_RUN_FILE", "RowGroup", "RunRecord", "SEED_KEYS", "STATUSES", "SUMMARY_COLUMNS",
+    "Selection", "Stats", "SweepTable", "TABLE_METRICS", "TABLE_PREFIXES", "TRAINING_SEED_KEYS", "VERDICTS",
+    "VERDICT_REL", "VERDICT_SE", "adjust", "aggregate", "base_name", "best_rule", "build_table", "check_pairs",
+    "collect_runs", "correct", "csv_table", "default_metric", "display_name", "expected_jobs", "find_job_folders",
+    "guidance_key", "mark_mixed", "metric_columns", "metric_mode", "missing_jobs", "mixed_pairs", "p_value",
+    "plan_added_seeds", "plot", "plot_rows", "plot_tradeoff", "power_estimate", "provenance_lines", "read_run",
+    "report_payload", "seeds_for_power", "select_row", "selection_json", "split_seeds", "summarize", "sweep_identity",
+    "to_markdown", "undecided_rows", "verdict", "verdict_rule", "write_add_seeds", "write_csv", "write_report",
     "write_summary_csv",
 ]
