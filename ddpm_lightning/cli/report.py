@@ -5,6 +5,7 @@
     ddpm-report multirun/ablate_arch/... --baseline model=adm   # paired differences against another row
     ddpm-report multirun/guidance_sweep/...     # ddpm-eval sweeps: eval/fid@n, ... + report_tradeoff.png
     ddpm-report multirun/guidance_sweep/... --select --select-seeds 0,1,2 --report-seeds 3,4,5   # held out
+    ddpm-report multirun/guidance_methods/... --select-per guidance,ckpt --select-seeds 0 --report-seeds 1,2
     ddpm-report multirun/ablate_arch/... --add-seeds 3      # add_seeds.sh: 3 more seeds for the inconclusive rows
     ddpm-report multirun/ablate_arch/... --wandb            # also to W&B: a job_type=report run in the sweep's group
 
@@ -94,6 +95,10 @@ def _add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     held_out.add_argument("--report-seeds", default=None, metavar="SEEDS",
                           help="comma-separated seeds to report on, disjoint from --select-seeds (implies --select; "
                                "default: the seeds not in --select-seeds)")
+    held_out.add_argument("--select-per", default=None, metavar="KEYS",
+                          help="choose one row per group of rows with equal values of these comma-separated override "
+                               "keys (implies --select); the key `guidance` is the row's guidance method (unguided, "
+                               "classifier, cfg, autoguidance, +interval), e.g. --select-per guidance,ckpt")
 
 
 def _fail(message: str) -> None:
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
                               seed_keys=[k.strip() for k in args.seed_keys.split(",") if k.strip()],
                               baseline=args.baseline, correction=args.correction, select=args.select,
                               select_seeds=args.select_seeds, report_seeds=args.report_seeds,
-                              add_seeds=args.add_seeds, allow_mixed=args.allow_mixed)
+                              add_seeds=args.add_seeds, allow_mixed=args.allow_mixed, select_per=args.select_per)
         if args.wandb:
             _publish(result, args)
     except (OSError, ValueError) as error:

@@ -14,7 +14,7 @@ from .plots import guidance_key, plot, plot_rows, plot_tradeoff
 from .provenance import check_pairs, mark_mixed, provenance_lines
 from .read import collect_runs, expected_jobs, missing_jobs
 from .rerun import SCRIPT, add_seeds_lines, plan_added_seeds, write_add_seeds
-from .select import select_row, selection_json, selection_lines
+from .select import select_rows, selection_lines, selections_json
 from .stats import SEED_KEYS, aggregate, build_table
 from .tables import metric_columns, to_markdown, write_csv, write_summary_csv
 
@@ -24,14 +24,16 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, metri
                  title: str | None = None, seed_keys: Sequence[str] = SEED_KEYS,
                  baseline: str | None = None, correction: str = "bh", select: bool = False,
                  select_seeds: Sequence[Any] | str | None = None, report_seeds: Sequence[Any] | str | None = None,
-                 add_seeds: int | None = None, allow_mixed: bool = False) -> dict[str, Any]:
+                 add_seeds: int | None = None, allow_mixed: bool = False,
+                 select_per: Sequence[str] | str | None = None) -> dict[str, Any]:
     """``report.md``, ``report.csv`` and ``report.png`` for ``sweep_dir`` in ``out_dir`` (default: the sweep); with
     seed axes (``seed_keys`` taking several values) also ``report_summary.csv``, and the tables and plot per row
     over seeds compared with ``baseline`` (default: the first row), the verdicts corrected for multiple comparisons
     by ``correction`` (``bh``, ``holm`` or ``none``: ``multiple.correct``).
 
     ``select`` (or either seed set given): the row chosen on ``select_seeds`` and reported on the disjoint
-    ``report_seeds`` (``select.split_seeds`` for the defaults), in the markdown and ``selection.json``.
+    ``report_seeds`` (``select.split_seeds`` for the defaults), in the markdown and ``selection.json``; with
+    ``select_per`` (override keys, ``guidance``: the guidance method) one row per group of rows (``select_rows``).
     ``add_seeds`` = K: ``add_seeds.sh``, the commands that run K new seeds for the inconclusive rows and the
     baseline into the sweep folder (``rerun.plan_added_seeds``). Paired jobs (the same seed in two compared rows) whose
     code, CPU/GPU or precision differ are refused unless ``allow_mixed`` (``provenance.check_pairs``; then those rows
@@ -41,7 +43,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, metri
     expected = expected_jobs(sweep_dir)
     missing = missing_jobs(runs, expected)
     rows = aggregate(table, seed_keys=seed_keys, baseline=baseline, expected=expected)
-    select = select or select_seeds is not None or report_seeds is not None
+    select = select or select_seeds is not None or report_seeds is not None or bool(select_per)
     wanted = [name for name, on in ((f"baseline={baseline!r}", baseline is not None),
                                      ("held-out selection (--select)", select), ("--add-seeds", add_seeds is not None))
               if on]
@@ -50,12 +52,12 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, metri
                          f"(one of {', '.join(seed_keys)} with several values)")
     mixed = check_pairs(rows, allow_mixed)
     out_dir = Path(out_dir) if out_dir is not None else Path(sweep_dir)
-    sections, selection, plan = [], None, None
+    sections, selections, plan = [], [], None
     if rows is not None:
         correct(rows, correction, metric_columns(table))
         if select:
-            selection = select_row(rows, select_seeds, report_seeds)
-            sections += selection_lines(selection, metric_columns(table))
+            selections = select_rows(rows, select_seeds, report_seeds, per=select_per)
+            sections += [line for chosen in selections for line in selection_lines(chosen, metric_columns(table))]
         if add_seeds is not None:
             plan = plan_added_seeds(rows, table, sweep_dir, add_seeds)
             sections += add_seeds_lines(plan, out_dir / SCRIPT)
@@ -67,8 +69,8 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, metri
     paths = {"markdown": out_dir / "report.md", "csv": write_csv(table, out_dir / "report.csv", rows)}
     if rows is not None:
         paths["summary_csv"] = write_summary_csv(rows, out_dir / "report_summary.csv")
-    if selection is not None:
-        paths["selection"] = write_json(out_dir / "selection.json", selection_json(selection, sweep_dir))
+    if selections:
+        paths["selection"] = write_json(out_dir / "selection.json", selections_json(selections, sweep_dir, select_per))
     if plan is not None and plan.commands:
         paths["add_seeds"] = write_add_seeds(plan, out_dir / SCRIPT)
     if make_plot:
@@ -78,5 +80,5 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, metri
         if key is not None:
             paths["tradeoff"] = plot_tradeoff(table, out_dir / "report_tradeoff.png", key, rows)
     return {"table": table, "aggregate": rows, "missing": missing, "markdown": markdown, "paths": paths,
-            "selection": selection, "add_seeds": plan,
+            "selection": selections[0] if selections else None, "selections": selections, "add_seeds": plan,
             "mixed": {rows.groups[i].label: fields for i, fields in mixed.items()}}
