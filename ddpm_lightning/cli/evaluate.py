@@ -64,6 +64,11 @@ def _negative_log_likelihood(module, images: torch.Tensor, labels: torch.Tensor 
 def evaluate(cfg: DictConfig) -> dict:
     from .generation import keep_finished_shards
 
+    if cfg.get("ckpts"):  # a run's checkpoints in step order, one folder each, sharing the scorer
+        from .series import evaluate_series
+
+        return evaluate_series(cfg, lambda one, folder, reuse: keep_finished_shards(
+            folder, lambda: _evaluate(one, folder, reuse)))
     out_dir = Path(cfg.output_dir)
     return keep_finished_shards(out_dir, lambda: _evaluate(cfg, out_dir))
 
@@ -88,7 +93,11 @@ def plan_evaluation(cfg: DictConfig) -> EvalPlan:
     missing = missing_keys(cfg)  # also checked by a Hydra callback; here for evaluate() called directly
     if missing:
         raise ValueError(missing_keys_message(missing))
-    ckpt, samples, write_reference = cfg.get("ckpt"), cfg.get("samples"), cfg.get("write_reference")
+    if cfg.get("ckpts") and (cfg.get("ckpt") or cfg.get("samples")):
+        raise ValueError("ckpts= scores every checkpoint of a run: drop ckpt= and samples= (or drop ckpts=)")
+    if cfg.get("ckpt_step") is not None and not cfg.get("ckpts"):
+        raise ValueError("ckpt_step= picks one checkpoint of a series: give ckpts=<run folder> too")
+    ckpt, samples, write_reference = cfg.get("ckpt") or cfg.get("ckpts"), cfg.get("samples"), cfg.get("write_reference")
     if not ckpt and not samples and not write_reference:
         raise ValueError("give ckpt=<a ddpm-train checkpoint> or samples=<an .npz or image folder> to evaluate "
                          "(or write_reference=<path.npz> with data=<name>)")
@@ -108,9 +117,11 @@ def plan_evaluation(cfg: DictConfig) -> EvalPlan:
                     write_reference=str(write_reference) if write_reference else None)
 
 
-def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
-    """plan -> load -> reference -> generate (every process) -> score and NLL (rank 0) -> results.json."""
+def _evaluate(cfg: DictConfig, out_dir: Path, reuse: dict | None = None) -> dict:
+    """plan -> load -> reference -> generate (every process) -> score and NLL (rank 0) -> results.json. ``reuse``
+    (a checkpoint series): the data set and the scorer of the series' first checkpoint, kept for the others."""
     plan = plan_evaluation(cfg)
+    from ..modules.checkpoint import checkpoint_step
     from .generation import generate, resolve_device
     from .shards import Processes, launch
 
@@ -118,8 +129,12 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     procs = launch(int(cfg.get("devices", 1)), device) if cfg.ckpt else Processes(device=device)
     results: dict = {"ckpt": cfg.ckpt, "samples": cfg.samples, "reference": cfg.get("reference"), "metrics": {}}
     module, run = _load_model(cfg, plan, out_dir, procs, results) if cfg.ckpt else (None, None)
-    datamodule = _datamodule(cfg, plan, module)
-    scorer = _scorer(cfg, plan, datamodule, procs) if plan.needs_scorer else None  # every process: shared pass
+    if cfg.ckpt:
+        results["ckpt_step"] = checkpoint_step(cfg.ckpt)  # the training step: ddpm-report's x axis of a series
+    reuse = {} if reuse is None else reuse
+    datamodule = reuse["datamodule"] if "datamodule" in reuse else _datamodule(cfg, plan, module)
+    scorer = reuse.get("scorer") or (_scorer(cfg, plan, datamodule, procs) if plan.needs_scorer else None)
+    reuse.update(datamodule=datamodule, scorer=scorer)  # every process: shared pass
     if plan.write_reference:
         results["reference_written"] = str(_write_reference(cfg, datamodule, scorer))
     generated = generate(module, run, procs=procs, scorer=scorer if plan.sample_metrics else None) \

@@ -2,11 +2,10 @@
 
 Each job folder (one with a ``.hydra/`` folder) is one record: its overrides (``.hydra/overrides.yaml``), the
 ``summary.json`` that ``ddpm-train`` writes at the end (status, parameter count, fit time, final metrics), the
-end-of-training scores in ``metrics.json``, the ``results.json`` of a ``ddpm-eval`` job (its scores as ``eval/...``),
-the ``provenance`` these files record and, for failed runs, the message of ``summary.json`` / ``error.txt``. A job
-folder with none of these is still running, or ``incomplete`` when nothing in it has changed for ``stale_after_s``
-(killed, out of time). The jobs a sweep launches come from its ``multirun.yaml`` through ``sweeps.expand_sweep``
-(Hydra imported only then).
+end-of-training scores in ``metrics.json``, the ``results.json`` of a ``ddpm-eval`` job (its scores as ``eval/...``)
+and, for failed runs, the message of ``summary.json`` / ``error.txt``. A job folder with none of these is still
+running, or ``incomplete`` when nothing in it has changed for ``stale_after_s`` (killed, out of time). The jobs a
+sweep launches come from its ``multirun.yaml`` through ``sweeps.expand_sweep`` (Hydra imported only then).
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from ..artifacts import RESULTS_FILE as EVAL_RESULTS_FILE  # ddpm-eval
 STATUSES = ("completed", "failed", "running", "incomplete")
 # the sweeps that ``ddpm-report --add-seeds`` writes into a sweep folder: their jobs are rows of the same report
 ADDED_SEEDS_DIR = "added_seeds"
+SERIES_FILE = "series.json"  # ddpm-eval ckpts=<run>: one record per checkpoint (``read_series``)
 
 
 @dataclass
@@ -44,7 +44,6 @@ class RunRecord:
     train_seconds: float | None = None
     global_step: int | None = None
     kind: str = "train"  # train (ddpm-train) | eval (ddpm-eval): decides what `seed` is
-    provenance: dict[str, Any] | None = None  # what made its numbers (code, machine, precision); None before 2026-12
 
 
 def override_dict(overrides: Sequence[str]) -> dict[str, str]:
@@ -144,13 +143,27 @@ def read_run(folder: str | Path, stale_after_s: float = 3600.0, now: float | Non
             run.metrics["eval/sampling_seconds"] = float(eval_results["sampling_seconds"])
         if summary is None and error_text is None:
             run.status, run.message = "completed", None
-    for source in (eval_results, summary, end_scores):  # ddpm-eval's own first: it made the eval/ numbers
-        if isinstance((source or {}).get("provenance"), dict):
-            run.provenance = source["provenance"]
-            break
     if run.message:
         run.message = " ".join(str(run.message).split())  # one line
     return run
+
+
+def read_series(folder: Path, stale_after_s: float = 3600.0) -> list[RunRecord]:
+    """The records of a job folder: one per checkpoint of a ``ddpm-eval ckpts=`` series (``series.json``: its
+    ``step<N>/`` folders in step order, each with the job's overrides plus ``ckpt_step=N`` and ``global_step`` N),
+    else the folder's own ``read_run``."""
+    job = read_run(folder, stale_after_s)
+    series = _read_json(folder / SERIES_FILE)
+    if series is None:
+        return [job]
+    records = []
+    for item in series.get("checkpoints") or []:
+        run = read_run(folder / str(item["folder"]), stale_after_s)
+        run.job, run.kind, run.global_step = job.job, "eval", int(item["step"])
+        run.overrides = [*job.overrides, f"ckpt_step={item['step']}"]
+        run.provenance = run.provenance or job.provenance
+        records.append(run)
+    return records or [job]
 
 
 def find_job_folders(sweep_dir: str | Path) -> list[Path]:
@@ -183,7 +196,7 @@ def collect_runs(sweep_dir: str | Path, stale_after_s: float = 3600.0) -> list[R
     if not folders:
         raise FileNotFoundError(f"no job folders (with a .hydra/ folder) under {sweep_dir}; "
                                 "give the folder of a `ddpm-train -m` sweep (hydra.sweep.dir)")
-    runs = [read_run(folder, stale_after_s) for folder in folders]
+    runs = [run for folder in folders for run in read_series(folder, stale_after_s)]
     _fill_unset_overrides(runs)
     return sorted(runs, key=lambda r: (ADDED_SEEDS_DIR in r.folder.relative_to(sweep_dir).parts, r.job is None,
                                        r.job if r.job is not None else 0, str(r.folder)))
