@@ -2,10 +2,11 @@
 
 Each job folder (one with a ``.hydra/`` folder) is one record: its overrides (``.hydra/overrides.yaml``), the
 ``summary.json`` that ``ddpm-train`` writes at the end (status, parameter count, fit time, final metrics), the
-end-of-training scores in ``metrics.json``, the ``results.json`` of a ``ddpm-eval`` job (its scores as ``eval/...``)
-and, for failed runs, the message of ``summary.json`` / ``error.txt``. A job folder with none of these is still
-running, or ``incomplete`` when nothing in it has changed for ``stale_after_s`` (killed, out of time). The jobs a
-sweep launches come from its ``multirun.yaml`` through ``sweeps.expand_sweep`` (Hydra imported only then).
+end-of-training scores in ``metrics.json``, the ``results.json`` of a ``ddpm-eval`` job (its scores as ``eval/...``),
+the ``provenance`` these files record and, for failed runs, the message of ``summary.json`` / ``error.txt``. A job
+folder with none of these is still running, or ``incomplete`` when nothing in it has changed for ``stale_after_s``
+(killed, out of time). The jobs a sweep launches come from its ``multirun.yaml`` through ``sweeps.expand_sweep``
+(Hydra imported only then).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class RunRecord:
     train_seconds: float | None = None
     global_step: int | None = None
     kind: str = "train"  # train (ddpm-train) | eval (ddpm-eval): decides what `seed` is
+    provenance: dict[str, Any] | None = None  # what made its numbers (code, machine, precision); None before 2026-12
 
 
 def override_dict(overrides: Sequence[str]) -> dict[str, str]:
@@ -143,6 +145,10 @@ def read_run(folder: str | Path, stale_after_s: float = 3600.0, now: float | Non
             run.metrics["eval/sampling_seconds"] = float(eval_results["sampling_seconds"])
         if summary is None and error_text is None:
             run.status, run.message = "completed", None
+    for source in (eval_results, summary, end_scores):  # ddpm-eval's own first: it made the eval/ numbers
+        if isinstance((source or {}).get("provenance"), dict):
+            run.provenance = source["provenance"]
+            break
     if run.message:
         run.message = " ".join(str(run.message).split())  # one line
     return run
