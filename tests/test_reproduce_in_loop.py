@@ -60,7 +60,7 @@ def test_in_loop_scores_are_reproduced_by_the_written_command(tmp_path, case):
     assert set(in_loop) == {"fid@6", "kid_mean@6", "kid_std@6", "precision@6", "recall@6"}, in_loop
     for key, value in in_loop.items():
         assert offline[key] == pytest.approx(value, rel=1e-4, abs=1e-9), (key, value, offline[key])
-    print({key: (value, offline[key]) for key, value in in_loop.items()})
+    print(command, {key: (value, offline[key]) for key, value in in_loop.items()})
 
 
 def test_eval_command_pins_guidance_and_refuses_unknown_precision():
