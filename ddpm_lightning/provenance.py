@@ -60,10 +60,19 @@ def provenance(precision: Any = None, world_size: int | None = None, command: li
         "python": platform.python_version(), "torch": torch.__version__, "lightning": _version("lightning"),
         "hydra": _version("hydra-core"), "cuda": torch.version.cuda, "cudnn": cudnn,
         "cpu": cpu_model(), "cpu_bf16_fast": cpu_has_fast_bf16(), "gpu": gpu, "gpu_count": gpu_count,
-        "precision": None if precision is None else str(precision), "threads": torch.get_num_threads(),
+        "precision": normalized_precision(precision), "threads": torch.get_num_threads(),
         "world_size": int(world_size) if world_size is not None else 1,
         "command": command_line(command),
     }
+
+
+PRECISION_NAMES = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed", "64": "64-true"}  # Lightning's spelling
+
+
+def normalized_precision(precision: Any) -> str | None:
+    """Lightning's name of a precision (``ddpm-eval precision=bf16`` samples in ``bf16-mixed`` as training does), so
+    that training and evaluation records compare."""
+    return None if precision is None else PRECISION_NAMES.get(str(precision), str(precision))
 
 
 def command_line(argv: list[str] | None = None) -> str:

@@ -57,16 +57,22 @@ def _assert_one_run_with_steps_once(run_dir: Path, last_step: int, segments: int
 
 def test_a_resumed_run_logs_into_one_wandb_run_with_each_step_once(tmp_path):
     run_dir = tmp_path / "run"
-    train(compose_run([*RUN, "trainer.max_steps=2"], run_dir))
+    conditional = [*RUN, "model.class_cond=true"]  # digits: 10 classes named 0-9
+    train(compose_run([*conditional, "trainer.max_steps=2"], run_dir))
     first_id = _record(run_dir)["id"]
-    train(compose_run([*RUN, "trainer.max_steps=4", "resume=auto"], run_dir))
+    train(compose_run([*conditional, "trainer.max_steps=4", "resume=auto"], run_dir))
     assert _record(run_dir)["id"] == first_id
     runs = _assert_one_run_with_steps_once(run_dir, last_step=4)
     print("W&B run ids:", [f"{r.folder.name}: {r.run_id}" for r in runs])
-    # the grid image of each segment is in the run's media
-    for run in runs:
-        grids = [f for f in run.files if f.startswith("media/images/samples/grid")]
-        assert grids and all(run.media(f).is_file() for f in grids), run.files
+    # each segment's final grid is in the run's media with its caption, and one captioned panel per class
+    for run, step in zip(runs, (2, 4), strict=True):
+        (grid,) = [row for row in run.history if "samples/grid/filenames" in row]
+        assert grid["samples/grid/captions"] == [f"step {step}: ddim, 2 steps, eta 0, unguided"]
+        assert all(run.media(f).is_file() for f in grid["samples/grid/filenames"])
+        (panels,) = [row for row in run.history if "samples/classes/filenames" in row]
+        assert panels["samples/classes/captions"] == [f"{d} (class {d})" for d in range(10)]
+        assert len(panels["samples/classes/filenames"]) == 10
+        assert all(run.media(f).is_file() for f in panels["samples/classes/filenames"])
     # provenance: in the W&B config and in summary.json
     summary = json.loads((run_dir / "summary.json").read_text())
     for made_by in (runs[-1].config["provenance"], summary["provenance"]):
@@ -94,6 +100,50 @@ def test_a_requeued_run_continues_its_wandb_run(tmp_path):
                            timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     _assert_one_run_with_steps_once(run_dir, last_step=4)
+
+
+def _cli(tool: str, *args: str, out: Path) -> subprocess.Popen:
+    code = f"from ddpm_lightning.cli.{tool} import main; main()"
+    return subprocess.Popen([sys.executable, "-c", code, *args, f"hydra.run.dir={out}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=out.parent,
+                            env=subprocess_env(DDPM_CACHE_DIR=str(out.parent / "cache")))
+
+
+def test_evaluations_are_wandb_runs_in_the_training_runs_group_and_every_json_has_provenance(tmp_path):
+    """Two concurrent ``ddpm-eval ... logger=wandb`` of one checkpoint: two runs of job_type=eval in the training
+    run's group, each with the training run's id in its config, its eval/ metrics (history and summary) and its
+    captioned grid; the training run is left alone. summary.json, metrics.json, results.json and sample.json all
+    record the provenance."""
+    run_dir = tmp_path / "run"
+    train(compose_run([*RUN, "trainer.max_steps=2", "callbacks=metrics"], run_dir))
+    trained = _record(run_dir)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    args = [f"ckpt={ckpt}", "num_samples=8", "steps=2", "feature=tiny", "reference_n=40", "metrics=[fid]"]
+    jobs = {name: _cli("evaluate", *args, "logger=wandb", out=tmp_path / name) for name in ("eval_a", "eval_b")}
+    sampled = _cli("sample", f"ckpt={ckpt}", "num_samples=4", "steps=2", out=tmp_path / "sample")
+    for job in [*jobs.values(), sampled]:
+        _, err = job.communicate(timeout=600)  # a hang guard, not a timing assert
+        assert job.returncode == 0, err[-3000:]
+    ids = set()
+    for name in jobs:
+        (run,) = read_runs(tmp_path / name)
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        assert run.job_type == "eval" and run.group == trained["group"] and run.run_id == results["wandb"]["id"]
+        assert run.config["train_run_id"] == trained["id"] == results["wandb"]["train_run_id"]
+        (row,) = [r for r in run.history if "eval/fid@8" in r]
+        assert row["eval/fid@8"] == pytest.approx(results["metrics"]["fid@8"]) == run.summary["eval/fid@8"]
+        assert row["eval/grid/caption"] == "8 samples at step 2: ddim, 2 steps, eta 0, unguided"
+        assert run.media(row["eval/grid/path"]).is_file()
+        assert set(PROVENANCE_KEYS) <= set(run.config["provenance"])
+        ids.add(run.run_id)
+    assert len(ids) == 2 and trained["id"] not in ids  # one run per evaluation, none written into another's
+    assert [r.run_id for r in read_runs(run_dir)] == [trained["id"]]
+    outputs = [run_dir / "summary.json", run_dir / "metrics.json", tmp_path / "eval_a" / "results.json",
+               tmp_path / "sample" / "sample.json"]
+    for path in outputs:
+        made_by = json.loads(path.read_text())["provenance"]
+        assert set(PROVENANCE_KEYS) <= set(made_by), path
+        assert made_by["command"] and made_by["world_size"] == 1 and made_by["precision"] in ("32-true", "32")
 
 
 def test_a_sweep_report_is_a_wandb_run_in_the_sweeps_group(tmp_path, capsys):

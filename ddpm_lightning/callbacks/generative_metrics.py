@@ -27,6 +27,7 @@ from ..config.schema import GuidanceConfig, SampleConfig
 from ..metrics import GenerativeMetrics, make_generative_metrics, metric_name, to_uint8
 from ..metrics.scores import fid_infinity_min_samples
 from ..modules.guidance import guidance_config, load_guidance
+from ..provenance import provenance
 from ..sampling import Guidance, resolve_sampler
 from .reproduce import checkpoint_at_step, eval_command
 
@@ -176,6 +177,7 @@ class GenerativeMetricsCallback(pl.Callback):
         if trainer.is_global_zero:
             artifacts.write_json(Path(trainer.default_root_dir) / artifacts.METRICS_FILE,
                                  {"global_step": trainer.global_step, "num_samples": self.num_samples, **named,
+                                  "provenance": provenance(precision=trainer.precision, world_size=trainer.world_size),
                                   "ckpt": str(ckpt), "reproduce": self.reproduce_command(trainer, pl_module, ckpt)})
 
     def reproduce_command(self, trainer: pl.Trainer, module: pl.LightningModule, ckpt: Path) -> str | None:

@@ -21,6 +21,7 @@ from .deprecated import apply_to_command_line
 from .errors import run_cli
 from .required_keys import missing_keys, missing_keys_message
 from .validate import check_command_line
+from .wandb_eval import check_logger, log_evaluation
 
 if TYPE_CHECKING:  # torch, Lightning and the metrics are imported once the config is checked (a fast --help)
     import torch
@@ -67,10 +68,12 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.get("ckpts"):  # a run's checkpoints in step order, one folder each, sharing the scorer
         from .series import evaluate_series
 
-        return evaluate_series(cfg, lambda one, folder, reuse: keep_finished_shards(
+        record = evaluate_series(cfg, lambda one, folder, reuse: keep_finished_shards(
             folder, lambda: _evaluate(one, folder, reuse)))
+        return log_evaluation(cfg, Path(cfg.output_dir), record)  # logger=wandb: one eval run, a row per checkpoint
     out_dir = Path(cfg.output_dir)
-    return keep_finished_shards(out_dir, lambda: _evaluate(cfg, out_dir))
+    results = keep_finished_shards(out_dir, lambda: _evaluate(cfg, out_dir))
+    return log_evaluation(cfg, out_dir, results)  # logger=wandb: a job_type=eval run in the training run's group
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ def plan_evaluation(cfg: DictConfig) -> EvalPlan:
     missing = missing_keys(cfg)  # also checked by a Hydra callback; here for evaluate() called directly
     if missing:
         raise ValueError(missing_keys_message(missing))
+    check_logger(cfg)  # logger=wandb or none: another logger would be ignored
     if cfg.get("ckpts") and (cfg.get("ckpt") or cfg.get("samples")):
         raise ValueError("ckpts= scores every checkpoint of a run: drop ckpt= and samples= (or drop ckpts=)")
     if cfg.get("ckpt_step") is not None and not cfg.get("ckpts"):
@@ -122,12 +126,14 @@ def _evaluate(cfg: DictConfig, out_dir: Path, reuse: dict | None = None) -> dict
     (a checkpoint series): the data set and the scorer of the series' first checkpoint, kept for the others."""
     plan = plan_evaluation(cfg)
     from ..modules.checkpoint import checkpoint_step
+    from ..provenance import provenance
     from .generation import generate, resolve_device
     from .shards import Processes, launch
 
     device = resolve_device(cfg.device)
     procs = launch(int(cfg.get("devices", 1)), device) if cfg.ckpt else Processes(device=device)
     results: dict = {"ckpt": cfg.ckpt, "samples": cfg.samples, "reference": cfg.get("reference"), "metrics": {}}
+    results["provenance"] = provenance(precision=cfg.precision, world_size=procs.world_size)
     module, run = _load_model(cfg, plan, out_dir, procs, results) if cfg.ckpt else (None, None)
     if cfg.ckpt:
         results["ckpt_step"] = checkpoint_step(cfg.ckpt)  # the training step: ddpm-report's x axis of a series

@@ -28,6 +28,7 @@ def sample(cfg: DictConfig) -> dict:
 
 def _sample(cfg: DictConfig, out_dir: Path) -> dict:
     from ..artifacts import write_json
+    from ..provenance import provenance
     from .generation import generate, plan_generation, resolve_device
     from .shards import launch
 
@@ -40,6 +41,7 @@ def _sample(cfg: DictConfig, out_dir: Path) -> dict:
     result = {"ckpt": cfg.ckpt, "num_samples": run.num_samples, "sampling_seconds": gen["seconds"],
               "samples_per_second": gen["samples_per_second"], "guidance": dataclasses.asdict(run.guidance_config),
               "outputs": generated["outputs"], "sampling": generated["sampling"], "generation": gen}
+    result["provenance"] = provenance(precision=run.precision, world_size=procs.world_size)
     write_json(out_dir / "sample.json", result, default=str)
     print(f"samples: {result['outputs']['samples']}\ngrid: {result['outputs']['grid']}")
     return result

@@ -17,6 +17,7 @@ from ddpm_lightning.data.dataset import ImageSubset
 from ddpm_lightning.data.image_folder import ImageFolderSource, ImageMode, OnBadImage
 from ddpm_lightning.data.sampler import ResumableShuffleSampler
 from ddpm_lightning.data.sources import (
+    ANIMAL_MNIST_CLASSES,
     TORCHVISION_DATASETS,
     ImageSource,
     TorchvisionName,
@@ -138,6 +139,15 @@ class DiffusionDataModule(LightningDataModule):
     @property
     def num_classes(self) -> int | None:
         return self.source.num_classes
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """Each class's name where the data set names them (the source's ``class_names``: an image folder's
+        subfolders; animal_mnist's animals, digits' digits), else None: captions then say ``class k``."""
+        names = getattr(self.source, "class_names", None)
+        if names is None or self.num_classes is None or len(names) != self.num_classes:
+            return None
+        return tuple(str(name) for name in names)
 
     # -------------------------------------------------------------------------------------- the split
     def split_indices(self, split: Split) -> Tensor:
@@ -341,6 +351,11 @@ class AnimalMNISTDataModule(DiffusionDataModule):
     def load_source(self) -> ImageSource:
         return animal_mnist_source(self.image_size, self.fit)
 
+    @property
+    @override
+    def class_names(self) -> tuple[str, ...]:
+        return ANIMAL_MNIST_CLASSES
+
 
 class DigitsDataModule(DiffusionDataModule):
     """scikit-learn's 1,797 handwritten digits (8x8, 1 channel, 10 classes) resized to ``image_size``.
@@ -359,6 +374,11 @@ class DigitsDataModule(DiffusionDataModule):
     @override
     def load_source(self) -> ImageSource:
         return digits_source(self.image_size)
+
+    @property
+    @override
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(str(digit) for digit in range(10))
 
 
 class LFWDataModule(DiffusionDataModule):
