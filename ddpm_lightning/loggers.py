@@ -126,7 +126,7 @@ def wandb_run_mode(mode: str | None, save_dir: str | Path) -> str:
     be reached within ``WANDB_HOST_TIMEOUT_S`` or refuses the key: a run never waits for a network that is not
     there, and never fails later for a key that does not work."""
     resolved = resolve_wandb_mode(mode)
-    if resolved == "online":
+    if resolved == "online" and rank_zero_only.rank == 0:  # the other ranks never start a run: no probe
         problem = wandb_unreachable()
         if problem is None:
             refused = wandb_key_refused()
