@@ -254,3 +254,13 @@ def test_an_unwritable_wandb_folder_is_one_error_line_before_training(tmp_path, 
     assert len(errors) == 1 and re.match(r"error: logger\.wandb\.save_dir=.*/file\.txt/sub: cannot write W&B files "
                                          r"into .*\(Not a directory\); set logger\.wandb\.save_dir", errors[0]), errors
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_ddpm_eval_refuses_a_logger_it_would_ignore(tmp_path):
+    from ddpm_lightning.cli.wandb_eval import check_logger
+
+    assert check_logger(compose_run(["ckpt=x.ckpt", "logger=wandb"], tmp_path / "a", config_name="eval"))
+    assert not check_logger(compose_run(["ckpt=x.ckpt"], tmp_path / "b", config_name="eval"))
+    with pytest.raises(ValueError, match=r"^ddpm-eval logs to W&B only: logger=csv would be ignored; give "
+                                         r"logger=wandb or drop logger=$"):
+        check_logger(compose_run(["ckpt=x.ckpt", "logger=csv"], tmp_path / "c", config_name="eval"))
