@@ -92,7 +92,10 @@ def atomic_write_path(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """:func:`atomic_write` for writers that take a file name (``torch.save(obj, str(tmp))``, ``zipfile``):
     ``write(tmp)`` fills the temporary, which is then fsync'ed and renamed onto ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file where a folder of the path should be
+        raise NotADirectoryError(errno.ENOTDIR, "a file stands where its folder should be", str(path)) from None
     tmp = temporary_path(path)
     try:
         write(tmp)
@@ -106,6 +109,8 @@ def atomic_write_path(path: str | Path, write: Callable[[Path], Any]) -> Path:
         tmp.unlink(missing_ok=True)
         if no_space_error(error) is not None and not isinstance(error, NoSpaceLeft):
             raise NoSpaceLeft(path) from error
+        if isinstance(error, OSError) and error.filename == str(tmp):  # name the file asked for, not our temporary
+            raise type(error)(error.errno, error.strerror, str(path)) from error
         raise
     fsync_folder(path.parent)
     return path

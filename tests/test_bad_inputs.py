@@ -64,7 +64,7 @@ def _module_checkpoint(tmp: Path, name: str, overrides: list[str]) -> Path:
     module = build_module(cfg, instantiate(cfg.data))
     path = tmp / f"{name}.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 3,
-                "pytorch-lightning_version": "2.6.6"}, path)
+                "pytorch-lightning_version": "2.6.6", "run_config": module.run_config}, path)
     return path
 
 
@@ -76,6 +76,7 @@ class Case:
     overrides: list[str] = field(default_factory=list)
     setup: Callable[[Path], list[str]] | None = None  # makes files under tmp_path, returns more overrides
     output_dir: Callable[[Path], Path] | None = None  # where the run goes (default: tmp_path / "run")
+    env: dict[str, str] = field(default_factory=dict)  # environment of the run ("" unsets); HOME is tmp_path
 
 
 CASES = [
@@ -162,6 +163,16 @@ CASES = [
          [*DIGITS, "sample.steps=0"]),
     Case("grid_steps_negative", r"callbacks\.sample_grid\.steps=-2: a sampler needs at least 1 step",
          [*DIGITS, "callbacks.sample_grid.steps=-2"]),
+    # issue #34: an input another one would make the run ignore, more processes than cores
+    Case("resume_auto_and_ckpt_path_both_given",
+         r"resume=auto and ckpt_path=.*/other\.ckpt both given: resume=auto continues this run folder's newest "
+         r"checkpoint, ckpt_path= starts from the named file: give one$",
+         setup=lambda tmp: [*DIGITS, "resume=auto", f"ckpt_path={tmp / 'other.ckpt'}"]),
+    Case("more_training_processes_than_cores",
+         r"trainer\.devices=100000 starts more processes than can work: this machine has \d+ CPU core\(s\); give "
+         r"trainer\.devices=\d+$", [*DIGITS, "trainer.accelerator=cpu", "trainer.devices=100000"]),
+    Case("wandb_online_without_a_key", r"logger\.wandb\.mode=online but no W&B API key is configured",
+         [*DIGITS, "logger=wandb", "logger.wandb.mode=online"], env={"WANDB_API_KEY": "", "WANDB_MODE": ""}),
     Case("image_size_that_cannot_fit_in_memory",
          r"this run needs about [\d.]+ [GT]iB of memory for training activations \(data\.batch_size=8 x "
          r"data\.image_size=4096 x model\.model_channels=32\), [\d.]+ [MGT]iB is available: lower data\.batch_size",
@@ -181,8 +192,23 @@ def _tree_digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _environment(monkeypatch, tmp_path: Path, env: dict[str, str]) -> None:
+    """``env`` for an in-process run ("" unsets a variable); no W&B credentials or settings from this machine."""
+    if not env:
+        return
+    (tmp_path / "netrc").write_text("")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for key, value in env.items():
+        if value:
+            monkeypatch.setenv(key, value)
+        else:
+            monkeypatch.delenv(key, raising=False)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input_fails_in_one_clear_line(case, tmp_path, capsys):
+def test_bad_input_fails_in_one_clear_line(case, tmp_path, capsys, monkeypatch):
+    _environment(monkeypatch, tmp_path, case.env)
     overrides = [*BASE, *case.overrides, *(case.setup(tmp_path) if case.setup else [])]
     output_dir = case.output_dir(tmp_path) if case.output_dir else tmp_path / "run"
     before = _tree_digest(tmp_path)
@@ -203,7 +229,40 @@ def test_bad_input_fails_in_one_clear_line(case, tmp_path, capsys):
 
 
 def test_cases_cover_the_issue_list():
-    assert len(CASES) >= 36
+    assert len(CASES) >= 39
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# legitimate input the run handles: it completes, and says what it did in exactly one ``warning:`` line
+WARNING_CASES = [
+    Case("wandb_online_by_environment_without_reachability",
+         r"^warning: W&B 127\.0\.0\.1:\d+ unreachable: .*; logging offline to .*/wandb \(upload later: wandb sync ",
+         [*DIGITS, "logger=wandb", "trainer.max_steps=1"],
+         env={"WANDB_MODE": "online", "WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": "http://127.0.0.1:{port}"}),
+    Case("wandb_online_by_config_without_reachability",
+         r"^warning: W&B 127\.0\.0\.1:\d+ unreachable: .*; logging offline to ",
+         [*DIGITS, "logger=wandb", "logger.wandb.mode=online", "trainer.max_steps=1"],
+         env={"WANDB_MODE": "", "WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": "http://127.0.0.1:{port}"}),
+]
+
+
+@pytest.mark.parametrize("case", WARNING_CASES, ids=[c.name for c in WARNING_CASES])
+def test_legitimate_input_the_run_handles_is_said_in_one_warning_line(case, tmp_path, capsys, monkeypatch):
+    port = _closed_port()
+    _environment(monkeypatch, tmp_path, {k: v.format(port=port) for k, v in case.env.items()})
+    train(compose_run([*BASE, *case.overrides], tmp_path / "run"))
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and re.search(case.expected, warnings[0]), err[-2000:]
+    assert "Traceback" not in err and "CommError" not in err
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
 
 
 # ------------------------------------------------------------------------------------ converted, not fatal
@@ -333,12 +392,45 @@ GENERATION_CASES = [
     ("eval", ["ema_sigma_rel=long"], r"ema_sigma_rel must be a number in \(0, 0\.2887\] .*got 'long';"),
     ("sample", ["ckpt={tmp}/fake.ckpt", "guidance.classifier_ckpt={tmp}", "guidance.scale=1"],
      r"checkpoint .* is a folder; give the \.ckpt file inside it$"),
+    # issue #34: a missing ckpt, more processes than work or cores, an input another one would make ignored, a list
+    # key given a bare value, every choice key (here reference_split, above method/schedule/feature/precision)
+    ("sample", [], r"^error: ckpt is required: give ckpt=<a ddpm-train checkpoint, or ADM weights converted by "
+                   r"ddpm-convert-adm>$"),
+    ("eval", [], r"^error: give ckpt=<a ddpm-train checkpoint> or samples=<an \.npz or image folder> to evaluate"),
+    ("sample", ["ckpt={tmp}/fake.ckpt", "devices=64", "num_samples=4"],
+     r"^error: devices=64 starts more processes than can work: num_samples=4 makes 1 shard\(s\) of "
+     r"shard_size=1000; give devices=1 \(or a smaller shard_size\)$"),
+    ("eval", ["ckpt={tmp}/fake.ckpt", "devices=100000", "num_samples=100000", "shard_size=1", "device=cpu"],
+     r"^error: devices=100000 starts more processes than can work: this machine has \d+ CPU core\(s\); give "
+     r"devices=\d+$"),
+    ("eval", ["ckpt={tmp}/fake.ckpt", "samples={tmp}/whole.npz"],
+     r"^error: samples=.*/whole\.npz and ckpt=.*/fake\.ckpt both given: ckpt= scores new samples of the "
+     r"checkpoint, samples= scores existing ones: give one$"),
+    ("eval", ["samples={tmp}/whole.npz", "data=digits", "steps=10"],
+     r"^error: steps=10 acts on sampling, but samples= scores existing samples \(nothing is sampled\): drop steps, "
+     r"or give ckpt= instead of samples=$"),
+    ("eval", ["samples={tmp}/whole.npz", "data=digits", "reference={tmp}/ref.npz", "write_reference={tmp}/out.npz"],
+     r"^error: reference=.*/ref\.npz and write_reference=.*/out\.npz both given: write_reference= writes the "
+     r"data set's own reference batch instead of scoring against reference=: give one$"),
+    ("eval", ["ckpt={tmp}/fake.ckpt", "metrics=fid"], r"^error: metrics=fid: metrics is a list; give metrics=\[fid\]$"),
+    ("eval", ["ckpt={tmp}/fake.ckpt", "reference_split=tran"],
+     r"^error: reference_split='tran'; allowed: train, val \(did you mean train\?\)$"),
+    # a reference batch whose statistics hold NaN (every FID against it: nan), an output named by its key
+    ("eval", ["ckpt={tmp}/fake.ckpt", "reference={tmp}/nan.npz"],
+     r"^error: reference=.*/nan\.npz: sigma holds 1 non-finite value\(s\) \(NaN or inf\), so every score against it "
+     r"would be nan; use another reference batch, or write one from the data set \(ddpm-eval data=<name> "
+     r"write_reference=<path\.npz>\)$"),
+    ("eval", ["data=digits", "write_reference={tmp}/file.txt/ref.npz"],
+     r"^error: cannot write the write_reference folder .*/file\.txt: .*/file\.txt is a file; set write_reference to "
+     r"a writable folder$"),
 ]
 
 
 @pytest.mark.parametrize("command,overrides,expected", GENERATION_CASES,
-                         ids=[f"{c}-{o[0].split('=')[0]}-{i}" for i, (c, o, _) in enumerate(GENERATION_CASES)])
+                         ids=[f"{c}-{(o or ['none'])[0].split('=')[0]}-{i}"
+                              for i, (c, o, _) in enumerate(GENERATION_CASES)])
 def test_sample_and_eval_inputs_fail_in_one_line_before_any_work(command, overrides, expected, tmp_path, capsys):
+    from ddpm_lightning.cli.evaluate import CheckPlan
     from ddpm_lightning.cli.validate import CheckConfig
 
     np.save(tmp_path / "s.npy", np.zeros((2, 8, 8, 1), np.uint8))
@@ -348,9 +440,12 @@ def test_sample_and_eval_inputs_fail_in_one_line_before_any_work(command, overri
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "fake.ckpt").write_bytes(b"PK\x03\x04")  # looks like torch's zip to the checks before torch
     (tmp_path / "empty" / "notes").mkdir(parents=True)
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(4), sigma=np.eye(4))
+    np.savez(tmp_path / "nan.npz", mu=np.zeros(4), sigma=np.diag([1.0, np.nan, 1.0, 1.0]))
     cfg = compose_run([o.format(tmp=tmp_path) for o in overrides], tmp_path / "run", config_name=command)
-    with pytest.raises(SystemExit) as exit_info:
-        CheckConfig().on_run_start(cfg, config_name=command)
+    with pytest.raises(SystemExit) as exit_info:  # the Hydra callbacks of conf/<command>.yaml, in its order
+        for callback in (CheckConfig(), *([CheckPlan()] if command == "eval" else [])):
+            callback.on_run_start(cfg, config_name=command)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and re.search(expected, err[0]), err
@@ -395,6 +490,108 @@ def test_a_classifier_no_sweep_job_guides_with_is_refused_before_any_job(command
                    f"guidance.scale=0,1,2), or drop guidance.classifier_ckpt; no job was started"]
 
 
+def _labelled_samples(tmp: Path) -> Path:
+    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 1), dtype=np.uint8)
+    np.savez(tmp / "samples.npz", images, np.asarray([0, 1, 2, 3, 12, 5], dtype=np.int64))
+    return tmp / "samples.npz"
+
+
+# (command, overrides with {ckpt}/{tmp}, expected): checks that need the model or the data set, made after loading
+# them and before any sampling or scoring
+WORK_CASES = [
+    ("sample", ["ckpt={ckpt}", "y=12", "num_samples=2"],
+     r"^error: y=12 is out of range: the model knows classes 0\.\.9; give y=0\.\.9, random or balanced$"),
+    ("eval", ["samples={samples}", *DIGITS, "metrics=[fid]", "feature=tiny", "reference_n=24"],
+     r"^error: samples=.*/samples\.npz arr_1: label 12 is out of range \[0, 10\) \(labels span 0\.\.12\); they are not "
+     r"labels of digits: score against the data set the samples were drawn for \(data=<name>\)$"),
+]
+
+
+@pytest.mark.parametrize("command,overrides,expected", WORK_CASES, ids=[f"{c}-{i}" for i, (c, _, _) in
+                                                                           enumerate(WORK_CASES)])
+def test_inputs_outside_the_models_or_data_sets_range_fail_in_one_line(command, overrides, expected, tmp_path,
+                                                                       capsys):
+    from ddpm_lightning.cli.evaluate import evaluate
+    from ddpm_lightning.cli.sample import sample
+
+    ckpt = _module_checkpoint(tmp_path, "cond", [*DIGITS, "model.class_cond=true"])
+    values = {"ckpt": ckpt, "tmp": tmp_path, "samples": _labelled_samples(tmp_path)}
+    cfg = compose_run([o.format(**values) for o in overrides], tmp_path / "run",
+                      config_name="sample" if command == "sample" else "eval")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(sample if command == "sample" else evaluate, cfg)
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("[rank ")]
+    assert len(err) == 1 and re.search(expected, err[0]), err
+    assert not (tmp_path / "run" / "results.json").exists() and not (tmp_path / "run" / "samples.npz").exists()
+
+
+def test_scoring_against_another_data_set_is_said_in_one_warning_line(tmp_path, capsys):
+    """Legitimate (a cross-data-set FID), so it runs, but never without a word."""
+    from ddpm_lightning.cli.evaluate import evaluate
+
+    ckpt = _module_checkpoint(tmp_path, "digits", [*DIGITS, "model.class_cond=true"])
+    cfg = compose_run([f"ckpt={ckpt}", "data=animal_mnist", "data.image_size=16", "data.fit=resize", "num_samples=2",
+                       "steps=2", "metrics=[fid]", "feature=tiny", "reference_n=24", "device=cpu",
+                       f"cache_dir={tmp_path / 'cache'}"], tmp_path / "run", config_name="eval")
+    results = evaluate(cfg)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: scoring against another data set than the checkpoint was trained on "
+                        "(data._target_='ddpm_lightning.data.AnimalMNISTDataModule' here, "
+                        "'ddpm_lightning.data.DigitsDataModule' in the checkpoint); drop data= to score against its "
+                        "own"]
+    assert "fid@2" in results["metrics"]
+
+
+def test_a_failed_write_names_the_file_asked_for_never_its_temporary(tmp_path, monkeypatch):
+    from ddpm_lightning import artifacts
+
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(NotADirectoryError) as error:  # a file where the output's folder should be
+        artifacts.write_json(tmp_path / "file.txt" / "results.json", {})
+    assert error.value.filename == str(tmp_path / "file.txt" / "results.json")
+
+    def refused(path, mode="r", *args, **kwargs):  # a folder that refuses writes (root ignores chmod)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(artifacts, "open", refused, raising=False)
+    with pytest.raises(PermissionError) as error:
+        artifacts.write_json(tmp_path / "results.json", {})
+    assert error.value.filename == str(tmp_path / "results.json") and ".tmp" not in str(error.value)
+
+
+def test_ctrl_c_while_waiting_for_the_wandb_host_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the W&B connection check (online asked for, the host silent): the run stops at once in one
+    line, nothing of W&B started (the check is a daemon thread the interpreter does not wait for)."""
+    from ddpm_lightning import loggers
+
+    def pressed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    _environment(monkeypatch, tmp_path, {"WANDB_MODE": "online", "WANDB_API_KEY": "k" * 40})
+    monkeypatch.setattr(loggers, "wandb_unreachable", pressed)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train, compose_run([*BASE, *DIGITS, "logger=wandb"], tmp_path / "run"))
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: interrupted (Ctrl-C); resume=auto continues a training run from its last checkpoint"]
+    assert not (tmp_path / "run" / "wandb").exists() or not list((tmp_path / "run" / "wandb").glob("*run-*"))
+
+
+def test_ctrl_c_advice_names_only_options_of_the_command(tmp_path, capsys):
+    """``resume=auto`` is a ddpm-train option: a ddpm-eval / ddpm-posthoc-ema Ctrl-C does not advise it."""
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    for config, advice in (("eval", ""), ("train", "; resume=auto continues a training run from its last "
+                                                    "checkpoint")):
+        cfg = compose_run(["ckpt=x.ckpt"] if config == "eval" else TINY, tmp_path / config, config_name=config)
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(interrupted, cfg)
+        assert exit_info.value.code == 130
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: interrupted (Ctrl-C){advice}"]
+
+
 def test_eta_for_a_checkpoint_whose_own_sampler_is_not_ddim_is_refused_not_ignored(tmp_path):
     from ddpm_lightning.cli.generation import SAMPLER_OVERRIDES, command_sampler
     from ddpm_lightning.config.schema import SampleConfig
@@ -416,6 +613,48 @@ def test_report_refuses_a_stale_time_that_is_not_positive(capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         "ddpm-report: error: --stale-after must be > 0 minutes, got -5"
+
+
+def _report_job(folder: Path, overrides: list[str], command: str = "train", task: str = "ablate_arch") -> None:
+    """A finished job folder as ddpm-train / ddpm-eval leave it (what ddpm-report reads)."""
+    import json
+
+    import yaml
+
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"task_name": task}))
+    (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"num": 0,
+                                                                                     "config_name": command}}}))
+    name = "results.json" if command == "eval" else "summary.json"
+    (folder / name).write_text(json.dumps({"status": "completed", "metrics": {"val/fid@200": 30.0}}))
+
+
+# folders that are not the jobs of one sweep: refused in one line, not averaged into one table
+REPORT_CASES = [
+    ("the_same_job_twice", lambda root: [_report_job(root / f"2026-12-0{d}" / "0", ["model=adm", "seed=0"])
+                                         for d in (1, 2)],
+     r"^error: .* holds the jobs of more than one sweep: .*2026-12-01/0 and .*2026-12-02/0 ran the same job "
+     r"\(model=adm seed=0\), whose seeds would count twice; report each sweep folder on its own"),
+    ("two_commands", lambda root: [_report_job(root / "a", ["seed=0"]), _report_job(root / "b", ["seed=1"], "eval")],
+     r"^error: .* holds the jobs of more than one sweep: two commands, ddpm-train \(.*/a\) and ddpm-eval \(.*/b\)"),
+    ("two_tasks", lambda root: [_report_job(root / "a", ["seed=0"]), _report_job(root / "b", ["seed=1"],
+                                                                                 task="ablate_loss")],
+     r"^error: .* holds the jobs of more than one sweep: two tasks, ablate_arch \(.*/a\) and ablate_loss "),
+]
+
+
+@pytest.mark.parametrize("name,make,expected", REPORT_CASES, ids=[c[0] for c in REPORT_CASES])
+def test_a_report_over_folders_that_are_not_one_sweep_is_refused(name, make, expected, tmp_path, capsys):
+    from ddpm_lightning.cli.report import main
+
+    make(tmp_path / "multirun")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "multirun"), "--no-plot"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(expected, err[0]), err
+    assert not (tmp_path / "multirun" / "report.md").exists()
 
 
 def test_a_class_index_for_an_unconditional_model_is_refused_not_ignored(tmp_path):
@@ -464,6 +703,14 @@ def test_a_class_index_for_an_unconditional_model_is_refused_not_ignored(tmp_pat
     ("cli.evaluate", ["-m", "ckpt={tmp}/fake.ckpt", "ema_sigma_rel=0.1,0.3"],
      r"^error: sweep job 1 \(ema_sigma_rel=0\.3\): ema_sigma_rel must be a number in \(0, 0\.2887\].*; no job "
      r"was started$"),
+    # issue #34: a list key given a bare value, whatever the key (a string would be read letter by letter)
+    ("train", ["callbacks=metrics", "callbacks.generative_metrics.metrics=fid"],
+     r"^error: callbacks\.generative_metrics\.metrics=fid: callbacks\.generative_metrics\.metrics is a list; give "
+     r"callbacks\.generative_metrics\.metrics=\[fid\]$"),
+    ("cli.evaluate", ["ckpt=x.ckpt", "metrics=fid"], r"^error: metrics=fid: metrics is a list; give metrics=\[fid\]$"),
+    ("cli.posthoc_ema", ["ckpt=x.ckpt", "sigma_rels=0.1"],
+     r"^error: sigma_rels=0\.1: sigma_rels is a list; give sigma_rels=\[0\.1\]$"),
+    ("cli.sample", [], r"^error: ckpt is required: give ckpt=<a ddpm-train checkpoint"),
     ("cli.sample", ["ckpt=x.ckpt", "hydra.run.dir={tmp}/file.txt/out"],
      r"^error: cannot create the run folder .*/file\.txt/out \(Not a directory\); set hydra\.run\.dir"),
 ])
@@ -513,6 +760,38 @@ def test_help_and_config_errors_import_neither_torch_nor_lightning(module, argv,
         result.stdout[-1000:] + result.stderr[-2000:]
     if expected_code:
         assert "error:" in result.stderr.strip().splitlines()[-1]
+
+
+def _choice_key_cases() -> list[tuple[str, list[str]]]:
+    """Every choice-valued key of every command (``config/choices.py``) set to a value no list holds, and a
+    missing ``ckpt``: (console module, argv)."""
+    from omegaconf import OmegaConf
+
+    from ddpm_lightning.config import choices
+
+    sample_keys = set(OmegaConf.load(Path(CONFIG_DIR) / "sample.yaml"))
+    return ([("train", [f"{key}=zzz"]) for key in choices.CHOICE_KEYS]
+            + [("sample" if key in sample_keys else "evaluate", ["ckpt=x.ckpt", f"{key}=zzz"])
+               for key in choices.GENERATION_CHOICE_KEYS]
+            + [("sample", []), ("evaluate", [])])
+
+
+@pytest.mark.parametrize("module,argv", _choice_key_cases(), ids=lambda v: v if isinstance(v, str) else "-".join(v))
+def test_every_choice_key_and_a_missing_ckpt_fail_before_torch_is_imported(module, argv, tmp_path):
+    """The console entry point, in a fresh interpreter: one ``error:`` line naming the key, exit 2, and neither
+    torch nor Lightning in ``sys.modules`` afterwards (so no Lightning banner line either)."""
+    code = (f"import importlib, sys; sys.argv = ['ddpm', *{argv!r}, 'hydra.run.dir={tmp_path / 'run'}']\n"
+            f"try:\n    importlib.import_module('ddpm_lightning.cli.{module}').main()\n"
+            "except SystemExit as exit:\n    code = exit.code\nelse:\n    code = 0\n"
+            "heavy = sorted(m for m in ('torch', 'lightning', 'wandb') if m in sys.modules)\n"
+            "print(f'\\nexit={code} heavy={heavy}')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path, env=subprocess_env())
+    assert result.stdout.strip().splitlines()[-1] == "exit=2 heavy=[]", result.stdout[-1000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    key = argv[-1].split("=")[0] if argv else "ckpt"
+    assert re.search(rf"\b{re.escape(key.split('.')[-1])}\b|zzz", lines[0]), lines[0]
 
 
 def test_ctrl_c_during_training_is_one_line_and_exit_130(tmp_path, capsys):

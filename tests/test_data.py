@@ -155,7 +155,7 @@ def test_too_small_training_split():
 
 
 def test_fit_pad_refuses_larger_images():
-    with pytest.raises(ValueError, match="use fit='resize'"):
+    with pytest.raises(ValueError, match="use data.fit=resize"):
         fit_images(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), 4, "pad")
 
 

@@ -318,6 +318,46 @@ def test_resuming_with_another_data_set_or_network_lists_the_differences(tmp_pat
         json.loads((tmp_path / "fourth" / "summary.json").read_text())["status"] == "failed"
 
 
+def test_a_changed_optimiser_on_resume_is_applied_said_once_and_followed_by_the_logged_lr(tmp_path, caplog):
+    """modules.checkpoint.RESUME_APPLIED: optim.lr (and the other optimiser settings) changed on resume apply from
+    the resume step on; the logged LR, the optimiser state and the checkpoint's run config follow the new value."""
+    run_dir = tmp_path / "run"
+    run = [*TINY, "optim.warmup_steps=0", "trainer.val_check_interval=2"]  # constant LR: what is logged is the LR
+    train(compose_run([*run, "optim.lr=2e-4", "optim.weight_decay=0.0"], run_dir))
+    caplog.set_level(logging.INFO)
+    train(compose_run([*run, "optim.lr=1e-3", "optim.weight_decay=0.01", "trainer.max_steps=7", "resume=auto"],
+                      run_dir))
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resume: step")]
+    assert said == ["resume: step 4 continues with the changed optim.lr: 0.0002 -> 0.001; optim.weight_decay: "
+                    "0.0 -> 0.01"]
+    logged = {}
+    for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
+        with open(path) as handle:
+            logged |= {int(r["step"]): float(r["lr-AdamW"]) for r in csv.DictReader(handle) if r.get("lr-AdamW")}
+    assert {step: lr for step, lr in logged.items()} == {0: 2e-4, 1: 2e-4, 2: 2e-4, 3: 2e-4,
+                                                          4: pytest.approx(1e-3), 5: pytest.approx(1e-3),
+                                                          6: pytest.approx(1e-3)}
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    group = last["optimizer_states"][0]["param_groups"][0]
+    assert group["lr"] == pytest.approx(1e-3) and group["weight_decay"] == 0.01
+    assert last["run_config"]["optim"]["lr"] == 1e-3  # a later resume compares against what this run trained with
+
+
+def test_a_changed_batch_seed_or_timestep_sampler_on_resume_is_refused_listing_them(tmp_path, capsys):
+    """modules.checkpoint.RESUME_REFUSED: what the step counts, the data position or the restored random state
+    depend on is refused like a changed network, every difference listed."""
+    train(compose_run(TINY, tmp_path / "first"))
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    changed = [*[o for o in TINY if not o.startswith("data.batch_size")], "data.batch_size=4", "seed=1",
+               "train.timestep_sampler=loss-second-moment", "trainer.max_steps=6", f"ckpt_path={last}"]
+    with pytest.raises(SystemExit):
+        run_cli(train, compose_run(changed, tmp_path / "second"))
+    assert _one_error_line(capsys) == (
+        f"error: checkpoint {last} was trained with other settings: data.batch_size=8 in the checkpoint, 4 now; "
+        f"train.timestep_sampler='uniform' in the checkpoint, 'loss-second-moment' now; seed=0 in the checkpoint, "
+        f"1 now; resume with the checkpoint's settings, or start a new run folder without ckpt_path")
+
+
 # ------------------------------------------------------------------------------------------------ full disk
 def test_a_full_disk_keeps_the_previous_file_and_says_so_in_one_line(tmp_path, monkeypatch, capsys):
     import errno

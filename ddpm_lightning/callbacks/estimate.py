@@ -1,9 +1,11 @@
 """Say before (and as soon as it can) how long training will take: a fast, talkative start.
 
 At the start of training one line gives the work (optimizer steps left x batch size x gradient accumulation,
-and ``trainer.max_time``); once ``measure_steps`` optimizer steps after the first (which carries the warm-up)
-have run, one ``estimated time:`` line extrapolates them to the steps left, and says when ``trainer.max_time``
-will stop the run first. Validation, sample grids, in-loop scoring and checkpoints are not in the estimate.
+``trainer.max_time``, and the scores the run will compute with their time); once ``measure_steps`` optimizer steps
+after the first (which carries the warm-up) have run, one ``estimated time:`` line extrapolates them to the steps
+left, says when ``trainer.max_time`` will stop the run first, and adds the scores: every callback with a
+``scoring_estimate(trainer) -> (seconds, what) | None`` (``GenerativeMetricsCallback``: FID@n in the loop and at
+the end, timed on a few samples when fitting starts). Validation, sample grids and checkpoints are not in it.
 """
 
 from __future__ import annotations
@@ -56,10 +58,22 @@ class TrainingEstimate(pl.Callback):
         max_time = self._max_time(trainer)
         if max_time is not None:
             work += f"; trainer.max_time stops it after {max_time[0] / 60:.1f} min ({max_time[1] / 60:.1f} left)"
+        scoring = self._scoring(trainer)
+        if scoring is not None:
+            work += f"; then scoring: {scoring[1]}, ~{scoring[0] / 60:.1f} min"
         after = self.measure_steps + 1
         if not math.isinf(total):
             after = min(after, int(total) - trainer.global_step)
         rank_zero_info(work + f"; the time estimate follows after {after} step{'' if after == 1 else 's'}")
+
+    @staticmethod
+    def _scoring(trainer: pl.Trainer) -> tuple[float, str] | None:
+        """(seconds, what) of the scores the callbacks will compute, or None."""
+        found = [estimate for c in trainer.callbacks if callable(getattr(c, "scoring_estimate", None))
+                 if (estimate := c.scoring_estimate(trainer)) is not None]
+        if not found:
+            return None
+        return sum(seconds for seconds, _ in found), "; ".join(what for _, what in found)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -84,11 +98,20 @@ class TrainingEstimate(pl.Callback):
             rank_zero_info(f"estimated time: {per_step:.2f} s per optimizer step (the number of steps is unknown)")
             return
         estimate = per_step * (total - self._start_step)
-        line = (f"estimated time: ~{estimate / 60:.1f} min for {int(total - self._start_step)} optimizer steps "
-                f"({per_step:.2f} s/step over steps {self._first[0]}-{step}; validation, sampling and checkpoints "
-                f"add to it)")
+        scoring = self._scoring(trainer)
         max_time = self._max_time(trainer)
-        if max_time is not None and per_step * left > max_time[1]:
+        stopped = max_time is not None and per_step * left > max_time[1]
+        if scoring is None:
+            line = (f"estimated time: ~{estimate / 60:.1f} min for {int(total - self._start_step)} optimizer steps "
+                    f"({per_step:.2f} s/step over steps {self._first[0]}-{step}; validation, sampling and "
+                    f"checkpoints add to it)")
+        else:
+            training = min(estimate, (step - self._start_step) * per_step + max_time[1]) if stopped else estimate
+            line = (f"estimated time: ~{(training + scoring[0]) / 60:.1f} min: {int(total - self._start_step)} "
+                    f"optimizer steps ~{training / 60:.1f} min ({per_step:.2f} s/step over steps {self._first[0]}-"
+                    f"{step}) + scoring ~{scoring[0] / 60:.1f} min ({scoring[1]}); validation, sample grids and "
+                    f"checkpoints add to it")
+        if stopped:
             line += f"; trainer.max_time ({max_time[0] / 60:.1f} min) stops it first, at about step " \
                     f"{int(step + max_time[1] / per_step)}"
         rank_zero_info(line)

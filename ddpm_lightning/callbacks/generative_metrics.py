@@ -25,6 +25,7 @@ from .. import artifacts
 from ..config.choices import POOL_DIMS
 from ..config.schema import GuidanceConfig, SampleConfig
 from ..metrics import GenerativeMetrics, make_generative_metrics, metric_name, to_uint8
+from ..metrics.progress import ProgressLines
 from ..metrics.scores import fid_infinity_min_samples
 from ..modules.guidance import guidance_config, load_guidance
 from ..provenance import provenance
@@ -85,6 +86,7 @@ class GenerativeMetricsCallback(pl.Callback):
         self._guidance: Guidance | None = None  # loaded once, when training starts
         self._scorer: GenerativeMetrics | None = None
         self._val_count = 0
+        self._seconds_per_sample: float | None = None  # timed at fit start (scoring_estimate)
         self.last_results: dict[str, float] = {}
 
     def _prepare(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -104,9 +106,56 @@ class GenerativeMetricsCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Reference statistics and the clean classifier before training, on every rank at once (the ranks share
         the reference feature pass; rank 0 trains the clean classifier, the others read its cache): bad
-        settings fail early."""
+        settings fail early. Then one network call and one feature pass on a few samples are timed, so the
+        training's time estimate covers the scores (``scoring_estimate``)."""
         with _global_rng_untouched():  # a resumed run's restored random state stays as saved
             self._prepare(trainer, pl_module)
+            if self.every_n_val_epochs or self.at_train_end:
+                self._seconds_per_sample = self._time_one_sample(trainer, pl_module)
+
+    def _time_one_sample(self, trainer: pl.Trainer, module: pl.LightningModule) -> float | None:
+        """Seconds per sample of scoring (every network call of the sampler + the features), timed on a batch of
+        up to 8 after a one-sample warm-up; None where the module cannot say its network calls."""
+        if not callable(getattr(module, "sampling_process", None)):
+            return None
+        calls = int(module.sampling_process(self.settings).num_timesteps)
+        probe = dataclasses.replace(self.settings, method="ddim", steps=2, eta=0.0, schedule="adm")
+        calls_timed = int(module.sampling_process(probe).num_timesteps)  # the fewest a respaced process keeps
+        n = min(self.settings.batch_size, 8)
+        timings = []
+        for size in (1, n):  # the first: warm-up (lazy initialisation, kernel selection), not counted
+            start = time.perf_counter()
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                images, _ = module.sample(size, probe, guidance=self._guidance, y="random", seed=self.seed,
+                                          first_index=0)
+            sampled = time.perf_counter()
+            self._scorer.outputs(to_uint8(images))
+            timings.append(((sampled - start) / calls_timed * calls + time.perf_counter() - sampled) / size)
+        return timings[-1]
+
+    def scoring_estimate(self, trainer: pl.Trainer) -> tuple[float, str] | None:
+        """(seconds, what) of the scores this run will still compute: in-loop scores at the validations left
+        (``trainer.max_steps`` / ``val_check_interval``) and the final one; None when not timed."""
+        per_sample = getattr(self, "_seconds_per_sample", None)
+        if per_sample is None:
+            return None
+        scores = []
+        interval, total = trainer.val_check_interval, trainer.max_steps
+        if self.every_n_val_epochs and isinstance(interval, int) and interval > 0 and total and total > 0 \
+                and trainer.check_val_every_n_epoch is None:
+            validations = total // interval - trainer.global_step // interval
+            in_loop = sum(1 for k in range(1, validations + 1) if (self._val_count + k) % self.every_n_val_epochs == 0)
+            if in_loop:
+                scores.append((in_loop, self.in_loop_num_samples, "in the loop"))
+        if self.at_train_end:
+            scores.append((1, self.num_samples, "at the end"))
+        if not scores:
+            return None
+        samples = sum(count * n for count, n, _ in scores)
+        name = self.metric_kwargs["metrics"][0] if self.metric_kwargs["metrics"] else "score"
+        what = " and ".join(f"{count} x {name.upper()}@{n} {where}" if count > 1 else f"{name.upper()}@{n} {where}"
+                            for count, n, where in scores)
+        return per_sample * samples / max(trainer.world_size, 1), f"{what}: {samples} samples"
 
     def _scores(self, trainer: pl.Trainer, module: pl.LightningModule, num_samples: int) -> dict[str, float] | None:
         """Every rank samples and featurises its own index range (per-sample seeds: the same images as one
@@ -119,12 +168,18 @@ class GenerativeMetricsCallback(pl.Callback):
         first, last = min(rank * per_rank, num_samples), min((rank + 1) * per_rank, num_samples)
         parts = []
         batch = self.settings.batch_size
+        name = ", ".join(self.metric_kwargs["metrics"])
+        what = f"scoring {name} @{num_samples}" + (f" (rank 0 of {world})" if world > 1 else "")
+        rank_zero_info(f"{what}: sampling {last - first} images in batches of <= {batch}, each with its features; "
+                       f"the estimate follows the first batch")
+        progress = ProgressLines(last - first, what, rank_zero_info)
         for index in range(first, last, batch):
             n = min(batch, last - index)
             with trainer.precision_plugin.forward_context():  # training precision (bf16: 1.8x, same FID)
                 images, _ = module.sample(n, self.settings, guidance=self._guidance, y=y, seed=self.seed,
                                           first_index=index)
             parts.append(self._scorer.outputs(to_uint8(images)))
+            progress.update(n)
         sampled = time.perf_counter()
         if world > 1:
             gathered: list[Any] = [None] * world

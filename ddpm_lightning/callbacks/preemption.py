@@ -230,7 +230,7 @@ class Preemption(pl.Callback):
         folder = getattr(callback, "dirpath", None)
         if not folder:
             return  # checkpointing is off (callbacks without ModelCheckpoint): nothing to save to
-        trainer.save_checkpoint(str(Path(folder) / LAST_NAME))
+        trainer.save_checkpoint(str(Path(folder) / LAST_NAME), weights_only=False)  # whole: it resumes exactly
 
 
 def _log_this_step(trainer: pl.Trainer) -> None:

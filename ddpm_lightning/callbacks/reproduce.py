@@ -47,7 +47,7 @@ def checkpoint_at_step(trainer: pl.Trainer) -> Path:
         folder = next((Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)),
                       Path(trainer.default_root_dir) / "checkpoints")
         path = str(folder / f"scored-step{trainer.global_step:07d}.ckpt")
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # a whole training checkpoint (said, not logged)
     return Path(path).resolve()
 
 

@@ -111,8 +111,9 @@ def run_cli(fn: Callable[..., Any], *args, **kwargs) -> Any:
         if show_traceback():
             raise
         record_failure("interrupted (Ctrl-C)", "interrupted")
-        print("error: interrupted (Ctrl-C); resume=auto continues a training run from its last checkpoint",
-              file=sys.stderr)
+        training = HydraConfig.initialized() and HydraConfig.get().job.config_name == "train"
+        print("error: interrupted (Ctrl-C)" + ("; resume=auto continues a training run from its last checkpoint"
+                                                if training else ""), file=sys.stderr)  # advice only where it applies
         sys.exit(130)
     except Exception as error:
         diverged = _is_diverged(error)

@@ -9,18 +9,20 @@ OpenAI's statistics; ``write_reference=<path.npz>`` writes the data set's own ba
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import hydra
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from ..config import CONFIG_PATH
 from .deprecated import apply_to_command_line
 from .errors import run_cli
 from .required_keys import missing_keys, missing_keys_message
-from .validate import check_command_line
+from .validate import check_command_line, check_ignored_inputs
 from .wandb_eval import check_logger, log_evaluation
 
 if TYPE_CHECKING:  # torch, Lightning and the metrics are imported once the config is checked (a fast --help)
@@ -41,11 +43,15 @@ def negative_log_likelihood(module, images: torch.Tensor, labels: torch.Tensor |
 def _negative_log_likelihood(module, images: torch.Tensor, labels: torch.Tensor | None,
                              batch_size: int) -> dict[str, float]:
     import torch
+    from lightning.pytorch.utilities import rank_zero_info
 
     from ..diffusion import NUM_QUARTILES, vb_by_quartile
+    from ..metrics.progress import ProgressLines
 
     diffusion, net = module.diffusion, module.ema_net
     totals, priors, decoders, quartiles = [], [], [], []
+    progress = ProgressLines(len(images), f"nll: the {diffusion.num_timesteps}-step VLB of {len(images)} held-out "
+                             f"images", rank_zero_info, unit="images")
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size].to(module.device)
         kwargs = {}
@@ -56,6 +62,7 @@ def _negative_log_likelihood(module, images: torch.Tensor, labels: torch.Tensor 
         priors.append(out["prior_bpd"])
         decoders.append(out["vb"][:, 0])
         quartiles.append(vb_by_quartile(out["vb"]))
+        progress.update(len(x))
     quartile_means = torch.cat(quartiles).mean(0)
     return {"nll_bpd": float(torch.cat(totals).mean()), "nll_prior_bpd": float(torch.cat(priors).mean()),
             "nll_decoder_bpd": float(torch.cat(decoders).mean()),
@@ -63,8 +70,10 @@ def _negative_log_likelihood(module, images: torch.Tensor, labels: torch.Tensor 
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    from .console import quiet_console
     from .generation import keep_finished_shards
 
+    quiet_console()  # one line per event: one log handler, no third-party tips
     if cfg.get("ckpts"):  # a run's checkpoints in step order, one folder each, sharing the scorer
         from .series import evaluate_series
 
@@ -96,6 +105,7 @@ def plan_evaluation(cfg: DictConfig) -> EvalPlan:
     missing = missing_keys(cfg)  # also checked by a Hydra callback; here for evaluate() called directly
     if missing:
         raise ValueError(missing_keys_message(missing))
+    check_ignored_inputs(cfg)  # ckpt= with samples=, ...: both given is refused, never one silently ignored
     check_logger(cfg)  # logger=wandb or none: another logger would be ignored
     if cfg.get("ckpts") and (cfg.get("ckpt") or cfg.get("samples")):
         raise ValueError("ckpts= scores every checkpoint of a run: drop ckpt= and samples= (or drop ckpts=)")
@@ -121,6 +131,17 @@ def plan_evaluation(cfg: DictConfig) -> EvalPlan:
                     write_reference=str(write_reference) if write_reference else None)
 
 
+class CheckPlan(Callback):
+    """A Hydra callback: ``plan_evaluation`` of a ``ddpm-eval`` run before any work (torch is not imported yet)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            plan_evaluation(config)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+
+
 def _evaluate(cfg: DictConfig, out_dir: Path, reuse: dict | None = None) -> dict:
     """plan -> load -> reference -> generate (every process) -> score and NLL (rank 0) -> results.json. ``reuse``
     (a checkpoint series): the data set and the scorer of the series' first checkpoint, kept for the others."""
@@ -139,6 +160,8 @@ def _evaluate(cfg: DictConfig, out_dir: Path, reuse: dict | None = None) -> dict
         results["ckpt_step"] = checkpoint_step(cfg.ckpt)  # the training step: ddpm-report's x axis of a series
     reuse = {} if reuse is None else reuse
     datamodule = reuse["datamodule"] if "datamodule" in reuse else _datamodule(cfg, plan, module)
+    if procs.rank == 0 and (warning := other_data_warning(cfg, module)):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)  # legitimate (cross-data FID), never silent
     scorer = reuse.get("scorer") or (_scorer(cfg, plan, datamodule, procs) if plan.needs_scorer else None)
     reuse.update(datamodule=datamodule, scorer=scorer)  # every process: shared pass
     if plan.write_reference:
@@ -202,6 +225,35 @@ def _datamodule(cfg: DictConfig, plan: EvalPlan, module):
     return datamodule
 
 
+SCORED_DATA_KEYS = ("_target_", "name", "path", "image_size", "mode")  # what makes the reference another data set
+
+
+def other_data_warning(cfg: DictConfig, module) -> str | None:
+    """Why the scores would compare a checkpoint's samples with another data set than it was trained on (``data=``
+    naming another one, or ``reference=`` images of another size), or None."""
+    own = (module.run_config.get("data") if module is not None else None) or {}
+    if not own:
+        return None
+    if cfg.get("data"):
+        given = OmegaConf.to_container(cfg.data, resolve=True)
+        differ = [f"data.{k}={given.get(k)!r} here, {own.get(k)!r} in the checkpoint" for k in SCORED_DATA_KEYS
+                  if k in given and k in own and given.get(k) != own.get(k)]
+        if differ:
+            return (f"scoring against another data set than the checkpoint was trained on ({'; '.join(differ)}); "
+                    f"drop data= to score against its own")
+    if cfg.get("reference"):
+        from ..metrics.npz import npz_member
+
+        try:
+            shape, _ = npz_member(Path(str(cfg.reference)).expanduser(), "arr_0")
+        except (KeyError, OSError, ValueError):
+            return None
+        if len(shape) == 4 and shape[1] != module.image_shape[-1]:
+            return (f"reference={cfg.reference} holds {shape[1]} px images, the checkpoint makes "
+                    f"{module.image_shape[-1]} px ones: the scores compare them with another data set")
+    return None
+
+
 def _scorer(cfg: DictConfig, plan: EvalPlan, datamodule, procs):
     """The metrics with their reference statistics; every process at once (they share the reference feature pass,
     the statistics of one process)."""
@@ -247,7 +299,10 @@ def _score_shards(results: dict, scorer, module, run, spatial: bool) -> None:
 
 def _score_samples(cfg: DictConfig, plan: EvalPlan, results: dict, scorer, datamodule) -> None:
     """Score existing samples (``samples=``), one batch of images in memory at a time."""
+    from lightning.pytorch.utilities import rank_zero_info
+
     from ..metrics import FeatureStats
+    from ..metrics.progress import ProgressLines
     from .generation import open_samples
 
     source = open_samples(cfg.samples)
@@ -255,12 +310,21 @@ def _score_samples(cfg: DictConfig, plan: EvalPlan, results: dict, scorer, datam
         return
     if datamodule is not None:
         _check_sample_shape(source.shape, datamodule)
+        if source.labels is not None and datamodule.num_classes:  # else class_accuracy would count them as wrong
+            from ..data.sources import check_labels
+
+            check_labels(source.labels, datamodule.num_classes, f"samples={cfg.samples} arr_1",
+                         advice=f"they are not labels of {datamodule.name}: score against the data set the samples "
+                                f"were drawn for (data=<name>)")
     parts, spatial = [], (FeatureStats() if "sfid" in plan.sample_metrics else None)
+    progress = ProgressLines(source.count, f"features of {source.count} samples ({', '.join(plan.sample_metrics)})",
+                             rank_zero_info)
     for batch in source.batches(int(cfg.batch_size)):
         outputs = scorer.outputs(batch)
         if spatial is not None:
             spatial.update(outputs.pop("spatial"))
         parts.append(outputs)
+        progress.update(len(batch))
     _score(results, scorer, parts, source.labels, source.count, spatial)
 
 

@@ -23,6 +23,7 @@ from ..modules.checkpoint import load_diffusion_checkpoint
 from ..modules.guidance import guidance_config, load_guidance
 from ..sampling import Guidance, resolve_sampler
 from .shards import (
+    PARTIAL_NAME,
     SHARD_NAME,
     NoSpaceLeft,
     Processes,
@@ -151,10 +152,16 @@ def generate(module, run: Generation, *, procs: Processes | None = None, scorer=
 def generation_labels(module, run: Generation) -> int | str | None:
     """The labels ``y`` asks for; a class index for a model that has no labels is refused, never ignored."""
     allowed = labels_allowed(module, run.guidance.cond_fn)
-    if isinstance(parse_labels(run.y), int) and not allowed:
+    label = parse_labels(run.y)
+    if isinstance(label, int) and not allowed:
         raise ValueError(f"y={run.y}: the model is unconditional (no class labels) and no classifier guides it; "
                          f"drop y, or give guidance.classifier_ckpt with guidance.scale > 0")
-    return parse_labels(run.y) if allowed else "random"
+    classes = module.num_classes if module.num_classes is not None else run.guidance.classifier_classes
+    if isinstance(label, int) and classes is not None and not 0 <= label < int(classes):
+        whose = "the model" if module.num_classes is not None else "the guiding classifier"
+        raise ValueError(f"y={label} is out of range: {whose} knows classes 0..{int(classes) - 1}; give y=0.."
+                         f"{int(classes) - 1}, random or balanced")
+    return label if allowed else "random"
 
 
 def _record(run: Generation, labels: Any) -> dict[str, Any]:
@@ -191,7 +198,7 @@ def kept_samples(out_dir: Path) -> int:
         return 0
     total = 0
     for path in shards.iterdir():
-        match = SHARD_NAME.match(path.name)
+        match = SHARD_NAME.match(path.name) or PARTIAL_NAME.match(path.name)  # finished shards and finished batches
         if match:
             total += int(match.group(2)) - int(match.group(1))
     return total

@@ -20,8 +20,10 @@ from .validate import check_command_line
 
 
 def sample(cfg: DictConfig) -> dict:
+    from .console import quiet_console
     from .generation import keep_finished_shards  # torch: imported once the config is checked
 
+    quiet_console()  # one line per event: one log handler, no third-party tips
     out_dir = Path(cfg.output_dir)
     return keep_finished_shards(out_dir, lambda: _sample(cfg, out_dir))
 

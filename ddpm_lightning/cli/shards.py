@@ -13,8 +13,10 @@ Layout of ``<output_dir>`` (``ddpm-sample`` and ``ddpm-eval``)::
 Shard ``k`` holds the indices ``[k * shard_size, (k + 1) * shard_size)``; process ``r`` of ``w`` generates the
 shards with ``k % w == r``. Per-sample seeds (``sample_images(seed=, first_index=)``: image i and its label
 depend on (seed, i) only) make the files identical for any process count, batch size or interruption. A
-shard is written atomically once finished, so Ctrl-C, SIGTERM or a full disk keep every finished shard,
-and rerunning the same command into the same folder (``hydra.run.dir=<folder>``) generates only the rest.
+shard is written atomically once finished, so Ctrl-C, SIGTERM or a full disk keep every finished shard; Ctrl-C
+and SIGTERM also keep the finished batches of the shard in progress (``<start>-<upto>.partial.npz``, whatever
+``shard_size``), and rerunning the same command into the same folder (``hydra.run.dir=<folder>``) generates only
+the rest, from the next batch on: the same batches, so the same bytes as an uninterrupted run.
 Only features travel to rank 0 (through the shard files); it scores them in index order, so the metrics
 are identical for any process count too.
 """
@@ -42,6 +44,7 @@ from ..metrics import to_uint8, write_npz
 from ..sampling import save_grid
 
 SHARD_NAME = re.compile(r"^(\d{9})-(\d{9})\.npz$")
+PARTIAL_NAME = re.compile(r"^(\d{9})-(\d{9})\.partial\.npz$")  # the first samples of an interrupted shard
 FEATURE_PREFIX = "f_"
 # per-sample feature bytes when scoring with the FID Inception (pool 2048 + spatial 2023 + logits 1008 + slack)
 INCEPTION_FEATURE_BYTES = 4 * (2048 + 2023 + 1008 + 16)
@@ -105,6 +108,13 @@ def launch(devices: int, device: torch.device) -> Processes:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if int(devices) == 1 and world == 1:
         return Processes(device=device)
+    if world == 1 and "LOCAL_WORLD_SIZE" not in os.environ:  # before any process starts: no more than can work
+        from .validate import process_count_error, usable_cpus
+
+        error = process_count_error(int(devices), cpus=usable_cpus() if device.type == "cpu" else None,
+                                    gpus=torch.cuda.device_count() if device.type == "cuda" else None)
+        if error:
+            raise ValueError(error)
     from lightning.fabric import Fabric
 
     num_nodes = 1
@@ -165,6 +175,17 @@ def _multirun_job_command() -> Iterator[None]:
 # ------------------------------------------------------------------------------------------- the files
 def shard_path(shards: Path, start: int, end: int) -> Path:
     return shards / f"{start:09d}-{end:09d}.npz"
+
+
+def partial_path(shards: Path, start: int, upto: int) -> Path:
+    return shards / f"{start:09d}-{upto:09d}.partial.npz"
+
+
+def partial_shard(shards: Path, start: int, end: int) -> tuple[int, Path] | None:
+    """(upto, path) of the interrupted part of shard ``start..end-1`` (samples ``start..upto-1``), or None."""
+    found = [(int(m.group(2)), p) for p in shards.glob(f"{start:09d}-*.partial.npz")
+             if (m := PARTIAL_NAME.match(p.name)) and start < int(m.group(2)) < end]
+    return max(found) if found else None
 
 
 def shard_ranges(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
@@ -268,32 +289,36 @@ def generate_shards(sample_fn: Callable[[int, int], tuple[torch.Tensor, torch.Te
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     mine = [r for k, r in enumerate(shard_ranges(num_samples, shard_size)) if k % procs.world_size == procs.rank]
     todo = [r for r in mine if not shard_path(shards, *r).is_file()]
-    total = sum(end - start for start, end in todo)
-    batches = sum(-(-(end - start) // batch_size) for start, end in todo)
+    for r in set(mine) - set(todo):  # a partial file left by a kill between a shard's write and its removal
+        if (stale := partial_shard(shards, *r)) is not None:
+            stale[1].unlink(missing_ok=True)
+    begun = {r: partial_shard(shards, *r) for r in todo}  # shards an interrupted run began: from the next batch on
+    total = sum(end - (begun[(start, end)] or (start,))[0] for start, end in todo)
+    batches = sum(-(-(end - (begun[(start, end)] or (start,))[0]) // batch_size) for start, end in todo)
     calls = None if calls_per_batch is None else batches * calls_per_batch
     if total:
         log(f"[rank {procs.rank}/{procs.world_size}] generating {total} samples ({sum(e - s for s, e in mine) - total} "
             f"kept from an earlier run): {batches} batch{'' if batches == 1 else 'es'} of <= "
             f"{min(batch_size, shard_size)}"
             + ("" if calls is None else f" x {calls_per_batch} network calls = {calls} network calls"))
-    done, start_time = 0, time.perf_counter()
+    done, start_time, timed = 0, time.perf_counter(), False
     for start, end in todo:
-        images, labels, features = [], [], []
-        for first in range(start, end, batch_size):
-            x, y = sample_fn(min(batch_size, end - first), first)
-            uint8 = to_uint8(x)
-            images.append(uint8.permute(0, 2, 3, 1).contiguous().numpy())
-            if y is not None:
-                labels.append(torch.as_tensor(y).cpu().numpy())
-            if score_fn is not None:
-                features.append(score_fn(uint8))
-            if first == todo[0][0]:  # the first batch times the rest (it includes any warm-up: an upper bound)
-                log(f"[rank {procs.rank}/{procs.world_size}] "
-                    + estimate_line(time.perf_counter() - start_time, len(uint8), total, calls))
-        merged = {k: torch.cat([f[k] for f in features]) for k in features[0]} if features else {}
-        write_shard(shard_path(shards, start, end), np.concatenate(images),
-                    np.concatenate(labels) if labels else None, merged, feature_id)
-        done += end - start
+        part = _Part(start, begun[(start, end)], score_fn, batch_size, feature_id)
+        try:
+            for first in range(part.upto, end, batch_size):
+                x, y = sample_fn(min(batch_size, end - first), first)
+                uint8 = to_uint8(x)
+                part.add(uint8, y, score_fn(uint8) if score_fn is not None else None)
+                if not timed:  # the first batch times the rest (it includes any warm-up: an upper bound)
+                    timed = True
+                    log(f"[rank {procs.rank}/{procs.world_size}] "
+                        + estimate_line(time.perf_counter() - start_time, len(uint8), total, calls))
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the finished batches of this shard stay too
+            part.keep(shards)
+            raise
+        write_shard(shard_path(shards, start, end), *part.arrays(), feature_id)
+        part.remove()
+        done += end - (begun[(start, end)] or (start,))[0]
         seconds = time.perf_counter() - start_time
         rate = done / max(seconds, 1e-9)
         log(f"[rank {procs.rank}/{procs.world_size}] samples {start}-{end - 1} written: {done}/{total} "
@@ -301,6 +326,57 @@ def generate_shards(sample_fn: Callable[[int, int], tuple[torch.Tensor, torch.Te
     seconds = time.perf_counter() - start_time
     return {"generated": done, "seconds": seconds, "samples_per_second": done / seconds if done else 0.0,
             "skipped": sum(e - s for s, e in mine) - total}
+
+
+class _Part:
+    """The batches of one shard so far: those of an interrupted run's ``.partial.npz`` (features recomputed in the
+    same batches when they were made by another extractor) and the new ones; ``keep`` writes them as the shard's
+    partial file (atomically), ``remove`` deletes that file once the whole shard is written."""
+
+    def __init__(self, start: int, begun: tuple[int, Path] | None, score_fn, batch_size: int,
+                 feature_id: str) -> None:
+        self.start, self.upto, self.path, self.feature_id = start, start, None, feature_id
+        self.images: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self.features: list[dict[str, torch.Tensor]] = []
+        if begun is None:
+            return
+        self.upto, self.path = begun
+        data = read_shard(self.path)
+        self.images.append(data["arr_0"])
+        if "arr_1" in data:
+            self.labels.append(data["arr_1"])
+        if score_fn is not None:
+            stored = {k[len(FEATURE_PREFIX):]: torch.from_numpy(v) for k, v in data.items()
+                      if k.startswith(FEATURE_PREFIX)}
+            if str(data.get("feature_id", "")) == feature_id and stored:
+                self.features.append(stored)
+            else:
+                pixels = torch.from_numpy(data["arr_0"]).permute(0, 3, 1, 2).contiguous()
+                self.features += [score_fn(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
+
+    def add(self, uint8: torch.Tensor, labels: Any, features: dict[str, torch.Tensor] | None) -> None:
+        self.images.append(uint8.permute(0, 2, 3, 1).contiguous().numpy())
+        if labels is not None:
+            self.labels.append(torch.as_tensor(labels).cpu().numpy())
+        if features is not None:
+            self.features.append(features)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray | None, dict[str, torch.Tensor]]:
+        merged = {k: torch.cat([f[k] for f in self.features]) for k in self.features[0]} if self.features else {}
+        return np.concatenate(self.images), np.concatenate(self.labels) if self.labels else None, merged
+
+    def keep(self, shards: Path) -> None:
+        count = sum(len(i) for i in self.images)
+        if count and self.start + count > self.upto:
+            images, labels, features = self.arrays()
+            write_shard(partial_path(shards, self.start, self.start + count), images, labels, features,
+                        self.feature_id)
+            self.remove()
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 def estimate_line(seconds: float, measured: int, total: int, calls: int | None) -> str:

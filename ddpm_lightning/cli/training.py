@@ -22,10 +22,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .. import artifacts
 from ..callbacks import GenerativeMetricsCallback, SampleGridCallback
+from ..callbacks.console import ModelSummaryLine
 from ..callbacks.estimate import TrainingEstimate
 from ..callbacks.health import TrainingHealth
 from ..callbacks.posthoc_ema import PostHocEMASnapshots
 from ..callbacks.preemption import Preemption
+from ..callbacks.resume import ResumeChanges
 from ..config.schema import EMAConfig
 from ..loggers import build_loggers, finish_wandb, record_provenance, wandb_run_info
 from ..modules import DiffusionModule
@@ -34,9 +36,10 @@ from ..modules.classifier_module import build_classifier_module
 from ..precision import check_accelerator, resolve_precision
 from ..provenance import provenance
 from ..security import check_targets, redact_secrets
+from .console import quiet_console
 from .errors import in_multirun
 from .run_folder import check_ownership, claim, folder_state, is_secondary_rank, release
-from .validate import check_run
+from .validate import check_run, process_count_error, usable_cpus
 
 
 def _container(node) -> Any:
@@ -66,6 +69,8 @@ def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[pl.Callbac
     callbacks = [instantiate(node) for node in nodes.values() if node is not None and "_target_" in node]
     if not has_logger:  # LearningRateMonitor refuses a logger-less trainer
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
+    if (cfg.get("trainer") or {}).get("enable_model_summary", True) is not False:
+        callbacks.append(ModelSummaryLine())  # one line instead of Lightning's table (its FLOPs column is 0 here)
     health = TrainingHealth(max_nonfinite_steps=cfg.get("train", {}).get("max_nonfinite_steps", 5))
     ema = cfg.get("ema") or {}
     if ema.get("posthoc_sigma_rels") and cfg.get("objective", "diffusion") == "diffusion":
@@ -105,8 +110,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     folder holding another run's files is refused unless this run continues it (``resume=auto``); in a sweep
     a finished job returns its recorded metrics and an unfinished one resumes.
     """
+    quiet_console()  # one line per event: one log handler, no third-party tips
     check_targets(cfg, allow_any=bool(cfg.get("allow_any_target", False)))
     check_accelerator(cfg.trainer.get("accelerator"))
+    check_trainer_devices(cfg)
     output_dir = Path(cfg.paths.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -121,6 +128,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     finally:
         if claimed:
             release(output_dir)
+
+
+def check_trainer_devices(cfg: DictConfig) -> None:
+    """``trainer.devices``: no more processes than GPUs (or, training on the CPU, than CPU cores), before any
+    process starts (``trainer.accelerator=cpu`` is checked before torch is imported)."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if accelerator not in ("auto", "cpu", "gpu", "cuda"):
+        return
+    error = process_count_error(cfg.trainer.get("devices"), "trainer.devices",
+                                cpus=None if cuda else usable_cpus(), gpus=torch.cuda.device_count() if cuda else None)
+    if error:
+        raise ValueError(error)
 
 
 def _job_overrides() -> list[str]:
@@ -185,18 +205,23 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule)
     ckpt_path, checkpoint = resolve_checkpoint(cfg)
-    trained_out = False
+    trained_out, changes = False, []
     if checkpoint is not None:  # a different architecture fails here in one line, before anything is written
         check_checkpoint_fits(module, checkpoint, ckpt_path)
-        check_same_run(checkpoint.get("run_config"), _container(cfg), ckpt_path)
+        changes = check_same_run(checkpoint.get("run_config"), _container(cfg), ckpt_path)
         trained_out = _check_resume_point(checkpoint, cfg, ckpt_path, output_dir)
+        if changes:  # applied from the resume step on (modules.checkpoint.RESUME_APPLIED), said once
+            rank_zero_info(f"resume: step {checkpoint.get('global_step')} continues with the changed "
+                           f"{'; '.join(changes)}")
         del checkpoint
     if not is_secondary_rank():
         _check_checkpoint_space(module, cfg, output_dir)
     loggers = build_loggers(cfg)
     precision = resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, has_logger=bool(loggers)),
-                                      logger=loggers or False, precision=precision)
+    callbacks = build_callbacks(cfg, has_logger=bool(loggers))
+    if changes:
+        callbacks.append(ResumeChanges(changes, _container(cfg.optim), module.run_config))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision)
     made_by = provenance(precision=trainer.precision, world_size=trainer.world_size)  # at the start: the code that runs
     record_provenance(loggers, made_by)
     start = time.perf_counter()

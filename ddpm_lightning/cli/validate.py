@@ -31,16 +31,13 @@ from ..config.choices import (
     COUNT_OR_FRACTION_KEYS,
     DEVICES,
     EVAL_METRICS,
-    FEATURE_EXTRACTORS,
     FLOAT_RANGES,
+    GENERATION_CHOICE_KEYS,
     GENERATION_INTS,
     IMAGE_SUFFIXES,
     INT_KEYS,
     MAX_SIGMA_REL,
     POOL_DIMS,
-    PRECISIONS,
-    SAMPLE_METHODS,
-    SAMPLE_SCHEDULES,
 )
 from ..sweeps import expand_sweep, is_basic_sweeper
 
@@ -281,7 +278,12 @@ def check_run(cfg: DictConfig) -> None:
     if present and OmegaConf.is_list(sigma_rels):
         for value in sigma_rels:
             check_sigma_rel(value, "ema.posthoc_sigma_rels")
+    check_ignored_inputs(cfg)
     present, accelerator = _select(cfg, "trainer.accelerator")
+    if present and accelerator == "cpu":  # CPU processes; a GPU count is checked once torch is loaded
+        error = process_count_error(_select(cfg, "trainer.devices")[1], "trainer.devices", cpus=usable_cpus())
+        if error:
+            raise ValueError(error)
     if cfg.get("objective", "diffusion") == "diffusion" and present and accelerator == "cpu":
         check_memory(cfg)  # host memory; a GPU's memory is Lightning's/torch's to report
 
@@ -314,8 +316,9 @@ def check_steps(value: Any, key: str = "steps") -> None:
                          f"(every one of the T steps) or leave it unset (the checkpoint's own)")
 
 
-def check_writable_folder(path: Any, key: str) -> None:
-    """ValueError when ``path`` (or the nearest existing parent it would be created in) cannot be written."""
+def check_writable_folder(path: Any, key: str, hint: str = " (or DDPM_CACHE_DIR)") -> None:
+    """ValueError when ``path`` (or the nearest existing parent it would be created in) cannot be written; the
+    advice names ``key`` (and ``hint``: the environment variable behind a cache folder's default)."""
     if path in (None, ""):
         return
     folder = Path(str(path)).absolute()
@@ -323,11 +326,11 @@ def check_writable_folder(path: Any, key: str) -> None:
     if existing is None:
         return
     if not existing.is_dir():
-        raise ValueError(f"cannot write the {key} folder {folder}: {existing} is a file; set {key} (or "
-                         f"DDPM_CACHE_DIR) to a writable folder")
+        raise ValueError(f"cannot write the {key} folder {folder}: {existing} is a file; set {key}{hint} to a "
+                         f"writable folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write the {key} folder {folder}: {existing} is read-only; set {key} (or "
-                         f"DDPM_CACHE_DIR) to a writable folder")
+        raise ValueError(f"cannot write the {key} folder {folder}: {existing} is read-only; set {key}{hint} to a "
+                         f"writable folder")
 
 
 
@@ -375,6 +378,15 @@ def check_reference_file(path: Any) -> None:
     if not {"mu", "sigma"} <= names:
         raise ValueError(f"reference={path} is not an ADM reference batch: it has {sorted(names)}, expected mu, "
                          f"sigma (and mu_s, sigma_s, arr_0)")
+    import numpy as np  # no torch: the statistics are checked here, before any work
+
+    with np.load(path, allow_pickle=False) as data:
+        for key in ("mu", "sigma", "mu_s", "sigma_s"):
+            if key in data.files and not np.isfinite(data[key]).all():
+                bad = int((~np.isfinite(data[key])).sum())
+                raise ValueError(f"reference={path}: {key} holds {bad} non-finite value(s) (NaN or inf), so every "
+                                 f"score against it would be nan; use another reference batch, or write one from the "
+                                 f"data set (ddpm-eval data=<name> write_reference=<path.npz>)")
 
 
 def check_generation(cfg: DictConfig, multirun: bool = False) -> None:
@@ -396,12 +408,16 @@ def check_generation(cfg: DictConfig, multirun: bool = False) -> None:
     if not (y is None or y in ("random", "balanced") or (_is_int(y) and y >= 0)):
         raise ValueError(f"y={y!r}; allowed: random, balanced, or a class index >= 0")
     _check_generation_guidance(cfg.get("guidance") or {}, multirun)
+    check_ignored_inputs(cfg)
+    check_generation_processes(cfg)
     check_samples_file(cfg.get("samples"))
     check_reference_file(cfg.get("reference"))
-    split = cfg.get("reference_split")
-    if split is not None and split not in ("train", "val"):
-        raise ValueError(f"reference_split={split!r}; allowed: train, val")
     check_writable_folder(cfg.get("cache_dir"), "cache_dir")
+    if _given(cfg, "write_reference") is not None:  # a file the user names: its folder, named by the key
+        check_writable_folder(Path(str(cfg.write_reference)).expanduser().parent, "write_reference", hint="")
+    for key in cfg:  # a mandatory key (``???``) left unset: named before torch is imported
+        if OmegaConf.is_missing(cfg, key):
+            raise ValueError(f"{key} is required: give {key}={MANDATORY_HINTS.get(str(key), '...')}")
     for key in ("ckpt", "guidance.classifier_ckpt", "guidance.autoguidance_ckpt"):  # a wrong path: before torch
         present, path = _select(cfg, key)
         if present and path not in (None, ""):
@@ -410,16 +426,95 @@ def check_generation(cfg: DictConfig, multirun: bool = False) -> None:
             check_checkpoint_file(str(path))
 
 
+MANDATORY_HINTS = {"ckpt": "<a ddpm-train checkpoint, or ADM weights converted by ddpm-convert-adm>"}
+
+# (key, the key that would make it ignored, why): both given is refused, never one of them silently ignored
+IGNORED_TOGETHER = (
+    ("samples", "ckpt", "ckpt= scores new samples of the checkpoint, samples= scores existing ones: give one"),
+    ("reference", "write_reference", "write_reference= writes the data set's own reference batch instead of "
+                                     "scoring against reference=: give one"),
+    ("resume", "ckpt_path", "resume=auto continues this run folder's newest checkpoint, ckpt_path= starts from the "
+                            "named file: give one"),
+)
+# keys that act only on a checkpoint's sampling: with samples= and no ckpt= they would be ignored
+SAMPLING_ONLY = ("method", "steps", "eta", "schedule", "guidance.classifier_ckpt", "guidance.scale",
+                 "guidance.cfg_scale")
+
+
+def _given(cfg: DictConfig, key: str) -> Any:
+    """The value of ``key`` when set to something other than nothing (null, '', 0, false), else None."""
+    present, value = _select(cfg, key)
+    return value if present and value not in (None, "", 0, False) else None
+
+
+def check_ignored_inputs(cfg: DictConfig) -> None:
+    """ValueError for an input that another one would make the command ignore (``IGNORED_TOGETHER``, and the
+    sampling keys of ``ddpm-eval samples=...``, which samples nothing)."""
+    for key, other, why in IGNORED_TOGETHER:
+        if _given(cfg, key) is not None and _given(cfg, other) is not None:
+            raise ValueError(f"{key}={_given(cfg, key)} and {other}={_given(cfg, other)} both given: {why}")
+    if _given(cfg, "samples") is not None and _given(cfg, "ckpt") is None:
+        used = [key for key in SAMPLING_ONLY if _given(cfg, key) is not None]
+        if used:
+            raise ValueError(f"{used[0]}={_given(cfg, used[0])} acts on sampling, but samples= scores existing "
+                             f"samples (nothing is sampled): drop {used[0]}, or give ckpt= instead of samples=")
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def process_count_error(devices: Any, key: str = "devices", *, shards: tuple[int, int, int] | None = None,
+                        cpus: int | None = None, gpus: int | None = None) -> str | None:
+    """Why ``devices`` processes would be more than the work or the machine can use (one line), or None: more than
+    the shards of ``shards = (num_samples, shard_size, count)``, than ``cpus`` cores (CPU processes) or than
+    ``gpus`` GPUs."""
+    if not _is_int(devices) or devices <= 1:
+        return None
+    limits = []
+    if shards is not None and devices > shards[2]:
+        limits.append((shards[2], f"num_samples={shards[0]} makes {shards[2]} shard(s) of shard_size={shards[1]}"))
+    if cpus is not None and devices > cpus:
+        limits.append((cpus, f"this machine has {cpus} CPU core(s)"))
+    if gpus is not None and devices > gpus:
+        limits.append((gpus, f"torch sees {gpus} GPU(s)"))
+    if not limits:
+        return None
+    usable = max(1, min(limit for limit, _ in limits))
+    return (f"{key}={devices} starts more processes than can work: {' and '.join(why for _, why in limits)}; "
+            f"give {key}={usable}" + (" (or a smaller shard_size)" if shards is not None and
+                                       devices > shards[2] else ""))
+
+
+def check_generation_processes(cfg: DictConfig) -> None:
+    """``devices``: no more processes than shards to generate (and, with ``device=cpu``, than CPU cores); the
+    GPU count is checked once torch is loaded (``shards.launch``), before any process starts."""
+    devices, n, size = cfg.get("devices"), cfg.get("num_samples"), cfg.get("shard_size")
+    if not (_is_int(n) and _is_int(size) and size > 0) or _given(cfg, "ckpt") is None:
+        return
+    error = process_count_error(devices, shards=(n, size, -(-n // size)),
+                                cpus=usable_cpus() if str(cfg.get("device")) == "cpu" else None)
+    if error:
+        raise ValueError(error)
+
+
+# how the library names a wrong value of these keys (the others: ``key='value'``)
+GENERATION_CHOICE_WORDS = {"method": "unknown sampling method", "schedule": "unknown sampling schedule",
+                           "feature": "unknown feature extractor"}
+
+
 def _check_generation_choices(cfg: DictConfig) -> None:
     """The sampler overrides (``method``, ``schedule``, ``steps``, ``eta``), ``feature`` and ``precision``."""
     check_steps(cfg.get("steps"))
-    for key, what, allowed in (("method", "unknown sampling method", SAMPLE_METHODS),
-                               ("schedule", "unknown sampling schedule", SAMPLE_SCHEDULES),
-                               ("feature", "unknown feature extractor", FEATURE_EXTRACTORS),
-                               ("precision", "precision=", PRECISIONS)):  # the library's own messages
+    for key, allowed in GENERATION_CHOICE_KEYS.items():  # every choice-valued key, with the library's own words
         present, value = _select(cfg, key)
         if present and value is not None and str(value) not in allowed:
-            shown = f"{what}{value!r}" if what.endswith("=") else f"{what} {str(value)!r}"
+            what = GENERATION_CHOICE_WORDS.get(key)
+            shown = f"{what} {str(value)!r}" if what else f"{key}={value!r}"
             raise ValueError(f"{shown}; allowed: {', '.join(allowed)}{_suggest(str(value), allowed)}")
     present, eta = _select(cfg, "eta")
     if present and eta is not None:
@@ -435,7 +530,9 @@ def _check_generation_metrics(cfg: DictConfig) -> None:
     present, metrics = _select(cfg, "metrics")
     if not present or metrics is None:
         return
-    names = [str(m) for m in (list(metrics) if OmegaConf.is_list(metrics) else [metrics])]
+    if not OmegaConf.is_list(metrics):  # a bare string would be read letter by letter
+        raise ValueError(f"metrics={metrics}: metrics is a list; give metrics=[{metrics}]")
+    names = [str(m) for m in metrics]
     unknown = [m for m in names if m not in EVAL_METRICS]
     if unknown:
         raise ValueError(f"metrics: unknown {', '.join(unknown)}{_suggest(unknown[0], EVAL_METRICS)}; allowed: "
@@ -486,8 +583,39 @@ def check_command_line(args: list[str] | None = None, typed_keys: bool = True, c
     error = check_group_choices(args, typed_keys=typed_keys, config_name=config_name)
     if error is None:
         error = composition_error(args, config_name)
+    if error is None:
+        error = bare_list_error(args, config_name)
     if error is not None:
         _exit(error)
+
+
+def bare_list_error(args: list[str], config_name: str, config_dir: str = CONFIG_DIR) -> str | None:
+    """One line for a list-valued key given a bare value (``metrics=fid``, ``callbacks.generative_metrics.metrics=
+    fid``: a string where a list is read, iterated letter by letter), whatever the key: the keys whose value in the
+    config composed without these overrides is a list. Typed keys (``tags=abc``) are refused by the schema."""
+    if any(arg.startswith("-") for arg in args):
+        return None
+    bare = {}
+    for arg in args:
+        key, _, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if value and not value.lstrip().startswith(("[", "${")) and not key.startswith("hydra") and "@" not in key \
+                and ("." in key or group_options(key, config_dir) is None):
+            bare[arg] = (key, value)
+    if not bare:
+        return None
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            base = compose(config_name, overrides=[a for a in args if a not in bare])
+    except Exception:  # noqa: BLE001  composition_error has reported what Hydra refuses
+        return None
+    for key, value in bare.values():
+        present, default = _select(base, key)
+        if present and OmegaConf.is_list(default):
+            return f"{key}={value}: {key} is a list; give {key}=[{value}]"
+    return None
 
 
 def composition_error(args: list[str], config_name: str, config_dir: str = CONFIG_DIR) -> str | None:
@@ -535,7 +663,7 @@ class CheckConfig(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if kwargs.get("config_name") in ("eval", "sample"):
             try:
-                check_generation(config)
+                _check(kwargs.get("config_name"), config, multirun=False)
             except (ValueError, OSError) as error:  # OSError: a checkpoint path that is missing or a folder
                 _exit(str(error))
 

@@ -79,6 +79,7 @@ DISPLAY_NAMES = {out: shown for m in METRIC_TABLE for out, shown in zip(m.output
 # ----------------------------------------------------------------------------------------------------- data
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 FIT_METHODS = ("pad", "resize")
+REFERENCE_SPLITS = ("train", "val")  # the data split behind the reference statistics
 IMAGE_MODES = ("RGB", "L")
 
 # -------------------------------------------------------------------------------------------------- logging
@@ -104,6 +105,7 @@ GENERATION_CHOICE_KEYS: dict[str, tuple[str, ...]] = {
     "schedule": SAMPLE_SCHEDULES,
     "feature": FEATURE_EXTRACTORS,
     "precision": PRECISIONS,
+    "reference_split": REFERENCE_SPLITS,
     "guidance.scale_schedule": GUIDANCE_SCALE_SCHEDULES,
 }
 

@@ -45,8 +45,9 @@ class ImageSource(Protocol):
         ...
 
 
-def check_labels(labels: Tensor, num_classes: int | None, what: str) -> None:
-    """Raise ``ValueError`` unless every label is in ``[0, num_classes)``."""
+def check_labels(labels: Tensor, num_classes: int | None, what: str, advice: str | None = None) -> None:
+    """Raise ``ValueError`` unless every label is in ``[0, num_classes)``; ``advice`` ends the message (default: fix
+    the labels or raise the data set's ``num_classes``)."""
     if num_classes is None:
         raise ValueError(f"{what}: labels given but num_classes is None; set num_classes")
     if num_classes < 1:
@@ -58,7 +59,7 @@ def check_labels(labels: Tensor, num_classes: int | None, what: str) -> None:
         bad = int(labels[(labels < 0) | (labels >= num_classes)][0])
         raise ValueError(
             f"{what}: label {bad} is out of range [0, {num_classes}) (labels span {low}..{high}); "
-            f"fix the labels or set num_classes >= {high + 1}"
+            + (advice or f"fix the labels or set num_classes >= {high + 1}")
         )
 
 

@@ -38,7 +38,7 @@ def pad_to(images: Tensor, size: int, value: int = 0) -> Tensor:
     """Pad a square ``[N, C, H, W]`` batch on all sides with ``value`` to ``size x size`` (centred)."""
     h = images.shape[-1]
     if h > size:
-        raise ValueError(f"cannot pad {h}x{h} images to {size}x{size}; use fit='resize' to shrink them")
+        raise ValueError(f"cannot pad {h}x{h} images to {size}x{size}; use data.fit=resize to shrink them")
     before = (size - h) // 2
     after = size - h - before
     return F.pad(images, (before, after, before, after), value=value)

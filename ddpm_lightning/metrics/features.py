@@ -439,11 +439,22 @@ def extract_features(extractor: nn.Module, images: torch.Tensor | Iterable[torch
 
 
 class _Progress:
-    """A rich progress bar with an images/s column (rich is imported only when progress is asked for)."""
+    """A rich progress bar with an images/s column in a terminal; elsewhere (a log file, SLURM, a pipe: where rich
+    would draw nothing until the end) ``ProgressLines``: an estimate, then a line per tenth with the rate and ETA.
+    rich is imported only when progress is asked for."""
 
     def __init__(self, description: str, total: int | None) -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        self._lines = None
+        if not Console(stderr=True).is_terminal and total:
+            import logging
+
+            from .progress import ProgressLines
+
+            self._lines = ProgressLines(total, description, logging.getLogger(__name__).info, unit="images")
+            return
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
         self._task = self._progress.add_task(description, total=total, rate="")
@@ -451,9 +462,13 @@ class _Progress:
         self._progress.start()
 
     def advance(self, n: int) -> None:
+        if self._lines is not None:
+            self._lines.update(n)
+            return
         self._done += n
         rate = self._done / max(time.perf_counter() - self._start, 1e-9)
         self._progress.update(self._task, advance=n, rate=f"{rate:.1f} img/s")
 
     def close(self) -> None:
-        self._progress.stop()
+        if self._lines is None:
+            self._progress.stop()

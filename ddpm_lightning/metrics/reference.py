@@ -294,6 +294,9 @@ def read_adm_reference(path: str | Path, feature_extractor: nn.Module, *, cache_
         shape, dtype = npz_member(path, "arr_0") if "arr_0" in files else (None, None)  # arr_0: streamed
     except (OSError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(f"reference={path} is not a readable .npz ({error})") from None
+    for key in ("mu", "sigma", "mu_s", "sigma_s"):  # a NaN here would score every model as FID nan
+        if key in stored and not np.isfinite(stored[key]).all():
+            raise ValueError(nonfinite_reference_message(path, key, int((~np.isfinite(stored[key])).sum())))
     owner = str(stored.get("feature_id", ""))
     if owner and owner != fid:
         raise ValueError(f"reference={path} was computed with feature extractor {owner!r}, not {fid!r}")
@@ -321,6 +324,12 @@ def read_adm_reference(path: str | Path, feature_extractor: nn.Module, *, cache_
                           features=features, feature_id=fid,
                           mu_s=stored["mu_s"].astype(np.float64) if spatial else None,
                           sigma_s=stored["sigma_s"].astype(np.float64) if spatial else None)
+
+
+def nonfinite_reference_message(path: str | Path, key: str, count: int) -> str:
+    return (f"reference={path}: {key} holds {count} non-finite value(s) (NaN or inf), so every score against it "
+            f"would be nan; use another reference batch, or write one from the data set (ddpm-eval data=<name> "
+            f"write_reference=<path.npz>)")
 
 
 def write_adm_reference(path: str | Path, stats: ReferenceStats, images: ImageSource, num_images: int,

@@ -294,24 +294,57 @@ def check_checkpoint_fits(module: torch.nn.Module, checkpoint: dict[str, Any], p
 # data-set identity: a resume with another value trains on other data than the checkpoint saw
 DATA_KEYS = ("_target_", "path", "name", "image_size", "fit", "mode", "center_crop", "limit", "val_size", "seed",
              "num_classes")
-EXECUTION_ONLY = ("compile", "channels_last", "use_checkpoint")  # how the network runs, not what it is
+EXECUTION_ONLY = ("compile", "channels_last", "use_checkpoint", "fused")  # how the network runs, not what it is
+
+# What a resumed run (resume=auto, ckpt_path=) may change; README "Training" documents the same table.
+# Refused, listing every difference: the data set and the batch (the step counts, the LR horizon and the exact
+# mid-epoch position are counted in its batches), the network, the process, the classifier, what the training
+# draws (timestep sampler, label dropout, the seed: the checkpoint's random state is restored), and the post-hoc
+# EMA snapshots (reconstructions need one profile per run). None: every key of the group.
+RESUME_REFUSED: dict[str, tuple[str, ...] | None] = {
+    "data": (*DATA_KEYS, "batch_size"), "model": None, "diffusion": None, "classifier": None,
+    "train": ("timestep_sampler", "p_uncond"), "ema": ("posthoc_sigma_rels", "posthoc_every_n_steps"),
+    "": ("seed", "objective"),
+}
+# Applied from the resume step on, said in one line: the optimiser's settings (``callbacks.ResumeChanges`` sets
+# them on the restored AdamW and LR schedule) and the EMA's decay (the EMA is rebuilt from the config).
+RESUME_APPLIED: dict[str, tuple[str, ...]] = {
+    "optim": ("lr", "weight_decay", "betas", "eps", "warmup_steps", "lr_schedule"), "ema": ("decay", "warmup"),
+}
 
 
-def check_same_run(saved: Mapping[str, Any] | None, current: Mapping[str, Any], path: str | Path) -> None:
-    """ValueError listing every data-set, network and diffusion setting of ``current`` (this run's resolved
-    config, a plain dict) that differs from ``saved`` (the checkpoint's ``run_config``)."""
-    if not isinstance(saved, Mapping):
-        return
-    differences = []
-    for group, keys in (("data", DATA_KEYS), ("model", None), ("diffusion", None)):
-        old, new = saved.get(group), current.get(group)
-        if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+def _group(config: Mapping[str, Any], group: str) -> Mapping[str, Any] | None:
+    node = config if group == "" else config.get(group)
+    return node if isinstance(node, Mapping) else None
+
+
+def _differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                 table: Mapping[str, tuple[str, ...] | None]) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for every key of ``table`` that differs."""
+    out = []
+    for group, keys in table.items():
+        old, new = _group(saved, group), _group(current, group)
+        if old is None or new is None:
             continue
         for key in keys or sorted(set(old) | set(new)):
             if key in EXECUTION_ONLY or (keys is None and (key not in old or key not in new)):
                 continue
+            if keys is not None and key not in old:  # a key newer than the checkpoint: nothing to compare
+                continue
             if old.get(key) != new.get(key):
-                differences.append(f"{group}.{key}={old.get(key)!r} in the checkpoint, {new.get(key)!r} now")
-    if differences:
-        raise ValueError(f"checkpoint {path} was trained with other settings: {'; '.join(differences[:6])}; "
-                         f"resume with the checkpoint's settings, or start a new run folder without ckpt_path")
+                out.append((f"{group}.{key}" if group else key, old.get(key), new.get(key)))
+    return out
+
+
+def check_same_run(saved: Mapping[str, Any] | None, current: Mapping[str, Any], path: str | Path) -> list[str]:
+    """ValueError listing every setting of ``current`` (this run's resolved config, a plain dict) in
+    ``RESUME_REFUSED`` that differs from ``saved`` (the checkpoint's ``run_config``); else the changed settings of
+    ``RESUME_APPLIED`` as ``key: old -> new`` (applied from the resume step on)."""
+    if not isinstance(saved, Mapping):
+        return []
+    refused = _differences(saved, current, RESUME_REFUSED)
+    if refused:
+        listed = "; ".join(f"{key}={old!r} in the checkpoint, {new!r} now" for key, old, new in refused[:6])
+        raise ValueError(f"checkpoint {path} was trained with other settings: {listed}; resume with the checkpoint's "
+                         f"settings, or start a new run folder without ckpt_path")
+    return [f"{key}: {old!r} -> {new!r}" for key, old, new in _differences(saved, current, RESUME_APPLIED)]

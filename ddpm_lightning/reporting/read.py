@@ -204,8 +204,38 @@ def collect_runs(sweep_dir: str | Path, stale_after_s: float = 3600.0) -> list[R
                                 "give the folder of a `ddpm-train -m` sweep (hydra.sweep.dir)")
     runs = [run for folder in folders for run in read_series(folder, stale_after_s)]
     _fill_unset_overrides(runs)
+    check_one_sweep(runs, sweep_dir)
     return sorted(runs, key=lambda r: (ADDED_SEEDS_DIR in r.folder.relative_to(sweep_dir).parts, r.job is None,
                                        r.job if r.job is not None else 0, str(r.folder)))
+
+
+def check_one_sweep(runs: Sequence[RunRecord], sweep_dir: Path) -> None:
+    """ValueError when the job folders under ``sweep_dir`` are not the jobs of one sweep (arms linked in from other
+    sweeps of the same task are): jobs of two commands (``ddpm-train`` and ``ddpm-eval``), of two tasks
+    (experiments), or two folders that ran the same job (a parent of two sweeps: each seed would count twice)."""
+    def first(key) -> dict[Any, Path]:
+        found: dict[Any, Path] = {}
+        for run in runs:
+            found.setdefault(key(run), run.folder)
+        return found
+
+    def task(run: RunRecord) -> Any:
+        config = read_yaml(run.folder / ".hydra" / "config.yaml")
+        return config.get("task_name") if isinstance(config, dict) else None
+
+    advice = "report each sweep folder on its own, or link the jobs to compare into one folder"
+    for what, found in (("commands", first(lambda run: f"ddpm-{run.kind}")), ("tasks", first(task))):
+        if len(found) > 1:
+            shown = " and ".join(f"{name} ({folder})" for name, folder in found.items())
+            raise ValueError(f"{sweep_dir} holds the jobs of more than one sweep: two {what}, {shown}; {advice}")
+    seen: dict[tuple[str, ...], Path] = {}
+    for run in runs:
+        job = tuple(sorted(run.overrides))
+        if job in seen and seen[job] != run.folder:
+            raise ValueError(f"{sweep_dir} holds the jobs of more than one sweep: {seen[job]} and {run.folder} ran "
+                             f"the same job ({' '.join(job) or 'no overrides'}), whose seeds would count twice; "
+                             f"{advice}")
+        seen[job] = run.folder
 
 
 def _fill_unset_overrides(runs: Sequence[RunRecord]) -> None:
