@@ -4,17 +4,18 @@
 
     {"version": "0.1.0", "git_commit": "537cfa7...", "git_dirty": true, "git_diff_sha256": "9f2c...",
      "git_note": null, "python": "3.11.7", "torch": "2.14.1", "lightning": "2.6.6", "hydra": "1.3.8",
-     "cuda": null, "cudnn": null, "cpu": "AMD EPYC 9B45", "cpu_bf16_fast": true, "gpu": null, "gpu_count": 0,
-     "precision": "bf16-mixed", "threads": 2, "world_size": 1, "command": "ddpm-train experiment=default"}
+     "cuda": null, "cudnn": null, "cpu": "AMD EPYC (family 25, model 17)", "cpu_bf16_fast": true, "gpu": null,
+     "gpu_count": 0, "precision": "bf16-mixed", "threads": 2, "world_size": 1,
+     "command": "ddpm-train experiment=default"}
 
 * git: only when the package runs from a checkout (the package's parent folder is the top of a git work tree);
   installed from a wheel (or copied) ``git_commit``/``git_dirty`` are null and ``git_note`` says why. ``git_dirty``
   counts tracked files only (untracked outputs do not make a tree dirty); ``git_diff_sha256`` hashes
   ``git diff HEAD``. Each git call has a short timeout; the result is cached per process (read at the first call,
   i.e. when a command starts: the code that runs is the code at that moment).
-* the CPU model from ``/proc/cpuinfo`` (else ``platform``); ``cpu_bf16_fast`` is ``precision.cpu_has_fast_bf16``
-  (AMX or AVX512-BF16, what ``precision=auto`` decides on); the GPU model without initialising CUDA in a process
-  that has not (``nvidia-smi``, 3 s), so a later fork stays safe.
+* the CPU model from ``/proc/cpuinfo`` with its family and model numbers (else ``platform``); ``cpu_bf16_fast`` is
+  ``precision.cpu_has_fast_bf16`` (AMX or AVX512-BF16, what ``precision=auto`` decides on); the GPU model without
+  initialising CUDA in a process that has not (``nvidia-smi``, 3 s), so a later fork stays safe.
 * ``precision``, ``world_size``: what the caller actually used (the trainer's, the evaluation's); ``threads``:
   torch's intra-op threads now; ``command``: this process's command line, secrets redacted.
 
@@ -119,13 +120,23 @@ def _git(root: str, *args: str) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def cpu_model() -> str:
+    """``/proc/cpuinfo``'s model name with its family and model numbers (a VM may name every AMD EPYC generation
+    "AMD EPYC": Zen 3, 4 and 5 differ only there), else ``platform``'s processor."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip().lower(), value.strip())
+            if not line.strip() and fields:
+                break  # the first processor is enough
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    name = fields.get("model name")
+    if not name:
+        return platform.processor() or platform.machine() or "unknown"
+    numbers = [f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model"))
+               if fields.get(key)]
+    return f"{name} ({', '.join(numbers)})" if numbers else name
 
 
 def gpu_model() -> tuple[str | None, int]:
