@@ -345,7 +345,8 @@ def test_a_changed_optimiser_on_resume_is_applied_said_once_and_followed_by_the_
 
 def test_a_changed_batch_seed_or_timestep_sampler_on_resume_is_refused_listing_them(tmp_path, capsys):
     """modules.checkpoint.RESUME_REFUSED: what the step counts, the data position or the restored random state
-    depend on is refused like a changed network, every difference listed."""
+    depend on is refused like a changed network, every difference listed (the same global batch on fewer
+    processes continues: tests/test_ddp.py)."""
     train(compose_run(TINY, tmp_path / "first"))
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
     changed = [*[o for o in TINY if not o.startswith("data.batch_size")], "data.batch_size=4", "seed=1",
@@ -353,9 +354,11 @@ def test_a_changed_batch_seed_or_timestep_sampler_on_resume_is_refused_listing_t
     with pytest.raises(SystemExit):
         run_cli(train, compose_run(changed, tmp_path / "second"))
     assert _one_error_line(capsys) == (
-        f"error: checkpoint {last} was trained with other settings: data.batch_size=8 in the checkpoint, 4 now; "
-        f"train.timestep_sampler='uniform' in the checkpoint, 'loss-second-moment' now; seed=0 in the checkpoint, "
-        f"1 now; resume with the checkpoint's settings, or start a new run folder without ckpt_path")
+        f"error: checkpoint {last} was trained with other settings: the global batch (data.batch_size x "
+        f"trainer.devices x trainer.num_nodes x trainer.accumulate_grad_batches) 8 x 1 x 1 x 1 = 8 in the checkpoint, "
+        f"4 x 1 x 1 x 1 = 4 now; train.timestep_sampler='uniform' in the checkpoint, 'loss-second-moment' now; "
+        f"seed=0 in the checkpoint, 1 now; resume with the checkpoint's settings, or start a new run folder without "
+        f"ckpt_path")
 
 
 # ------------------------------------------------------------------------------------------------ full disk

@@ -297,12 +297,13 @@ DATA_KEYS = ("_target_", "path", "name", "image_size", "fit", "mode", "center_cr
 EXECUTION_ONLY = ("compile", "channels_last", "use_checkpoint", "fused")  # how the network runs, not what it is
 
 # What a resumed run (resume=auto, ckpt_path=) may change; README "Training" documents the same table.
-# Refused, listing every difference: the data set and the batch (the step counts, the LR horizon and the exact
-# mid-epoch position are counted in its batches), the network, the process, the classifier, what the training
-# draws (timestep sampler, label dropout, the seed: the checkpoint's random state is restored), and the post-hoc
-# EMA snapshots (reconstructions need one profile per run). None: every key of the group.
+# Refused, listing every difference: the data set and the global batch (``GLOBAL_BATCH``: the step counts, the LR
+# horizon and the exact mid-epoch position are counted in it; the same global batch on fewer processes continues),
+# the network, the process, the classifier, what the training draws (timestep sampler, label dropout, the seed: the
+# checkpoint's random state is restored), and the post-hoc EMA snapshots (reconstructions need one profile per
+# run). None: every key of the group.
 RESUME_REFUSED: dict[str, tuple[str, ...] | None] = {
-    "data": (*DATA_KEYS, "batch_size"), "model": None, "diffusion": None, "classifier": None,
+    "data": DATA_KEYS, "model": None, "diffusion": None, "classifier": None,
     "train": ("timestep_sampler", "p_uncond"), "ema": ("posthoc_sigma_rels", "posthoc_every_n_steps"),
     "": ("seed", "objective"),
 }
@@ -336,15 +337,45 @@ def _differences(saved: Mapping[str, Any], current: Mapping[str, Any],
     return out
 
 
+# the items of one optimizer step: their product is what a resume must keep
+GLOBAL_BATCH = ("data.batch_size", "trainer.devices", "trainer.num_nodes", "trainer.accumulate_grad_batches")
+
+
+def _global_batch(config: Mapping[str, Any]) -> tuple[int | None, str]:
+    """(the global batch or None where a factor is not a count, e.g. ``devices=auto``; ``8 x 2 x 1 x 1``)."""
+    factors = []
+    for key in GLOBAL_BATCH:
+        group, name = key.split(".")
+        value = (config.get(group) or {}).get(name)
+        factors.append(1 if value is None and key != "data.batch_size" else value)
+    counts = all(isinstance(f, int) and not isinstance(f, bool) for f in factors)
+    product = 1
+    for factor in factors if counts else ():
+        product *= factor
+    return (product if counts else None), " x ".join(str(f) for f in factors)
+
+
+def _batch_difference(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The global batch when it changed (``data.batch_size`` where the global batch is not known)."""
+    (old, old_shown), (new, new_shown) = _global_batch(saved), _global_batch(current)
+    if old is not None and new is not None:
+        return [] if old == new else [f"the global batch ({' x '.join(GLOBAL_BATCH)}) {old_shown} = {old} in the "
+                                      f"checkpoint, {new_shown} = {new} now"]
+    old_batch, new_batch = (saved.get("data") or {}).get("batch_size"), (current.get("data") or {}).get("batch_size")
+    return [] if old_batch in (None, new_batch) else [f"data.batch_size={old_batch!r} in the checkpoint, "
+                                                      f"{new_batch!r} now"]
+
+
 def check_same_run(saved: Mapping[str, Any] | None, current: Mapping[str, Any], path: str | Path) -> list[str]:
     """ValueError listing every setting of ``current`` (this run's resolved config, a plain dict) in
     ``RESUME_REFUSED`` that differs from ``saved`` (the checkpoint's ``run_config``); else the changed settings of
     ``RESUME_APPLIED`` as ``key: old -> new`` (applied from the resume step on)."""
     if not isinstance(saved, Mapping):
         return []
-    refused = _differences(saved, current, RESUME_REFUSED)
+    refused = _batch_difference(saved, current) + [f"{key}={old!r} in the checkpoint, {new!r} now"
+                                                   for key, old, new in _differences(saved, current, RESUME_REFUSED)]
     if refused:
-        listed = "; ".join(f"{key}={old!r} in the checkpoint, {new!r} now" for key, old, new in refused[:6])
+        listed = "; ".join(refused[:6])
         raise ValueError(f"checkpoint {path} was trained with other settings: {listed}; resume with the checkpoint's "
                          f"settings, or start a new run folder without ckpt_path")
     return [f"{key}: {old!r} -> {new!r}" for key, old, new in _differences(saved, current, RESUME_APPLIED)]

@@ -213,18 +213,23 @@ def check_one_sweep(runs: Sequence[RunRecord], sweep_dir: Path) -> None:
     """ValueError when the job folders under ``sweep_dir`` are not the jobs of one sweep (arms linked in from other
     sweeps of the same task are): jobs of two commands (``ddpm-train`` and ``ddpm-eval``), of two tasks
     (experiments), or two folders that ran the same job (a parent of two sweeps: each seed would count twice)."""
-    def first(key) -> dict[Any, Path]:
+    def first(key) -> dict[Any, Path]:  # each known value (a job folder that records it) and its first folder
         found: dict[Any, Path] = {}
         for run in runs:
-            found.setdefault(key(run), run.folder)
+            if (value := key(run)) is not None:
+                found.setdefault(value, run.folder)
         return found
+
+    def command(run: RunRecord) -> str | None:
+        name = _hydra_job(run.folder).get("config_name")
+        return f"ddpm-{name}" if name else None
 
     def task(run: RunRecord) -> Any:
         config = read_yaml(run.folder / ".hydra" / "config.yaml")
         return config.get("task_name") if isinstance(config, dict) else None
 
     advice = "report each sweep folder on its own, or link the jobs to compare into one folder"
-    for what, found in (("commands", first(lambda run: f"ddpm-{run.kind}")), ("tasks", first(task))):
+    for what, found in (("commands", first(command)), ("tasks", first(task))):
         if len(found) > 1:
             shown = " and ".join(f"{name} ({folder})" for name, folder in found.items())
             raise ValueError(f"{sweep_dir} holds the jobs of more than one sweep: two {what}, {shown}; {advice}")
