@@ -770,7 +770,14 @@ def _choice_key_cases() -> list[tuple[str, list[str]]]:
     from ddpm_lightning.config import choices
 
     sample_keys = set(OmegaConf.load(Path(CONFIG_DIR) / "sample.yaml"))
-    return ([("train", [f"{key}=zzz"]) for key in choices.CHOICE_KEYS]
+    # the config groups that hold a key the default composition lacks
+    folder = ["data=image_folder", "data.path=x"]
+    holders = {"callbacks.generative_metrics.": ["callbacks=metrics"], "data.mode": folder, "data.on_bad_image": folder}
+
+    def holder(key: str) -> list[str]:
+        return next((groups for prefix, groups in holders.items() if key.startswith(prefix)), [])
+
+    return ([("train", [*holder(key), f"{key}=zzz"]) for key in choices.CHOICE_KEYS]
             + [("sample" if key in sample_keys else "evaluate", ["ckpt=x.ckpt", f"{key}=zzz"])
                for key in choices.GENERATION_CHOICE_KEYS]
             + [("sample", []), ("evaluate", [])])

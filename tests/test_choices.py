@@ -15,7 +15,8 @@ from ddpm_lightning.cli.validate import check_choices, check_run
 from ddpm_lightning.config import CONFIG_DIR, choices
 
 # compositions that together hold every key the checks name (the metric callback is an opt-in group)
-TRAIN_COMPOSITIONS = ([], ["experiment=default"], ["callbacks=metrics"], ["experiment=classifier_default"])
+TRAIN_COMPOSITIONS = ([], ["experiment=default"], ["callbacks=metrics"], ["experiment=classifier_default"],
+                      ["data=image_folder"])
 
 
 def _compose(config_name: str, overrides: list[str]):

@@ -81,6 +81,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 FIT_METHODS = ("pad", "resize")
 REFERENCE_SPLITS = ("train", "val")  # the data split behind the reference statistics
 IMAGE_MODES = ("RGB", "L")
+ON_BAD_IMAGE = ("error", "skip")  # an unreadable image in a folder: stop, or drop it with a warning
 
 # -------------------------------------------------------------------------------------------------- logging
 WANDB_MODES = ("online", "offline", "disabled")
@@ -98,6 +99,13 @@ CHOICE_KEYS: dict[str, tuple[str, ...]] = {
     "sample.method": SAMPLE_METHODS,
     "sample.schedule": SAMPLE_SCHEDULES,
     "objective": OBJECTIVES,
+    "data.fit": FIT_METHODS,
+    "data.mode": IMAGE_MODES,
+    "data.on_bad_image": ON_BAD_IMAGE,
+    "callbacks.sample_grid.method": SAMPLE_METHODS,
+    "callbacks.generative_metrics.method": SAMPLE_METHODS,
+    "callbacks.generative_metrics.feature": FEATURE_EXTRACTORS,
+    "callbacks.generative_metrics.reference_split": REFERENCE_SPLITS,
 }
 # key of the composed ddpm-sample / ddpm-eval config -> its choices
 GENERATION_CHOICE_KEYS: dict[str, tuple[str, ...]] = {

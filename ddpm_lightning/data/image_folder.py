@@ -21,14 +21,13 @@ from torch import Tensor
 
 from ddpm_lightning.data.transforms import fit_pil
 
-from ..config.choices import IMAGE_MODES
+from ..config.choices import IMAGE_MODES, ON_BAD_IMAGE
 from ..config.choices import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
 ImageMode = Literal["RGB", "L"]
 OnBadImage = Literal["error", "skip"]
-ON_BAD_IMAGE: tuple[str, ...] = ("error", "skip")
 LAYOUT_HELP = "put images in it directly (unlabelled) or in one sub-folder per class"
 
 
