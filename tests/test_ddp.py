@@ -120,8 +120,10 @@ def test_resuming_with_another_global_batch_stops_with_one_line(requeued, tmp_pa
     result = _run([*RUN, "trainer.devices=1"], run_dir)  # 1 x 8 instead of 2 x 8
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: the checkpoint was trained with a global batch of 16"), lines[-3:]
-    assert "data.batch_size=16 for 1 processes" in lines[-1]
+    assert lines[-1].startswith(
+        f"error: checkpoint {run_dir / 'checkpoints' / 'last.ckpt'} was trained with other settings: the global batch "
+        f"(data.batch_size x trainer.devices x trainer.num_nodes x trainer.accumulate_grad_batches) 8 x 2 x 1 x 2 = 32 "
+        f"in the checkpoint, 8 x 1 x 1 x 2 = 16 now (data.batch_size=16 keeps it)"), lines[-3:]
     assert "Traceback" not in result.stderr
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3  # untouched
 

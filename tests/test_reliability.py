@@ -356,7 +356,8 @@ def test_a_changed_batch_seed_or_timestep_sampler_on_resume_is_refused_listing_t
     assert _one_error_line(capsys) == (
         f"error: checkpoint {last} was trained with other settings: the global batch (data.batch_size x "
         f"trainer.devices x trainer.num_nodes x trainer.accumulate_grad_batches) 8 x 1 x 1 x 1 = 8 in the checkpoint, "
-        f"4 x 1 x 1 x 1 = 4 now; train.timestep_sampler='uniform' in the checkpoint, 'loss-second-moment' now; "
+        f"4 x 1 x 1 x 1 = 4 now (data.batch_size=8 keeps it); train.timestep_sampler='uniform' in the checkpoint, "
+        f"'loss-second-moment' now; "
         f"seed=0 in the checkpoint, 1 now; resume with the checkpoint's settings, or start a new run folder without "
         f"ckpt_path")
 

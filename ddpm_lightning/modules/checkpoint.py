@@ -359,8 +359,12 @@ def _batch_difference(saved: Mapping[str, Any], current: Mapping[str, Any]) -> l
     """The global batch when it changed (``data.batch_size`` where the global batch is not known)."""
     (old, old_shown), (new, new_shown) = _global_batch(saved), _global_batch(current)
     if old is not None and new is not None:
-        return [] if old == new else [f"the global batch ({' x '.join(GLOBAL_BATCH)}) {old_shown} = {old} in the "
-                                      f"checkpoint, {new_shown} = {new} now"]
+        if old == new:
+            return []
+        per_batch = new // (current.get("data") or {})["batch_size"]  # devices x nodes x accumulation now
+        keeps = f" (data.batch_size={old // per_batch} keeps it)" if old % per_batch == 0 else ""
+        return [f"the global batch ({' x '.join(GLOBAL_BATCH)}) {old_shown} = {old} in the checkpoint, {new_shown} = "
+                f"{new} now{keeps}"]
     old_batch, new_batch = (saved.get("data") or {}).get("batch_size"), (current.get("data") or {}).get("batch_size")
     return [] if old_batch in (None, new_batch) else [f"data.batch_size={old_batch!r} in the checkpoint, "
                                                       f"{new_batch!r} now"]
