@@ -66,7 +66,7 @@ def resolve_wandb_mode(mode: str | None) -> str:
         raise ValueError(f"unknown W&B mode {mode!r}; allowed: {', '.join(WANDB_MODES)}")
     if mode == "online" and not wandb_key_configured():
         raise ValueError("logger.wandb.mode=online but no W&B API key is configured: run `wandb login` "
-                         "or set WANDB_API_KEY, or use mode=offline and `wandb sync` later")
+                         "or set WANDB_API_KEY, or give logger.wandb.mode=offline and `wandb sync` later")
     return mode
 
 
