@@ -743,17 +743,23 @@ def test_every_console_script_is_a_cli_module():
     assert modules == {module for module, _ in ENTRY_POINTS}
 
 
-@pytest.mark.parametrize("module,argv", ENTRY_POINTS, ids=[f"{m}-{a[0]}" for m, a in ENTRY_POINTS])
-def test_help_and_config_errors_import_neither_torch_nor_lightning(module, argv, tmp_path):
-    """What keeps ``--help`` and config errors fast in every CLI: torch/Lightning are imported only once work
-    starts (the argument parsing, Hydra composition and config checks run in a fresh interpreter here)."""
+def _entry_point_in_fresh_interpreter(module: str, argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``ddpm_lightning.cli.<module>.main()`` with ``argv`` in a new interpreter; its last stdout line is
+    ``exit=<code> heavy=<the heavy modules imported by then>``."""
     code = (f"import importlib, sys; sys.argv = ['ddpm', *{argv!r}]\n"
             f"try:\n    importlib.import_module('ddpm_lightning.cli.{module}').main()\n"
             "except SystemExit as exit:\n    code = exit.code\nelse:\n    code = 0\n"
             "heavy = sorted(m for m in ('torch', 'lightning', 'wandb') if m in sys.modules)\n"
             "print(f'\\nexit={code} heavy={heavy}')")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            cwd=tmp_path, env=subprocess_env())
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=cwd,
+                          env=subprocess_env())
+
+
+@pytest.mark.parametrize("module,argv", ENTRY_POINTS, ids=[f"{m}-{a[0]}" for m, a in ENTRY_POINTS])
+def test_help_and_config_errors_import_neither_torch_nor_lightning(module, argv, tmp_path):
+    """What keeps ``--help`` and config errors fast in every CLI: torch/Lightning are imported only once work
+    starts (the argument parsing, Hydra composition and config checks run in a fresh interpreter here)."""
+    result = _entry_point_in_fresh_interpreter(module, argv, tmp_path)
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     expected_code = 0 if argv == ["--help"] else 2
     assert result.stdout.strip().splitlines()[-1] == f"exit={expected_code} heavy=[]", \
@@ -787,13 +793,7 @@ def _choice_key_cases() -> list[tuple[str, list[str]]]:
 def test_every_choice_key_and_a_missing_ckpt_fail_before_torch_is_imported(module, argv, tmp_path):
     """The console entry point, in a fresh interpreter: one ``error:`` line naming the key, exit 2, and neither
     torch nor Lightning in ``sys.modules`` afterwards (so no Lightning banner line either)."""
-    code = (f"import importlib, sys; sys.argv = ['ddpm', *{argv!r}, 'hydra.run.dir={tmp_path / 'run'}']\n"
-            f"try:\n    importlib.import_module('ddpm_lightning.cli.{module}').main()\n"
-            "except SystemExit as exit:\n    code = exit.code\nelse:\n    code = 0\n"
-            "heavy = sorted(m for m in ('torch', 'lightning', 'wandb') if m in sys.modules)\n"
-            "print(f'\\nexit={code} heavy={heavy}')")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            cwd=tmp_path, env=subprocess_env())
+    result = _entry_point_in_fresh_interpreter(module, [*argv, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert result.stdout.strip().splitlines()[-1] == "exit=2 heavy=[]", result.stdout[-1000:] + result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
