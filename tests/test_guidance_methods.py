@@ -147,11 +147,17 @@ def test_autoguidance_sweep_by_the_model_itself_is_unguided_and_reports_per_meth
         assert all(np.array_equal(arrays[0], a) for a in arrays[1:]), seed  # byte-equal at every w and interval
     assert not np.array_equal(by_seed[0][0], by_seed[1][0])  # the seeds differ, so the equality above can fail
 
-    # three groups of rows: w = 1 (unguided, either interval), w = 3 at every step, w = 3 inside [10, 30]
+    # the CFG sweep into the same folder: one study (the method sweeps share the task guidance_sweep)
+    result = _run("evaluate", "-m", "experiment=guidance_sweep_cfg", "guidance.cfg_scale=0,2", "guidance.interval=null",
+                  *common, f"hydra.sweep.dir={sweep}/cfg", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # four groups of rows: w = 1 and cfg 0 (unguided), w = 3 at every step, w = 3 inside [10, 30], cfg 2
     report = write_report(sweep, make_plot=False, metric="eval/fid@6", select_per="guidance",
                           select_seeds="0", report_seeds="1")
     groups = [selection.group for selection in report["selections"]]
-    assert groups == ["unguided", "autoguidance", "autoguidance+interval"]
+    assert sorted(groups) == ["autoguidance", "autoguidance+interval", "cfg", "unguided"]
+    unguided = report["selections"][groups.index("unguided")]
+    assert len(unguided.candidates) == 3  # w = 1 at either interval, and cfg 0
     for selection in report["selections"]:
         assert selection.selection_seeds == ["0"] and selection.report_seeds == ["1"]
         assert all(stats.n == 1 for stats in selection.reported.values())

@@ -2,7 +2,8 @@
 Benjamini-Hochberg / Holm adjustment over a table's verdicts (against scipy.stats.false_discovery_control and the
 textbook step-up / step-down procedures), the power estimate (against the noncentral t computed here with
 scipy.stats.nct, and the standard sample sizes of a paired t-test), the rule line, and --add-seeds: commands that
-compose, land in the sweep folder and are aggregated with the old seeds by the next report."""
+compose, land in the sweep folder and are aggregated with the old seeds by the next report; the two-stage held-out
+selection (--report-seeds the sweep lacks: report_seeds.sh runs them for the chosen rows only)."""
 
 from __future__ import annotations
 
@@ -284,7 +285,7 @@ def test_launch_runs_the_commands(tmp_path, monkeypatch, capsys):
     report_main([str(sweep), "--no-plot", "--add-seeds", "2", "--launch"])
     calls = log.read_text().splitlines()
     assert len(calls) == 4 and all("seed=3,4" in call for call in calls)
-    assert "added seeds done" in capsys.readouterr().out
+    assert "done: ddpm-report" in capsys.readouterr().out
     fake.write_text("#!/usr/bin/env bash\nexit 3\n")
     with pytest.raises(SystemExit) as exit_info:
         report_main([str(sweep), "--no-plot", "--add-seeds", "2", "--launch"])
@@ -294,7 +295,8 @@ def test_launch_runs_the_commands(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize(("flags", "message"), [
     (["--add-seeds", "0"], "error: --add-seeds needs a number of new seeds >= 1, got 0"),
     (["--add-seeds", "-2"], "error: --add-seeds needs a number of new seeds >= 1, got -2"),
-    (["--launch"], "error: --launch runs the commands of --add-seeds K; give --add-seeds"),
+    (["--launch"], "error: --launch runs the commands of --add-seeds K or the report seeds of a held-out selection; "
+                   "give --add-seeds K or --report-seeds"),
 ])
 def test_add_seeds_bad_input_is_one_line(tmp_path, capsys, flags, message):
     sweep = _sweep(tmp_path / "sweep")
@@ -309,3 +311,67 @@ def test_add_seeds_needs_seed_axes(tmp_path):
     _job(tmp_path, "0", 0, ["model=adm", "seed=0"], 90.0)
     with pytest.raises(ValueError, match="--add-seeds needs seed axes"):
         write_report(tmp_path, make_plot=False, add_seeds=2)
+
+
+# ------------------------------------------------------------------------------------ two-stage held-out selection
+SCALE_FIDS = {"0": (40.0, 41.0, 42.0), "1": (36.0, 37.0, 36.5), "2": (38.0, 37.5, 39.0)}  # scale 1 chosen
+
+
+def _eval_sweep(root: Path, fids: dict = SCALE_FIDS, seeds: tuple = (0, 1, 2), extra: tuple = ()) -> Path:
+    for seed in seeds:
+        for i, (scale, values) in enumerate(fids.items()):
+            num = len(fids) * seed + i
+            _job(root, str(num), num, [f"sample.seed={seed}", f"guidance.scale={scale}", "ckpt=/runs/m.ckpt", *extra],
+                 values[seed], config_name="eval")
+    return root
+
+
+def test_report_seeds_the_sweep_lacks_run_for_the_chosen_row_only(tmp_path):
+    """Stage one: every scale on seeds 0-2; --report-seeds 3,4 (absent) chooses on 0-2 and writes one command, for
+    the chosen row; stage two: its jobs land under report_seeds/ and the same report then reports them, and only
+    them, as the held-out values."""
+    root = _eval_sweep(tmp_path / "sweep")
+    first = write_report(root, make_plot=False, report_seeds="3,4")
+    selection = first["selections"][0]
+    assert selection.selection_seeds == ["0", "1", "2"] and selection.report_seeds == ["3", "4"]
+    assert selection.candidates[selection.chosen][0] == "guidance.scale=1" and selection.reported == {}
+    plan = first["report_seeds"]
+    assert plan.rows == ["guidance.scale=1"] and plan.seeds == ["3", "4"]
+    (command,) = _commands(first["paths"]["report_seeds"])
+    folder = root.absolute() / "report_seeds" / "sample.seed_3-4" / "guidance.scale-1"
+    assert command[:2] == ["ddpm-eval", "-m"] and "guidance.scale=1" in command and "sample.seed=3,4" in command
+    assert "ckpt=/runs/m.ckpt" in command and f"hydra.sweep.dir={folder}" in command
+    assert "## Report seeds to run" in first["markdown"] and "no completed job of this row" in first["markdown"]
+
+    held_out = {3: 35.0, 4: 35.5}  # what the command's two jobs score
+    for num, (seed, fid) in enumerate(held_out.items()):
+        _job(folder, str(num), num, ["sample.seed=" + str(seed), "guidance.scale=1", "ckpt=/runs/m.ckpt"], fid,
+             config_name="eval")
+    second = write_report(root, make_plot=False, report_seeds="3,4")
+    chosen = second["selections"][0]
+    assert chosen.candidates[chosen.chosen][0] == "guidance.scale=1"
+    assert chosen.reported_values["eval/fid@200"] == {"3": 35.0, "4": 35.5}  # the held-out jobs, not seeds 0-2
+    assert chosen.reported["eval/fid@200"].mean == pytest.approx(35.25)
+    assert second["report_seeds"].commands == [] and "report_seeds" not in second["paths"]
+    assert "## Report seeds to run" not in second["markdown"]
+
+
+def test_report_seeds_per_group_and_launch(tmp_path, monkeypatch, capsys):
+    """--select-per: one command per group's chosen row (groups unguided, classifier, cfg, classifier+cfg); --launch
+    runs report_seeds.sh."""
+    root = tmp_path / "sweep"
+    _eval_sweep(root / "classifier")
+    _eval_sweep(root / "cfg", fids={"0": (40.0, 41.0, 42.0), "3": (30.0, 31.0, 32.0)}, extra=("guidance.cfg_scale=1",))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.txt"
+    fake = bin_dir / "ddpm-eval"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$@" >> {shlex.quote(str(log))}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{Path('/usr/bin')}:{Path('/bin')}")
+    report_main([str(root), "--no-plot", "--select-per", "guidance", "--report-seeds", "5", "--launch"])
+    calls = log.read_text().splitlines()
+    assert len(calls) == 4 and all("sample.seed=5" in call for call in calls)
+    assert sum("guidance.scale=1 " in c and "guidance.cfg_scale=1" not in c for c in calls) == 1  # classifier: 1
+    assert sum("guidance.scale=3" in c and "guidance.cfg_scale=1" in c for c in calls) == 1  # classifier+cfg's
+    assert "done: ddpm-report" in capsys.readouterr().out

@@ -6,6 +6,7 @@
     ddpm-report multirun/guidance_sweep/...     # ddpm-eval sweeps: eval/fid@n, ... + report_tradeoff.png
     ddpm-report multirun/guidance_sweep/... --select --select-seeds 0,1,2 --report-seeds 3,4,5   # held out
     ddpm-report multirun/guidance_methods/... --select-per guidance,ckpt --select-seeds 0 --report-seeds 1,2
+    ddpm-report multirun/guidance_sweep/... --report-seeds 3,4,5 --launch   # run seeds 3-5 for the chosen row only
     ddpm-report multirun/ablate_arch/... --add-seeds 3      # add_seeds.sh: 3 more seeds for the inconclusive rows
     ddpm-report multirun/ablate_arch/... --wandb            # also to W&B: a job_type=report run in the sweep's group
 
@@ -63,8 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--stale-after must be > 0 minutes, got {args.stale_after:g}")
     if args.add_seeds is not None and args.add_seeds < 1:
         _fail(f"--add-seeds needs a number of new seeds >= 1, got {args.add_seeds}")
-    if args.launch and args.add_seeds is None:
-        _fail("--launch runs the commands of --add-seeds K; give --add-seeds")
+    selecting = args.select or args.select_seeds or args.report_seeds or args.select_per
+    if args.launch and args.add_seeds is None and not selecting:
+        _fail("--launch runs the commands of --add-seeds K or the report seeds of a held-out selection; give "
+              "--add-seeds K or --report-seeds")
     return args
 
 
@@ -80,7 +83,9 @@ def _add_statistics_arguments(parser: argparse.ArgumentParser) -> None:
                        help="write add_seeds.sh: the commands that run K new seeds for the rows inconclusive on the "
                             "primary metric and the baseline, into <sweep>/added_seeds/ (the next ddpm-report of the "
                             "sweep aggregates them with the others)")
-    stats.add_argument("--launch", action="store_true", help="with --add-seeds: run add_seeds.sh after writing it")
+    stats.add_argument("--launch", action="store_true",
+                       help="run what the report wrote: add_seeds.sh (--add-seeds) and report_seeds.sh (the report "
+                            "seeds a held-out selection's chosen rows lack)")
 
 
 def _add_selection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -150,15 +155,21 @@ def main(argv: list[str] | None = None) -> None:
     for kind, path in result["paths"].items():
         print(f"{kind}: {path}")
     if args.launch:
-        script = result["paths"].get("add_seeds")
-        if script is None:
-            print("no inconclusive row: nothing to launch")
-            return
+        _launch(result["paths"], args)
+
+
+def _launch(paths: dict, args: argparse.Namespace) -> None:
+    """Run add_seeds.sh and report_seeds.sh where the report wrote them; one ``error:`` line if one stops."""
+    scripts = [paths[kind] for kind in ("add_seeds", "report_seeds") if kind in paths]
+    if not scripts:
+        print("no inconclusive row and no missing report seed: nothing to launch")
+        return
+    for script in scripts:
         done = subprocess.run(["bash", str(script)], check=False)
         if done.returncode != 0:
             _fail(f"{script} stopped with exit code {done.returncode}; re-run it to resume (finished jobs are "
                   "skipped)")
-        print(f"added seeds done: ddpm-report {args.sweep_dir} reports them with the others")
+    print(f"done: ddpm-report {args.sweep_dir} reports the new jobs with the others")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from .read import (
     read_run,
 )
 from .report import write_report
-from .rerun import AddSeedsPlan, plan_added_seeds, undecided_rows, write_add_seeds
+from .rerun import AddSeedsPlan, ReportSeedsPlan, plan_added_seeds, plan_report_seeds, undecided_rows, write_add_seeds
 from .select import Selection, select_row, selection_json, split_seeds
 from .stats import (
     CONFIDENCE,
@@ -88,15 +88,15 @@ from .tables import (
 )
 
 __all__ = [
-    "ADDED_SEEDS_DIR", "ALPHA", "AddSeedsPlan", "Aggregate", "CONFIDENCE", "CORRECTIONS", "Correction", "DISPLAY_NAMES",
-    "GUIDANCE_KEYS", "HIGHER_IS_BETTER", "LOWER_IS_BETTER", "MIXED_MARK", "MODES", "NOTES", "NO_VERDICT", "Paired",
-    "PowerEstimate", "REPORT_RUN_FILE", "RowGroup", "RunRecord", "SEED_KEYS", "STATUSES", "SUMMARY_COLUMNS",
-    "Selection", "Stats", "SweepTable", "TABLE_METRICS", "TABLE_PREFIXES", "TRAINING_SEED_KEYS", "VERDICTS",
-    "VERDICT_REL", "VERDICT_SE", "adjust", "aggregate", "base_name", "best_rule", "build_table", "check_pairs",
-    "collect_runs", "correct", "csv_table", "default_metric", "display_name", "expected_jobs", "find_job_folders",
-    "guidance_key", "mark_mixed", "metric_columns", "metric_mode", "missing_jobs", "mixed_pairs", "p_value",
-    "plan_added_seeds", "plot", "plot_rows", "plot_tradeoff", "power_estimate", "provenance_lines", "read_run",
-    "report_payload", "seeds_for_power", "select_row", "selection_json", "split_seeds", "summarize", "sweep_identity",
-    "to_markdown", "undecided_rows", "verdict", "verdict_rule", "write_add_seeds", "write_csv", "write_report",
-    "write_summary_csv",
+    "ADDED_SEEDS_DIR", "ALPHA", "AddSeedsPlan", "Aggregate", "CONFIDENCE", "CORRECTIONS", "Correction",
+    "DISPLAY_NAMES", "GUIDANCE_KEYS", "HIGHER_IS_BETTER", "LOWER_IS_BETTER", "MIXED_MARK", "MODES", "NOTES",
+    "NO_VERDICT", "Paired", "PowerEstimate", "REPORT_RUN_FILE", "ReportSeedsPlan", "RowGroup", "RunRecord",
+    "SEED_KEYS", "STATUSES", "SUMMARY_COLUMNS", "Selection", "Stats", "SweepTable", "TABLE_METRICS", "TABLE_PREFIXES",
+    "TRAINING_SEED_KEYS", "VERDICTS", "VERDICT_REL", "VERDICT_SE", "adjust", "aggregate", "base_name", "best_rule",
+    "build_table", "check_pairs", "collect_runs", "correct", "csv_table", "default_metric", "display_name",
+    "expected_jobs", "find_job_folders", "guidance_key", "mark_mixed", "metric_columns", "metric_mode", "missing_jobs",
+    "mixed_pairs", "p_value", "plan_added_seeds", "plan_report_seeds", "plot", "plot_rows", "plot_tradeoff",
+    "power_estimate", "provenance_lines", "read_run", "report_payload", "seeds_for_power", "select_row",
+    "selection_json", "split_seeds", "summarize", "sweep_identity", "to_markdown", "undecided_rows", "verdict",
+    "verdict_rule", "write_add_seeds", "write_csv", "write_report", "write_summary_csv",
 ]

@@ -28,6 +28,7 @@ from ..artifacts import RESULTS_FILE as EVAL_RESULTS_FILE  # ddpm-eval
 STATUSES = ("completed", "failed", "running", "incomplete")
 # the sweeps that ``ddpm-report --add-seeds`` writes into a sweep folder: their jobs are rows of the same report
 ADDED_SEEDS_DIR = "added_seeds"
+REPORT_SEEDS_DIR = "report_seeds"  # the report seeds of a held-out selection's chosen rows (rerun.plan_report_seeds)
 SERIES_FILE = "series.json"  # ddpm-eval ckpts=<run>: one record per checkpoint (``read_series``)
 
 
@@ -205,7 +206,8 @@ def collect_runs(sweep_dir: str | Path, stale_after_s: float = 3600.0) -> list[R
     runs = [run for folder in folders for run in read_series(folder, stale_after_s)]
     _fill_unset_overrides(runs)
     check_one_sweep(runs, sweep_dir)
-    return sorted(runs, key=lambda r: (ADDED_SEEDS_DIR in r.folder.relative_to(sweep_dir).parts, r.job is None,
+    added = {ADDED_SEEDS_DIR, REPORT_SEEDS_DIR}
+    return sorted(runs, key=lambda r: (bool(added & set(r.folder.relative_to(sweep_dir).parts)), r.job is None,
                                        r.job if r.job is not None else 0, str(r.folder)))
 
 

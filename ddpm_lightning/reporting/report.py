@@ -1,6 +1,7 @@
 """``write_report``: a sweep folder's ``report.md``, ``report.csv``, ``report_summary.csv`` and plots; with
-``select`` also ``selection.json``, with ``add_seeds`` also ``add_seeds.sh``; every row's provenance, and no paired
-difference between jobs of other code, machines or precision unless ``allow_mixed``."""
+``select`` also ``selection.json`` (and ``report_seeds.sh`` when the chosen rows lack report seeds), with
+``add_seeds`` also ``add_seeds.sh``; every row's provenance, and no paired difference between jobs of other code,
+machines or precision unless ``allow_mixed``."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ from .multiple import correct
 from .plots import guidance_key, plot, plot_rows, plot_tradeoff
 from .provenance import check_pairs, mark_mixed, provenance_lines
 from .read import collect_runs, expected_jobs, missing_jobs
-from .rerun import SCRIPT, add_seeds_lines, plan_added_seeds, write_add_seeds
+from .rerun import (
+    REPORT_SCRIPT,
+    SCRIPT,
+    add_seeds_lines,
+    plan_added_seeds,
+    plan_report_seeds,
+    report_seeds_lines,
+    write_add_seeds,
+)
 from .select import select_rows, selection_lines, selections_json
 from .stats import SEED_KEYS, aggregate, build_table
 from .tables import metric_columns, to_markdown, write_csv, write_summary_csv
@@ -34,7 +43,8 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, metri
 
     ``select`` (or either seed set given): the row chosen on ``select_seeds`` and reported on the disjoint
     ``report_seeds`` (``select.split_seeds`` for the defaults), in the markdown and ``selection.json``; with
-    ``select_per`` (override keys, ``guidance``: the guidance method) one row per group of rows (``select_rows``).
+    ``select_per`` (override keys, ``guidance``: the guidance method) one row per group of rows (``select_rows``);
+    ``report_seeds.sh`` runs the report seeds the chosen rows lack (``rerun.plan_report_seeds``).
     ``add_seeds`` = K: ``add_seeds.sh``, the commands that run K new seeds for the inconclusive rows and the
     baseline into the sweep folder (``rerun.plan_added_seeds``). Paired jobs (the same seed in two compared rows) whose
     code, CPU/GPU or precision differ are refused unless ``allow_mixed`` (``provenance.check_pairs``; then those rows
@@ -53,12 +63,14 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, metri
                          f"(one of {', '.join(seed_keys)} with several values)")
     mixed = check_pairs(rows, allow_mixed)
     out_dir = Path(out_dir) if out_dir is not None else Path(sweep_dir)
-    sections, selections, plan = [], [], None
+    sections, selections, plan, to_report = [], [], None, None
     if rows is not None:
         correct(rows, correction, metric_columns(table))
         if select:
             selections = select_rows(rows, select_seeds, report_seeds, per=select_per)
             sections += [line for chosen in selections for line in selection_lines(chosen, metric_columns(table))]
+            to_report = plan_report_seeds(rows, selections, sweep_dir)
+            sections += report_seeds_lines(to_report, out_dir / REPORT_SCRIPT)
         if add_seeds is not None:
             plan = plan_added_seeds(rows, table, sweep_dir, add_seeds)
             sections += add_seeds_lines(plan, out_dir / SCRIPT)
@@ -74,6 +86,8 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, metri
         paths["selection"] = write_json(out_dir / "selection.json", selections_json(selections, sweep_dir, select_per))
     if plan is not None and plan.commands:
         paths["add_seeds"] = write_add_seeds(plan, out_dir / SCRIPT)
+    if to_report is not None and to_report.commands:
+        paths["report_seeds"] = write_add_seeds(to_report, out_dir / REPORT_SCRIPT)
     if make_plot:
         paths["plot"] = (plot(table, out_dir / "report.png") if rows is None
                          else plot_rows(rows, out_dir / "report.png", title=table.sweep_dir.name))
@@ -84,4 +98,5 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, metri
             paths["steps"] = plot_steps(table, rows, out_dir / "report_steps.png")
     return {"table": table, "aggregate": rows, "missing": missing, "markdown": markdown, "paths": paths,
             "selection": selections[0] if selections else None, "selections": selections, "add_seeds": plan,
+            "report_seeds": to_report,
             "mixed": {rows.groups[i].label: fields for i, fields in mixed.items()}}

@@ -3,6 +3,11 @@ command per row whose primary-metric verdict is inconclusive, plus the baseline 
 sides at the new seeds), each with K new values of the seed the intervals are over and the row's other overrides as
 its jobs ran them, into ``<sweep>/added_seeds/<seed key>_<first>-<last>/<row>``.
 
+The report seeds of a held-out selection run for the chosen rows only (``plan_report_seeds``, ``report_seeds.sh``):
+a two-stage selection runs every row on the selection seeds, then ``ddpm-report --report-seeds`` names seeds the
+sweep does not have yet and writes one command per chosen row into ``<sweep>/report_seeds/<seed key>_<seeds>/<row>``
+(half the jobs of running every row on both sets).
+
 ``find_job_folders`` walks into that folder, so the next ``ddpm-report <sweep>`` aggregates the old and the new
 seeds of a row together (``collect_runs`` keeps the added jobs after the others). Re-running a command resumes its
 sweep (finished jobs are skipped), as for any sweep; the next ``--add-seeds`` picks seeds after the largest one
@@ -13,15 +18,18 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..artifacts import write_text
-from .read import ADDED_SEEDS_DIR, override_dict
+from .read import ADDED_SEEDS_DIR, REPORT_SEEDS_DIR, override_dict
+from .select import Selection
 from .stats import Aggregate, RowGroup, SweepTable
 
 ENTRY_POINTS = {"train": "ddpm-train", "eval": "ddpm-eval"}
 SCRIPT = "add_seeds.sh"
+REPORT_SCRIPT = "report_seeds.sh"
 
 
 @dataclass
@@ -34,6 +42,17 @@ class AddSeedsPlan:
     undecided: list[str]  # the inconclusive rows among them
     commands: list[str]
     folder: Path  # <sweep>/added_seeds/<key>_<first>-<last>
+
+
+@dataclass
+class ReportSeedsPlan:
+    """The report seeds the chosen rows of a held-out selection lack, and one shell command per such row."""
+
+    key: str
+    seeds: list[str]
+    rows: list[str]  # the chosen rows with a missing report seed
+    commands: list[str]
+    folder: Path  # <sweep>/report_seeds/<key>_<seeds>
 
 
 def _hydra_value(text: str) -> str:
@@ -100,6 +119,34 @@ def _command(aggregate: Aggregate, group: RowGroup, key: str, seeds: list[int], 
     return shlex.join(arguments)
 
 
+def plan_report_seeds(aggregate: Aggregate, selections: Sequence[Selection], sweep_dir: str | Path) -> ReportSeedsPlan:
+    """The commands that run, for each selection's chosen row, the report seeds it has no completed job at (the
+    second stage of a held-out selection); none when every chosen row has them all."""
+    key, seeds = selections[0].axis, selections[0].report_seeds
+    folder = Path(sweep_dir).absolute() / REPORT_SEEDS_DIR / _slug(f"{key}_{'-'.join(seeds)}")
+    rows, commands = [], []
+    for selection in selections:
+        label = selection.candidates[selection.chosen][0]
+        group = next(g for g in aggregate.groups if g.label == label)
+        done = {unit.split("=", 1)[1] for unit in group.units.get(aggregate.metric, {})}
+        missing = [seed for seed in seeds if seed not in done]
+        if missing and label not in rows:
+            rows.append(label)
+            commands.append(_command(aggregate, group, key, missing, folder / _slug(label)))
+    return ReportSeedsPlan(key=key, seeds=list(seeds), rows=rows, commands=commands, folder=folder)
+
+
+def report_seeds_lines(plan: ReportSeedsPlan, script: Path) -> list[str]:
+    """The markdown section: what ``report_seeds.sh`` runs (nothing when no chosen row lacks a report seed)."""
+    if not plan.commands:
+        return []
+    return ["## Report seeds to run", "",
+            f"The chosen row(s) {', '.join(f'`{r}`' for r in plan.rows)} have no result yet at report seed(s) "
+            f"`{plan.key}` = {', '.join(plan.seeds)}: `{script}` runs them (the chosen rows only) into "
+            f"`{plan.folder}` (`ddpm-report --launch` runs it); the same `ddpm-report` command then reports them. "
+            "Re-running it resumes (finished jobs are skipped).", ""]
+
+
 def add_seeds_lines(plan: AddSeedsPlan, script: Path) -> list[str]:
     """The markdown section: what ``add_seeds.sh`` runs."""
     if not plan.commands:
@@ -112,10 +159,11 @@ def add_seeds_lines(plan: AddSeedsPlan, script: Path) -> list[str]:
             "Re-running it resumes (finished jobs are skipped).", ""]
 
 
-def write_add_seeds(plan: AddSeedsPlan, path: str | Path) -> Path:
-    """``add_seeds.sh``: the commands, one per row, stopping at the first that fails."""
-    lines = ["#!/usr/bin/env bash", "# written by ddpm-report --add-seeds: new seeds for the inconclusive rows and "
-             "the baseline", "set -euo pipefail", *plan.commands]
+def write_add_seeds(plan: AddSeedsPlan | ReportSeedsPlan, path: str | Path) -> Path:
+    """``add_seeds.sh`` / ``report_seeds.sh``: the commands, one per row, stopping at the first that fails."""
+    what = ("the report seeds of the chosen rows" if isinstance(plan, ReportSeedsPlan)
+            else "new seeds for the inconclusive rows and the baseline")
+    lines = ["#!/usr/bin/env bash", f"# written by ddpm-report: {what}", "set -euo pipefail", *plan.commands]
     path = write_text(Path(path), "\n".join(lines) + "\n")
     path.chmod(0o755)
     return path

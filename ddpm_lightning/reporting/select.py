@@ -63,23 +63,24 @@ def _seed_list(seeds: Sequence[Any] | str | None) -> list[str] | None:
 def split_seeds(aggregate: Aggregate, select_seeds: Sequence[Any] | str | None = None,
                 report_seeds: Sequence[Any] | str | None = None) -> tuple[str, list[str], list[str]]:
     """(seed key, selection seeds, report seeds). Default: the seeds with a result, in order, the first half to
-    select on and the rest to report on; one set given: the other is the rest. ValueError (one line) for a sweep
-    with fewer than 2 seeds or several unit seed keys, seeds it does not have, overlapping or empty sets."""
+    select on and the rest to report on; one set given: the other is the rest. Report seeds without results are
+    allowed (a two-stage selection: the chosen rows run them, ``rerun.plan_report_seeds``). ValueError (one line)
+    for a sweep with fewer than 2 seeds (1 when the report seeds are still to run) or several unit seed keys,
+    selection seeds it does not have, overlapping or empty sets."""
     if len(aggregate.unit_axes) != 1:
         raise ValueError("held-out selection splits one seed key; the units of this sweep vary in "
                          + " and ".join(aggregate.unit_axes))
     axis = aggregate.unit_axes[0]
     present = sorted({label.split("=", 1)[1] for group in aggregate.groups for units in group.units.values()
                       for label in units}, key=_seed_order)
-    if len(present) < 2:
+    if len(present) < (1 if report_seeds is not None else 2):
         raise ValueError(f"held-out selection needs at least 2 values of `{axis}` with results (one set to select "
                          f"on, a disjoint one to report on); this sweep has {len(present)}: {', '.join(present)}")
     chosen, reported = _seed_list(select_seeds), _seed_list(report_seeds)
-    for name, seeds in (("selection", chosen), ("report", reported)):
-        unknown = [s for s in seeds or [] if s not in present]
-        if unknown:
-            raise ValueError(f"{name} seed(s) {', '.join(unknown)}: not a `{axis}` of this sweep with results "
-                             f"(it has {', '.join(present)})")
+    unknown = [s for s in chosen or [] if s not in present]
+    if unknown:  # report seeds the sweep lacks are allowed: the chosen rows run them (rerun.plan_report_seeds)
+        raise ValueError(f"selection seed(s) {', '.join(unknown)}: not a `{axis}` of this sweep with results "
+                         f"(it has {', '.join(present)})")
     if chosen is None and reported is None:
         chosen = present[:len(present) // 2]
     if chosen is not None and reported is None:
