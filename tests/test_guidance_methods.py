@@ -158,6 +158,11 @@ def test_autoguidance_sweep_by_the_model_itself_is_unguided_and_reports_per_meth
     assert sorted(groups) == ["autoguidance", "autoguidance+interval", "cfg", "unguided"]
     unguided = report["selections"][groups.index("unguided")]
     assert len(unguided.candidates) == 3  # w = 1 at either interval, and cfg 0
+    # the cost of an image beside each chosen row: 3 calls unguided, 6 with CFG's doubled batch
+    cfg = report["selections"][groups.index("cfg")]
+    assert cfg.reported_values["eval/network_calls_per_image"] == {"1": 6.0}
+    assert unguided.reported_values["eval/network_calls_per_image"] == {"1": 3.0}
+    assert "| network calls per image | 6 |" in report["markdown"]
     for selection in report["selections"]:
         assert selection.selection_seeds == ["0"] and selection.report_seeds == ["1"]
         assert all(stats.n == 1 for stats in selection.reported.values())

@@ -107,8 +107,9 @@ def test_a_higher_is_better_metric_chooses_the_highest(sweep):
      "error: selection and report seeds share `sample.seed` = 2: a held-out report needs two disjoint sets"),
     (["--select-seeds", "0,9"],
      "error: selection seed(s) 9: not a `sample.seed` of this sweep with results (it has 0, 1, 2, 3, 4, 5)"),
-    (["--select", "--report-seeds", "7"],
-     "error: report seed(s) 7: not a `sample.seed` of this sweep with results (it has 0, 1, 2, 3, 4, 5)"),
+    (["--select", "--report-seeds", "7,x"],
+     "error: report seed(s) x: not a `sample.seed` of this sweep with results (it has 0, 1, 2, 3, 4, 5) nor an "
+     "integer seed to run"),
     (["--select-seeds", "0,1,2,3,4,5"],
      "error: no report seeds left: the sweep's `sample.seed` = 0, 1, 2, 3, 4, 5; give both sets"),
 ])

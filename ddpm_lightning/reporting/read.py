@@ -28,6 +28,8 @@ from ..artifacts import RESULTS_FILE as EVAL_RESULTS_FILE  # ddpm-eval
 STATUSES = ("completed", "failed", "running", "incomplete")
 # the sweeps that ``ddpm-report --add-seeds`` writes into a sweep folder: their jobs are rows of the same report
 ADDED_SEEDS_DIR = "added_seeds"
+# what an image cost to sample (results.json ``generation``), read as eval/<key>: shown beside a held-out selection
+COST_KEYS = ("network_calls_per_image", "classifier_gradients_per_image")
 REPORT_SEEDS_DIR = "report_seeds"  # the report seeds of a held-out selection's chosen rows (rerun.plan_report_seeds)
 SERIES_FILE = "series.json"  # ddpm-eval ckpts=<run>: one record per checkpoint (``read_series``)
 
@@ -144,6 +146,9 @@ def read_run(folder: str | Path, stale_after_s: float = 3600.0, now: float | Non
         run.metrics.update({f"eval/{k}": v for k, v in _floats(eval_results.get("metrics") or {}).items()})
         if "sampling_seconds" in eval_results:
             run.metrics["eval/sampling_seconds"] = float(eval_results["sampling_seconds"])
+        generation = eval_results.get("generation") or {}
+        run.metrics.update({f"eval/{key}": float(generation[key]) for key in COST_KEYS
+                            if isinstance(generation.get(key), int | float) and not isinstance(generation[key], bool)})
         if summary is None and error_text is None:
             run.status, run.message = "completed", None
     for source in (eval_results, summary, end_scores):  # ddpm-eval's own first: it made the eval/ numbers

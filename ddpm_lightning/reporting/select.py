@@ -15,6 +15,7 @@ gets each method's best setting, chosen and reported on the same seed sets.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 from ..config.choices import GUIDANCE_METHODS
 from .display import arrow, display_name, fmt, stats_cell
-from .read import override_dict
+from .read import COST_KEYS, override_dict
 from .stats import CONFIDENCE, Aggregate, RowGroup, Stats, summarize
 
 GUIDANCE_GROUP = "guidance"  # the --select-per key that groups rows by guidance method
@@ -81,6 +82,10 @@ def split_seeds(aggregate: Aggregate, select_seeds: Sequence[Any] | str | None =
     if unknown:  # report seeds the sweep lacks are allowed: the chosen rows run them (rerun.plan_report_seeds)
         raise ValueError(f"selection seed(s) {', '.join(unknown)}: not a `{axis}` of this sweep with results "
                          f"(it has {', '.join(present)})")
+    unknown = [s for s in reported or [] if s not in present and not re.fullmatch(r"-?\d+", s)]
+    if unknown:
+        raise ValueError(f"report seed(s) {', '.join(unknown)}: not a `{axis}` of this sweep with results (it has "
+                         f"{', '.join(present)}) nor an integer seed to run")
     if chosen is None and reported is None:
         chosen = present[:len(present) // 2]
     if chosen is not None and reported is None:
@@ -196,12 +201,17 @@ def selection_lines(selection: Selection, metrics: Sequence[str]) -> list[str]:
     lines += ["", f"Chosen: `{label}`. Its metrics over the report seeds ({reported}): mean ± "
               f"{CONFIDENCE:.0%} t-interval half-width (sd), n:", "", f"| metric | `{label}`, report seeds |",
               "|---|---|"]
-    shown = [m for m in metrics if m in selection.reported] or sorted(selection.reported)
+    shown = ([m for m in metrics if m in selection.reported]
+             or sorted(m for m in selection.reported if m.split("/", 1)[-1] not in COST_KEYS))
     for metric in shown:
         stats = selection.reported[metric]
         lines.append(f"| {display_name(metric)} {arrow(metric)} | {stats_cell(stats)}, n={stats.n} |")
     if not shown:
         lines.append("| (none) | no completed job of this row at the report seeds yet |")
+    for key in COST_KEYS:  # the same at every seed: the value, not an interval
+        values = sorted(set(selection.reported_values.get(f"eval/{key}", {}).values()))
+        if values:
+            lines.append(f"| {key.replace('_', ' ')} | {', '.join(f'{v:g}' for v in values)} |")
     return [*lines, ""]
 
 
