@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue #37, "Guidance after ADM" measured on the embedded data: the models, then the selection sweeps on sampling
 # seeds 0,1,2 for each sampler (DDPM-15, DPM-Solver++(2M)-15), then the chosen row of each method on the held-out
-# seeds 3,4,5 (ddpm-report --report-seeds writes and --launch runs them). Resumable: rerun this script; finished
+# seeds 3,4,5 (ddpm-report --report-seeds writes and --launch runs them). Methods: unguided, classifier guidance
+# (scale 1, 2, 4), CFG (w 1, 2, 3), CFG inside the interval [167, 881] (w 2, 3), autoguidance (w 1.5, 2, 3). Resumable: rerun this script; finished
 # trainings and jobs are skipped, an interrupted training continues from its last checkpoint (resume=auto).
 # The model M and its 500-step checkpoint B (the bad model of autoguidance) are the checkpoint-series run of
 # results/checkpoint_series/run.sh (the default experiment, every 500-step checkpoint kept).
@@ -35,8 +36,6 @@ for S in ddpm:"method=ddpm steps=15" dpmpp:"method=dpm++2m steps=15 schedule=log
       guidance.autoguidance_scale=1.5,2,3 guidance.interval=null hydra.sweep.dir=$D/autoguidance
   ddpm-eval -m experiment=guidance_sweep_cfg ckpt=$C $ARGS $COMMON \
       guidance.cfg_scale=2,3 'guidance.interval=[167,881]' hydra.sweep.dir=$D/cfg_interval
-  ddpm-eval -m experiment=guidance_sweep ckpt=$M guidance.classifier_ckpt=$K $ARGS $COMMON \
-      guidance.scale=2,4 'guidance.interval=[167,881]' hydra.sweep.dir=$D/classifier_interval
   # stage two: each method's chosen row (per guidance method and model) on the held-out seeds 3,4,5, then the report
   ddpm-report $D --select-per guidance,ckpt --report-seeds 3,4,5 --no-plot --launch > /dev/null
   ddpm-report $D --select-per guidance,ckpt --report-seeds 3,4,5 --out results/g37/${S%%:*}
