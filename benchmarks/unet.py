@@ -4,6 +4,11 @@
     python -m benchmarks.unet --config small-adm --profile      # + top ops of our train step
     python -m benchmarks.unet --ablations          # + the speed knobs (threads, channels_last, bf16, ...)
     python -m benchmarks.unet --quick              # smoke run
+    python -m benchmarks.unet --config default-exp --bf16   # + the bf16 rows where precision=auto picks fp32
+
+Where ``trainer.precision=auto`` picks bf16 autocast (or with ``--bf16``) the table adds ours as shipped and the
+peers under the same autocast: "as shipped at equal precision", ratios printed under the table, and each bf16
+row's FLOP rate as a share of the bf16 GEMM rate measured in the same rounds.
 
 Train step = forward + eps-MSE loss + backward + AdamW step at the config's batch size; inference step =
 one forward pass under ``torch.inference_mode``. Contenders run interleaved, one step each per round;
@@ -67,50 +72,82 @@ def check_reference_matches(config: common.ArchConfig) -> float:
 
 
 AS_SHIPPED = "ours (precision=auto)"
+BF16 = " (bf16)"  # the peers under the same bf16 autocast as AS_SHIPPED
+
+
+def _bf16_rows_wanted(force: bool) -> bool:
+    """The bf16 rows run where ``trainer.precision=auto`` picks bf16 autocast (what the framework ships there), or
+    when asked for (``--bf16``: a CPU without fast bf16 runs it emulated, slowly)."""
+    return force or resolve_precision("auto", "cpu") == "bf16-mixed"
 
 
 def measure_config(config: common.ArchConfig, rounds: int, gemm_n: int, *, memory: bool = True,
-                   adamw: str = "default") -> tuple[list[dict[str, object]], float]:
-    """Rows of the main table and the fp32 GEMM rate (GFLOP/s) measured interleaved with the train steps.
+                   adamw: str = "default", bf16: bool = False) -> tuple[list[dict[str, object]], dict[str, float]]:
+    """Rows of the main table and the GEMM rates (GFLOP/s: ``fp32``, and ``bf16`` with the bf16 rows) measured
+    interleaved with the train steps.
 
-    All contenders run fp32, except the extra row where this machine's ``trainer.precision=auto`` (what the
-    default experiment uses) resolves to bf16 autocast: ours as the framework runs it here."""
+    All contenders run fp32; where this machine's ``trainer.precision=auto`` (what the default experiment uses)
+    resolves to bf16 autocast (or with ``bf16``), also ours as the framework runs it here (``AS_SHIPPED``) and the
+    peers under the same autocast (``diffusers (bf16)``, ``adm-ref (bf16)``): "as shipped at equal precision", each
+    bf16 row's FLOP rate as a share of the bf16 2048^2 GEMM rate measured in the same rounds."""
     models = contenders(config)
     inputs = common.make_inputs(config)
     n = config.batch_size
     train = {name: common.train_step_fn(m.train(), inputs, common.adamw(m, adamw)) for name, m in models.items()}
     infer = {name: common.inference_step_fn(m, inputs) for name, m in models.items()}
-    if resolve_precision("auto", "cpu") == "bf16-mixed":
-        shipped = common.build_ours(config).train()
-        models[AS_SHIPPED] = shipped
-        train[AS_SHIPPED] = _bf16(common.train_step_fn(shipped, inputs, common.adamw(shipped, adamw)))
-        infer[AS_SHIPPED] = _bf16(common.inference_step_fn(shipped, inputs))
     a, b, out = torch.randn(gemm_n, gemm_n), torch.randn(gemm_n, gemm_n), torch.empty(gemm_n, gemm_n)
-    train_t = common.interleaved({**train, "gemm": lambda: torch.mm(a, b, out=out)}, rounds)
-    peak = 2 * gemm_n**3 / common.median(train_t.pop("gemm")) / 1e9
+    gemms = {"gemm fp32": lambda: torch.mm(a, b, out=out)}
+    if _bf16_rows_wanted(bf16):
+        shipped = common.build_ours(config).train()
+        peers = {AS_SHIPPED: shipped, **{name + BF16: build_contender(name, config, like=shipped).train()
+                                         for name in CONTENDERS[1:]}}
+        for name, model in peers.items():
+            models[name] = model
+            train[name] = _bf16(common.train_step_fn(model, inputs, common.adamw(model, adamw)))
+            infer[name] = _bf16(common.inference_step_fn(model, inputs))
+        a16, b16, out16 = a.bfloat16(), b.bfloat16(), out.bfloat16()
+        gemms["gemm bf16"] = lambda: torch.mm(a16, b16, out=out16)
+    train_t = common.interleaved({**train, **gemms}, rounds)
+    peaks = {key.split()[1]: 2 * gemm_n**3 / common.median(train_t.pop(key)) / 1e9 for key in gemms}
     infer_t = common.interleaved(infer, rounds)
     rows = []
     for name, model in models.items():
         tr, inf = common.median(train_t[name]), common.median(infer_t[name])
         flops = common.count_flops(train[name])
+        kind = "bf16" if name == AS_SHIPPED or name.endswith(BF16) else "fp32"
         row: dict[str, object] = {
             "config": config.name, "model": name, "params (M)": common.num_parameters(model) / 1e6,
             "batch": n, "train img/s": n / tr, "infer img/s": n / inf,
-            "train GFLOP/s": flops / tr / 1e9, "% GEMM peak": 100 * flops / tr / 1e9 / peak,
-            "GFLOP/img (train)": flops / n / 1e9,
+            "train GFLOP/s": flops / tr / 1e9, "% GEMM peak": 100 * flops / tr / 1e9 / peaks[kind],
+            "GEMM": kind, "GFLOP/img (train)": flops / n / 1e9,
         }
         if memory:
             row["train peak MiB"] = common.peak_memory_mb(train[name])
             row["infer peak MiB"] = common.peak_memory_mb(infer[name])
         rows.append(row)
-    ours = rows[0]
-    for row in rows:
-        if row["model"] == AS_SHIPPED:  # not an fp32 peer: its ratios to the peers are printed under the table
-            row["% GEMM peak"] = "(bf16)"
-            continue
+    by_name = {row["model"]: row for row in rows}
+    for row in rows:  # ours against each row of its own precision
+        ours = by_name[AS_SHIPPED if row["GEMM"] == "bf16" else "ours"]
         row["ours/this train"] = ours["train img/s"] / row["train img/s"]
         row["ours/this infer"] = ours["infer img/s"] / row["infer img/s"]
-    return rows, peak
+    return rows, peaks
+
+
+def equal_precision_lines(rows: list[dict[str, object]], peaks: dict[str, float]) -> list[str]:
+    """Ours as shipped against the peers: at equal precision (bf16 autocast, the headline) and against their fp32."""
+    by_name = {row["model"]: row for row in rows}
+    shipped = by_name.get(AS_SHIPPED)
+    if shipped is None:
+        return []
+    lines = []
+    for peer in CONTENDERS[1:]:
+        for other, what in ((by_name.get(peer + BF16), "equal precision, bf16 autocast"), (by_name.get(peer), "fp32")):
+            if other is not None:
+                lines.append(f"{AS_SHIPPED} vs {other['model']} ({what}): train "
+                             f"{shipped['train img/s'] / other['train img/s']:.2f}x, infer "
+                             f"{shipped['infer img/s'] / other['infer img/s']:.2f}x")
+    lines.append(f"{AS_SHIPPED}: {shipped['% GEMM peak']:.0f}% of the bf16 GEMM rate ({peaks['bf16']:.1f} GFLOP/s)")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------- knobs
@@ -203,6 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="with --ablations: also torch.compile (minutes)")
     parser.add_argument("--adamw", default="default", choices=["default", "foreach", "fused", "single"])
     parser.add_argument("--no-memory", action="store_true", help="skip the profiler-based peak memory")
+    parser.add_argument("--bf16", action="store_true",
+                        help="the bf16 rows (ours as shipped and the peers under bf16 autocast) even where "
+                             "precision=auto picks fp32 (they run on by default where it picks bf16)")
     args = parser.parse_args(argv)
     common.set_threads(args.threads)
     configs = [common.CONFIGS[c] for c in (args.config or common.CONFIGS)]
@@ -215,14 +255,12 @@ def main(argv: list[str] | None = None) -> None:
     for config in configs:
         print(f"## {config.name}: {config.unet}  (straightforward ADM == ours to "
               f"{check_reference_matches(config):.1e})")
-        rows, peak = measure_config(config, rounds, gemm_n, memory=not args.no_memory, adamw=args.adamw)
+        rows, peaks = measure_config(config, rounds, gemm_n, memory=not args.no_memory, adamw=args.adamw,
+                                     bf16=args.bf16)
         print(common.table(rows))
-        shipped = next((r for r in rows if r["model"] == AS_SHIPPED), None)
-        for peer in (r for r in rows if shipped and r["model"] in ("diffusers", "adm-ref")):
-            print(f"{AS_SHIPPED} vs {peer['model']} (fp32): train "
-                  f"{shipped['train img/s'] / peer['train img/s']:.2f}x, infer "
-                  f"{shipped['infer img/s'] / peer['infer img/s']:.2f}x")
-        print(f"fp32 GEMM rate ({gemm_n}^2 matmul, interleaved with the train steps, median): {peak:.1f} GFLOP/s")
+        print("\n".join(equal_precision_lines(rows, peaks)))
+        for kind, peak in peaks.items():
+            print(f"{kind} GEMM rate ({gemm_n}^2 matmul, interleaved with the train steps, median): {peak:.1f} GFLOP/s")
         print(common.machine_line() + "\n")
         if args.ablations:
             print(common.table(measure_ablations(config, rounds, compile=args.compile)) + "\n")

@@ -64,10 +64,14 @@ def run_quick(module: str, *args: str) -> str:
 
 @pytest.mark.slow  # ~64 s on a loaded 2-core machine; the architecture tests above cover its models
 def test_unet_benchmark_quick():
-    out = run_quick("unet", "--ablations", "--profile")
+    out = run_quick("unet", "--ablations", "--profile", "--bf16")
     for text in ("small-adm", "default-exp", "diffusers", "adm-ref", "% GEMM peak", "AdamW fused",
-                 "channels_last", "convolution"):
+                 "channels_last", "convolution", "diffusers (bf16)", "adm-ref (bf16)", "bf16 GEMM rate"):
         assert text in out
+    # as shipped at equal precision: one ratio line per peer and precision, and the share of the bf16 GEMM rate
+    assert len(re.findall(r"ours \(precision=auto\) vs (diffusers|adm-ref)(?: \(bf16\))? \((equal precision, bf16 "
+                          r"autocast|fp32)\): train [0-9.]+x, infer [0-9.]+x", out)) == 2 * 4  # 2 configs
+    assert re.search(r"ours \(precision=auto\): [0-9]+% of the bf16 GEMM rate", out)
 
 
 def test_sampling_benchmark_quick():
