@@ -200,6 +200,8 @@ def measure_ablations(config: common.ArchConfig, rounds: int, compile: bool = Fa
                 infer[name]()
         print(f"torch.compile: compiled and warmed up in {time.perf_counter() - start:.0f} s")
     train["bf16 autocast"], infer["bf16 autocast"] = _bf16(train["baseline"]), _bf16(infer["baseline"])
+    train["channels_last + bf16"] = _bf16(train["channels_last"])  # the knob where precision=auto picks bf16
+    infer["channels_last + bf16"] = _bf16(infer["channels_last"])
     if torch.get_num_threads() > 1:
         train["1 thread"], infer["1 thread"] = _threads(train["baseline"], 1), _threads(infer["baseline"], 1)
     train_t, infer_t = common.interleaved(train, rounds), common.interleaved(infer, rounds)
