@@ -216,12 +216,40 @@ def test_precision_auto_picks_bf16_only_where_it_is_fast(monkeypatch):
 def test_fast_bf16_means_amx_or_avx512_bf16(monkeypatch, amx, avx512_bf16, expected):
     from ddpm_lightning import precision
 
+    for key in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):  # no cap on the kernels
+        monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     assert precision.cpu_has_fast_bf16() is expected
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
     assert precision.cpu_has_fast_bf16() is False  # a torch without the probes: fp32, the safe choice
+
+
+@pytest.mark.parametrize(("env", "fast"), [
+    ({}, True),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),  # the AVX2 emulation of issue #38
+    ({"ONEDNN_MAX_CPU_ISA": "avx512_core"}, False),  # AVX-512 without BF16
+    ({"DNNL_MAX_CPU_ISA": "AVX2"}, False),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, True),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, True),
+    ({"ONEDNN_MAX_CPU_ISA": "ALL"}, True),
+    ({"ATEN_CPU_CAPABILITY": "avx2"}, False),
+    ({"ATEN_CPU_CAPABILITY": "default"}, False),
+    ({"ATEN_CPU_CAPABILITY": "avx512"}, True),
+])
+def test_an_isa_cap_below_bf16_means_fp32(monkeypatch, env, fast):
+    """A bf16 CPU held below its bf16 instructions by the environment runs bf16 emulated: auto picks fp32."""
+    from ddpm_lightning import precision
+
+    for key in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert precision.cpu_has_fast_bf16() is fast
+    assert precision.resolve_precision("auto", "cpu") == ("bf16-mixed" if fast else "32-true")
 
 
 def test_precision_auto_trains(tmp_path):
