@@ -169,10 +169,12 @@ def _threads(fn: Callable[[], None], threads: int) -> Callable[[], None]:
     return run
 
 
-def measure_ablations(config: common.ArchConfig, rounds: int, compile: bool = False) -> list[dict[str, object]]:
+def measure_ablations(config: common.ArchConfig, rounds: int, compile: bool = False,
+                      bf16: bool = False) -> list[dict[str, object]]:
     """Our train and inference steps with one caller-side speed knob changed at a time, interleaved with the
     library defaults (``baseline``: NCHW, fp32, torch's AdamW default, torch's thread count). ``compile``:
-    also ``torch.compile`` (what ``model.compile=true`` does), compiled and warmed up before the rounds."""
+    also ``torch.compile`` (what ``model.compile=true`` does), compiled and warmed up before the rounds. The bf16
+    rows run where precision=auto picks bf16 or with ``bf16`` (``_bf16_rows_wanted``)."""
     inputs = common.make_inputs(config)
     train: dict[str, Callable[[], None]] = {}
     infer: dict[str, Callable[[], None]] = {}
@@ -190,7 +192,7 @@ def measure_ablations(config: common.ArchConfig, rounds: int, compile: bool = Fa
         compiled = torch.compile(model)
         train["torch.compile"] = common.train_step_fn(compiled, inputs, common.adamw(model))
         infer["torch.compile"] = common.inference_step_fn(compiled, inputs)
-        if resolve_precision("auto", "cpu") == "bf16-mixed":  # autocast is a guard: a second pair of graphs
+        if _bf16_rows_wanted(bf16):  # autocast is a guard: a second pair of graphs
             train["torch.compile + bf16"] = _bf16(train["torch.compile"])
             infer["torch.compile + bf16"] = _bf16(infer["torch.compile"])
         start = time.perf_counter()  # compile outside the timed rounds: the train graphs, then the inference ones
@@ -199,9 +201,10 @@ def measure_ablations(config: common.ArchConfig, rounds: int, compile: bool = Fa
                 train[name]()
                 infer[name]()
         print(f"torch.compile: compiled and warmed up in {time.perf_counter() - start:.0f} s")
-    train["bf16 autocast"], infer["bf16 autocast"] = _bf16(train["baseline"]), _bf16(infer["baseline"])
-    train["channels_last + bf16"] = _bf16(train["channels_last"])  # the knob where precision=auto picks bf16
-    infer["channels_last + bf16"] = _bf16(infer["channels_last"])
+    if _bf16_rows_wanted(bf16):  # not where bf16 would be emulated (an AVX2 CPU, or one held below bf16): minutes
+        train["bf16 autocast"], infer["bf16 autocast"] = _bf16(train["baseline"]), _bf16(infer["baseline"])
+        train["channels_last + bf16"] = _bf16(train["channels_last"])  # the knob where precision=auto picks bf16
+        infer["channels_last + bf16"] = _bf16(infer["channels_last"])
     if torch.get_num_threads() > 1:
         train["1 thread"], infer["1 thread"] = _threads(train["baseline"], 1), _threads(infer["baseline"], 1)
     train_t, infer_t = common.interleaved(train, rounds), common.interleaved(infer, rounds)
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{kind} GEMM rate ({gemm_n}^2 matmul, interleaved with the train steps, median): {peak:.1f} GFLOP/s")
         print(common.machine_line() + "\n")
         if args.ablations:
-            print(common.table(measure_ablations(config, rounds, compile=args.compile)) + "\n")
+            print(common.table(measure_ablations(config, rounds, compile=args.compile, bf16=args.bf16)) + "\n")
         if args.profile:
             print("top ops of our train step by self CPU time:")
             print(profile_train_step(config) + "\n")
