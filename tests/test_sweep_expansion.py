@@ -77,7 +77,7 @@ def test_is_basic_sweeper():
     assert not is_basic_sweeper(None) and not is_basic_sweeper("")
 
 
-@pytest.mark.parametrize("experiment", ["ablate_arch", "ablate_loss", "ablate_levers"])
+@pytest.mark.parametrize("experiment", ["ablate_arch", "ablate_loss", "ablate_levers", "ablate_shape"])
 def test_config_checks_and_report_expand_an_experiment_as_hydra_does(experiment, tmp_path):
     """``validate.sweep_jobs`` (every job checked before the first starts) and ``reporting.expected_jobs`` (jobs not
     started yet, from ``multirun.yaml``) give the basic sweeper's jobs of a real experiment sweep."""
