@@ -273,15 +273,21 @@ def test_add_seeds_for_an_eval_sweep_uses_ddpm_eval_and_the_sampling_seed(tmp_pa
     assert scale2[:2] == ["ddpm-eval", "-m"] and "sample.seed=2,3" in scale2 and "ckpt=/runs/a b/m.ckpt" in scale2
 
 
-def test_launch_runs_the_commands(tmp_path, monkeypatch, capsys):
-    sweep = _sweep(tmp_path / "sweep")
+def _fake_entry_point(tmp_path: Path, name: str, monkeypatch) -> tuple[Path, Path]:
+    """A ``name`` on PATH (alone with the system's tools) that appends its arguments to a log: (it, the log)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "calls.txt"
-    fake = bin_dir / "ddpm-train"
+    fake = bin_dir / name
     fake.write_text(f'#!/usr/bin/env bash\necho "$@" >> {shlex.quote(str(log))}\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{Path('/usr/bin')}:{Path('/bin')}")
+    return fake, log
+
+
+def test_launch_runs_the_commands(tmp_path, monkeypatch, capsys):
+    sweep = _sweep(tmp_path / "sweep")
+    fake, log = _fake_entry_point(tmp_path, "ddpm-train", monkeypatch)
     report_main([str(sweep), "--no-plot", "--add-seeds", "2", "--launch"])
     calls = log.read_text().splitlines()
     assert len(calls) == 4 and all("seed=3,4" in call for call in calls)
@@ -362,13 +368,7 @@ def test_report_seeds_per_group_and_launch(tmp_path, monkeypatch, capsys):
     root = tmp_path / "sweep"
     _eval_sweep(root / "classifier")
     _eval_sweep(root / "cfg", fids={"0": (40.0, 41.0, 42.0), "3": (30.0, 31.0, 32.0)}, extra=("guidance.cfg_scale=1",))
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "calls.txt"
-    fake = bin_dir / "ddpm-eval"
-    fake.write_text(f'#!/usr/bin/env bash\necho "$@" >> {shlex.quote(str(log))}\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{Path('/usr/bin')}:{Path('/bin')}")
+    _, log = _fake_entry_point(tmp_path, "ddpm-eval", monkeypatch)
     report_main([str(root), "--no-plot", "--select-per", "guidance", "--report-seeds", "5", "--launch"])
     calls = log.read_text().splitlines()
     assert len(calls) == 4 and all("sample.seed=5" in call for call in calls)
