@@ -6,6 +6,10 @@
 # trainings and jobs are skipped, an interrupted training continues from its last checkpoint (resume=auto).
 # The model M and its 500-step checkpoint B (the bad model of autoguidance) are the checkpoint-series run of
 # results/checkpoint_series/run.sh (the default experiment, every 500-step checkpoint kept).
+# Every job records its code (provenance: git commit); ddpm-report pairs only jobs of one commit (else
+# --allow-mixed). Resume it at the commit it started on: the 2026-12-08 run ran at 4f274ff from a worktree,
+#   git worktree add /work/meas/wt 4f274ff && cd /work/meas/wt && ln -s /work/main/.venv /work/main/runs \
+#       /work/main/multirun . && PYTHONPATH=$PWD bash results/g37/run.sh
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 export WANDB_MODE=${WANDB_MODE:-offline} PATH="$PWD/.venv/bin:$PATH"
