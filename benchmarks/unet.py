@@ -157,6 +157,19 @@ def _bf16(fn: Callable[[], None]) -> Callable[[], None]:
     return common.autocast_bf16(fn, "cpu")
 
 
+def _onednn_bf16_math(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` with ``torch.backends.mkldnn.fp32_precision = "bf16"``: oneDNN may compute fp32 ops in bf16."""
+    def run() -> None:
+        before = torch.backends.mkldnn.fp32_precision
+        torch.backends.mkldnn.fp32_precision = "bf16"
+        try:
+            fn()
+        finally:
+            torch.backends.mkldnn.fp32_precision = before
+
+    return run
+
+
 def _threads(fn: Callable[[], None], threads: int) -> Callable[[], None]:
     def run() -> None:
         before = torch.get_num_threads()
@@ -205,6 +218,9 @@ def measure_ablations(config: common.ArchConfig, rounds: int, compile: bool = Fa
         train["bf16 autocast"], infer["bf16 autocast"] = _bf16(train["baseline"]), _bf16(infer["baseline"])
         train["channels_last + bf16"] = _bf16(train["channels_last"])  # the knob where precision=auto picks bf16
         infer["channels_last + bf16"] = _bf16(infer["channels_last"])
+        # oneDNN's implicit bf16 math inside fp32 ops (no autocast casts): meant for AMX tiles
+        train["fp32, oneDNN bf16 math"] = _onednn_bf16_math(train["baseline"])
+        infer["fp32, oneDNN bf16 math"] = _onednn_bf16_math(infer["baseline"])
     if torch.get_num_threads() > 1:
         train["1 thread"], infer["1 thread"] = _threads(train["baseline"], 1), _threads(infer["baseline"], 1)
     train_t, infer_t = common.interleaved(train, rounds), common.interleaved(infer, rounds)
