@@ -163,6 +163,13 @@ def test_autoguidance_sweep_by_the_model_itself_is_unguided_and_reports_per_meth
     assert cfg.reported_values["eval/network_calls_per_image"] == {"1": 6.0}
     assert unguided.reported_values["eval/network_calls_per_image"] == {"1": 3.0}
     assert "| network calls per image | 6 |" in report["markdown"]
+    # one summary table: a row per method with its chosen row's held-out values and the calls per image
+    summary = report["markdown"].split("## Held-out selection per group:")[1].split("\n## ")[0]
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| group")]
+    assert sorted(row.split(" | ")[0][2:] for row in rows) == sorted(groups)
+    cfg_row = next(row for row in rows if row.startswith("| cfg |"))
+    fid = cfg.reported["eval/fid@6"].mean
+    assert f"{fid:.4g}"[:4] in cfg_row and cfg_row.rstrip(" |").endswith("| 1 | 6 | 0")  # n, calls, gradients
     for selection in report["selections"]:
         assert selection.selection_seeds == ["0"] and selection.report_seeds == ["1"]
         assert all(stats.n == 1 for stats in selection.reported.values())

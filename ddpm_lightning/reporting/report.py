@@ -24,7 +24,7 @@ from .rerun import (
     report_seeds_lines,
     write_add_seeds,
 )
-from .select import select_rows, selection_lines, selections_json
+from .select import select_rows, selection_lines, selections_json, summary_lines
 from .stats import SEED_KEYS, aggregate, build_table
 from .tables import metric_columns, to_markdown, write_csv, write_summary_csv
 
@@ -68,6 +68,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, metri
         correct(rows, correction, metric_columns(table))
         if select:
             selections = select_rows(rows, select_seeds, report_seeds, per=select_per)
+            sections += summary_lines(selections, metric_columns(table))
             sections += [line for chosen in selections for line in selection_lines(chosen, metric_columns(table))]
             to_report = plan_report_seeds(rows, selections, sweep_dir)
             sections += report_seeds_lines(to_report, out_dir / REPORT_SCRIPT)

@@ -215,6 +215,32 @@ def selection_lines(selection: Selection, metrics: Sequence[str]) -> list[str]:
     return [*lines, ""]
 
 
+def summary_lines(selections: Sequence[Selection], metrics: Sequence[str]) -> list[str]:
+    """With several selections (``--select-per``): one table, a row per group with its chosen row and that row's
+    metrics over the report seeds (mean ± t-interval half-width, n) and its cost per image; empty for one."""
+    if len(selections) < 2:
+        return []
+    first = selections[0]
+    shown = [m for m in metrics if any(m in s.reported for s in selections)]
+    costs = [key for key in COST_KEYS if any(f"eval/{key}" in s.reported_values for s in selections)]
+    head = ["group", "chosen", *(f"{display_name(m)} {arrow(m)}" for m in shown), "n",
+            *(key.replace("_", " ") for key in costs)]
+    lines = [f"## Held-out selection per group: chosen on `{first.axis}` = {', '.join(first.selection_seeds)}, "
+             f"reported on `{first.axis}` = {', '.join(first.report_seeds)}", "",
+             "Each group's chosen row (lowest/highest mean primary metric over the selection seeds) and its metrics "
+             f"over the report seeds only: mean ± {CONFIDENCE:.0%} t-interval half-width. Sections below: the "
+             "candidates of each group.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for selection in selections:
+        label = selection.candidates[selection.chosen][0]
+        cells = [stats_cell(selection.reported.get(m)).split(" (")[0] for m in shown]
+        n = max((selection.reported[m].n for m in shown if m in selection.reported), default=0)
+        spent = [", ".join(f"{v:g}" for v in sorted(set(selection.reported_values.get(f"eval/{key}", {}).values())))
+                 for key in costs]
+        row = [selection.group or "", f"`{label}`", *cells, str(n), *spent]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+    return [*lines, ""]
+
+
 def selection_json(selection: Selection, sweep_dir: str | Path) -> dict[str, Any]:
     """``selection.json``: what made it, both seed sets, the candidates, the choice and the reported values."""
     def number(value: float | None) -> float | None:
