@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from ..config.choices import ETA_METHODS
 from ..config.schema import GuidanceConfig, SampleConfig
 from ..modules.checkpoint import checkpoint_step
 
@@ -72,7 +73,7 @@ def eval_command(ckpt: Path, *, num_samples: int, seed: int, labels: str, precis
     steps = "all" if settings.steps is None else settings.steps
     keys = {"ckpt": str(ckpt), "num_samples": num_samples, "seed": seed, "y": labels,
             "precision": EVAL_PRECISION[precision], "method": settings.method, "steps": steps,
-            **({"eta": settings.eta} if settings.method == "ddim" else {}),  # ddpm-eval refuses eta for the others
+            **({"eta": settings.eta} if settings.method in ETA_METHODS else {}),  # ddpm-eval refuses it for others
             "schedule": settings.schedule, "clip_denoised": settings.clip_denoised, "batch_size": settings.batch_size,
             **{key: scorer[key] for key in SCORER_KEYS if key != "cache_dir" or scorer.get(key) is not None},
             "device": device}

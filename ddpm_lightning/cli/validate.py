@@ -30,6 +30,7 @@ from ..config.choices import (
     CHOICE_KEYS,
     COUNT_OR_FRACTION_KEYS,
     DEVICES,
+    ETA_METHODS,
     EVAL_METRICS,
     FLOAT_RANGES,
     GENERATION_CHOICE_KEYS,
@@ -522,7 +523,7 @@ def _check_generation_choices(cfg: DictConfig) -> None:
             raise ValueError(f"eta must be a number >= 0 (DDIM's stochasticity: 0 deterministic, 1 as DDPM), "
                              f"got {eta!r}")
         method = cfg.get("method")
-        if method is not None and method != "ddim":
+        if method is not None and method not in ETA_METHODS:
             raise ValueError(f"eta={eta} is DDIM's; method={method} does not use it: drop eta, or give method=ddim")
 
 

@@ -25,6 +25,7 @@ OBJECTIVES = ("diffusion", "classifier")
 
 # ------------------------------------------------------------------------------------------------- sampling
 SAMPLE_METHODS = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc")
+ETA_METHODS = ("ddim",)  # the samplers that take eta (DDIM's stochasticity); the others refuse it
 SOLVER_SCHEDULES = ("uniform", "logsnr", "karras", "trailing")  # the step schedules any method can walk
 SAMPLE_SCHEDULES = ("adm",) + SOLVER_SCHEDULES  # adm: ADM's space_timesteps respacing
 CORRECTORS = ("none", "unipc")

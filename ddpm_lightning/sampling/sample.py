@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config.choices import SAMPLE_METHODS, SAMPLE_SCHEDULES
+from ..config.choices import ETA_METHODS, SAMPLE_METHODS, SAMPLE_SCHEDULES
 from ..config.schema import SampleConfig
 from ..diffusion import GaussianDiffusion
 from ..diffusion.noise import LABEL_STREAM, PerSampleNoise
@@ -49,7 +49,7 @@ def resolve_sampler(base: SampleConfig | Mapping[str, Any] | None = None,
     if str(given.get("steps")) == ALL_STEPS:
         given["steps"] = None
     settings = SampleConfig(**{**values, **given})
-    if "eta" in given and settings.method != "ddim":
+    if "eta" in given and settings.method not in ETA_METHODS:
         method = f"method={settings.method}" if "method" in given else \
             f"the sampler {settings.method} (the run's own sample.method)"
         raise ValueError(f"eta={given['eta']} is DDIM's; {method} does not use it: drop eta, or give method=ddim")
