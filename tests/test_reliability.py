@@ -504,3 +504,35 @@ def test_training_says_its_work_and_estimated_time_in_the_first_steps(tmp_path, 
                for line in lines), lines
     assert any(re.match(r"estimated time: ~\d+\.\d min for 4 optimizer steps \(\d+\.\d\d s/step over steps 1-4",
                         line) for line in lines), lines
+
+
+def test_scoring_estimate_leaves_a_first_call_per_batch_size_out_of_the_timing(monkeypatch):
+    """Under ``model.compile`` the first call at each batch size compiles (minutes). The warm-up must be at the
+    timed size, or the compile lands in the timed call and is extrapolated to every sample (the estimate read ~900
+    min). A driven clock: each network call costs 0.01 s per image, features 0.001 s per image, and the first
+    call at a new batch size another 100 s."""
+    from ddpm_lightning.callbacks import generative_metrics
+    from ddpm_lightning.config.schema import SampleConfig
+
+    clock = SimpleNamespace(now=0.0, sizes=set())
+    monkeypatch.setattr(generative_metrics, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+
+    class CompilingModule:
+        def sampling_process(self, settings):
+            return SimpleNamespace(num_timesteps=settings.steps)
+
+        def sample(self, n, settings, **_):
+            clock.now += (100.0 if n not in clock.sizes else 0.0) + 0.01 * n * settings.steps
+            clock.sizes.add(n)
+            return torch.zeros(n, 1, 4, 4), None
+
+    class Scorer:
+        def outputs(self, images):
+            clock.now += 0.001 * len(images)
+
+    callback = generative_metrics.GenerativeMetricsCallback(num_samples=500)
+    callback.settings = SampleConfig(method="ddpm", steps=15, batch_size=64)
+    callback._scorer = Scorer()
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(forward_context=torch.no_grad))
+    per_sample = callback._time_one_sample(trainer, CompilingModule())
+    assert per_sample == pytest.approx(0.01 * 15 + 0.001)  # 15 calls + features, no compile in it

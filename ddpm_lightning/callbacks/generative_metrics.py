@@ -115,7 +115,9 @@ class GenerativeMetricsCallback(pl.Callback):
 
     def _time_one_sample(self, trainer: pl.Trainer, module: pl.LightningModule) -> float | None:
         """Seconds per sample of scoring (every network call of the sampler + the features), timed on a batch of
-        up to 8 after a one-sample warm-up; None where the module cannot say its network calls."""
+        up to 8 after a warm-up on a batch of the same size (lazy initialisation, kernel selection, and under
+        ``model.compile`` the graph for that shape: a warm-up at another size left the recompile inside the timed
+        call, and the estimate read ~900 min); None where the module cannot say its network calls."""
         if not callable(getattr(module, "sampling_process", None)):
             return None
         calls = int(module.sampling_process(self.settings).num_timesteps)
@@ -123,7 +125,7 @@ class GenerativeMetricsCallback(pl.Callback):
         calls_timed = int(module.sampling_process(probe).num_timesteps)  # the fewest a respaced process keeps
         n = min(self.settings.batch_size, 8)
         timings = []
-        for size in (1, n):  # the first: warm-up (lazy initialisation, kernel selection), not counted
+        for size in (n, n):  # the first: warm-up at the timed size, not counted
             start = time.perf_counter()
             with torch.no_grad(), trainer.precision_plugin.forward_context():
                 images, _ = module.sample(size, probe, guidance=self._guidance, y="random", seed=self.seed,
