@@ -4,6 +4,7 @@ and 8), the new sample.method / schedule keys through the checkpoint's config an
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -16,6 +17,7 @@ from run_config import TINY, compose_run
 
 from ddpm_lightning.cli.generation import Generation, generate
 from ddpm_lightning.cli.train import train
+from ddpm_lightning.config.choices import ETA_METHODS
 from ddpm_lightning.modules.checkpoint import load_diffusion_module
 from ddpm_lightning.sampling import SAMPLE_METHODS, Guidance, resolve_sampler
 
@@ -63,7 +65,8 @@ def test_checkpoint_sampling_defaults_and_cli_overrides(tiny_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("method", SAMPLE_METHODS)
-def test_every_method_samples_from_a_checkpoint(tiny_ckpt, method, tmp_path):
+def test_every_method_samples_from_a_checkpoint(tiny_ckpt, method, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     module = load_diffusion_module(tiny_ckpt)
     sampler = resolve_sampler(module.sample_settings, {"method": method, "steps": 3, "schedule": "uniform",
                                                        "clip_denoised": True, "batch_size": 2})
@@ -74,6 +77,9 @@ def test_every_method_samples_from_a_checkpoint(tiny_ckpt, method, tmp_path):
         images, labels = data["arr_0"], data["arr_1"]
     assert images.shape == (3, 16, 16, 3) and images.std() > 0  # uint8 NHWC, the 1 channel repeated
     assert labels.tolist() == [0, 1, 2] and used["method"] == method and used["schedule"] == "uniform"
+    eta = "eta=0.0, " if method in ETA_METHODS else ""  # the log names eta only where the sampler uses it
+    assert any(r.getMessage().startswith(f"sampled 3 images ({method}, steps=3, {eta}schedule=uniform) in ")
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 @pytest.mark.parametrize("args,message", [

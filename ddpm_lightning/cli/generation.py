@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..config.choices import IMAGE_SUFFIXES, PRECISIONS
+from ..config.choices import ETA_METHODS, IMAGE_SUFFIXES, PRECISIONS
 from ..config.schema import GuidanceConfig, SampleConfig
 from ..metrics.npz import iter_npz_rows, npz_member
 from ..modules.checkpoint import load_diffusion_checkpoint
@@ -138,8 +138,9 @@ def generate(module, run: Generation, *, procs: Processes | None = None, scorer=
                             calls_per_batch=calls.get("network_calls_per_image"))
     procs.barrier()
     used = run.sampling
+    eta = f"eta={used['eta']}, " if used["method"] in ETA_METHODS else ""  # the others do not use it
     rank_zero_info(f"sampled {stats['generated']} images ({used['method']}, steps={used['steps']}, "
-                   f"eta={used['eta']}, schedule={used['schedule']}) in {stats['seconds']:.1f} s "
+                   f"{eta}schedule={used['schedule']}) in {stats['seconds']:.1f} s "
                    f"({stats['samples_per_second']:.2f} samples/s "
                    f"on rank {procs.rank} of {procs.world_size}; {stats['skipped']} kept from an earlier run)")
     result = {"sampling": used, "generation": {**stats, **budget, **calls, "world_size": procs.world_size,
