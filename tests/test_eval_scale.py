@@ -261,3 +261,44 @@ def test_torchrun_processes_and_other_shard_sizes_give_the_same_samples(tiny_ckp
     one = _run("sample", *args, "shard_size=4", "batch_size=3", out=tmp_path / "one", cache=tmp_path / "cache")
     assert one.returncode == 0, one.stderr[-3000:]
     assert (tmp_path / "torchrun" / "samples.npz").read_bytes() == (tmp_path / "one" / "samples.npz").read_bytes()
+
+
+def test_sampling_time_counts_every_run_that_made_the_samples(tmp_path, monkeypatch):
+    """A job interrupted mid-shard, rerun, then rerun once more with every shard kept: each result reports the
+    seconds of generating all its samples (the interrupted part included), not only its own run's (the last
+    rerun used to report 0 s and 0 samples/s, and the sweep report read that as the job's cost). A driven
+    clock: 1 s per image. A shard whose time was never recorded (files from before the sidecars) makes it
+    unknown (None), not wrong."""
+    from types import SimpleNamespace
+
+    from ddpm_lightning.cli.generation import sampling_time
+
+    clock = SimpleNamespace(now=0.0, stop_at=None)
+    monkeypatch.setattr(shards_module, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+
+    def sample_fn(n: int, first: int):
+        if first == clock.stop_at:
+            raise KeyboardInterrupt
+        clock.now += n
+        return torch.zeros(n, 1, 4, 4), torch.arange(first, first + n)
+
+    def run():
+        return shards_module.generate_shards(sample_fn, shards=tmp_path, num_samples=6, shard_size=2,
+                                             batch_size=1, procs=shards_module.Processes(), log=lambda _: None)
+
+    clock.stop_at = 3  # shard 0-1 written, sample 2 done, Ctrl-C before sample 3
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["000000000-000000002.npz",
+                                                              "000000002-000000003.partial.npz"]
+    clock.stop_at = None
+    resumed = run()
+    assert (resumed["generated"], resumed["skipped"], resumed["seconds"]) == (3, 3, 3.0)  # this run: 3-5
+    assert sampling_time(resumed) == {"sampling_seconds": 6.0, "samples_per_second": 1.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{a:09d}-{a + 2:09d}.{ext}" for a in (0, 2, 4)
+                                                          for ext in ("json", "npz")]
+    again = run()
+    assert (again["generated"], again["seconds"]) == (0, 0.0)
+    assert sampling_time(again) == {"sampling_seconds": 6.0, "samples_per_second": 1.0}
+    (tmp_path / "000000002-000000004.json").unlink()
+    assert sampling_time(run()) == {"sampling_seconds": None, "samples_per_second": None}

@@ -270,10 +270,11 @@ def _scorer(cfg: DictConfig, plan: EvalPlan, datamodule, procs):
 
 
 def _record_generation(results: dict, generated: dict) -> None:
+    from .generation import sampling_time
+
     results["sampling"], results["generation"] = generated["sampling"], generated["generation"]
     results["outputs"] = generated["outputs"]
-    results["sampling_seconds"] = generated["generation"]["seconds"]
-    results["samples_per_second"] = generated["generation"]["samples_per_second"]
+    results |= sampling_time(generated["generation"])
 
 
 def _score_shards(results: dict, scorer, module, run, spatial: bool) -> None:

@@ -150,6 +150,14 @@ def generate(module, run: Generation, *, procs: Processes | None = None, scorer=
     return result
 
 
+def sampling_time(generation: dict[str, Any]) -> dict[str, float | None]:
+    """A result's ``sampling_seconds`` and ``samples_per_second``: generating all of rank 0's samples, summed over
+    the runs that made them (a rerun that kept every shard still reports the job's time; None where a shard
+    predates the timing sidecars), not only this run's part (``generation.seconds``)."""
+    return {"sampling_seconds": generation.get("seconds_all_runs"),
+            "samples_per_second": generation.get("samples_per_second_all_runs")}
+
+
 def generation_labels(module, run: Generation) -> int | str | None:
     """The labels ``y`` asks for; a class index for a model that has no labels is refused, never ignored."""
     allowed = labels_allowed(module, run.guidance.cond_fn)

@@ -31,7 +31,7 @@ def sample(cfg: DictConfig) -> dict:
 def _sample(cfg: DictConfig, out_dir: Path) -> dict:
     from ..artifacts import write_json
     from ..provenance import provenance
-    from .generation import generate, plan_generation, resolve_device
+    from .generation import generate, plan_generation, resolve_device, sampling_time
     from .shards import launch
 
     procs = launch(int(cfg.devices), resolve_device(cfg.device))
@@ -40,8 +40,8 @@ def _sample(cfg: DictConfig, out_dir: Path) -> dict:
     if procs.rank != 0:  # the other processes generate their shards; rank 0 writes the outputs
         return generated
     gen = generated["generation"]
-    result = {"ckpt": cfg.ckpt, "num_samples": run.num_samples, "sampling_seconds": gen["seconds"],
-              "samples_per_second": gen["samples_per_second"], "guidance": dataclasses.asdict(run.guidance_config),
+    result = {"ckpt": cfg.ckpt, "num_samples": run.num_samples, **sampling_time(gen),
+              "guidance": dataclasses.asdict(run.guidance_config),
               "outputs": generated["outputs"], "sampling": generated["sampling"], "generation": gen}
     result["provenance"] = provenance(precision=run.precision, world_size=procs.world_size)
     write_json(out_dir / "sample.json", result, default=str)

@@ -6,6 +6,8 @@ Layout of ``<output_dir>`` (``ddpm-sample`` and ``ddpm-eval``)::
     shards/<start>-<end>.npz      samples start..end-1 (global indices): arr_0 uint8 NHWC in the data's
                                   channels, arr_1 labels, and, when scored, their per-sample features
                                   (f_pool, f_spatial, f_clf_logits, ...) with feature_id
+    shards/<start>-<end>.json     {"seconds": generating them}, over every run that made a part of them: a rerun
+                                  that keeps finished shards still reports the whole job's sampling time
     samples.npz                   every sample in the ADM evaluator's layout (uint8 NHWC, 3 channels: 1-channel
                                   data repeated; labels in arr_1), streamed from the shards
     grid.png                      the first 100 samples
@@ -226,6 +228,28 @@ def write_shard(path: Path, images: np.ndarray, labels: np.ndarray | None, featu
         raise NoSpaceLeft(path.parent) from None
 
 
+def seconds_path(path: Path) -> Path:
+    """The timing sidecar of a shard or partial file (``<name>.json`` beside ``<name>.npz``)."""
+    return path.with_suffix(".json")
+
+
+def write_seconds(path: Path, seconds: float | None) -> None:
+    """Before the shard itself, so a shard never exists beside another's time; None (a part made before the
+    sidecars) removes a stale one."""
+    if seconds is None:
+        seconds_path(path).unlink(missing_ok=True)
+    else:
+        artifacts.write_text(seconds_path(path), json.dumps({"seconds": float(seconds)}))
+
+
+def read_seconds(path: Path) -> float | None:
+    """The recorded generation seconds of a shard or partial file; None for files written before sidecars."""
+    try:
+        return float(json.loads(seconds_path(path).read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def read_shard(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
@@ -292,6 +316,8 @@ def generate_shards(sample_fn: Callable[[int, int], tuple[torch.Tensor, torch.Te
     for r in set(mine) - set(todo):  # a partial file left by a kill between a shard's write and its removal
         if (stale := partial_shard(shards, *r)) is not None:
             stale[1].unlink(missing_ok=True)
+            seconds_path(stale[1]).unlink(missing_ok=True)
+    kept = [read_seconds(shard_path(shards, *r)) for r in mine if r not in todo]
     begun = {r: partial_shard(shards, *r) for r in todo}  # shards an interrupted run began: from the next batch on
     total = sum(end - (begun[(start, end)] or (start,))[0] for start, end in todo)
     batches = sum(-(-(end - (begun[(start, end)] or (start,))[0]) // batch_size) for start, end in todo)
@@ -304,6 +330,7 @@ def generate_shards(sample_fn: Callable[[int, int], tuple[torch.Tensor, torch.Te
     done, start_time, timed = 0, time.perf_counter(), False
     for start, end in todo:
         part = _Part(start, begun[(start, end)], score_fn, batch_size, feature_id)
+        part_start = time.perf_counter()
         try:
             for first in range(part.upto, end, batch_size):
                 x, y = sample_fn(min(batch_size, end - first), first)
@@ -314,8 +341,11 @@ def generate_shards(sample_fn: Callable[[int, int], tuple[torch.Tensor, torch.Te
                     log(f"[rank {procs.rank}/{procs.world_size}] "
                         + estimate_line(time.perf_counter() - start_time, len(uint8), total, calls))
         except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the finished batches of this shard stay too
-            part.keep(shards)
+            part.keep(shards, time.perf_counter() - part_start)
             raise
+        seconds = part.seconds(time.perf_counter() - part_start)
+        kept.append(seconds)
+        write_seconds(shard_path(shards, start, end), seconds)
         write_shard(shard_path(shards, start, end), *part.arrays(), feature_id)
         part.remove()
         done += end - (begun[(start, end)] or (start,))[0]
@@ -324,8 +354,11 @@ def generate_shards(sample_fn: Callable[[int, int], tuple[torch.Tensor, torch.Te
         log(f"[rank {procs.rank}/{procs.world_size}] samples {start}-{end - 1} written: {done}/{total} "
             f"({rate:.2f} samples/s, ETA {_duration((total - done) / rate)})")
     seconds = time.perf_counter() - start_time
+    mine_count = sum(e - s for s, e in mine)
+    all_runs = None if None in kept else sum(kept)  # unknown where a file predates the timing sidecars
     return {"generated": done, "seconds": seconds, "samples_per_second": done / seconds if done else 0.0,
-            "skipped": sum(e - s for s, e in mine) - total}
+            "skipped": mine_count - total, "seconds_all_runs": all_runs,
+            "samples_per_second_all_runs": mine_count / all_runs if all_runs else None}
 
 
 class _Part:
@@ -336,12 +369,14 @@ class _Part:
     def __init__(self, start: int, begun: tuple[int, Path] | None, score_fn, batch_size: int,
                  feature_id: str) -> None:
         self.start, self.upto, self.path, self.feature_id = start, start, None, feature_id
+        self.seconds_before: float | None = 0.0  # generating the batches of an interrupted run (None: not recorded)
         self.images: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
         self.features: list[dict[str, torch.Tensor]] = []
         if begun is None:
             return
         self.upto, self.path = begun
+        self.seconds_before = read_seconds(self.path)
         data = read_shard(self.path)
         self.images.append(data["arr_0"])
         if "arr_1" in data:
@@ -366,17 +401,23 @@ class _Part:
         merged = {k: torch.cat([f[k] for f in self.features]) for k in self.features[0]} if self.features else {}
         return np.concatenate(self.images), np.concatenate(self.labels) if self.labels else None, merged
 
-    def keep(self, shards: Path) -> None:
+    def seconds(self, elapsed: float) -> float | None:
+        """This shard's generation time so far: the interrupted runs' and ``elapsed`` of this one."""
+        return None if self.seconds_before is None else self.seconds_before + elapsed
+
+    def keep(self, shards: Path, elapsed: float) -> None:
         count = sum(len(i) for i in self.images)
         if count and self.start + count > self.upto:
             images, labels, features = self.arrays()
-            write_shard(partial_path(shards, self.start, self.start + count), images, labels, features,
-                        self.feature_id)
+            path = partial_path(shards, self.start, self.start + count)
+            write_seconds(path, self.seconds(elapsed))
+            write_shard(path, images, labels, features, self.feature_id)
             self.remove()
 
     def remove(self) -> None:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+            seconds_path(self.path).unlink(missing_ok=True)
 
 
 def estimate_line(seconds: float, measured: int, total: int, calls: int | None) -> str:

@@ -144,7 +144,7 @@ def read_run(folder: str | Path, stale_after_s: float = 3600.0, now: float | Non
     eval_results = _read_json(folder / EVAL_RESULTS_FILE)
     if eval_results is not None:
         run.metrics.update({f"eval/{k}": v for k, v in _floats(eval_results.get("metrics") or {}).items()})
-        if "sampling_seconds" in eval_results:
+        if isinstance(eval_results.get("sampling_seconds"), int | float):  # null: not recorded for every shard
             run.metrics["eval/sampling_seconds"] = float(eval_results["sampling_seconds"])
         generation = eval_results.get("generation") or {}
         run.metrics.update({f"eval/{key}": float(generation[key]) for key in COST_KEYS
