@@ -2,7 +2,7 @@
 # Issue #37, "Guidance after ADM" measured on the embedded data: the models, then the selection sweeps on sampling
 # seeds 0,1,2 for each sampler (DDPM-15, DPM-Solver++(2M)-15), then the chosen row of each method on the held-out
 # seeds 3,4,5 (ddpm-report --report-seeds writes and --launch runs them). Methods: unguided, classifier guidance
-# (scale 1, 2, 4), CFG (w 1, 2, 3), CFG inside the interval [167, 881] (w 2, 3), autoguidance (w 1.5, 2, 3). Resumable: rerun this script; finished
+# (scale 1, 2, 4), CFG (w 0.25, 0.5, 1, 2, 3), CFG inside the interval [167, 881] (w 2, 3), autoguidance (w 1.5, 2, 3). Resumable: rerun this script; finished
 # trainings and jobs are skipped, an interrupted training continues from its last checkpoint (resume=auto).
 # The model M and its 500-step checkpoint B (the bad model of autoguidance) are the checkpoint-series run of
 # results/checkpoint_series/run.sh (the default experiment, every 500-step checkpoint kept).
@@ -36,6 +36,9 @@ for S in ddpm:"method=ddpm steps=15" dpmpp:"method=dpm++2m steps=15 schedule=log
       guidance.scale=0,1,2,4 guidance.interval=null hydra.sweep.dir=$D/classifier
   ddpm-eval -m experiment=guidance_sweep_cfg ckpt=$C $ARGS $COMMON \
       guidance.cfg_scale=0,1,2,3 guidance.interval=null hydra.sweep.dir=$D/cfg
+  # CFG's FID-optimal scale is small (w 1 already above w 0 on the first seed): two scales between
+  ddpm-eval -m experiment=guidance_sweep_cfg ckpt=$C $ARGS $COMMON \
+      guidance.cfg_scale=0.25,0.5 guidance.interval=null hydra.sweep.dir=$D/cfg_low
   ddpm-eval -m experiment=guidance_sweep_autoguidance ckpt=$M guidance.autoguidance_ckpt=$B $ARGS $COMMON \
       guidance.autoguidance_scale=1.5,2,3 guidance.interval=null hydra.sweep.dir=$D/autoguidance
   ddpm-eval -m experiment=guidance_sweep_cfg ckpt=$C $ARGS $COMMON \
