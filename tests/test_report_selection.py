@@ -137,3 +137,47 @@ def test_select_needs_seed_axes(tmp_path):
     _eval_job(tmp_path, 1, ["guidance.scale=1"], {"fid@200": 38.0})
     with pytest.raises(ValueError, match=r"held-out selection \(--select\) needs seed axes"):
         write_report(tmp_path, make_plot=False, select=True)
+
+
+def test_chosen_rows_are_compared_with_each_other_on_the_report_seeds_only(tmp_path):
+    """--select-per guidance: the chosen rows of unguided, classifier and CFG compared pairwise over report seeds
+    3-5 (paired by seed): means and intervals of the differences as computed here, Benjamini-Hochberg over the
+    three verdicts (scipy's ``false_discovery_control``), a decided verdict it pushes above 5% made inconclusive.
+    Over the selection seeds the rows that are not chosen would give other differences: they must not enter."""
+    fids = {"guidance.scale=0": (50.0, 51.0, 52.0, 50.0, 50.6, 52.4),
+            "guidance.scale=1": (45.0, 46.0, 47.0, 40.0, 41.0, 42.0),
+            "guidance.scale=2": (38.0, 39.0, 40.0, 46.0, 48.0, 47.0),  # classifier's choice: 39 over seeds 0-2
+            "guidance.cfg_scale=1": (44.0, 44.0, 44.0, 51.0, 52.5, 51.2),  # CFG's choice: 44
+            "guidance.cfg_scale=2": (60.0, 60.0, 60.0, 30.0, 30.0, 30.0)}
+    root = tmp_path / "sweep"
+    for seed in range(6):
+        for i, (row, values) in enumerate(fids.items()):
+            _eval_job(root, 5 * seed + i, [f"sample.seed={seed}", row, "ckpt=m.ckpt"], {"fid@200": values[seed]})
+    result = write_report(root, make_plot=False, select_per="guidance", select_seeds="0,1,2", report_seeds="3,4,5")
+    assert [s.group for s in result["selections"]] == ["unguided", "classifier", "cfg"]
+    found = {(c.group, c.reference): c.paired for c in result["comparisons"]}
+    assert set(found) == {("unguided", "classifier"), ("unguided", "cfg"), ("classifier", "cfg")}
+    chosen = {"unguided": fids["guidance.scale=0"], "classifier": fids["guidance.scale=2"],
+              "cfg": fids["guidance.cfg_scale=1"]}
+    pvalues = []
+    for (row, reference), paired in found.items():
+        diffs = [a - b for a, b in zip(chosen[row][3:], chosen[reference][3:], strict=True)]
+        mean, half = _interval(diffs)
+        assert paired.diff.n == 3 and paired.diff.mean == pytest.approx(mean)
+        assert (paired.diff.low, paired.diff.high) == (pytest.approx(mean - half), pytest.approx(mean + half))
+        assert paired.p == pytest.approx(stats.ttest_rel(chosen[row][3:], chosen[reference][3:]).pvalue)
+        pvalues.append(paired.p)
+    for paired, adjusted in zip(found.values(), stats.false_discovery_control(pvalues), strict=True):
+        assert paired.p_adjusted == pytest.approx(adjusted) and paired.tests == 3
+    # unguided - classifier = (4, 2.6, 5.4): p 0.039 alone (interval excludes 0), 0.058 after BH: demoted
+    assert (found["unguided", "classifier"].verdict, found["unguided", "classifier"].demoted) == ("inconclusive", True)
+    assert found["classifier", "cfg"].verdict == "better" and not found["classifier", "cfg"].demoted
+    assert (found["unguided", "cfg"].verdict, found["unguided", "cfg"].demoted) == ("inconclusive", False)
+    markdown = result["markdown"]
+    assert "## Held-out comparisons of the chosen rows: on `sample.seed` = 3, 4, 5" in markdown
+    assert "| classifier | cfg | -4.6 [-5.6, -3.6] **better** |" in markdown
+    assert "| unguided | classifier | +4.0 [+0.5, +7.5] inconclusive† |" in markdown
+    saved = json.loads((root / "selection.json").read_text())["comparisons"]
+    assert {(c["row"], c["compared_with"], c["verdict"]) for c in saved} == {
+        ("unguided", "classifier", "inconclusive"), ("unguided", "cfg", "inconclusive"),
+        ("classifier", "cfg", "better")}

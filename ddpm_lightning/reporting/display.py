@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from ..config.choices import DISPLAY_NAMES
-from .stats import Stats, base_name, finite, metric_mode
+from .stats import Paired, Stats, base_name, finite, metric_mode
 
 
 def display_name(metric: str) -> str:
@@ -65,3 +65,17 @@ def stats_cell(stats: Stats | None, within: float | None = None) -> str:
     if within is not None:
         spread.append(f"sampling sd {fmt(within)}")
     return f"{text} ({'; '.join(spread)})"
+
+
+def paired_cell(paired: Paired | None) -> str:
+    """A paired difference: ``+1.5 [+0.2, +2.8] **worse**`` (``†``: made inconclusive by the correction)."""
+    if paired is None or paired.diff.n == 0:
+        return "no shared seeds"
+    if paired.diff.n == 1:
+        return f"{signed(paired.diff.mean)} (1 pair: no interval) {paired.verdict}"
+    places = decimals_for(paired.diff.half_width)
+    text = (f"{signed(paired.diff.mean, places)} [{signed(paired.diff.low, places)}, "
+            f"{signed(paired.diff.high, places)}]")
+    if paired.verdict != "inconclusive":
+        return f"{text} **{paired.verdict}**"
+    return f"{text} inconclusive" + ("†" if paired.demoted else "")

@@ -24,7 +24,7 @@ from .rerun import (
     report_seeds_lines,
     write_add_seeds,
 )
-from .select import select_rows, selection_lines, selections_json, summary_lines
+from .select import compare_selections, comparison_lines, select_rows, selection_lines, selections_json, summary_lines
 from .stats import SEED_KEYS, aggregate, build_table
 from .tables import metric_columns, to_markdown, write_csv, write_summary_csv
 
@@ -63,12 +63,14 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, metri
                          f"(one of {', '.join(seed_keys)} with several values)")
     mixed = check_pairs(rows, allow_mixed)
     out_dir = Path(out_dir) if out_dir is not None else Path(sweep_dir)
-    sections, selections, plan, to_report = [], [], None, None
+    sections, selections, comparisons, plan, to_report = [], [], [], None, None
     if rows is not None:
         correct(rows, correction, metric_columns(table))
         if select:
             selections = select_rows(rows, select_seeds, report_seeds, per=select_per)
             sections += summary_lines(selections, metric_columns(table))
+            comparisons = compare_selections(selections, metric_columns(table), correction)
+            sections += comparison_lines(comparisons, selections, correction)
             sections += [line for chosen in selections for line in selection_lines(chosen, metric_columns(table))]
             to_report = plan_report_seeds(rows, selections, sweep_dir)
             sections += report_seeds_lines(to_report, out_dir / REPORT_SCRIPT)
@@ -84,7 +86,8 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, metri
     if rows is not None:
         paths["summary_csv"] = write_summary_csv(rows, out_dir / "report_summary.csv")
     if selections:
-        paths["selection"] = write_json(out_dir / "selection.json", selections_json(selections, sweep_dir, select_per))
+        paths["selection"] = write_json(out_dir / "selection.json", selections_json(
+            selections, sweep_dir, select_per, comparisons))
     if plan is not None and plan.commands:
         paths["add_seeds"] = write_add_seeds(plan, out_dir / SCRIPT)
     if to_report is not None and to_report.commands:
@@ -98,6 +101,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, metri
         if is_series(table):  # ddpm-eval ckpts=<run>: every metric against the training step
             paths["steps"] = plot_steps(table, rows, out_dir / "report_steps.png")
     return {"table": table, "aggregate": rows, "missing": missing, "markdown": markdown, "paths": paths,
-            "selection": selections[0] if selections else None, "selections": selections, "add_seeds": plan,
+            "selection": selections[0] if selections else None, "selections": selections,
+            "comparisons": comparisons, "add_seeds": plan,
             "report_seeds": to_report,
             "mixed": {rows.groups[i].label: fields for i, fields in mixed.items()}}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import write_text
-from .display import arrow, decimals_for, display_name, fmt, signed, stats_cell
+from .display import arrow, display_name, fmt, paired_cell, stats_cell
 from .multiple import correction_lines
 from .read import STATUSES, override_dict, read_yaml
 from .stats import (
@@ -100,19 +100,6 @@ def _status(table: SweepTable, index: int, best: int | None) -> str:
     return _escape(status)
 
 
-def _paired_cell(paired: Paired | None) -> str:
-    if paired is None or paired.diff.n == 0:
-        return "no shared seeds"
-    if paired.diff.n == 1:
-        return f"{signed(paired.diff.mean)} (1 pair: no interval) {paired.verdict}"
-    places = decimals_for(paired.diff.half_width)
-    text = (f"{signed(paired.diff.mean, places)} [{signed(paired.diff.low, places)}, "
-            f"{signed(paired.diff.high, places)}]")
-    if paired.verdict != "inconclusive":
-        return f"{text} **{paired.verdict}**"
-    return f"{text} inconclusive" + ("†" if paired.demoted else "")
-
-
 def _runs_cell(aggregate: Aggregate, group: RowGroup) -> str:
     status = group.seed_status(aggregate.seed_label)
     done = sum(s == "completed" for s in status.values())
@@ -146,7 +133,7 @@ def _aggregate_lines(table: SweepTable, aggregate: Aggregate) -> list[str]:
             continue
         label = [_escape(v) for v in group.values.values()] or ["all"]
         pairs = max((group.vs_baseline[m].diff.n for m in compared if m in group.vs_baseline), default=0)
-        lines.append("| " + " | ".join([*label, str(pairs), *(_paired_cell(group.vs_baseline.get(m))
+        lines.append("| " + " | ".join([*label, str(pairs), *(paired_cell(group.vs_baseline.get(m))
                                                                for m in compared)]) + " |")
     lines += ["", verdict_rule(aggregate), "", *correction_lines(aggregate),
               best_rule(aggregate) if aggregate.metric else "", ""]
