@@ -2,8 +2,9 @@
 # Issue #37, "Guidance after ADM" measured on the embedded data: the models, then the selection sweeps on sampling
 # seeds 0,1,2 for each sampler (DDPM-15, DPM-Solver++(2M)-15), then the chosen row of each method on the held-out
 # seeds 3,4,5 (ddpm-report --report-seeds writes and --launch runs them). Methods: unguided, classifier guidance
-# (scale 1, 2, 4), CFG (w 0.25, 0.5, 1, 2, 3), CFG inside the interval [167, 881] (w 2, 3), autoguidance (w 1.5, 2, 3). Resumable: rerun this script; finished
-# trainings and jobs are skipped, an interrupted training continues from its last checkpoint (resume=auto).
+# (scale 1, 2, 4), CFG (w 0.25, 0.5, 1, 2, 3), CFG inside the interval [167, 881] (w 0.5, 1, 2, 3), autoguidance
+# (w 1.25, 1.5, 2, 3). Resumable: rerun this script; finished trainings and jobs are skipped, an interrupted
+# training continues from its last checkpoint (resume=auto).
 # The model M and its 500-step checkpoint B (the bad model of autoguidance) are the checkpoint-series run of
 # results/checkpoint_series/run.sh (the default experiment, every 500-step checkpoint kept).
 # Every job records its code (provenance: git commit); ddpm-report pairs only jobs of one commit (else
@@ -41,8 +42,11 @@ for S in ddpm:"method=ddpm steps=15" dpmpp:"method=dpm++2m steps=15 schedule=log
       guidance.cfg_scale=0.25,0.5 guidance.interval=null hydra.sweep.dir=$D/cfg_low
   ddpm-eval -m experiment=guidance_sweep_autoguidance ckpt=$M guidance.autoguidance_ckpt=$B $ARGS $COMMON \
       guidance.autoguidance_scale=1.5,2,3 guidance.interval=null hydra.sweep.dir=$D/autoguidance
+  # the same for autoguidance (w 1.5 best of the grid on the first seeds): w 1.25, as CFG's 0.25
+  ddpm-eval -m experiment=guidance_sweep_autoguidance ckpt=$M guidance.autoguidance_ckpt=$B $ARGS $COMMON \
+      guidance.autoguidance_scale=1.25 guidance.interval=null hydra.sweep.dir=$D/autoguidance_low
   ddpm-eval -m experiment=guidance_sweep_cfg ckpt=$C $ARGS $COMMON \
-      guidance.cfg_scale=2,3 'guidance.interval=[167,881]' hydra.sweep.dir=$D/cfg_interval
+      guidance.cfg_scale=0.5,1,2,3 'guidance.interval=[167,881]' hydra.sweep.dir=$D/cfg_interval
   # stage two: each method's chosen row (per guidance method and model) on the held-out seeds 3,4,5, then the report
   ddpm-report $D --select-per guidance,ckpt --report-seeds 3,4,5 --no-plot --launch > /dev/null
   ddpm-report $D --select-per guidance,ckpt --report-seeds 3,4,5 --out results/g37/${S%%:*}
