@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from run_config import TINY, compose_run
 
 from ddpm_lightning.reporting import write_report
@@ -191,3 +192,36 @@ def test_guidance_method_names_rows_by_what_guides_them():
     assert guidance_method({"guidance.autoguidance_scale": "1"}) == "unguided"
     assert guidance_method({"guidance.autoguidance_scale": "2", "guidance.interval_sigma": "null"}) == "autoguidance"
     assert guidance_method({"guidance.scale": "1", "guidance.cfg_scale": "2"}) == "classifier+cfg"
+
+
+def test_the_runs_of_several_training_seeds_are_evaluated_and_paired_by_train_seed(tmp_path):
+    """``ddpm-eval -m train_seed=0,1 'ckpt=runs/s${train_seed}/...'``: each job scores its own seed's run (the
+    interpolation resolved per job, also in the checks before the sweep, which read the sweep config's null
+    train_seed before), and ``ddpm-report`` takes ``train_seed`` as the training seed: rows (the evaluation
+    settings) over training seeds, paired by them; the sampling seed averaged inside."""
+    from ddpm_lightning.cli.train import train
+
+    for seed in (0, 1):
+        train(compose_run([*TINY, "model.class_cond=true", f"seed={seed}", "logger=none"], tmp_path / f"s{seed}"))
+    evaluation = [arg for arg in EVAL_TINY if not arg.startswith("steps=")]
+    sweep = tmp_path / "sweep"
+    result = _run("evaluate", "-m", "train_seed=0,1", f"ckpt={tmp_path}/s${{train_seed}}/checkpoints/last.ckpt",
+                  "steps=2,3", "sample.seed=0,1", *evaluation, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(sweep.glob("[0-9]*"), key=lambda p: int(p.name))
+    assert len(jobs) == 8
+    fids: dict[tuple[str, str, str], float] = {}
+    for job in jobs:
+        overrides = dict(o.split("=", 1) for o in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()))
+        saved = json.loads((job / "results.json").read_text())
+        assert saved["ckpt"] == f"{tmp_path}/s{overrides['train_seed']}/checkpoints/last.ckpt"
+        fids[overrides["train_seed"], overrides["steps"], overrides["sample.seed"]] = saved["metrics"]["fid@6"]
+    assert fids["0", "2", "0"] != fids["1", "2", "0"]  # two models: the pairing below has something to pair
+    rows = write_report(sweep, make_plot=False)["aggregate"]
+    assert (rows.unit_axes, rows.inner_axes, rows.unit_kind) == (["train_seed"], ["sample.seed"], "training seed")
+    assert [group.label for group in rows.groups] == ["steps=2", "steps=3"]
+    for group in rows.groups:
+        steps = group.values["steps"]
+        assert group.units["eval/fid@6"] == {f"train_seed={t}": pytest.approx((fids[t, steps, "0"]
+                                                                               + fids[t, steps, "1"]) / 2)
+                                             for t in ("0", "1")}

@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed-keys", default=",".join(SEED_KEYS), metavar="KEYS",
                         help="comma-separated overrides that are seeds: their values replicate a row instead of "
                              f"making rows (default: %(default)s; {', '.join(TRAINING_SEED_KEYS)} of a ddpm-train "
-                             "job is the training seed, the others and seed of a ddpm-eval job sampling seeds)")
+                             "job and train_seed of a ddpm-eval job are the training seed, the others and seed of "
+                             "a ddpm-eval job sampling seeds)")
     parser.add_argument("--baseline", default=None, metavar="ROW",
                         help="the row the others are compared with, e.g. model=ddpm_base (default: the first row)")
     parser.add_argument("--title", default=None, help="title of the markdown report")

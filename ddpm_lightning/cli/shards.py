@@ -154,7 +154,7 @@ def _multirun_job_command() -> Iterator[None]:
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
-        from omegaconf import open_dict, read_write
+        from omegaconf import OmegaConf, open_dict, read_write
     except ImportError:  # pragma: no cover - hydra is a dependency
         yield
         return
@@ -163,7 +163,7 @@ def _multirun_job_command() -> Iterator[None]:
         return
     hydra_cfg = HydraConfig.get()
     argv, run_dir = sys.argv, hydra_cfg.run.dir
-    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    sys.argv = [sys.argv[0], *OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)]  # as typed
     with read_write(hydra_cfg), open_dict(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
     try:

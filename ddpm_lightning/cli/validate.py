@@ -654,7 +654,9 @@ def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     if not is_basic_sweeper(OmegaConf.select(config, "hydra.sweeper._target_", default="")):
         return None
     params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
-    return expand_sweep(params, list(config.hydra.overrides.task))
+    # unresolved: ``ckpt=runs/s${train_seed}/last.ckpt`` is each job's own, not the sweep config's (train_seed null)
+    params = OmegaConf.to_container(params, resolve=False) if OmegaConf.is_config(params) else params
+    return expand_sweep(params, OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
 
 
 class CheckConfig(Callback):

@@ -2,11 +2,12 @@
 differences against a baseline row and a verdict per row and metric.
 
 Seeds are an axis, not a row: when a seed override (``SEED_KEYS``: ``seed``, ``sample.seed``,
-``callbacks.generative_metrics.seed``) takes several values, ``aggregate`` groups the jobs by their overrides minus
-the seed axes and reports per metric the mean, std, n and a 95% t-interval, the paired difference against a
-baseline row over the seeds both rows have (common random numbers), a verdict per row and metric (``verdict``) and
-the best row by a rule that uses those differences (``Aggregate.best``). ``seed`` of a ``ddpm-train`` job is the
-training seed; the other keys, and ``seed`` of a ``ddpm-eval`` job, are sampling seeds. The unit of replication is
+``callbacks.generative_metrics.seed``, ``train_seed``) takes several values, ``aggregate`` groups the jobs by their
+overrides minus the seed axes and reports per metric the mean, std, n and a 95% t-interval, the paired difference
+against a baseline row over the seeds both rows have (common random numbers), a verdict per row and metric
+(``verdict``) and the best row by a rule that uses those differences (``Aggregate.best``). ``seed`` of a
+``ddpm-train`` job is the training seed, and so is ``train_seed`` of a ``ddpm-eval`` job (the run behind its
+checkpoint); the other keys, and ``seed`` of a ``ddpm-eval`` job, are sampling seeds. The unit of replication is
 the training seed when one varies (sampling seeds are averaged inside it and their spread reported apart), else the
 sampling seed. Metric directions come from ``config/choices.py``; scipy (imported when needed) gives t quantiles.
 """
@@ -24,9 +25,11 @@ from .read import RunRecord, override_dict
 
 MODES = ("min", "max")
 # overrides that are seeds: a sweep over them replicates rows instead of adding rows
-SEED_KEYS = ("seed", "sample.seed", "callbacks.generative_metrics.seed")
+SEED_KEYS = ("seed", "sample.seed", "callbacks.generative_metrics.seed", "train_seed")
 # the seed keys that are the training seed in a ddpm-train job (in a ddpm-eval job `seed` is the sampling seed)
 TRAINING_SEED_KEYS = ("seed",)
+# the training seed in any job: ddpm-eval's train_seed names the run behind its ckpt (``ckpt=...${train_seed}...``)
+EVAL_TRAINING_SEED_KEYS = ("train_seed",)
 # the verdict rule: a paired difference is inconclusive below VERDICT_SE standard errors, when its CONFIDENCE
 # t-interval contains 0, or below VERDICT_REL of the baseline's value (Dufour et al. 2026: FID gaps under ~1.3% are
 # within what retraining moves)
@@ -257,7 +260,7 @@ def aggregate(table: SweepTable, seed_keys: Sequence[str] = SEED_KEYS, baseline:
     if not seed_axes:
         return None
     training = any(run.kind == "train" for run in table.runs) or not table.runs
-    train_axes = [k for k in seed_axes if training and k in TRAINING_SEED_KEYS]
+    train_axes = [k for k in seed_axes if (training and k in TRAINING_SEED_KEYS) or k in EVAL_TRAINING_SEED_KEYS]
     unit_axes = train_axes or seed_axes
     inner_axes = [k for k in seed_axes if k not in unit_axes]
     keys = list(dict.fromkeys(k for values in jobs for k in values if k not in seed_axes))
