@@ -375,3 +375,22 @@ def test_report_seeds_per_group_and_launch(tmp_path, monkeypatch, capsys):
     assert sum("guidance.scale=1 " in c and "guidance.cfg_scale=1" not in c for c in calls) == 1  # classifier: 1
     assert sum("guidance.scale=3" in c and "guidance.cfg_scale=1" in c for c in calls) == 1  # classifier+cfg's
     assert "done: ddpm-report" in capsys.readouterr().out
+
+
+def test_report_seed_folders_of_long_rows_fit_a_file_name(tmp_path):
+    """Rows told apart by long overrides (two checkpoints under a deep folder: the #37 sweep's rows named every
+    guidance key and path, 300+ bytes) get folder names the file system takes (<= 255 bytes; here <= 96
+    characters), still distinct and starting with the row's overrides."""
+    deep = "/".join(["a_rather_long_folder_name_for_checkpoints"] * 6)
+    root = tmp_path / "sweep"
+    for seed in (0, 1):
+        for i, run in enumerate(("first", "second")):
+            num = 2 * seed + i
+            _job(root, str(num), num, [f"sample.seed={seed}", f"ckpt=/{deep}/{run}/last.ckpt", "guidance.scale=1"],
+                 40.0 + i + seed, config_name="eval")
+    result = write_report(root, make_plot=False, select_per="ckpt", report_seeds="3")
+    folders = [Path(shlex.split(c)[-1].split("=", 1)[1]) for c in result["report_seeds"].commands]
+    assert len(folders) == 2 and folders[0] != folders[1]
+    for folder in folders:
+        assert len(folder.name) <= 96 and folder.name.startswith("ckpt-_a_rather_long_folder")
+        folder.mkdir(parents=True)  # the file system takes it (the long name: "File name too long")

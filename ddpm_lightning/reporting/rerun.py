@@ -16,6 +16,7 @@ present, so it writes into a new folder.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shlex
 from collections.abc import Sequence
@@ -62,8 +63,16 @@ def _hydra_value(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+SLUG_MAX = 96  # a row's folder name: file systems allow 255 bytes; a row of many overrides (paths) is longer
+
+
 def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label.replace("=", "-")).strip("_") or "row"
+    """A row label as a folder name: readable, and within ``SLUG_MAX`` characters (a longer one keeps its start
+    and ends in a hash of the whole label, so two rows never share a folder)."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label.replace("=", "-")).strip("_") or "row"
+    if len(slug) <= SLUG_MAX:
+        return slug
+    return f"{slug[:SLUG_MAX - 13].rstrip('_.-')}-{hashlib.sha256(label.encode()).hexdigest()[:12]}"
 
 
 def undecided_rows(aggregate: Aggregate) -> list[int]:
