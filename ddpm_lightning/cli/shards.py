@@ -343,9 +343,9 @@ def generate_shards(sample_fn: Callable[[int, int], tuple[torch.Tensor, torch.Te
         except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the finished batches of this shard stay too
             part.keep(shards, time.perf_counter() - part_start)
             raise
-        seconds = part.seconds(time.perf_counter() - part_start)
-        kept.append(seconds)
-        write_seconds(shard_path(shards, start, end), seconds)
+        shard_seconds = part.seconds(time.perf_counter() - part_start)
+        kept.append(shard_seconds)
+        write_seconds(shard_path(shards, start, end), shard_seconds)
         write_shard(shard_path(shards, start, end), *part.arrays(), feature_id)
         part.remove()
         done += end - (begun[(start, end)] or (start,))[0]
@@ -353,12 +353,16 @@ def generate_shards(sample_fn: Callable[[int, int], tuple[torch.Tensor, torch.Te
         rate = done / max(seconds, 1e-9)
         log(f"[rank {procs.rank}/{procs.world_size}] samples {start}-{end - 1} written: {done}/{total} "
             f"({rate:.2f} samples/s, ETA {_duration((total - done) / rate)})")
-    seconds = time.perf_counter() - start_time
-    mine_count = sum(e - s for s, e in mine)
-    all_runs = None if None in kept else sum(kept)  # unknown where a file predates the timing sidecars
+    return _stats(done, time.perf_counter() - start_time, sum(e - s for s, e in mine), total, kept)
+
+
+def _stats(done: int, seconds: float, mine: int, total: int, kept: list[float | None]) -> dict[str, Any]:
+    """This run's counts and timing, and the seconds of all the runs that made this process's ``mine`` samples
+    (None where a shard predates the timing sidecars)."""
+    all_runs = None if None in kept else sum(kept)
     return {"generated": done, "seconds": seconds, "samples_per_second": done / seconds if done else 0.0,
-            "skipped": mine_count - total, "seconds_all_runs": all_runs,
-            "samples_per_second_all_runs": mine_count / all_runs if all_runs else None}
+            "skipped": mine - total, "seconds_all_runs": all_runs,
+            "samples_per_second_all_runs": mine / all_runs if all_runs else None}
 
 
 class _Part:
