@@ -16,6 +16,11 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
+# set by the scripts ddpm-report writes (report_seeds.sh, add_seeds.sh): their jobs continue the named sweep, whose
+# jobs passed the sweep-wide checks; a check over the jobs of one sweep (a classifier no job guides with: the unguided
+# row of a guidance sweep run alone for its held-out seeds) applies to the whole sweep, not to a continuation
+CONTINUES_SWEEP_ENV = "DDPM_CONTINUES_SWEEP"
+
 
 def is_basic_sweeper(target: Any) -> bool:
     """Whether ``hydra.sweeper._target_`` names Hydra's basic sweeper (the one ``expand_sweep`` follows)."""

@@ -394,3 +394,26 @@ def test_report_seed_folders_of_long_rows_fit_a_file_name(tmp_path):
     for folder in folders:
         assert len(folder.name) <= 96 and folder.name.startswith("ckpt-_a_rather_long_folder")
         folder.mkdir(parents=True)  # the file system takes it (the long name: "File name too long")
+
+
+def test_report_seed_scripts_run_the_unguided_row_of_a_classifier_sweep(tmp_path, monkeypatch):
+    """--select-per guidance chooses the unguided row (scale 0, with the sweep's classifier_ckpt) too; its held-out
+    jobs alone would fail ddpm-eval's sweep check "the classifier would guide nothing" (the #37 stage two stopped
+    there). report_seeds.sh exports DDPM_CONTINUES_SWEEP=<sweep>, under which that check (over one sweep's jobs)
+    lets the continuation through; without it the check still refuses."""
+    from omegaconf import OmegaConf
+
+    from ddpm_lightning.cli.validate import check_sweep_guidance
+
+    root = _eval_sweep(tmp_path / "sweep", extra=("guidance.classifier_ckpt=/runs/k.ckpt",))
+    result = write_report(root, make_plot=False, select_per="guidance", report_seeds="3")
+    script = result["paths"]["report_seeds"].read_text().splitlines()
+    assert f"export DDPM_CONTINUES_SWEEP={root.absolute()}  # these jobs continue that sweep" in script
+    unguided = [c for c in result["report_seeds"].commands if "guidance.scale=0 " in c]
+    assert len(unguided) == 1 and "guidance.classifier_ckpt=/runs/k.ckpt" in unguided[0]
+    jobs = [OmegaConf.create({"guidance": {"classifier_ckpt": "/runs/k.ckpt", "scale": 0}})] * 3
+    monkeypatch.delenv("DDPM_CONTINUES_SWEEP", raising=False)
+    with pytest.raises(ValueError, match="the classifier would guide nothing"):
+        check_sweep_guidance(jobs)
+    monkeypatch.setenv("DDPM_CONTINUES_SWEEP", str(root))
+    check_sweep_guidance(jobs)

@@ -40,7 +40,7 @@ from ..config.choices import (
     MAX_SIGMA_REL,
     POOL_DIMS,
 )
-from ..sweeps import expand_sweep, is_basic_sweeper
+from ..sweeps import CONTINUES_SWEEP_ENV, expand_sweep, is_basic_sweeper
 
 TYPED_GROUPS = {"model": schema.ModelConfig, "diffusion": schema.DiffusionConfig, "optim": schema.OptimConfig,
                 "ema": schema.EMAConfig, "train": schema.TrainConfig, "sample": schema.SampleConfig}
@@ -702,10 +702,13 @@ class CheckConfig(Callback):
 def check_sweep_guidance(jobs: list[DictConfig]) -> None:
     """A sweep may keep ``guidance.scale=0`` rows next to a classifier (the unguided baseline of a guidance
     sweep), but a classifier that no job guides with is refused, as in a single run; likewise a guiding model
-    (``guidance.autoguidance_ckpt``) with ``autoguidance_scale=1`` in every job."""
+    (``guidance.autoguidance_ckpt``) with ``autoguidance_scale=1`` in every job. Not for the continuation of a
+    sweep (``CONTINUES_SWEEP_ENV``: ddpm-report's scripts run the held-out seeds of its unguided row alone)."""
     def guidance(job: DictConfig, key: str) -> Any:
         return _select(job, f"guidance.{key}")[1]
 
+    if os.environ.get(CONTINUES_SWEEP_ENV):  # ddpm-report's report/added seeds of rows of a checked sweep
+        return
     with_classifier = [job for job in jobs if guidance(job, "classifier_ckpt")]
     if with_classifier and not any(guidance(job, "scale") for job in with_classifier):
         scales = sorted({float(guidance(job, "scale") or 0) for job in with_classifier})

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..artifacts import write_text
+from ..sweeps import CONTINUES_SWEEP_ENV
 from .read import ADDED_SEEDS_DIR, REPORT_SEEDS_DIR, override_dict
 from .select import Selection
 from .stats import Aggregate, RowGroup, SweepTable
@@ -172,7 +173,10 @@ def write_add_seeds(plan: AddSeedsPlan | ReportSeedsPlan, path: str | Path) -> P
     """``add_seeds.sh`` / ``report_seeds.sh``: the commands, one per row, stopping at the first that fails."""
     what = ("the report seeds of the chosen rows" if isinstance(plan, ReportSeedsPlan)
             else "new seeds for the inconclusive rows and the baseline")
-    lines = ["#!/usr/bin/env bash", f"# written by ddpm-report: {what}", "set -euo pipefail", *plan.commands]
+    sweep = plan.folder.parent.parent  # <sweep>/{report_seeds,added_seeds}/<key>_<seeds>
+    lines = ["#!/usr/bin/env bash", f"# written by ddpm-report: {what}", "set -euo pipefail",
+             f"export {CONTINUES_SWEEP_ENV}={shlex.quote(str(sweep))}  # these jobs continue that sweep",
+             *plan.commands]
     path = write_text(Path(path), "\n".join(lines) + "\n")
     path.chmod(0o755)
     return path
