@@ -152,8 +152,10 @@ def test_chosen_rows_are_compared_with_each_other_on_the_report_seeds_only(tmp_p
     root = tmp_path / "sweep"
     for seed in range(6):
         for i, (row, values) in enumerate(fids.items()):
-            _eval_job(root, 5 * seed + i, [f"sample.seed={seed}", row, "ckpt=m.ckpt"], {"fid@200": values[seed]})
+            _eval_job(root, 5 * seed + i, [f"sample.seed={seed}", row, "ckpt=m.ckpt"],
+                      {"fid@200": values[seed], "kid_std@200": 0.001 * seed})  # a spread: compared, never judged
     result = write_report(root, make_plot=False, select_per="guidance", select_seeds="0,1,2", report_seeds="3,4,5")
+    assert {c.metric for c in result["comparisons"]} == {"eval/fid@200"}
     assert [s.group for s in result["selections"]] == ["unguided", "classifier", "cfg"]
     found = {(c.group, c.reference): c.paired for c in result["comparisons"]}
     assert set(found) == {("unguided", "classifier"), ("unguided", "cfg"), ("classifier", "cfg")}

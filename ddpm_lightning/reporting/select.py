@@ -27,7 +27,18 @@ from ..config.choices import GUIDANCE_METHODS
 from .display import arrow, display_name, fmt, paired_cell, stats_cell
 from .multiple import ALPHA, CORRECTION_NAMES, adjust, p_value
 from .read import COST_KEYS, override_dict
-from .stats import CONFIDENCE, Aggregate, Paired, RowGroup, Stats, metric_mode, summarize, verdict
+from .stats import (
+    CONFIDENCE,
+    NO_VERDICT,
+    Aggregate,
+    Paired,
+    RowGroup,
+    Stats,
+    base_name,
+    metric_mode,
+    summarize,
+    verdict,
+)
 
 GUIDANCE_GROUP = "guidance"  # the --select-per key that groups rows by guidance method
 
@@ -263,7 +274,7 @@ def compare_selections(selections: Sequence[Selection], metrics: Sequence[str],
     found = []
     for i, row in enumerate(selections):
         for reference in selections[i + 1:]:
-            for metric in metrics:
+            for metric in (m for m in metrics if base_name(m) not in NO_VERDICT):  # spreads get no verdict
                 mine, theirs = row.reported_values.get(metric, {}), reference.reported_values.get(metric, {})
                 common = sorted(set(mine) & set(theirs), key=_seed_order)
                 if not common:
