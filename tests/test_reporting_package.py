@@ -15,7 +15,7 @@ PACKAGE = Path(reporting.__file__).parent
 MAX_LINES = 350
 # each module may import only modules before it (read <- stats <- display <- multiple <- select, rerun, provenance
 # <- tables, plots <- publish <- report)
-ORDER = ("read", "stats", "display", "multiple", "select", "rerun", "provenance", "tables", "plots", "curves",
+ORDER = ("read", "stats", "display", "multiple", "select", "compare", "rerun", "provenance", "tables", "plots", "curves",
          "publish", "report")
 CHOICE_LISTS = ("HIGHER_IS_BETTER", "LOWER_IS_BETTER", "DISPLAY_NAMES", "METRIC_TABLE")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import write_json, write_text
+from .compare import compare_selections, comparison_json, comparison_lines
 from .curves import is_series, plot_steps, series_expected
 from .multiple import correct
 from .plots import guidance_key, plot, plot_rows, plot_tradeoff
@@ -24,7 +25,7 @@ from .rerun import (
     report_seeds_lines,
     write_add_seeds,
 )
-from .select import compare_selections, comparison_lines, select_rows, selection_lines, selections_json, summary_lines
+from .select import select_rows, selection_lines, selections_json, summary_lines
 from .stats import SEED_KEYS, aggregate, build_table
 from .tables import metric_columns, to_markdown, write_csv, write_summary_csv
 
@@ -87,7 +88,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, metri
         paths["summary_csv"] = write_summary_csv(rows, out_dir / "report_summary.csv")
     if selections:
         paths["selection"] = write_json(out_dir / "selection.json", selections_json(
-            selections, sweep_dir, select_per, comparisons))
+            selections, sweep_dir, select_per, [comparison_json(c) for c in comparisons]))
     if plan is not None and plan.commands:
         paths["add_seeds"] = write_add_seeds(plan, out_dir / SCRIPT)
     if to_report is not None and to_report.commands:

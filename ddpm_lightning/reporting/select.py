@@ -24,20 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from ..config.choices import GUIDANCE_METHODS
-from .display import arrow, display_name, fmt, paired_cell, stats_cell
-from .multiple import ALPHA, CORRECTION_NAMES, adjust, p_value
+from .display import arrow, display_name, fmt, stats_cell
 from .read import COST_KEYS, override_dict
 from .stats import (
     CONFIDENCE,
-    NO_VERDICT,
     Aggregate,
-    Paired,
     RowGroup,
     Stats,
-    base_name,
-    metric_mode,
     summarize,
-    verdict,
 )
 
 GUIDANCE_GROUP = "guidance"  # the --select-per key that groups rows by guidance method
@@ -255,66 +249,6 @@ def summary_lines(selections: Sequence[Selection], metrics: Sequence[str]) -> li
     return [*lines, ""]
 
 
-@dataclass
-class Comparison:
-    """Two groups' chosen rows on the report seeds both have: ``paired`` = row - reference, per metric."""
-
-    group: str
-    reference: str
-    metric: str
-    paired: Paired
-
-
-def compare_selections(selections: Sequence[Selection], metrics: Sequence[str],
-                       correction: str = "bh") -> list[Comparison]:
-    """Every pair of groups' chosen rows (``--select-per``; earlier group as the row, later as the reference),
-    per metric of ``metrics`` that both have: the paired differences over the report seeds both have, the verdict
-    of ``stats.verdict``, and the paired t-test's p adjusted by ``correction`` over all these verdicts (a decided
-    verdict whose adjusted p exceeds ``ALPHA`` becomes inconclusive, ``demoted``). Empty for one selection."""
-    found = []
-    for i, row in enumerate(selections):
-        for reference in selections[i + 1:]:
-            for metric in (m for m in metrics if base_name(m) not in NO_VERDICT):  # spreads get no verdict
-                mine, theirs = row.reported_values.get(metric, {}), reference.reported_values.get(metric, {})
-                common = sorted(set(mine) & set(theirs), key=_seed_order)
-                if not common:
-                    continue
-                diff = summarize([mine[s] - theirs[s] for s in common])
-                base = math.fsum(theirs[s] for s in common) / len(common)
-                paired = Paired(diff=diff, reference=base, p=p_value(diff),
-                                verdict=verdict(diff.mean, diff.se, base, metric_mode(metric), pairs=diff.n))
-                found.append(Comparison(row.group or "", reference.group or "", metric, paired))
-    tested = [c for c in found if c.paired.p is not None]
-    for c, adjusted in zip(tested, adjust([c.paired.p for c in tested], correction), strict=True):
-        c.paired.p_adjusted, c.paired.tests = adjusted, len(tested)
-        if c.paired.verdict != "inconclusive" and adjusted > ALPHA:
-            c.paired.verdict, c.paired.demoted = "inconclusive", True
-    return found
-
-
-def comparison_lines(comparisons: Sequence[Comparison], selections: Sequence[Selection],
-                     correction: str = "bh") -> list[str]:
-    """The markdown section of ``compare_selections``: a row per pair of groups, a column per metric."""
-    if not comparisons:
-        return []
-    metrics = list(dict.fromkeys(c.metric for c in comparisons))
-    pairs = list(dict.fromkeys((c.group, c.reference) for c in comparisons))
-    cells = {(c.group, c.reference, c.metric): c.paired for c in comparisons}
-    first = selections[0]
-    tests = max((c.paired.tests or 0 for c in comparisons), default=0)
-    lines = [f"## Held-out comparisons of the chosen rows: on `{first.axis}` = {', '.join(first.report_seeds)}", "",
-             "Each group's chosen row against each later group's, paired by report seed (neither choice saw these "
-             f"seeds): mean difference (row - compared with) [{CONFIDENCE:.0%} t-interval], verdict by the rule "
-             f"under the paired-differences table; p adjusted over these {tests} verdicts "
-             f"({CORRECTION_NAMES[correction]}), † = made inconclusive by it.", "",
-             "| row | compared with | " + " | ".join(f"Δ {display_name(m)} {arrow(m)}" for m in metrics) + " |",
-             "|" + "---|" * (len(metrics) + 2)]
-    for group, reference in pairs:
-        row = [group, reference, *(paired_cell(cells.get((group, reference, m))) for m in metrics)]
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
-    return [*lines, ""]
-
-
 def selection_json(selection: Selection, sweep_dir: str | Path) -> dict[str, Any]:
     """``selection.json``: what made it, both seed sets, the candidates, the choice and the reported values."""
     def number(value: float | None) -> float | None:
@@ -338,24 +272,12 @@ def selection_json(selection: Selection, sweep_dir: str | Path) -> dict[str, Any
 
 def selections_json(selections: Sequence[Selection], sweep_dir: str | Path,
                     per: Sequence[str] | str | None = None,
-                    comparisons: Sequence[Comparison] | None = None) -> dict[str, Any]:
+                    comparisons: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
     """``selection.json``: ``selection_json`` of the one selection, or with ``per`` every group's under
-    ``groups`` (group -> its selection) and the ``comparisons`` of the chosen rows."""
+    ``groups`` (group -> its selection) and the ``comparisons`` of the chosen rows (``compare.comparison_json``)."""
     keys = _seed_list(per)
     if not keys:
         return selection_json(selections[0], sweep_dir)
     return {"made_by": "ddpm-report --select --select-per", "sweep_dir": str(sweep_dir), "per": keys,
             "groups": {s.group: selection_json(s, sweep_dir) for s in selections},
-            "comparisons": [comparison_json(c) for c in comparisons or ()]}
-
-
-def comparison_json(comparison: Comparison) -> dict[str, Any]:
-    diff = comparison.paired.diff
-
-    def number(value: float | None) -> float | None:
-        return None if value is None or not math.isfinite(value) else value
-
-    return {"row": comparison.group, "compared_with": comparison.reference, "metric": comparison.metric,
-            "n": diff.n, "mean_difference": number(diff.mean), "ci_low": number(diff.low),
-            "ci_high": number(diff.high), "p": comparison.paired.p, "p_adjusted": comparison.paired.p_adjusted,
-            "verdict": comparison.paired.verdict, "demoted_by_correction": comparison.paired.demoted}
+            "comparisons": list(comparisons or ())}
