@@ -13,10 +13,10 @@ from ddpm_lightning.config import choices
 
 PACKAGE = Path(reporting.__file__).parent
 MAX_LINES = 350
-# each module may import only modules before it (read <- stats <- display <- multiple <- select, rerun, provenance
-# <- tables, plots <- publish <- report)
-ORDER = ("read", "stats", "display", "multiple", "select", "compare", "rerun", "provenance", "tables", "plots", "curves",
-         "publish", "report")
+# each module may import only modules before it (read <- stats <- display <- multiple <- select <- compare, rerun,
+# provenance <- tables, plots <- publish <- report)
+ORDER = ("read", "stats", "display", "multiple", "select", "compare", "rerun", "provenance", "tables", "plots",
+         "curves", "publish", "report")
 CHOICE_LISTS = ("HIGHER_IS_BETTER", "LOWER_IS_BETTER", "DISPLAY_NAMES", "METRIC_TABLE")
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from .display import arrow, display_name, paired_cell
 from .multiple import ALPHA, CORRECTION_NAMES, adjust, p_value
-from .select import Selection, _seed_order
+from .select import Selection, seed_order
 from .stats import CONFIDENCE, NO_VERDICT, Paired, base_name, metric_mode, summarize, verdict
 
 
@@ -36,7 +36,7 @@ def compare_selections(selections: Sequence[Selection], metrics: Sequence[str],
         for reference in selections[i + 1:]:
             for metric in (m for m in metrics if base_name(m) not in NO_VERDICT):  # spreads get no verdict
                 mine, theirs = row.reported_values.get(metric, {}), reference.reported_values.get(metric, {})
-                common = sorted(set(mine) & set(theirs), key=_seed_order)
+                common = sorted(set(mine) & set(theirs), key=seed_order)
                 if not common:
                     continue
                 diff = summarize([mine[s] - theirs[s] for s in common])

@@ -55,7 +55,7 @@ class Selection:
     group: str | None = None  # the rows it chose among (``select_rows(..., per=...)``); None: every row
 
 
-def _seed_order(value: str) -> tuple:
+def seed_order(value: str) -> tuple:
     try:
         return (0, float(value), value)
     except ValueError:
@@ -81,7 +81,7 @@ def split_seeds(aggregate: Aggregate, select_seeds: Sequence[Any] | str | None =
                          + " and ".join(aggregate.unit_axes))
     axis = aggregate.unit_axes[0]
     present = sorted({label.split("=", 1)[1] for group in aggregate.groups for units in group.units.values()
-                      for label in units}, key=_seed_order)
+                      for label in units}, key=seed_order)
     if len(present) < (1 if report_seeds is not None else 2):
         raise ValueError(f"held-out selection needs at least 2 values of `{axis}` with results (one set to select "
                          f"on, a disjoint one to report on); this sweep has {len(present)}: {', '.join(present)}")
